@@ -1,1 +1,14 @@
-pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kad-sockops"));
+//! kad: per-cgroup TCP keepalive, set in the kernel by an eBPF sock_ops program.
+//!
+//! The daemon ([`daemon`]) owns the [`enforcer`] (program instances, the policies map) and the
+//! policy table ([`store`]); the CLI ([`cli`]) talks to it over a unix socket ([`protocol`],
+//! [`client`]).
+pub mod cgroup;
+pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod enforcer;
+pub mod policy;
+pub mod protocol;
+pub mod store;
+pub mod sys;

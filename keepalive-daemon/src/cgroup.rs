@@ -1,0 +1,251 @@
+//! Finding the cgroup2 hierarchy and turning a user's path into a cgroup kad can attach to.
+use std::{
+    ffi::CString,
+    io,
+    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    path::{Component, Path, PathBuf},
+};
+
+/// `CGROUP2_SUPER_MAGIC` from include/uapi/linux/magic.h.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")]
+    NoCgroup2,
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("empty cgroup path")]
+    Empty,
+    #[error("cgroup path '{0}' contains '..': give the path without it")]
+    DotDot(String),
+    #[error("no such cgroup: {0} does not exist")]
+    NotFound(PathBuf),
+    #[error("{0} is a file, not a cgroup directory")]
+    NotADirectory(PathBuf),
+    #[error("{path} is not on the cgroup2 filesystem (mounted at {root})")]
+    NotCgroup2 { path: PathBuf, root: PathBuf },
+    #[error("refusing the cgroup2 root {0}: a policy there would touch every TCP connection of the host; name a child cgroup such as system.slice")]
+    Root(PathBuf),
+}
+
+/// A cgroup directory kad can attach to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    /// Absolute, canonical path under the cgroup2 root.
+    pub path: PathBuf,
+    /// The id BPF sees for this cgroup: its directory's inode number.
+    pub id: u64,
+}
+
+/// Where the cgroup2 filesystem is mounted, from `/proc/self/mountinfo`.
+pub fn find_root() -> Result<PathBuf, CgroupError> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    root_from_mountinfo(&text).ok_or(CgroupError::NoCgroup2)
+}
+
+/// The first cgroup2 mount point in mountinfo text (see proc(5) for the format).
+pub fn root_from_mountinfo(text: &str) -> Option<PathBuf> {
+    text.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        if fs.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mount_point = mount.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_octal(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Turns what the user typed into a cgroup: an absolute path on the cgroup2 filesystem or a
+/// path relative to its root. Rejects anything else with an error that names the problem.
+pub fn resolve(root: &Path, input: &str) -> Result<Cgroup, CgroupError> {
+    let path = lexical_path(root, input)?;
+    let meta = match std::fs::metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CgroupError::NotFound(path)),
+        Err(source) => return Err(CgroupError::Io { path, source }),
+    };
+    if !meta.is_dir() {
+        return Err(CgroupError::NotADirectory(path));
+    }
+    if fs_magic(&path).map_err(|source| CgroupError::Io {
+        path: path.clone(),
+        source,
+    })? != CGROUP2_SUPER_MAGIC
+    {
+        return Err(CgroupError::NotCgroup2 {
+            path,
+            root: root.to_path_buf(),
+        });
+    }
+    let canonical = path.canonicalize().map_err(|source| CgroupError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let root = root.canonicalize().map_err(|source| CgroupError::Io {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    if canonical == root {
+        return Err(CgroupError::Root(root));
+    }
+    if !canonical.starts_with(&root) {
+        // Another mount of cgroup2 elsewhere: policies are kept by path under one root.
+        return Err(CgroupError::NotCgroup2 {
+            path: canonical,
+            root,
+        });
+    }
+    Ok(Cgroup {
+        path: canonical,
+        id: meta.ino(),
+    })
+}
+
+/// The absolute path `input` names, without touching the filesystem.
+pub fn lexical_path(root: &Path, input: &str) -> Result<PathBuf, CgroupError> {
+    if input.trim().is_empty() {
+        return Err(CgroupError::Empty);
+    }
+    let given = Path::new(input);
+    if given.components().any(|c| c == Component::ParentDir) {
+        return Err(CgroupError::DotDot(input.to_string()));
+    }
+    Ok(if given.is_absolute() {
+        given.to_path_buf()
+    } else {
+        root.join(given)
+    })
+}
+
+/// The cgroup's id as BPF sees it, if the directory still exists.
+pub fn id_of(path: &Path) -> io::Result<u64> {
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: statfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(buf.f_type as i64)
+}
+
+/// Whether `path` (which must exist) is on a filesystem with the given magic number.
+pub fn is_fs(path: &Path, magic: i64) -> io::Result<bool> {
+    Ok(fs_magic(path)? == magic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 1 0:23 / /sys rw,nosuid - sysfs sysfs rw
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw
+32 30 0:28 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+";
+
+    #[test]
+    fn mountinfo_finds_the_cgroup2_mount() {
+        assert_eq!(
+            root_from_mountinfo(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let pure = "29 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            root_from_mountinfo(pure),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            root_from_mountinfo("25 1 0:23 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn mountinfo_unescapes_spaces() {
+        let line = "31 30 0:27 / /mnt/my\\040cg rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(root_from_mountinfo(line), Some(PathBuf::from("/mnt/my cg")));
+    }
+
+    #[test]
+    fn lexical_path_joins_relative_paths_to_the_root() {
+        let root = Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            lexical_path(root, "system.slice/nginx.service").unwrap(),
+            PathBuf::from("/sys/fs/cgroup/system.slice/nginx.service")
+        );
+        assert_eq!(
+            lexical_path(root, "/sys/fs/cgroup/app").unwrap(),
+            PathBuf::from("/sys/fs/cgroup/app")
+        );
+    }
+
+    #[test]
+    fn lexical_path_rejects_empty_and_dotdot() {
+        let root = Path::new("/sys/fs/cgroup");
+        assert!(matches!(lexical_path(root, ""), Err(CgroupError::Empty)));
+        assert!(matches!(lexical_path(root, "  "), Err(CgroupError::Empty)));
+        assert!(matches!(
+            lexical_path(root, "app/../../etc"),
+            Err(CgroupError::DotDot(_))
+        ));
+        assert!(matches!(
+            lexical_path(root, "/sys/fs/cgroup/.."),
+            Err(CgroupError::DotDot(_))
+        ));
+    }
+
+    #[test]
+    fn resolve_rejects_paths_off_cgroup2() {
+        let root = Path::new("/sys/fs/cgroup/unified");
+        assert!(matches!(
+            resolve(root, "/tmp"),
+            Err(CgroupError::NotCgroup2 { .. })
+        ));
+        assert!(matches!(
+            resolve(root, "/nonexistent-kad-dir"),
+            Err(CgroupError::NotFound(_))
+        ));
+        assert!(matches!(
+            resolve(root, "/etc/hostname"),
+            Err(CgroupError::NotADirectory(_))
+        ));
+    }
+}

@@ -1,0 +1,243 @@
+//! The `kad` command line: `kad daemon` and the commands that talk to it.
+mod output;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    client,
+    daemon::{self, DaemonConfig},
+    policy::{self, Policy, CNT_RANGE, SECS_RANGE},
+    protocol::{Request, Response},
+};
+
+const DEFAULT_SOCKET: &str = "/run/kad/kad.sock";
+
+/// Per-cgroup TCP keepalive, set in the kernel for programs you cannot change.
+#[derive(Debug, Parser)]
+#[command(name = "kad", version, about, long_about = None)]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "KAD_SOCKET", default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load the BPF program and serve the control socket (runs in the foreground).
+    Daemon(DaemonArgs),
+    /// Set the keepalive policy of a cgroup and everything below it.
+    Set(SetArgs),
+    /// Remove a cgroup's policy.
+    Unset(CgroupArg),
+    /// List the policies.
+    List(JsonFlag),
+    /// Show the daemon's state: program, kernel, cgroup2 root, policies.
+    Status(JsonFlag),
+}
+
+#[derive(Debug, Args)]
+struct DaemonArgs {
+    /// Where the policy table is saved.
+    #[arg(long, default_value = "/var/lib/kad", value_name = "DIR")]
+    state_dir: PathBuf,
+    /// The daemon's directory on the bpf filesystem (one per daemon).
+    #[arg(long, default_value = "/sys/fs/bpf/kad", value_name = "DIR")]
+    bpffs: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct CgroupArg {
+    /// A cgroup: an absolute path on the cgroup2 filesystem, or a path relative to its root.
+    #[arg(long, value_name = "CG")]
+    cgroup: String,
+}
+
+#[derive(Debug, Args)]
+struct SetArgs {
+    #[command(flatten)]
+    target: CgroupArg,
+    /// Seconds of idle before the first probe (TCP_KEEPIDLE, 1..32767).
+    #[arg(long, value_name = "SECS", value_parser = parse_idle)]
+    idle: Option<u32>,
+    /// Seconds between probes (TCP_KEEPINTVL, 1..32767).
+    #[arg(long, value_name = "SECS", value_parser = parse_intvl)]
+    intvl: Option<u32>,
+    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT, 1..127).
+    #[arg(long, value_name = "N", value_parser = parse_cnt)]
+    cnt: Option<u32>,
+    /// Opt out: leave sockets as the application made them, even under a policy cgroup.
+    #[arg(long, conflicts_with_all = ["idle", "intvl", "cnt"])]
+    off: bool,
+}
+
+#[derive(Debug, Args)]
+struct JsonFlag {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_idle(text: &str) -> Result<u32, policy::PolicyError> {
+    policy::parse_value("--idle", text, SECS_RANGE)
+}
+fn parse_intvl(text: &str) -> Result<u32, policy::PolicyError> {
+    policy::parse_value("--intvl", text, SECS_RANGE)
+}
+fn parse_cnt(text: &str) -> Result<u32, policy::PolicyError> {
+    policy::parse_value("--cnt", text, CNT_RANGE)
+}
+
+/// Parses the command line and runs it. Errors are one line on stderr.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap adds usage and a hint after the first line; one line names the problem.
+            let rendered = e.render().to_string();
+            let first = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            eprintln!("kad: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kad: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn one_line(error: &anyhow::Error) -> String {
+    error
+        .chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.socket;
+    match cli.command {
+        Command::Daemon(args) => run_daemon(DaemonConfig {
+            socket,
+            state_dir: args.state_dir,
+            bpffs: args.bpffs,
+        }),
+        Command::Set(args) => {
+            let policy = if args.off {
+                Policy::OFF
+            } else {
+                Policy::on(args.idle, args.intvl, args.cnt)?
+            };
+            let request = Request::Set {
+                cgroup: args.target.cgroup,
+                policy,
+            };
+            if let Response::Done { cgroup } = client::call(&socket, &request)? {
+                println!("{cgroup}: {policy}");
+            }
+            Ok(())
+        }
+        Command::Unset(args) => {
+            let request = Request::Unset {
+                cgroup: args.cgroup,
+            };
+            if let Response::Done { cgroup } = client::call(&socket, &request)? {
+                println!("{cgroup}: policy removed");
+            }
+            Ok(())
+        }
+        Command::List(flag) => match client::call(&socket, &Request::List)? {
+            Response::Policies { policies } => output::policies(&policies, flag.json),
+            other => Err(anyhow::anyhow!("unexpected reply to list: {other:?}")),
+        },
+        Command::Status(flag) => match client::call(&socket, &Request::Status)? {
+            Response::Status(report) => output::status(&report, flag.json),
+            other => Err(anyhow::anyhow!("unexpected reply to status: {other:?}")),
+        },
+    }
+}
+
+fn run_daemon(config: DaemonConfig) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(daemon::run(config))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("kad").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn set_parses_values() {
+        let cli = parse(&[
+            "set", "--cgroup", "app", "--idle", "180", "--intvl", "60", "--cnt", "20",
+        ])
+        .unwrap();
+        let Command::Set(args) = cli.command else {
+            panic!("not set")
+        };
+        assert_eq!(
+            (args.idle, args.intvl, args.cnt, args.off),
+            (Some(180), Some(60), Some(20), false)
+        );
+    }
+
+    #[test]
+    fn set_rejects_bad_values_with_the_range() {
+        let err = parse(&["set", "--cgroup", "app", "--idle", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("between 1 and 32767"), "{err}");
+        let err = parse(&["set", "--cgroup", "app", "--cnt", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("between 1 and 127"), "{err}");
+    }
+
+    #[test]
+    fn off_conflicts_with_values() {
+        let err = parse(&["set", "--cgroup", "app", "--off", "--idle", "5"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(parse(&["set", "--cgroup", "app", "--off"]).is_ok());
+    }
+
+    #[test]
+    fn socket_defaults_and_overrides() {
+        let cli = parse(&["list"]).unwrap();
+        assert!(
+            cli.socket == PathBuf::from(DEFAULT_SOCKET) || std::env::var_os("KAD_SOCKET").is_some()
+        );
+        let cli = parse(&["list", "--socket", "/tmp/x.sock"]).unwrap();
+        assert_eq!(cli.socket, PathBuf::from("/tmp/x.sock"));
+    }
+}

@@ -1,0 +1,72 @@
+//! How `kad list` and `kad status` print.
+use std::fmt::Write as _;
+
+use crate::{
+    policy::Mode,
+    protocol::{PolicyEntry, StatusReport},
+};
+
+pub fn policies(entries: &[PolicyEntry], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(entries)?);
+    } else {
+        print!("{}", table(entries));
+    }
+    Ok(())
+}
+
+pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    let loaded = if report.program_loaded {
+        "loaded"
+    } else {
+        "not loaded"
+    };
+    println!("program:      {loaded}");
+    println!("kernel:       {}", report.kernel);
+    println!("cgroup2 root: {}", report.cgroup_root);
+    println!("bpffs:        {}", report.bpffs);
+    println!("state dir:    {}", report.state_dir);
+    println!("attachments:  {}", report.attachments);
+    println!("policies:     {}", report.policies.len());
+    if !report.policies.is_empty() {
+        print!("{}", table(&report.policies));
+    }
+    Ok(())
+}
+
+fn table(entries: &[PolicyEntry]) -> String {
+    if entries.is_empty() {
+        return "no policies\n".into();
+    }
+    let width = entries
+        .iter()
+        .map(|e| e.cgroup.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    let mut out = format!("{:<width$}  MODE  IDLE     INTVL    CNT\n", "CGROUP");
+    for e in entries {
+        let value = |v: Option<u32>| match (e.mode, v) {
+            (Mode::Off, _) => "-".to_string(),
+            (Mode::On, None) => "default".to_string(),
+            (Mode::On, Some(v)) => v.to_string(),
+        };
+        let mode = match e.mode {
+            Mode::On => "on",
+            Mode::Off => "off",
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {mode:<4}  {:<7}  {:<7}  {}",
+            e.cgroup,
+            value(e.idle),
+            value(e.intvl),
+            value(e.cnt)
+        );
+    }
+    out
+}

@@ -1,0 +1,64 @@
+//! The CLI's side of the control socket.
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::protocol::{self, Request, Response};
+
+/// Setting a policy loads and attaches a program; this is far more than it takes.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the kad daemon is not running (nothing listens on {0}): start it with `kad daemon` (or `systemctl start kad`), or point KAD_SOCKET/--socket at its socket")]
+    NotRunning(PathBuf),
+    #[error("permission denied on {0}: run as root")]
+    PermissionDenied(PathBuf),
+    #[error("talking to the daemon at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the daemon at {path} sent a reply kad cannot read: {message}")]
+    BadReply { path: PathBuf, message: String },
+    /// The daemon refused the request; its message says why.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request and returns the daemon's reply; an error reply becomes `Refused`.
+pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+    let io_err = |source: io::Error| ClientError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning(socket.to_path_buf())
+        }
+        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(socket.to_path_buf()),
+        _ => io_err(e),
+    })?;
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(io_err)?;
+    stream
+        .write_all(&protocol::encode(request))
+        .map_err(io_err)?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(io_err)?;
+    let response: Response = serde_json::from_str(&line).map_err(|e| ClientError::BadReply {
+        path: socket.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    match response {
+        Response::Error { message } => Err(ClientError::Refused(message)),
+        other => Ok(other),
+    }
+}

@@ -1,0 +1,208 @@
+//! A cgroup's keepalive policy, its validation, and its form in the BPF map.
+use std::{fmt, ops::RangeInclusive};
+
+use keepalive_common::{PolicyValue, FLAG_ON};
+use serde::{Deserialize, Serialize};
+
+/// TCP_KEEPIDLE and TCP_KEEPINTVL limits, in seconds (MAX_TCP_KEEPIDLE in include/net/tcp.h).
+pub const SECS_RANGE: RangeInclusive<u32> = 1..=32767;
+/// TCP_KEEPCNT limits (MAX_TCP_KEEPCNT).
+pub const CNT_RANGE: RangeInclusive<u32> = 1..=127;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{option} must be a whole number between {} and {}, got '{value}'", range.start(), range.end())]
+    OutOfRange {
+        option: &'static str,
+        value: String,
+        range: RangeInclusive<u32>,
+    },
+    #[error("mode 'off' cannot be combined with --idle, --intvl or --cnt")]
+    OffWithValues,
+}
+
+/// Whether kad turns keepalive on, or leaves sockets alone (an opt-out below a policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    On,
+    Off,
+}
+
+/// `None` keeps the kernel default (`net.ipv4.tcp_keepalive_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub mode: Mode,
+    pub idle: Option<u32>,
+    pub intvl: Option<u32>,
+    pub cnt: Option<u32>,
+}
+
+impl Policy {
+    pub const OFF: Policy = Policy {
+        mode: Mode::Off,
+        idle: None,
+        intvl: None,
+        cnt: None,
+    };
+
+    /// Keepalive on with the given values, each checked against the kernel's limits.
+    pub fn on(
+        idle: Option<u32>,
+        intvl: Option<u32>,
+        cnt: Option<u32>,
+    ) -> Result<Self, PolicyError> {
+        let policy = Policy {
+            mode: Mode::On,
+            idle,
+            intvl,
+            cnt,
+        };
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    /// Checks a policy that came from outside (the control socket, the state file).
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.mode == Mode::Off {
+            if self.idle.is_some() || self.intvl.is_some() || self.cnt.is_some() {
+                return Err(PolicyError::OffWithValues);
+            }
+            return Ok(());
+        }
+        check_range("--idle", self.idle, SECS_RANGE)?;
+        check_range("--intvl", self.intvl, SECS_RANGE)?;
+        check_range("--cnt", self.cnt, CNT_RANGE)?;
+        Ok(())
+    }
+
+    /// The map value the sock_ops program reads; 0 stands for "not set".
+    pub fn to_value(&self) -> PolicyValue {
+        match self.mode {
+            Mode::Off => PolicyValue::default(),
+            Mode::On => PolicyValue {
+                flags: FLAG_ON,
+                idle: self.idle.unwrap_or(0),
+                intvl: self.intvl.unwrap_or(0),
+                cnt: self.cnt.unwrap_or(0),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.mode == Mode::Off {
+            return f.write_str("off");
+        }
+        let show = |v: Option<u32>| v.map_or_else(|| "default".to_string(), |v| v.to_string());
+        write!(
+            f,
+            "on idle={} intvl={} cnt={}",
+            show(self.idle),
+            show(self.intvl),
+            show(self.cnt)
+        )
+    }
+}
+
+fn check_range(
+    option: &'static str,
+    value: Option<u32>,
+    range: RangeInclusive<u32>,
+) -> Result<(), PolicyError> {
+    match value {
+        Some(v) if !range.contains(&v) => Err(PolicyError::OutOfRange {
+            option,
+            value: v.to_string(),
+            range,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a command-line value for `option` ("--idle", ...): a decimal integer within `range`.
+pub fn parse_value(
+    option: &'static str,
+    text: &str,
+    range: RangeInclusive<u32>,
+) -> Result<u32, PolicyError> {
+    let out_of_range = || PolicyError::OutOfRange {
+        option,
+        value: text.to_string(),
+        range: range.clone(),
+    };
+    let trimmed = text.trim();
+    if trimmed.is_empty() || !trimmed.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(out_of_range());
+    }
+    match trimmed.parse::<u32>() {
+        Ok(v) if range.contains(&v) => Ok(v),
+        _ => Err(out_of_range()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_accepts_the_kernel_limits() {
+        assert_eq!(parse_value("--idle", "1", SECS_RANGE), Ok(1));
+        assert_eq!(parse_value("--idle", "32767", SECS_RANGE), Ok(32767));
+        assert_eq!(parse_value("--cnt", "127", CNT_RANGE), Ok(127));
+        assert_eq!(parse_value("--cnt", " 20 ", CNT_RANGE), Ok(20));
+    }
+
+    #[test]
+    fn parse_rejects_out_of_range_and_non_numbers() {
+        for bad in [
+            "0",
+            "32768",
+            "-1",
+            "1.5",
+            "abc",
+            "",
+            "99999999999999999999",
+            "+5",
+        ] {
+            let err = parse_value("--intvl", bad, SECS_RANGE).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("--intvl"), "{msg}");
+            assert!(msg.contains("between 1 and 32767"), "{msg}");
+        }
+        let msg = parse_value("--cnt", "128", CNT_RANGE)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("between 1 and 127"), "{msg}");
+    }
+
+    #[test]
+    fn validate_checks_every_field() {
+        assert!(Policy::on(Some(180), Some(60), Some(20)).is_ok());
+        assert!(Policy::on(None, None, None).is_ok());
+        assert!(Policy::on(Some(0), None, None).is_err());
+        assert!(Policy::on(None, Some(40000), None).is_err());
+        assert!(Policy::on(None, None, Some(200)).is_err());
+        let off_with_values = Policy {
+            idle: Some(5),
+            ..Policy::OFF
+        };
+        assert_eq!(off_with_values.validate(), Err(PolicyError::OffWithValues));
+    }
+
+    #[test]
+    fn map_value_uses_zero_for_unset() {
+        let v = Policy::on(Some(180), None, Some(20)).unwrap().to_value();
+        assert_eq!(
+            v,
+            PolicyValue {
+                flags: FLAG_ON,
+                idle: 180,
+                intvl: 0,
+                cnt: 20
+            }
+        );
+        assert_eq!(Policy::OFF.to_value().flags & FLAG_ON, 0);
+    }
+}

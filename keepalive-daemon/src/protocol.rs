@@ -1,0 +1,158 @@
+//! The control socket's protocol: one JSON request per line, one JSON reply per line.
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{Mode, Policy};
+
+/// Requests larger than this are refused without being parsed.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Set { cgroup: String, policy: Policy },
+    Unset { cgroup: String },
+    List,
+    Status,
+}
+
+impl Request {
+    /// Whether the request changes policies (and so needs root).
+    pub fn mutates(&self) -> bool {
+        matches!(self, Request::Set { .. } | Request::Unset { .. })
+    }
+}
+
+/// One row of `kad list --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyEntry {
+    pub cgroup: String,
+    pub mode: Mode,
+    pub idle: Option<u32>,
+    pub intvl: Option<u32>,
+    pub cnt: Option<u32>,
+}
+
+impl PolicyEntry {
+    pub fn new(cgroup: String, policy: &Policy) -> Self {
+        PolicyEntry {
+            cgroup,
+            mode: policy.mode,
+            idle: policy.idle,
+            intvl: policy.intvl,
+            cnt: policy.cnt,
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            mode: self.mode,
+            idle: self.idle,
+            intvl: self.intvl,
+            cnt: self.cnt,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub program_loaded: bool,
+    pub kernel: String,
+    pub cgroup_root: String,
+    pub bpffs: String,
+    pub state_dir: String,
+    /// Cgroups with a kad program attached right now.
+    pub attachments: usize,
+    pub policies: Vec<PolicyEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Response {
+    Done { cgroup: String },
+    Policies { policies: Vec<PolicyEntry> },
+    Status(StatusReport),
+    Error { message: String },
+}
+
+impl Response {
+    pub fn error(message: impl Into<String>) -> Self {
+        Response::Error {
+            message: message.into(),
+        }
+    }
+}
+
+/// Encodes one message as a single line.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serializing these plain types cannot fail: no maps with non-string keys, no custom impls.
+    let mut line = serde_json::to_vec(message).unwrap_or_else(|_| b"{}".to_vec());
+    line.push(b'\n');
+    line
+}
+
+/// Decodes a request line, with a message fit to send back when it is malformed.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(format!(
+            "request too large (limit {MAX_REQUEST_BYTES} bytes)"
+        ));
+    }
+    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let requests = [
+            Request::Set {
+                cgroup: "app".into(),
+                policy: Policy::on(Some(180), None, Some(20)).unwrap(),
+            },
+            Request::Set {
+                cgroup: "/sys/fs/cgroup/x".into(),
+                policy: Policy::OFF,
+            },
+            Request::Unset {
+                cgroup: "app".into(),
+            },
+            Request::List,
+            Request::Status,
+        ];
+        for request in requests {
+            let line = encode(&request);
+            assert_eq!(line.last(), Some(&b'\n'));
+            assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+            assert_eq!(decode_request(&line).unwrap(), request);
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_errors() {
+        assert!(decode_request(b"not json")
+            .unwrap_err()
+            .starts_with("malformed request"));
+        assert!(decode_request(br#"{"cmd":"explode"}"#).is_err());
+        assert!(decode_request(br#"{"cmd":"set","cgroup":"a"}"#).is_err());
+        assert!(decode_request(br#"{"cmd":"list","extra":1}"#).is_err());
+        let big = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert!(decode_request(&big).unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn policy_entry_json_has_the_documented_shape() {
+        let entry = PolicyEntry::new(
+            "/sys/fs/cgroup/app".into(),
+            &Policy::on(Some(180), None, None).unwrap(),
+        );
+        let v: serde_json::Value = serde_json::to_value(&entry).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"cgroup": "/sys/fs/cgroup/app", "mode": "on", "idle": 180, "intvl": null, "cnt": null})
+        );
+        let off = serde_json::to_value(PolicyEntry::new("/x".into(), &Policy::OFF)).unwrap();
+        assert_eq!(off["mode"], "off");
+    }
+}
