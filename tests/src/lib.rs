@@ -1,1 +1,460 @@
+//! Test harness for kad's kernel tests: unique cgroups and daemons that clean up after
+//! themselves (in `Drop`, so also when a test fails), and TCP peers placed in cgroups.
+use std::{
+    fs::{self, File},
+    io::{BufRead, BufReader, Write},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    thread::sleep,
+    time::{Duration, Instant},
+};
 
+use serde::Deserialize;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A name no other test (in this or another process) uses.
+pub fn unique(name: &str) -> String {
+    format!(
+        "kad-test-{}-{}-{name}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// What a kernel test needs; `None` (after saying why) when it cannot run here.
+pub struct Env {
+    pub root: PathBuf,
+    pub kad: PathBuf,
+    pub peer: PathBuf,
+}
+
+/// `kad_env!()` in a test: the environment, or return after saying why the test is skipped.
+#[macro_export]
+macro_rules! kad_env {
+    () => {
+        match $crate::Env::require(env!("CARGO_BIN_EXE_kad-test-peer")) {
+            Some(env) => env,
+            None => return,
+        }
+    };
+}
+
+impl Env {
+    pub fn require(peer: &str) -> Option<Env> {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return skip("kernel tests need root");
+        }
+        let Some(root) = cgroup2_root() else {
+            return skip("no cgroup2 filesystem is mounted");
+        };
+        if !is_bpffs_mounted() {
+            return skip("bpffs is not mounted at /sys/fs/bpf (cargo xtask test mounts it)");
+        }
+        let kad = kad_bin();
+        if !kad.is_file() {
+            return skip(&format!(
+                "{} is missing: build it with cargo xtask build",
+                kad.display()
+            ));
+        }
+        Some(Env {
+            root,
+            kad,
+            peer: PathBuf::from(peer),
+        })
+    }
+
+    /// Runs `kad ARGS` against `socket`.
+    pub fn kad(&self, socket: &Path, args: &[&str]) -> Output {
+        Command::new(&self.kad)
+            .args(args)
+            .env("KAD_SOCKET", socket)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kad")
+    }
+}
+
+fn skip(reason: &str) -> Option<Env> {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("kernel test cannot run under CI: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    None
+}
+
+pub fn kad_bin() -> PathBuf {
+    match std::env::var_os("KAD_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/kad"),
+    }
+}
+
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        (fs.split_whitespace().next()? == "cgroup2")
+            .then(|| PathBuf::from(mount.split_whitespace().nth(4).unwrap_or("/")))
+    })
+}
+
+fn is_bpffs_mounted() -> bool {
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|text| {
+        text.lines().any(|line| {
+            let mut fields = line.split(" - ");
+            let mount = fields.next().unwrap_or("");
+            let fs = fields.next().unwrap_or("");
+            mount.split_whitespace().nth(4) == Some("/sys/fs/bpf") && fs.starts_with("bpf ")
+        })
+    })
+}
+
+/// The kernel default for a `net.ipv4.tcp_keepalive_*` value.
+pub fn sysctl(name: &str) -> i64 {
+    let path = format!("/proc/sys/net/ipv4/{name}");
+    fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("parse {path}: {e}"))
+}
+
+/// A uniquely named cgroup under the cgroup2 root, removed with everything below it (processes
+/// killed) when dropped.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    root: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(env: &Env, name: &str) -> TestCgroup {
+        let path = env.root.join(unique(name));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TestCgroup {
+            path,
+            root: env.root.clone(),
+        }
+    }
+
+    /// Creates (if needed) and returns a cgroup below this one.
+    pub fn child(&self, relative: &str) -> PathBuf {
+        let path = self.path.join(relative);
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        path
+    }
+
+    /// This cgroup's path relative to the cgroup2 root, as a user would type it.
+    pub fn relative(&self) -> String {
+        self.path
+            .strip_prefix(&self.root)
+            .expect("test cgroup under the root")
+            .display()
+            .to_string()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_cgroup_tree(&self.path);
+    }
+}
+
+/// Kills the processes of a cgroup tree and removes its directories, deepest first.
+pub fn remove_cgroup_tree(path: &Path) {
+    if let Ok(entries) = fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = fs::write(path.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => sleep(Duration::from_millis(20)),
+        }
+    }
+    eprintln!("warning: could not remove cgroup {}", path.display());
+}
+
+/// Moves the child into `cgroup` between fork and exec.
+pub fn in_cgroup(command: &mut Command, cgroup: &Path) -> File {
+    let procs = File::options()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .unwrap_or_else(|e| panic!("open {}/cgroup.procs: {e}", cgroup.display()));
+    let fd = procs.as_raw_fd();
+    // SAFETY: only write(2) runs between fork and exec. "0" means the writing process.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // The caller keeps the file open until the child is spawned.
+    procs
+}
+
+/// A running `kad daemon` with its own socket, state directory and bpffs directory, stopped
+/// and cleaned up (pins included) when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    kad: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(env: &Env) -> Daemon {
+        let name = unique("daemon");
+        let dir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&dir).expect("create daemon dir");
+        let mut daemon = Daemon {
+            child: None,
+            socket: dir.join("kad.sock"),
+            state_dir: dir.join("state"),
+            bpffs: PathBuf::from("/sys/fs/bpf").join(&name),
+            dir,
+            kad: env.kad.clone(),
+        };
+        daemon.restart();
+        daemon
+    }
+
+    /// Starts the daemon process (again) with the same paths and waits for its socket.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = File::create(self.dir.join("daemon.log")).expect("create log");
+        let child = Command::new(&self.kad)
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kad daemon");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!("kad daemon exited with {status}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kad daemon did not start: {}",
+                self.log()
+            );
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// `kad ARGS` against this daemon; panics with stderr unless it succeeds.
+    pub fn kad_ok(&self, args: &[&str]) -> String {
+        let out = self.kad(args);
+        assert!(
+            out.status.success(),
+            "kad {args:?} failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn kad(&self, args: &[&str]) -> Output {
+        Command::new(&self.kad)
+            .args(args)
+            .env("KAD_SOCKET", &self.socket)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kad")
+    }
+
+    /// `kad list --json`, parsed.
+    pub fn list(&self) -> serde_json::Value {
+        serde_json::from_str(&self.kad_ok(&["list", "--json"])).expect("list --json is JSON")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.bpffs);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The keepalive settings a peer read from its own socket with getsockopt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Report {
+    pub keepalive: bool,
+    pub idle: i64,
+    pub intvl: i64,
+    pub cnt: i64,
+    pub local_port: u16,
+    pub peer_port: u16,
+}
+
+impl Report {
+    /// (keepalive, idle, intvl, cnt), for compact assertions.
+    pub fn values(&self) -> (bool, i64, i64, i64) {
+        (self.keepalive, self.idle, self.intvl, self.cnt)
+    }
+}
+
+/// What a socket untouched by kad reports.
+pub fn untouched() -> (bool, i64, i64, i64) {
+    (
+        false,
+        sysctl("tcp_keepalive_time"),
+        sysctl("tcp_keepalive_intvl"),
+        sysctl("tcp_keepalive_probes"),
+    )
+}
+
+/// A process running a program (in a cgroup or not), killed when dropped.
+pub struct Process {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Process {
+    pub fn spawn(mut command: Command, cgroup: Option<&Path>) -> Process {
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let _procs = cgroup.map(|cg| in_cgroup(&mut command, cg));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Process {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read from peer");
+        assert!(!line.is_empty(), "peer exited without output");
+        line.trim_end().to_string()
+    }
+
+    pub fn report(&mut self) -> Report {
+        let line = self.line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad report {line:?}: {e}"))
+    }
+
+    pub fn write(&mut self, data: &[u8]) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            let _ = stdin.write_all(data);
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A listening test peer; `port` is where it accepts its one connection.
+pub fn listen(env: &Env, addr: &str, cgroup: Option<&Path>) -> (Process, u16) {
+    let mut command = Command::new(&env.peer);
+    command.args(["listen", addr]);
+    let mut server = Process::spawn(command, cgroup);
+    let line = server.line();
+    let port = line
+        .strip_prefix("LISTENING ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected listener output {line:?}"));
+    (server, port)
+}
+
+/// Opens one connection from a peer in `client_cg` to a peer in `server_cg` (None: wherever the
+/// test runs, which has no kad policy) and returns what each end reports.
+pub fn connect(
+    env: &Env,
+    server_cg: Option<&Path>,
+    client_cg: Option<&Path>,
+    ipv6: bool,
+) -> (Report, Report) {
+    let host = if ipv6 { "[::1]" } else { "127.0.0.1" };
+    let (mut server, port) = listen(env, &format!("{host}:0"), server_cg);
+    let mut command = Command::new(&env.peer);
+    command.args(["connect", &format!("{host}:{port}")]);
+    let mut client = Process::spawn(command, client_cg);
+    let client_report = client.report();
+    let server_report = server.report();
+    assert_eq!(
+        server_report.peer_port, client_report.local_port,
+        "the two ends of one connection"
+    );
+    (server_report, client_report)
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        sleep(Duration::from_millis(25));
+    }
+}
