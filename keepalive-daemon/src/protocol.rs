@@ -136,7 +136,7 @@ mod tests {
             .starts_with("malformed request"));
         assert!(decode_request(br#"{"cmd":"explode"}"#).is_err());
         assert!(decode_request(br#"{"cmd":"set","cgroup":"a"}"#).is_err());
-        assert!(decode_request(br#"{"cmd":"list","extra":1}"#).is_err());
+        assert!(decode_request(br#"{"cmd":"unset","cgroup":"a","extra":1}"#).is_err());
         let big = vec![b' '; MAX_REQUEST_BYTES + 1];
         assert!(decode_request(&big).unwrap_err().contains("too large"));
     }

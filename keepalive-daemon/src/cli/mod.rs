@@ -62,13 +62,13 @@ struct SetArgs {
     #[command(flatten)]
     target: CgroupArg,
     /// Seconds of idle before the first probe (TCP_KEEPIDLE, 1..32767).
-    #[arg(long, value_name = "SECS", value_parser = parse_idle)]
+    #[arg(long, value_name = "SECS", value_parser = parse_idle, allow_negative_numbers = true)]
     idle: Option<u32>,
     /// Seconds between probes (TCP_KEEPINTVL, 1..32767).
-    #[arg(long, value_name = "SECS", value_parser = parse_intvl)]
+    #[arg(long, value_name = "SECS", value_parser = parse_intvl, allow_negative_numbers = true)]
     intvl: Option<u32>,
     /// Unanswered probes before the connection is dropped (TCP_KEEPCNT, 1..127).
-    #[arg(long, value_name = "N", value_parser = parse_cnt)]
+    #[arg(long, value_name = "N", value_parser = parse_cnt, allow_negative_numbers = true)]
     cnt: Option<u32>,
     /// Opt out: leave sockets as the application made them, even under a policy cgroup.
     #[arg(long, conflicts_with_all = ["idle", "intvl", "cnt"])]
@@ -102,13 +102,7 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap adds usage and a hint after the first line; one line names the problem.
-            let rendered = e.render().to_string();
-            let first = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            eprintln!("kad: {}", first.trim_start_matches("error: "));
+            eprintln!("kad: {}", clap_error_line(&e.render().to_string()));
             return ExitCode::from(2);
         }
     };
@@ -119,6 +113,18 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's message without its usage, tips and blank lines, on one line.
+fn clap_error_line(rendered: &str) -> String {
+    let line = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    line.trim_start_matches("error: ").to_string()
 }
 
 fn one_line(error: &anyhow::Error) -> String {
@@ -229,6 +235,24 @@ mod tests {
         let err = parse(&["set", "--cgroup", "app", "--off", "--idle", "5"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
         assert!(parse(&["set", "--cgroup", "app", "--off"]).is_ok());
+    }
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let err = parse(&["set"]).unwrap_err().render().to_string();
+        assert_eq!(
+            clap_error_line(&err),
+            "the following required arguments were not provided: --cgroup <CG>"
+        );
+        let err = parse(&["set", "--cgroup", "a", "--idle", "0"])
+            .unwrap_err()
+            .render()
+            .to_string();
+        let line = clap_error_line(&err);
+        assert!(
+            !line.contains('\n') && line.contains("between 1 and 32767"),
+            "{line}"
+        );
     }
 
     #[test]
