@@ -57,7 +57,7 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     }
     // SAFETY: plain-data value; the kernel keeps it alive for this invocation.
-    let Some(policy) = (unsafe { KAD_POLICIES.get(&cgroup_id) }) else {
+    let Some(policy) = (unsafe { KAD_POLICIES.get(cgroup_id) }) else {
         // Not (yet) in the table: let an ancestor's policy decide.
         return;
     };

@@ -1,1 +1,141 @@
-fn main() {}
+//! `cargo xtask build|run|test|lint|setup`: installs what is missing, builds, tests.
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Set up, build and test kad")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install or check the toolchain pieces, packages and the bpffs mount.
+    Setup,
+    /// Set up, then build target/release/kad.
+    Build,
+    /// Set up, build, and run `kad daemon` in the foreground (extra arguments go to it).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, check formatting and lints, then run every test.
+    Test,
+    /// rustfmt and clippy (-D warnings) on the workspace and, on its own, the eBPF crate.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Task::Setup => setup::all(setup::Purpose::Build),
+        Task::Build => {
+            setup::all(setup::Purpose::Build)?;
+            build(&root)
+        }
+        Task::Run { args } => {
+            setup::all(setup::Purpose::Build)?;
+            build(&root)?;
+            let kad = root.join("target/release/kad");
+            eprintln!(
+                "xtask: starting {} daemon {}",
+                kad.display(),
+                args.join(" ")
+            );
+            run(Command::new(kad).arg("daemon").args(args))
+        }
+        Task::Test => {
+            setup::all(setup::Purpose::Test)?;
+            build(&root)?;
+            lint(&root)?;
+            let kad = root.join("target/release/kad");
+            run(cargo(&root)
+                .args([
+                    "test",
+                    "--release",
+                    "--workspace",
+                    "--exclude",
+                    "keepalive-ebpf",
+                ])
+                .env("KAD_BIN", &kad))
+        }
+        Task::Lint => lint(&root),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(root);
+    command
+}
+
+fn build(root: &Path) -> Result<()> {
+    run(cargo(root).args([
+        "build",
+        "--release",
+        "--package",
+        "keepalive-daemon",
+        "--package",
+        "kad-tests",
+    ]))
+}
+
+fn lint(root: &Path) -> Result<()> {
+    run(cargo(root).args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo(root).args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "keepalive-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The eBPF crate on its own, for its real target: with the workspace, feature unification
+    // pulls std into it.
+    run(Command::new("rustup")
+        .current_dir(root.join("keepalive-ebpf"))
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(root.join("target/ebpf-lint"))
+        .args(["--", "-D", "warnings"]))
+}
+
+/// Runs a command, failing with its description if it does not succeed.
+pub fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}

@@ -259,7 +259,7 @@ mod tests {
     fn socket_defaults_and_overrides() {
         let cli = parse(&["list"]).unwrap();
         assert!(
-            cli.socket == PathBuf::from(DEFAULT_SOCKET) || std::env::var_os("KAD_SOCKET").is_some()
+            cli.socket.as_os_str() == DEFAULT_SOCKET || std::env::var_os("KAD_SOCKET").is_some()
         );
         let cli = parse(&["list", "--socket", "/tmp/x.sock"]).unwrap();
         assert_eq!(cli.socket, PathBuf::from("/tmp/x.sock"));

@@ -1,0 +1,152 @@
+//! Installs or checks, idempotently, what building and testing kad needs on a fresh Debian 12
+//! machine: rust-src for the nightly, bpf-linker built against Debian's LLVM 22, the packages
+//! the tests use, and the bpffs mount.
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::run;
+
+/// The bpf-linker release known to build against Debian's llvm-22-dev.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Build,
+    Test,
+}
+
+pub fn all(purpose: Purpose) -> Result<()> {
+    let mut apt = Apt::default();
+    nightly_components()?;
+    bpf_linker(&mut apt)?;
+    if purpose == Purpose::Test {
+        // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to see attachments;
+        // iproute2 (ss) and file: to check sockets and binaries from outside.
+        for (tool, package) in [
+            ("/bin/busybox", "busybox-static"),
+            ("/usr/sbin/bpftool", "bpftool"),
+            ("/usr/bin/ss", "iproute2"),
+            ("/usr/bin/file", "file"),
+        ] {
+            if !Path::new(tool).exists() {
+                apt.install(&[package])?;
+            }
+        }
+    }
+    bpffs()?;
+    Ok(())
+}
+
+fn output_of(command: &mut Command) -> Option<String> {
+    let out = command.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nightly_components() -> Result<()> {
+    if output_of(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).is_none() {
+        eprintln!("xtask: installing the nightly toolchain");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    // rust-src for -Z build-std=core; clippy to lint the eBPF crate for its own target.
+    for component in ["rust-src", "clippy"] {
+        if !installed.lines().any(|l| l.starts_with(component)) {
+            eprintln!("xtask: adding {component} to the nightly toolchain");
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                "nightly",
+            ]))?;
+        }
+    }
+    Ok(())
+}
+
+fn bpf_linker(apt: &mut Apt) -> Result<()> {
+    if output_of(Command::new("bpf-linker").arg("--version")).is_some() {
+        return Ok(());
+    }
+    apt.install(LLVM_PACKAGES)?;
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            // Without it the link looks for libLLVM in /usr/lib64.
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
+}
+
+fn bpffs() -> Result<()> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("read mountinfo")?;
+    let mounted = mountinfo.lines().any(|line| {
+        let (mount, fs) = line.split_once(" - ").unwrap_or(("", ""));
+        mount.split_whitespace().nth(4) == Some("/sys/fs/bpf") && fs.starts_with("bpf ")
+    });
+    if mounted {
+        return Ok(());
+    }
+    eprintln!("xtask: mounting bpffs at /sys/fs/bpf");
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+/// apt-get, with one `apt-get update` before the first install of this run.
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn install(&mut self, packages: &[&str]) -> Result<()> {
+        let missing: Vec<&str> = packages
+            .iter()
+            .copied()
+            .filter(|p| {
+                output_of(Command::new("dpkg-query").args(["-W", "-f", "${Status}", p]))
+                    .is_none_or(|s| !s.contains("install ok installed"))
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("missing packages {missing:?}: run as root, or install them with apt-get");
+        }
+        if !self.updated {
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+            self.updated = true;
+        }
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    }
+}
