@@ -1,6 +1,6 @@
 //! `kad daemon`: owns the enforcer and the policy table, and serves the control socket.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashSet},
     io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -18,21 +18,31 @@ use tracing::{error, info, warn};
 
 use crate::{
     cgroup::{self, CgroupError},
+    config::{self as config_file, ConfigError},
     enforcer::{Enforcer, EnforcerError},
+    notify,
     policy::Policy,
-    protocol::{self, PolicyEntry, Request, Response, StatusReport, MAX_REQUEST_BYTES},
+    protocol::{
+        self, PolicyDetail, PolicyEntry, Request, Response, StatusReport, MAX_REQUEST_BYTES,
+    },
     store::{Store, StoreError},
     sys,
 };
 
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// What is read and thrown away after replying to a request that was not read whole.
+const DRAIN_LIMIT: u64 = 16 << 20;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often policies are checked against the cgroups at their paths.
+const SYNC_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
+    pub config: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +55,8 @@ pub enum DaemonError {
     Enforcer(#[from] EnforcerError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("another kad daemon is already serving {0}")]
     SocketInUse(PathBuf),
     #[error("{what} {path}: {source}")]
@@ -56,10 +68,13 @@ pub enum DaemonError {
     },
 }
 
-/// A policy as the user set it, and the cgroup id it is attached to, if the cgroup exists.
-struct Entry {
-    policy: Policy,
-    attached: Option<u64>,
+/// Where a policy in force comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `kad set`, saved in the state directory; wins over the config file.
+    Set,
+    /// The config file.
+    Config,
 }
 
 struct State {
@@ -67,43 +82,65 @@ struct State {
     root: PathBuf,
     enforcer: Enforcer,
     store: Store,
-    table: BTreeMap<PathBuf, Entry>,
+    /// Policies set with `kad set`, by path; what the state file holds.
+    set: BTreeMap<PathBuf, Policy>,
+    /// Policies of the config file, by path.
+    from_config: BTreeMap<PathBuf, Policy>,
+    /// What is in the kernel now: per path, the cgroup id attached and the policy in its entry.
+    in_force: BTreeMap<PathBuf, (u64, Policy)>,
+    /// The last error applying a path's policy, logged once rather than every tick.
+    failing: BTreeMap<PathBuf, String>,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
+/// Runs the daemon until SIGTERM or SIGINT. Enforcement outlives it: links and the map stay
+/// pinned, and the next start adopts them.
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     if !sys::is_root() {
         return Err(DaemonError::NotRoot);
     }
     let root = cgroup::find_root()?;
     let store = Store::new(&config.state_dir);
-    // Read the state first: a corrupt file stops us before anything is touched.
-    let saved = store.load()?;
+    // Read both files first: a corrupt one stops us before anything is touched.
+    let set = store
+        .load()?
+        .into_iter()
+        .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
+        .collect();
+    let from_config = config_file::load(&config.config, &root)?;
     let enforcer = Enforcer::open(&config.bpffs)?;
     let mut state = State {
         config: config.clone(),
         root,
         enforcer,
         store,
-        table: BTreeMap::new(),
+        set,
+        from_config,
+        in_force: BTreeMap::new(),
+        failing: BTreeMap::new(),
     };
-    for entry in saved {
-        state.restore(entry);
-    }
+    state.sync_all();
+    // Pins and map entries an earlier run left for cgroups or policies that are gone.
+    state.retain_in_force();
     let listener = bind(&config.socket)?;
     info!(
         socket = %config.socket.display(),
         bpffs = %config.bpffs.display(),
         cgroup_root = %state.root.display(),
-        policies = state.table.len(),
+        policies = state.effective().len(),
+        attached = state.enforcer.attachments(),
         "kad daemon ready"
     );
+    notify::notify("READY=1");
 
-    let shared = Arc::new(Mutex::new(Some(state)));
+    let shared = Arc::new(Mutex::new(state));
     let mut term = signal(SignalKind::terminate())
         .map_err(|source| io_error("cannot catch", "SIGTERM", source))?;
     let mut int = signal(SignalKind::interrupt())
         .map_err(|source| io_error("cannot catch", "SIGINT", source))?;
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|source| io_error("cannot catch", "SIGHUP", source))?;
+    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -113,16 +150,22 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
                 }
                 Err(e) => warn!("accept failed: {e}"),
             },
+            _ = tick.tick() => shared.lock().await.sync_all(),
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading {}", config.config.display());
+                if let Response::Error { message } = shared.lock().await.reload() {
+                    error!("reload failed, keeping the previous config: {message}");
+                }
+            }
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
         }
     }
+    notify::notify("STOPPING=1");
     let _ = std::fs::remove_file(&config.socket);
-    // Taking the state waits for a request in progress; later ones are told we are stopping.
-    if let Some(state) = shared.lock().await.take() {
-        state.enforcer.close();
-    }
-    info!("kad daemon stopped");
+    // Wait for a request in progress; the pins keep every policy enforced after we exit.
+    drop(shared.lock().await);
+    info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
     Ok(())
 }
 
@@ -152,20 +195,17 @@ fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-async fn serve(stream: UnixStream, shared: Arc<Mutex<Option<State>>>) {
+async fn serve(stream: UnixStream, shared: Arc<Mutex<State>>) {
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
-    let (read, mut write) = stream.into_split();
-    let reply = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(read)).await {
+    let (mut read, mut write) = stream.into_split();
+    let reply = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut read)).await {
         Err(_) => Response::error("timed out waiting for the request"),
         Ok(Err(message)) => Response::error(message),
         Ok(Ok(request)) => {
             if request.mutates() && uid != Some(0) {
                 Response::error("permission denied: only root may change policies")
             } else {
-                match shared.lock().await.as_mut() {
-                    Some(state) => state.handle(request),
-                    None => Response::error("the daemon is stopping"),
-                }
+                shared.lock().await.handle(request)
             }
         }
     };
@@ -174,10 +214,18 @@ async fn serve(stream: UnixStream, shared: Arc<Mutex<Option<State>>>) {
     }
     let _ = write.write_all(&protocol::encode(&reply)).await;
     let _ = write.shutdown().await;
+    // Closing with unread input would reset the connection before the client reads the reply
+    // (an oversized request): discard what is left, within limits.
+    let mut rest = (&mut read).take(DRAIN_LIMIT);
+    let _ = tokio::time::timeout(
+        DRAIN_TIMEOUT,
+        tokio::io::copy(&mut rest, &mut tokio::io::sink()),
+    )
+    .await;
 }
 
 /// Reads one line (or everything up to EOF), refusing more than MAX_REQUEST_BYTES.
-async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+async fn read_request(read: &mut tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = Vec::new();
     reader
@@ -197,11 +245,25 @@ impl State {
         match request {
             Request::Set { cgroup, policy } => self.set(&cgroup, policy),
             Request::Unset { cgroup } => self.unset(&cgroup),
+            Request::Reload => self.reload(),
             Request::List => Response::Policies {
                 policies: self.entries(),
             },
             Request::Status => Response::Status(self.status()),
         }
+    }
+
+    /// Policies by path: the config file's, overridden by those set with `kad set`.
+    fn effective(&self) -> BTreeMap<PathBuf, (Policy, Source)> {
+        let mut table: BTreeMap<PathBuf, (Policy, Source)> = self
+            .from_config
+            .iter()
+            .map(|(path, policy)| (path.clone(), (*policy, Source::Config)))
+            .collect();
+        for (path, policy) in &self.set {
+            table.insert(path.clone(), (*policy, Source::Set));
+        }
+        table
     }
 
     fn set(&mut self, input: &str, policy: Policy) -> Response {
@@ -212,59 +274,26 @@ impl State {
             Ok(cgroup) => cgroup,
             Err(e) => return Response::error(e.to_string()),
         };
-        let previous = self.table.get(&cgroup.path).map(|e| (e.policy, e.attached));
-        // Same path, new cgroup (it was removed and created again): drop the dead attachment.
-        if let Some((_, Some(old_id))) = previous {
-            if old_id != cgroup.id {
-                self.enforcer.remove(old_id);
-            }
-        }
-        if let Err(e) = self.enforcer.apply(&cgroup, &policy) {
-            self.revert(&cgroup.path, previous);
+        let previous = self.set.insert(cgroup.path.clone(), policy);
+        let undo = |state: &mut State| {
+            match previous {
+                Some(p) => state.set.insert(cgroup.path.clone(), p),
+                None => state.set.remove(&cgroup.path),
+            };
+            let _ = state.sync_path(&cgroup.path);
+        };
+        if let Err(e) = self.sync_path(&cgroup.path) {
+            undo(self);
             return Response::error(e.to_string());
         }
-        self.table.insert(
-            cgroup.path.clone(),
-            Entry {
-                policy,
-                attached: Some(cgroup.id),
-            },
-        );
+        // Not saved means not done: put the kernel and the table back as they were.
         if let Err(e) = self.save() {
-            // Not saved means not done: put the kernel and the table back as they were.
-            if previous.is_none() {
-                self.enforcer.remove(cgroup.id);
-            }
-            self.revert(&cgroup.path, previous);
+            undo(self);
             return Response::error(e.to_string());
         }
         info!(cgroup = %cgroup.path.display(), %policy, "policy set");
         Response::Done {
             cgroup: cgroup.path.display().to_string(),
-        }
-    }
-
-    /// Restores the table entry and kernel state that `path` had before a failed change.
-    fn revert(&mut self, path: &Path, previous: Option<(Policy, Option<u64>)>) {
-        match previous {
-            None => {
-                self.table.remove(path);
-            }
-            Some((policy, attached)) => {
-                let current = cgroup::id_of(path).ok();
-                let attached = match (attached, current) {
-                    (Some(id), Some(now)) if id == now => {
-                        let cg = cgroup::Cgroup {
-                            path: path.to_path_buf(),
-                            id,
-                        };
-                        self.enforcer.apply(&cg, &policy).ok().map(|()| id)
-                    }
-                    _ => None,
-                };
-                self.table
-                    .insert(path.to_path_buf(), Entry { policy, attached });
-            }
         }
     }
 
@@ -278,15 +307,23 @@ impl State {
             },
             Err(e) => return Response::error(e.to_string()),
         };
-        let Some(entry) = self.table.remove(&path) else {
+        let Some(previous) = self.set.remove(&path) else {
+            if self.from_config.contains_key(&path) {
+                return Response::error(format!(
+                    "the policy for {} comes from {}: remove it there and run `kad reload`",
+                    path.display(),
+                    self.config.config.display()
+                ));
+            }
             return Response::error(format!("no policy for {}", path.display()));
         };
         if let Err(e) = self.save() {
-            self.table.insert(path, entry);
+            self.set.insert(path, previous);
             return Response::error(e.to_string());
         }
-        if let Some(id) = entry.attached {
-            self.enforcer.remove(id);
+        if let Err(e) = self.sync_path(&path) {
+            // The config file's policy for this path could not be put back in force.
+            error!(cgroup = %path.display(), "{e}");
         }
         info!(cgroup = %path.display(), "policy removed");
         Response::Done {
@@ -294,47 +331,129 @@ impl State {
         }
     }
 
-    /// Re-applies a saved policy at start-up; a cgroup that does not exist now keeps its policy
-    /// in the table (it is listed, and applied when set again).
-    fn restore(&mut self, saved: PolicyEntry) {
-        let policy = saved.policy();
-        let path = PathBuf::from(&saved.cgroup);
-        let attached = match cgroup::resolve(&self.root, &saved.cgroup) {
-            Ok(cg) => match self.enforcer.apply(&cg, &policy) {
-                Ok(()) => Some(cg.id),
-                Err(e) => {
-                    error!(cgroup = %saved.cgroup, "cannot apply saved policy: {e}");
-                    None
+    /// Re-reads the config file; on error the previous config stays in force.
+    fn reload(&mut self) -> Response {
+        match config_file::load(&self.config.config, &self.root) {
+            Ok(from_config) => {
+                self.from_config = from_config;
+                self.sync_all();
+                self.retain_in_force();
+                info!(config = %self.config.config.display(), policies = self.from_config.len(), "config reloaded");
+                Response::Reloaded {
+                    policies: self.from_config.len(),
                 }
-            },
-            Err(e) => {
-                warn!(cgroup = %saved.cgroup, "saved policy not applied: {e}");
-                None
             }
-        };
-        self.table.insert(path, Entry { policy, attached });
+            Err(e) => Response::error(e.to_string()),
+        }
+    }
+
+    /// Brings the kernel in line with the table for one path: attaches to the cgroup now at
+    /// that path (a cgroup re-created there has a new id), updates the map, or detaches.
+    fn sync_path(&mut self, path: &Path) -> Result<(), EnforcerError> {
+        let want = self
+            .set
+            .get(path)
+            .or_else(|| self.from_config.get(path))
+            .copied();
+        let have = self.in_force.get(path).copied();
+        let current = cgroup::id_of(path).ok();
+        match (want, current) {
+            (Some(policy), Some(id)) => {
+                if have == Some((id, policy)) {
+                    return Ok(());
+                }
+                if let Some((old, _)) = have.filter(|(old, _)| *old != id) {
+                    self.enforcer.remove(old);
+                    self.in_force.remove(path);
+                }
+                let cg = cgroup::Cgroup {
+                    path: path.to_path_buf(),
+                    id,
+                };
+                self.enforcer.apply(&cg, &policy)?;
+                self.in_force.insert(path.to_path_buf(), (id, policy));
+            }
+            _ => {
+                if let Some((old, _)) = have {
+                    self.enforcer.remove(old);
+                    self.in_force.remove(path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `sync_path` for every path in the table or in force; run at start, on reload and every
+    /// SYNC_INTERVAL, so policies follow cgroups that are removed and created again.
+    fn sync_all(&mut self) {
+        let paths: BTreeSet<PathBuf> = self
+            .effective()
+            .into_keys()
+            .chain(self.in_force.keys().cloned())
+            .collect();
+        for path in paths {
+            match self.sync_path(&path) {
+                Ok(()) => {
+                    if self.failing.remove(&path).is_some() {
+                        info!(cgroup = %path.display(), "policy applied");
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if self.failing.get(&path) != Some(&message) {
+                        error!(cgroup = %path.display(), "cannot apply policy: {message}");
+                        self.failing.insert(path, message);
+                    }
+                }
+            }
+        }
+    }
+
+    fn retain_in_force(&mut self) {
+        let keep: HashSet<u64> = self.in_force.values().map(|(id, _)| *id).collect();
+        self.enforcer.retain(&keep);
     }
 
     fn entries(&self) -> Vec<PolicyEntry> {
-        self.table
+        self.effective()
             .iter()
-            .map(|(path, e)| PolicyEntry::new(path.display().to_string(), &e.policy))
+            .map(|(path, (policy, _))| PolicyEntry::new(path.display().to_string(), policy))
             .collect()
     }
 
     fn save(&self) -> Result<(), StoreError> {
-        self.store.save(&self.entries())
+        let entries: Vec<PolicyEntry> = self
+            .set
+            .iter()
+            .map(|(path, policy)| PolicyEntry::new(path.display().to_string(), policy))
+            .collect();
+        self.store.save(&entries)
     }
 
     fn status(&self) -> StatusReport {
+        let table = self.effective();
         StatusReport {
             program_loaded: true,
             kernel: sys::kernel_release(),
             cgroup_root: self.root.display().to_string(),
             bpffs: self.config.bpffs.display().to_string(),
             state_dir: self.config.state_dir.display().to_string(),
+            config: self.config.config.display().to_string(),
             attachments: self.enforcer.attachments(),
             policies: self.entries(),
+            details: table
+                .iter()
+                .map(|(path, (_, source))| PolicyDetail {
+                    cgroup: path.display().to_string(),
+                    source: match source {
+                        Source::Set => "set",
+                        Source::Config => "config",
+                    }
+                    .to_string(),
+                    cgroup_id: self.in_force.get(path).map(|(id, _)| *id),
+                    error: self.failing.get(path).cloned(),
+                })
+                .collect(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Loads the sock_ops program, keeps the policies map, and attaches one program instance to each
 //! policy cgroup.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     io,
     os::fd::AsRawFd,
@@ -10,16 +10,24 @@ use std::{
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData},
-    programs::{CgroupAttachMode, SockOps},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, SockOps,
+    },
     Ebpf, EbpfLoader,
 };
 use keepalive_common::{PolicyValue, CGROUP_ID_GLOBAL, MARK_GLOBAL, POLICIES_MAP};
+
+use tracing::{info, warn};
 
 use crate::{cgroup::Cgroup, policy::Policy};
 
 /// The program embedded at build time (see build.rs).
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kad-sockops"));
 const PROGRAM_NAME: &str = "kad_sockops";
+/// Where each attached cgroup's link is pinned, named by cgroup id.
+const LINKS_DIR: &str = "links";
+const DEFAULT_BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -29,7 +37,7 @@ pub enum EnforcerError {
     NoBpffs { dir: PathBuf, mount: PathBuf },
     #[error("{dir} is not on a bpf filesystem")]
     NotBpffs { dir: PathBuf },
-    #[error("another kad daemon is already using {0}; give this one its own --bpffs directory")]
+    #[error("a kad daemon is already using {0}: stop it first, or give this one its own --bpffs directory")]
     Busy(PathBuf),
     #[error("{what} {path}: {source}")]
     Io {
@@ -50,8 +58,9 @@ pub struct Enforcer {
     dir: PathBuf,
     mark: u32,
     policies: BpfHashMap<MapData, u64, PolicyValue>,
-    /// One loaded program instance per attached cgroup id; dropping it detaches the link.
-    attached: HashMap<u64, Ebpf>,
+    /// The pinned link of each attached cgroup id. The pins, not this process, keep the
+    /// programs attached: they outlive a crash or a stop of the daemon.
+    attached: HashMap<u64, PinnedLink>,
     /// Keeps the program loaded (for `status`) and holds nothing attached.
     _base: Ebpf,
     /// An exclusive flock on `dir`: one daemon per bpffs directory.
@@ -59,13 +68,14 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
-    /// Opens (creating it if needed) the daemon's bpffs directory and loads the program once to
-    /// check that the kernel accepts it.
+    /// Opens (creating it if needed) the daemon's bpffs directory, loads the program once to
+    /// check that the kernel accepts it, and adopts the links and map an earlier run pinned.
     pub fn open(dir: &Path) -> Result<Self, EnforcerError> {
-        check_bpffs(dir)?;
-        std::fs::create_dir_all(dir).map_err(|source| EnforcerError::Io {
+        ensure_bpffs(dir)?;
+        let links = dir.join(LINKS_DIR);
+        std::fs::create_dir_all(&links).map_err(|source| EnforcerError::Io {
             what: "cannot create",
-            path: dir.to_path_buf(),
+            path: links.clone(),
             source,
         })?;
         let lock = lock_dir(dir)?;
@@ -74,18 +84,14 @@ impl Enforcer {
         let map = base
             .take_map(POLICIES_MAP)
             .ok_or_else(|| EnforcerError::Load(format!("the object has no {POLICIES_MAP} map")))?;
-        let mut policies: BpfHashMap<MapData, u64, PolicyValue> =
+        let policies: BpfHashMap<MapData, u64, PolicyValue> =
             BpfHashMap::try_from(map).map_err(EnforcerError::Map)?;
-        // Entries left by an earlier run have no program attached any more: start empty.
-        let stale: Vec<u64> = policies.keys().filter_map(Result::ok).collect();
-        for key in stale {
-            policies.remove(&key)?;
-        }
+        let attached = adopt_links(&links);
         Ok(Enforcer {
             dir: dir.to_path_buf(),
             mark,
             policies,
-            attached: HashMap::new(),
+            attached,
             _base: base,
             _lock: lock,
         })
@@ -99,8 +105,8 @@ impl Enforcer {
             return Ok(());
         }
         match attach(&self.dir, self.mark, cgroup) {
-            Ok(instance) => {
-                self.attached.insert(cgroup.id, instance);
+            Ok(link) => {
+                self.attached.insert(cgroup.id, link);
                 Ok(())
             }
             Err(e) => {
@@ -113,30 +119,110 @@ impl Enforcer {
     /// Detaches from the cgroup with this id and forgets its policy. Unknown ids are fine.
     pub fn remove(&mut self, cgroup_id: u64) {
         // Detach first so that no program runs without its map entry.
-        self.attached.remove(&cgroup_id);
+        if let Some(link) = self.attached.remove(&cgroup_id) {
+            detach(link);
+        }
         let _ = self.policies.remove(&cgroup_id);
+    }
+
+    /// Removes every attachment and map entry whose cgroup id is not in `keep`: what an earlier
+    /// run left for cgroups that are gone or policies that were removed.
+    pub fn retain(&mut self, keep: &HashSet<u64>) {
+        let stale_links: Vec<u64> = self
+            .attached
+            .keys()
+            .filter(|id| !keep.contains(id))
+            .copied()
+            .collect();
+        let stale_entries: Vec<u64> = self
+            .policies
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in stale_links.into_iter().chain(stale_entries) {
+            self.remove(id);
+        }
     }
 
     pub fn attachments(&self) -> usize {
         self.attached.len()
     }
 
-    /// Detaches everything and removes the pins, for a clean stop.
-    pub fn close(self) {
-        let Enforcer {
-            dir,
-            attached,
-            policies,
-            _base,
-            _lock,
-            ..
-        } = self;
-        drop(attached);
-        drop(policies);
-        drop(_base);
-        let _ = std::fs::remove_file(dir.join(POLICIES_MAP));
-        let _ = std::fs::remove_dir(&dir);
-        drop(_lock);
+    /// Map entries, for `status`: equal to the attachments when all is well.
+    pub fn map_entries(&self) -> usize {
+        self.policies.keys().filter(Result::is_ok).count()
+    }
+}
+
+/// Detaches everything kad pinned under `dir` and removes the directory. Refuses while a daemon
+/// holds the directory.
+pub fn uninstall(dir: &Path) -> Result<usize, EnforcerError> {
+    if !dir.exists() {
+        return Ok(0);
+    }
+    let lock = lock_dir(dir)?;
+    let links = dir.join(LINKS_DIR);
+    let adopted = adopt_links(&links);
+    let count = adopted.len();
+    for link in adopted.into_values() {
+        detach(link);
+    }
+    let remove_file = |path: PathBuf| match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(EnforcerError::Io {
+            what: "cannot remove",
+            path,
+            source: e,
+        }),
+        _ => Ok(()),
+    };
+    remove_file(dir.join(POLICIES_MAP))?;
+    for path in [links.as_path(), dir] {
+        match std::fs::remove_dir(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(EnforcerError::Io {
+                    what: "cannot remove (not kad's?)",
+                    path: path.to_path_buf(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
+    drop(lock);
+    Ok(count)
+}
+
+/// Opens the links pinned in `links` (named by cgroup id); unusable pins are removed.
+fn adopt_links(links: &Path) -> HashMap<u64, PinnedLink> {
+    let mut adopted = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(links) else {
+        return adopted;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let id = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u64>().ok());
+        match (id, PinnedLink::from_pin(&path)) {
+            (Some(id), Ok(link)) => {
+                adopted.insert(id, link);
+            }
+            (_, result) => {
+                warn!(pin = %path.display(), "removing a pin kad cannot use: {:?}", result.err());
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    adopted
+}
+
+/// Removes the pin and closes the link: the kernel detaches it.
+fn detach(link: PinnedLink) {
+    match link.unpin() {
+        Ok(fd_link) => drop(fd_link),
+        Err(e) => warn!("cannot remove a link pin: {e}"),
     }
 }
 
@@ -158,7 +244,7 @@ fn load_instance(dir: &Path, cgroup_id: u64, mark: u32) -> Result<Ebpf, Enforcer
     Ok(ebpf)
 }
 
-fn attach(dir: &Path, mark: u32, cgroup: &Cgroup) -> Result<Ebpf, EnforcerError> {
+fn attach(dir: &Path, mark: u32, cgroup: &Cgroup) -> Result<PinnedLink, EnforcerError> {
     let mut instance = load_instance(dir, cgroup.id, mark)?;
     let attach_error = |message: String| EnforcerError::Attach {
         path: cgroup.path.clone(),
@@ -171,10 +257,18 @@ fn attach(dir: &Path, mark: u32, cgroup: &Cgroup) -> Result<Ebpf, EnforcerError>
         .try_into()
         .map_err(|e: aya::programs::ProgramError| attach_error(error_chain(&e)))?;
     // Links on one cgroup always coexist; Single is the only mode bpf_link_create accepts.
-    program
+    let link_id = program
         .attach(&cgroup_dir, CgroupAttachMode::Single)
         .map_err(|e| attach_error(error_chain(&e)))?;
-    Ok(instance)
+    let link = program
+        .take_link(link_id)
+        .map_err(|e| attach_error(error_chain(&e)))?;
+    let link = FdLink::try_from(link).map_err(|e| attach_error(error_chain(&e)))?;
+    let pin = dir.join(LINKS_DIR).join(cgroup.id.to_string());
+    // A pin left without a link we hold (a crash between pin and record) is replaced.
+    let _ = std::fs::remove_file(&pin);
+    // If pinning fails the link is dropped here, which detaches it: nothing half-done remains.
+    link.pin(&pin).map_err(|e| attach_error(error_chain(&e)))
 }
 
 /// A mark that differs between daemons with different bpffs directories, and stays the same
@@ -188,19 +282,28 @@ fn mark_for(dir: &Path) -> u32 {
     hash | 1
 }
 
-/// bpffs must be mounted on the nearest existing ancestor of `dir`.
-fn check_bpffs(dir: &Path) -> Result<(), EnforcerError> {
+/// bpffs must be mounted on the nearest existing ancestor of `dir`. When that ancestor is
+/// `/sys/fs/bpf` itself (the usual place, unmounted on some hosts), it is mounted.
+fn ensure_bpffs(dir: &Path) -> Result<(), EnforcerError> {
     let existing = dir
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or_else(|| Path::new("/"));
-    let on_bpffs =
-        crate::cgroup::is_fs(existing, BPF_FS_MAGIC).map_err(|source| EnforcerError::Io {
+    let on_bpffs = |path: &Path| {
+        crate::cgroup::is_fs(path, BPF_FS_MAGIC).map_err(|source| EnforcerError::Io {
             what: "cannot stat",
-            path: existing.to_path_buf(),
+            path: path.to_path_buf(),
             source,
-        })?;
-    if on_bpffs {
+        })
+    };
+    if on_bpffs(existing)? {
+        return Ok(());
+    }
+    if existing == Path::new(DEFAULT_BPFFS_MOUNT)
+        && mount_bpffs(existing).is_ok()
+        && on_bpffs(existing)?
+    {
+        info!("mounted bpffs at {DEFAULT_BPFFS_MOUNT}");
         return Ok(());
     }
     if existing == dir {
@@ -212,6 +315,25 @@ fn check_bpffs(dir: &Path) -> Result<(), EnforcerError> {
         dir: dir.to_path_buf(),
         mount: existing.to_path_buf(),
     })
+}
+
+fn mount_bpffs(at: &Path) -> io::Result<()> {
+    let target = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn lock_dir(dir: &Path) -> Result<File, EnforcerError> {

@@ -6,9 +6,12 @@
 pub mod cgroup;
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod daemon;
 pub mod enforcer;
+pub mod notify;
 pub mod policy;
 pub mod protocol;
 pub mod store;
 pub mod sys;
+pub mod target;

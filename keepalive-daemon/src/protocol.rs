@@ -9,8 +9,15 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Set { cgroup: String, policy: Policy },
-    Unset { cgroup: String },
+    Set {
+        cgroup: String,
+        policy: Policy,
+    },
+    Unset {
+        cgroup: String,
+    },
+    /// Re-read the config file.
+    Reload,
     List,
     Status,
 }
@@ -18,7 +25,10 @@ pub enum Request {
 impl Request {
     /// Whether the request changes policies (and so needs root).
     pub fn mutates(&self) -> bool {
-        matches!(self, Request::Set { .. } | Request::Unset { .. })
+        matches!(
+            self,
+            Request::Set { .. } | Request::Unset { .. } | Request::Reload
+        )
     }
 }
 
@@ -60,9 +70,23 @@ pub struct StatusReport {
     pub cgroup_root: String,
     pub bpffs: String,
     pub state_dir: String,
+    pub config: String,
     /// Cgroups with a kad program attached right now.
     pub attachments: usize,
     pub policies: Vec<PolicyEntry>,
+    /// Per policy: where it comes from and whether it is in force.
+    pub details: Vec<PolicyDetail>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDetail {
+    pub cgroup: String,
+    /// "set" (kad set, saved in the state directory) or "config" (the config file).
+    pub source: String,
+    /// The id of the cgroup the policy is attached to; null while no cgroup is at the path.
+    pub cgroup_id: Option<u64>,
+    /// Why the policy is not in force, if applying it failed.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +94,7 @@ pub struct StatusReport {
 pub enum Response {
     Done { cgroup: String },
     Policies { policies: Vec<PolicyEntry> },
+    Reloaded { policies: usize },
     Status(StatusReport),
     Error { message: String },
 }
@@ -118,6 +143,7 @@ mod tests {
             Request::Unset {
                 cgroup: "app".into(),
             },
+            Request::Reload,
             Request::List,
             Request::Status,
         ];

@@ -94,6 +94,25 @@ impl Store {
     }
 }
 
+/// Removes the saved policies and, if nothing else is in it, the state directory.
+pub fn purge(state_dir: &Path) -> Result<(), StoreError> {
+    let store = Store::new(state_dir);
+    for path in [store.path.clone(), store.path.with_extension("json.tmp")] {
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(StoreError::Io {
+                    what: "cannot remove",
+                    path,
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
+    let _ = fs::remove_dir(state_dir);
+    Ok(())
+}
+
 /// The line of the first mention of `needle`, to point the user at a bad entry.
 fn line_of(text: &str, needle: &str) -> usize {
     text.lines()

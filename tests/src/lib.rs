@@ -213,6 +213,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
+    /// The daemon's --config (absent until a test writes it).
+    pub config: PathBuf,
     kad: PathBuf,
 }
 
@@ -226,6 +228,7 @@ impl Daemon {
             socket: dir.join("kad.sock"),
             state_dir: dir.join("state"),
             bpffs: PathBuf::from("/sys/fs/bpf").join(&name),
+            config: dir.join("kad.toml"),
             dir,
             kad: env.kad.clone(),
         };
@@ -245,6 +248,8 @@ impl Daemon {
             .arg(&self.state_dir)
             .arg("--bpffs")
             .arg(&self.bpffs)
+            .arg("--config")
+            .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -288,6 +293,45 @@ impl Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Kills the daemon with SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal to the running daemon.
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("daemon running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
+    /// The args that make another `kad` command use this daemon's directories.
+    pub fn dir_args(&self) -> Vec<String> {
+        vec![
+            "--bpffs".into(),
+            self.bpffs.display().to_string(),
+            "--state-dir".into(),
+            self.state_dir.display().to_string(),
+        ]
+    }
+
+    /// The cgroup ids with a link pinned in this daemon's bpffs directory.
+    pub fn pinned_links(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = fs::read_dir(self.bpffs.join("links"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort_unstable();
+        ids
     }
 
     pub fn log(&self) -> String {
@@ -443,6 +487,31 @@ pub fn connect(
         "the two ends of one connection"
     );
     (server_report, client_report)
+}
+
+/// The kad (sock_ops) programs attached directly to `cgroup`, as bpftool reports them.
+pub fn kad_attachments(cgroup: &Path) -> usize {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("run bpftool (cargo xtask test installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool cgroup show {}: {}",
+        cgroup.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("sock_ops") && l.contains("kad_sockops"))
+        .count()
+}
+
+/// The inode number of a cgroup directory: its id as BPF sees it.
+pub fn cgroup_id(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).expect("stat cgroup").ino()
 }
 
 /// Polls `check` until it holds or `timeout` passes.

@@ -228,14 +228,20 @@ fn only_root_may_change_policies() {
     std::fs::set_permissions(&bin_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let kad = bin_dir.join("kad");
     std::fs::copy(&env.kad, &kad).unwrap();
-    let as_nobody = |args: &[&str]| {
-        Command::new(&kad)
+    let as_nobody = |args: &[&str]| loop {
+        let run = Command::new(&kad)
             .args(args)
             .env("KAD_SOCKET", &daemon.socket)
             .uid(65534)
             .gid(65534)
-            .output()
-            .expect("run kad as nobody")
+            .output();
+        match run {
+            // Another test thread forked while the copy was open for writing: try again.
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => break other.expect("run kad as nobody"),
+        }
     };
     let out = as_nobody(&["unset", "--cgroup", &cg.relative()]);
     let err = stderr_of(&out);

@@ -7,13 +7,17 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    client,
+    cgroup, client,
     daemon::{self, DaemonConfig},
+    enforcer,
     policy::{self, Policy, CNT_RANGE, SECS_RANGE},
     protocol::{Request, Response},
+    store, target,
 };
 
 const DEFAULT_SOCKET: &str = "/run/kad/kad.sock";
+const DEFAULT_STATE_DIR: &str = "/var/lib/kad";
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf/kad";
 
 /// Per-cgroup TCP keepalive, set in the kernel for programs you cannot change.
 #[derive(Debug, Parser)]
@@ -32,8 +36,12 @@ enum Command {
     Daemon(DaemonArgs),
     /// Set the keepalive policy of a cgroup and everything below it.
     Set(SetArgs),
-    /// Remove a cgroup's policy.
-    Unset(CgroupArg),
+    /// Remove a cgroup's policy (set with `kad set`).
+    Unset(TargetArgs),
+    /// Re-read the daemon's config file (as SIGHUP does).
+    Reload,
+    /// Detach everything kad attached and remove its pins (stop the daemon first).
+    Uninstall(UninstallArgs),
     /// List the policies.
     List(JsonFlag),
     /// Show the daemon's state: program, kernel, cgroup2 root, policies.
@@ -43,24 +51,69 @@ enum Command {
 #[derive(Debug, Args)]
 struct DaemonArgs {
     /// Where the policy table is saved.
-    #[arg(long, default_value = "/var/lib/kad", value_name = "DIR")]
+    #[arg(long, default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
     state_dir: PathBuf,
     /// The daemon's directory on the bpf filesystem (one per daemon).
-    #[arg(long, default_value = "/sys/fs/bpf/kad", value_name = "DIR")]
+    #[arg(long, default_value = DEFAULT_BPFFS, value_name = "DIR")]
     bpffs: PathBuf,
+    /// Policies by path, in TOML; a missing file is an empty config.
+    #[arg(long, default_value = "/etc/kad/kad.toml", value_name = "FILE")]
+    config: PathBuf,
 }
 
 #[derive(Debug, Args)]
-struct CgroupArg {
+struct UninstallArgs {
+    /// The daemon's directory on the bpf filesystem.
+    #[arg(long, default_value = DEFAULT_BPFFS, value_name = "DIR")]
+    bpffs: PathBuf,
+    /// The daemon's state directory (removed only with --purge).
+    #[arg(long, default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Also remove the saved policies.
+    #[arg(long)]
+    purge: bool,
+}
+
+/// Which cgroup: exactly one of --cgroup, --unit, --pid.
+#[derive(Debug, Args)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["cgroup", "unit", "pid"])))]
+struct TargetArgs {
     /// A cgroup: an absolute path on the cgroup2 filesystem, or a path relative to its root.
     #[arg(long, value_name = "CG")]
-    cgroup: String,
+    cgroup: Option<String>,
+    /// A systemd unit's cgroup (SLICE/NAME; a name without suffix is a .service).
+    #[arg(long, value_name = "NAME")]
+    unit: Option<String>,
+    /// The slice of --unit.
+    #[arg(long, value_name = "SLICE", conflicts_with_all = ["cgroup", "pid"])]
+    slice: Option<String>,
+    /// The cgroup process N is in now (the policy stays with that cgroup's path).
+    #[arg(long, value_name = "N")]
+    pid: Option<u32>,
+}
+
+impl TargetArgs {
+    /// The cgroup as the daemon takes it: a path, absolute or relative to the cgroup2 root.
+    fn resolve(&self) -> anyhow::Result<String> {
+        if let Some(cgroup) = &self.cgroup {
+            return Ok(cgroup.clone());
+        }
+        if let Some(unit) = &self.unit {
+            return Ok(target::unit_path(unit, self.slice.as_deref())?);
+        }
+        let pid = self
+            .pid
+            .context("one of --cgroup, --unit, --pid is required")?;
+        let root = cgroup::find_root()?;
+        Ok(target::pid_path(&root, pid)?.display().to_string())
+    }
 }
 
 #[derive(Debug, Args)]
 struct SetArgs {
     #[command(flatten)]
-    target: CgroupArg,
+    target: TargetArgs,
     /// Seconds of idle before the first probe (TCP_KEEPIDLE, 1..32767).
     #[arg(long, value_name = "SECS", value_parser = parse_idle, allow_negative_numbers = true)]
     idle: Option<u32>,
@@ -143,6 +196,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             socket,
             state_dir: args.state_dir,
             bpffs: args.bpffs,
+            config: args.config,
         }),
         Command::Set(args) => {
             let policy = if args.off {
@@ -151,7 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Policy::on(args.idle, args.intvl, args.cnt)?
             };
             let request = Request::Set {
-                cgroup: args.target.cgroup,
+                cgroup: args.target.resolve()?,
                 policy,
             };
             if let Response::Done { cgroup } = client::call(&socket, &request)? {
@@ -161,13 +215,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Unset(args) => {
             let request = Request::Unset {
-                cgroup: args.cgroup,
+                cgroup: args.resolve()?,
             };
             if let Response::Done { cgroup } = client::call(&socket, &request)? {
                 println!("{cgroup}: policy removed");
             }
             Ok(())
         }
+        Command::Reload => {
+            if let Response::Reloaded { policies } = client::call(&socket, &Request::Reload)? {
+                println!("config reloaded: {policies} policies from the config file");
+            }
+            Ok(())
+        }
+        Command::Uninstall(args) => uninstall(&args),
         Command::List(flag) => match client::call(&socket, &Request::List)? {
             Response::Policies { policies } => output::policies(&policies, flag.json),
             other => Err(anyhow::anyhow!("unexpected reply to list: {other:?}")),
@@ -179,8 +240,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
+    if !crate::sys::is_root() {
+        anyhow::bail!("kad uninstall must run as root");
+    }
+    let detached = enforcer::uninstall(&args.bpffs)?;
+    println!(
+        "detached {detached} cgroup attachments and removed {}",
+        args.bpffs.display()
+    );
+    if args.purge {
+        store::purge(&args.state_dir)?;
+        println!("removed the saved policies in {}", args.state_dir.display());
+    }
+    Ok(())
+}
+
 fn run_daemon(config: DaemonConfig) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
+        // The journal shows escape codes as they are.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -201,6 +281,17 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("kad").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn exactly_one_target() {
+        assert!(parse(&["set", "--unit", "nginx"]).is_ok());
+        assert!(parse(&["set", "--pid", "1"]).is_ok());
+        assert!(parse(&["set", "--unit", "x", "--slice", "user.slice"]).is_ok());
+        let err = parse(&["set", "--cgroup", "a", "--pid", "1"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(parse(&["set", "--slice", "user.slice", "--cgroup", "a"]).is_err());
+        assert!(parse(&["set", "--pid", "abc"]).is_err());
     }
 
     #[test]
@@ -240,9 +331,14 @@ mod tests {
     #[test]
     fn clap_errors_become_one_line() {
         let err = parse(&["set"]).unwrap_err().render().to_string();
-        assert_eq!(
-            clap_error_line(&err),
-            "the following required arguments were not provided: --cgroup <CG>"
+        let line = clap_error_line(&err);
+        assert!(
+            line.starts_with("the following required arguments were not provided: "),
+            "{line}"
+        );
+        assert!(
+            line.contains("--cgroup <CG>") && line.contains("--pid <N>"),
+            "{line}"
         );
         let err = parse(&["set", "--cgroup", "a", "--idle", "0"])
             .unwrap_err()

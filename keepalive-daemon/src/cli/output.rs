@@ -30,10 +30,19 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
     println!("cgroup2 root: {}", report.cgroup_root);
     println!("bpffs:        {}", report.bpffs);
     println!("state dir:    {}", report.state_dir);
+    println!("config:       {}", report.config);
     println!("attachments:  {}", report.attachments);
     println!("policies:     {}", report.policies.len());
     if !report.policies.is_empty() {
         print!("{}", table(&report.policies));
+    }
+    for detail in &report.details {
+        let state = match (&detail.error, detail.cgroup_id) {
+            (Some(error), _) => format!("not in force: {error}"),
+            (None, Some(id)) => format!("in force on cgroup id {id}"),
+            (None, None) => "waiting for the cgroup to exist".to_string(),
+        };
+        println!("  {} (from {}): {state}", detail.cgroup, detail.source);
     }
     Ok(())
 }

@@ -1,0 +1,213 @@
+//! The declarative config file (`--config`, default /etc/kad/kad.toml): policies by path.
+//!
+//! ```toml
+//! [[policy]]
+//! cgroup = "app"                 # or: unit = "nginx.service" (slice = "system.slice")
+//! idle = 180
+//! intvl = 60
+//! cnt = 20
+//!
+//! [[policy]]
+//! cgroup = "app/batch"
+//! off = true
+//! ```
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{cgroup, policy::Policy, target};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    policy: Vec<toml::Spanned<Entry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    cgroup: Option<String>,
+    unit: Option<String>,
+    slice: Option<String>,
+    #[serde(default)]
+    off: bool,
+    idle: Option<u32>,
+    intvl: Option<u32>,
+    cnt: Option<u32>,
+}
+
+/// The policies of the config file at `path`, keyed by absolute cgroup path. A missing file is
+/// an empty config. The cgroups need not exist yet: a policy applies when its cgroup appears.
+pub fn load(path: &Path, root: &Path) -> Result<BTreeMap<PathBuf, Policy>, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(source) => {
+            return Err(ConfigError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    parse(&text, root).map_err(|(offset, message)| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line: line_at(&text, offset),
+        message,
+    })
+}
+
+/// Parses config text; an error carries the byte offset it is about.
+fn parse(text: &str, root: &Path) -> Result<BTreeMap<PathBuf, Policy>, (usize, String)> {
+    let file: File = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        (offset, e.message().to_string())
+    })?;
+    let mut policies = BTreeMap::new();
+    for spanned in file.policy {
+        let offset = spanned.span().start;
+        let entry = spanned.into_inner();
+        let fail = |message: String| (offset, message);
+        let relative = match (&entry.cgroup, &entry.unit) {
+            (Some(cg), None) if entry.slice.is_none() => cg.clone(),
+            (None, Some(unit)) => {
+                target::unit_path(unit, entry.slice.as_deref()).map_err(|e| fail(e.to_string()))?
+            }
+            _ => {
+                return Err(fail(
+                    "a policy needs either cgroup or unit (with an optional slice)".into(),
+                ))
+            }
+        };
+        let path = cgroup::lexical_path(root, &relative).map_err(|e| fail(e.to_string()))?;
+        if path == root {
+            return Err(fail(
+                cgroup::CgroupError::Root(root.to_path_buf()).to_string(),
+            ));
+        }
+        let policy = if entry.off {
+            if entry.idle.is_some() || entry.intvl.is_some() || entry.cnt.is_some() {
+                return Err(fail(
+                    "off = true cannot be combined with idle, intvl or cnt".into(),
+                ));
+            }
+            Policy::OFF
+        } else {
+            Policy::on(entry.idle, entry.intvl, entry.cnt).map_err(|e| fail(e.to_string()))?
+        };
+        if policies.insert(path.clone(), policy).is_some() {
+            return Err(fail(format!("{} has two policies", path.display())));
+        }
+    }
+    Ok(policies)
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(1, |before| before.matches('\n').count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOT: &str = "/sys/fs/cgroup";
+
+    #[test]
+    fn parses_cgroups_units_and_off() {
+        let text = r#"
+[[policy]]
+cgroup = "app"
+idle = 180
+intvl = 60
+cnt = 20
+
+[[policy]]
+cgroup = "/sys/fs/cgroup/app/batch"
+off = true
+
+[[policy]]
+unit = "nginx"
+idle = 300
+"#;
+        let policies = parse(text, Path::new(ROOT)).unwrap();
+        assert_eq!(policies.len(), 3);
+        assert_eq!(
+            policies[Path::new("/sys/fs/cgroup/app")],
+            Policy::on(Some(180), Some(60), Some(20)).unwrap()
+        );
+        assert_eq!(policies[Path::new("/sys/fs/cgroup/app/batch")], Policy::OFF);
+        assert_eq!(
+            policies[Path::new("/sys/fs/cgroup/system.slice/nginx.service")],
+            Policy::on(Some(300), None, None).unwrap()
+        );
+        assert!(parse("", Path::new(ROOT)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn errors_point_at_the_line() {
+        let cases = [
+            (
+                "[[policy]]\ncgroup = \"a\"\nidle = 0\n",
+                1,
+                "between 1 and 32767",
+            ),
+            (
+                "[[policy]]\ncgroup = \"a\"\n\n[[policy]]\ncgroup = \"b\"\ncnt = 500\n",
+                4,
+                "between 1 and 127",
+            ),
+            (
+                "[[policy]]\ncgroup = \"a\"\nidle = \"x\"\n",
+                3,
+                "expected u32",
+            ),
+            ("[[policy]]\ncgroup = \"a\"\ncolour = 1\n", 3, "colour"),
+            ("[[policy]]\ncgroup = \"a/../..\"\n", 1, ".."),
+            ("[[policy]]\nidle = 5\n", 1, "either cgroup or unit"),
+            (
+                "[[policy]]\ncgroup = \"a\"\noff = true\nidle = 5\n",
+                1,
+                "off",
+            ),
+            (
+                "[[policy]]\ncgroup = \"/sys/fs/cgroup\"\n",
+                1,
+                "cgroup2 root",
+            ),
+            ("[[policy]\n", 1, ""),
+        ];
+        for (text, line, expected) in cases {
+            let (offset, message) = parse(text, Path::new(ROOT)).unwrap_err();
+            assert_eq!(line_at(text, offset), line, "{text:?}: {message}");
+            assert!(message.contains(expected), "{text:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_an_empty_config() {
+        assert!(load(Path::new("/nonexistent/kad.toml"), Path::new(ROOT))
+            .unwrap()
+            .is_empty());
+    }
+}
