@@ -23,12 +23,14 @@ pub fn all(purpose: Purpose) -> Result<()> {
     bpf_linker(&mut apt)?;
     if purpose == Purpose::Test {
         // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to see attachments;
-        // iproute2 (ss) and file: to check sockets and binaries from outside.
+        // iproute2 (ss) and file: to check sockets and binaries from outside; systemd: to
+        // verify the unit file.
         for (tool, package) in [
             ("/bin/busybox", "busybox-static"),
             ("/usr/sbin/bpftool", "bpftool"),
             ("/usr/bin/ss", "iproute2"),
             ("/usr/bin/file", "file"),
+            ("/usr/bin/systemd-analyze", "systemd"),
         ] {
             if !Path::new(tool).exists() {
                 apt.install(&[package])?;
