@@ -124,6 +124,23 @@ pub fn sysctl(name: &str) -> i64 {
         .unwrap_or_else(|e| panic!("parse {path}: {e}"))
 }
 
+/// A uniquely named directory under the temp dir, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(unique(name));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A uniquely named cgroup under the cgroup2 root, removed with everything below it (processes
 /// killed) when dropped.
 pub struct TestCgroup {

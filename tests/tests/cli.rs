@@ -223,9 +223,9 @@ fn only_root_may_change_policies() {
     daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "77"]);
     // The daemon's directory must be reachable by an unprivileged user.
     std::fs::set_permissions(&daemon.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin_dir = std::env::temp_dir().join(unique("bin"));
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    std::fs::set_permissions(&bin_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin_dir = TempDir::new("bin");
+    let bin_dir = &bin_dir.0;
+    std::fs::set_permissions(bin_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let kad = bin_dir.join("kad");
     std::fs::copy(&env.kad, &kad).unwrap();
     let as_nobody = |args: &[&str]| loop {
@@ -251,7 +251,6 @@ fn only_root_may_change_policies() {
     let out = as_nobody(&["list", "--json"]);
     assert!(out.status.success(), "anyone may list: {}", stderr_of(&out));
     assert_eq!(daemon.list()[0]["idle"], 77);
-    let _ = std::fs::remove_dir_all(&bin_dir);
 }
 
 #[test]
@@ -390,5 +389,4 @@ fn policies_survive_a_daemon_restart_and_a_daemon_refuses_a_busy_directory() {
     assert_eq!(connect(&env, None, Some(&cg.path), false).1.idle, 321);
     daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "123"]);
     assert_eq!(connect(&env, None, Some(&cg.path), false).1.idle, 123);
-    let _ = untouched;
 }

@@ -373,12 +373,11 @@ fn the_unit_file_verifies() {
     let text = fs::read_to_string(&unit).expect("dist/kad.service");
     assert!(text.contains("Type=notify") && text.contains("Restart=on-failure"));
     // systemd-analyze checks that ExecStart exists: point it at the built binary.
-    let dir = std::env::temp_dir().join(kad_tests::unique("unit"));
-    fs::create_dir_all(&dir).unwrap();
+    let dir = kad_tests::TempDir::new("unit");
     let kad = kad_tests::kad_bin().canonicalize().expect("kad binary");
     let patched = text.replace("/usr/local/bin/kad ", &format!("{} ", kad.display()));
     assert_ne!(patched, text, "ExecStart names /usr/local/bin/kad");
-    let path = dir.join("kad.service");
+    let path = dir.0.join("kad.service");
     fs::write(&path, patched).unwrap();
     let out = Command::new("systemd-analyze")
         .arg("verify")
