@@ -6,9 +6,7 @@ use std::{
     time::Duration,
 };
 
-use kad_tests::{
-    connect, kad_env, listen, unique, untouched, wait_for, Daemon, Process, TestCgroup,
-};
+use kad_tests::{connect, kad_env, listen, unique, wait_for, Daemon, Process, TempDir, TestCgroup};
 
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
