@@ -7,6 +7,10 @@ pub const POLICIES_MAP: &str = "KAD_POLICIES";
 pub const CGROUP_ID_GLOBAL: &str = "KAD_CGROUP_ID";
 /// Name of the read-only global holding the mark a program leaves in `skops->reply`.
 pub const MARK_GLOBAL: &str = "KAD_MARK";
+/// Name of the per-CPU map of [`Counters`], keyed by policy cgroup id.
+pub const STATS_MAP: &str = "KAD_STATS";
+/// Name of the read-only global holding [`SockOffsets`].
+pub const OFFSETS_GLOBAL: &str = "KAD_OFFSETS";
 /// Capacity of the policies map: the most policy cgroups one daemon can hold.
 pub const MAX_POLICIES: u32 = 4096;
 
@@ -25,6 +29,41 @@ pub struct PolicyValue {
     pub cnt: u32,
 }
 
+/// What the program counted for one policy cgroup (summed over CPUs by the daemon).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Connections configured on the connecting side.
+    pub active: u64,
+    /// Connections configured on the accepting side.
+    pub passive: u64,
+    /// `bpf_setsockopt` calls that failed.
+    pub failures: u64,
+    /// Connections closed because keepalive found the peer dead.
+    pub keepalive_kills: u64,
+}
+
+/// Byte offsets, from the start of `struct sock`, of the fields that tell a keepalive kill,
+/// found by the daemon in the kernel's BTF. Rust BPF has no CO-RE to relocate them itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `sock.sk_err` (int).
+    pub sk_err: u32,
+    /// `inet_connection_sock.icsk_probes_out` (u8).
+    pub probes_out: u32,
+    /// `inet_connection_sock.icsk_retransmits` (u8).
+    pub retransmits: u32,
+    /// Non-zero when the offsets were found; otherwise kills are not counted.
+    pub valid: u32,
+}
+
 // SAFETY: plain `repr(C)` integers with no padding.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PolicyValue {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Counters {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockOffsets {}

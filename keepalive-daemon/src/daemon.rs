@@ -20,10 +20,11 @@ use crate::{
     cgroup::{self, CgroupError},
     config::{self as config_file, ConfigError},
     enforcer::{Enforcer, EnforcerError},
-    notify,
+    metrics, notify,
     policy::Policy,
     protocol::{
-        self, PolicyDetail, PolicyEntry, Request, Response, StatusReport, MAX_REQUEST_BYTES,
+        self, PolicyDetail, PolicyEntry, Request, Response, StatsEntry, StatusReport,
+        MAX_REQUEST_BYTES,
     },
     store::{Store, StoreError},
     sys,
@@ -43,6 +44,8 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
     pub config: PathBuf,
+    /// Where to serve Prometheus metrics (`/metrics`); off when None.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,12 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("another kad daemon is already serving {0}")]
     SocketInUse(PathBuf),
     #[error("{what} {path}: {source}")]
@@ -99,6 +108,15 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         return Err(DaemonError::NotRoot);
     }
     let root = cgroup::find_root()?;
+    // Bind first: a bad address fails the start before anything is touched.
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let store = Store::new(&config.state_dir);
     // Read both files first: a corrupt one stops us before anything is touched.
     let set = store
@@ -133,6 +151,17 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     notify::notify("READY=1");
 
     let shared = Arc::new(Mutex::new(state));
+    if let Some(listener) = metrics_listener {
+        info!(
+            "serving metrics on http://{}/metrics",
+            config.metrics.map(|a| a.to_string()).unwrap_or_default()
+        );
+        let shared = Arc::clone(&shared);
+        tokio::spawn(metrics::serve(listener, move || {
+            let shared = Arc::clone(&shared);
+            async move { shared.lock().await.metrics() }
+        }));
+    }
     let mut term = signal(SignalKind::terminate())
         .map_err(|source| io_error("cannot catch", "SIGTERM", source))?;
     let mut int = signal(SignalKind::interrupt())
@@ -250,7 +279,37 @@ impl State {
                 policies: self.entries(),
             },
             Request::Status => Response::Status(self.status()),
+            Request::Stats => Response::Stats {
+                stats: self.stats(),
+                kills_counted: self.enforcer.counts_kills(),
+            },
         }
+    }
+
+    /// Counters of every policy in force (a policy waiting for its cgroup has none).
+    fn stats(&self) -> Vec<StatsEntry> {
+        self.in_force
+            .iter()
+            .map(|(path, (id, _))| {
+                let c = self.enforcer.counters(*id);
+                StatsEntry {
+                    cgroup: path.display().to_string(),
+                    connect: c.active,
+                    accept: c.passive,
+                    setsockopt_failures: c.failures,
+                    keepalive_kills: c.keepalive_kills,
+                }
+            })
+            .collect()
+    }
+
+    /// The Prometheus exposition served at /metrics.
+    pub fn metrics(&self) -> String {
+        metrics::render(
+            &self.stats(),
+            self.effective().len(),
+            self.enforcer.attachments(),
+        )
     }
 
     /// Policies by path: the config file's, overridden by those set with `kad set`.

@@ -9,14 +9,17 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, SockOps,
     },
     Ebpf, EbpfLoader,
 };
-use keepalive_common::{PolicyValue, CGROUP_ID_GLOBAL, MARK_GLOBAL, POLICIES_MAP};
+use keepalive_common::{
+    Counters, PolicyValue, SockOffsets, CGROUP_ID_GLOBAL, MARK_GLOBAL, OFFSETS_GLOBAL,
+    POLICIES_MAP, STATS_MAP,
+};
 
 use tracing::{info, warn};
 
@@ -57,7 +60,9 @@ pub enum EnforcerError {
 pub struct Enforcer {
     dir: PathBuf,
     mark: u32,
+    offsets: SockOffsets,
     policies: BpfHashMap<MapData, u64, PolicyValue>,
+    stats: PerCpuHashMap<MapData, u64, Counters>,
     /// The pinned link of each attached cgroup id. The pins, not this process, keep the
     /// programs attached: they outlive a crash or a stop of the daemon.
     attached: HashMap<u64, PinnedLink>,
@@ -80,17 +85,24 @@ impl Enforcer {
         })?;
         let lock = lock_dir(dir)?;
         let mark = mark_for(dir);
-        let mut base = load_instance(dir, 0, mark)?;
-        let map = base
-            .take_map(POLICIES_MAP)
-            .ok_or_else(|| EnforcerError::Load(format!("the object has no {POLICIES_MAP} map")))?;
-        let policies: BpfHashMap<MapData, u64, PolicyValue> =
-            BpfHashMap::try_from(map).map_err(EnforcerError::Map)?;
+        let offsets = crate::btf::sock_offsets().unwrap_or_else(|e| {
+            warn!("keepalive kills will not be counted: {e}");
+            SockOffsets::default()
+        });
+        let mut base = load_instance(dir, 0, mark, &offsets)?;
+        let mut take = |name: &str| {
+            base.take_map(name)
+                .ok_or_else(|| EnforcerError::Load(format!("the object has no {name} map")))
+        };
+        let policies = BpfHashMap::try_from(take(POLICIES_MAP)?)?;
+        let stats = PerCpuHashMap::try_from(take(STATS_MAP)?)?;
         let attached = adopt_links(&links);
         Ok(Enforcer {
             dir: dir.to_path_buf(),
             mark,
+            offsets,
             policies,
+            stats,
             attached,
             _base: base,
             _lock: lock,
@@ -104,7 +116,7 @@ impl Enforcer {
         if self.attached.contains_key(&cgroup.id) {
             return Ok(());
         }
-        match attach(&self.dir, self.mark, cgroup) {
+        match attach(&self.dir, self.mark, &self.offsets, cgroup) {
             Ok(link) => {
                 self.attached.insert(cgroup.id, link);
                 Ok(())
@@ -123,6 +135,26 @@ impl Enforcer {
             detach(link);
         }
         let _ = self.policies.remove(&cgroup_id);
+        let _ = self.stats.remove(&cgroup_id);
+    }
+
+    /// The counters of a policy cgroup, summed over CPUs; zero before its first connection.
+    pub fn counters(&self, cgroup_id: u64) -> Counters {
+        let mut total = Counters::default();
+        if let Ok(per_cpu) = self.stats.get(&cgroup_id, 0) {
+            for c in per_cpu.iter() {
+                total.active += c.active;
+                total.passive += c.passive;
+                total.failures += c.failures;
+                total.keepalive_kills += c.keepalive_kills;
+            }
+        }
+        total
+    }
+
+    /// Whether the program can tell keepalive kills (the kernel's BTF had the fields).
+    pub fn counts_kills(&self) -> bool {
+        self.offsets.valid != 0
     }
 
     /// Removes every attachment and map entry whose cgroup id is not in `keep`: what an earlier
@@ -177,6 +209,7 @@ pub fn uninstall(dir: &Path) -> Result<usize, EnforcerError> {
         _ => Ok(()),
     };
     remove_file(dir.join(POLICIES_MAP))?;
+    remove_file(dir.join(STATS_MAP))?;
     for path in [links.as_path(), dir] {
         match std::fs::remove_dir(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -226,11 +259,18 @@ fn detach(link: PinnedLink) {
     }
 }
 
-fn load_instance(dir: &Path, cgroup_id: u64, mark: u32) -> Result<Ebpf, EnforcerError> {
+fn load_instance(
+    dir: &Path,
+    cgroup_id: u64,
+    mark: u32,
+    offsets: &SockOffsets,
+) -> Result<Ebpf, EnforcerError> {
     let mut ebpf = EbpfLoader::new()
         .map_pin_path(POLICIES_MAP, dir.join(POLICIES_MAP))
+        .map_pin_path(STATS_MAP, dir.join(STATS_MAP))
         .override_global(CGROUP_ID_GLOBAL, &cgroup_id, true)
         .override_global(MARK_GLOBAL, &mark, true)
+        .override_global(OFFSETS_GLOBAL, offsets, true)
         .load(PROGRAM)
         .map_err(|e| EnforcerError::Load(error_chain(&e)))?;
     let program: &mut SockOps = ebpf
@@ -244,8 +284,13 @@ fn load_instance(dir: &Path, cgroup_id: u64, mark: u32) -> Result<Ebpf, Enforcer
     Ok(ebpf)
 }
 
-fn attach(dir: &Path, mark: u32, cgroup: &Cgroup) -> Result<PinnedLink, EnforcerError> {
-    let mut instance = load_instance(dir, cgroup.id, mark)?;
+fn attach(
+    dir: &Path,
+    mark: u32,
+    offsets: &SockOffsets,
+    cgroup: &Cgroup,
+) -> Result<PinnedLink, EnforcerError> {
+    let mut instance = load_instance(dir, cgroup.id, mark, offsets)?;
     let attach_error = |message: String| EnforcerError::Attach {
         path: cgroup.path.clone(),
         message,

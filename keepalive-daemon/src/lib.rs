@@ -3,14 +3,18 @@
 //! The daemon ([`daemon`]) owns the [`enforcer`] (program instances, the policies map) and the
 //! policy table ([`store`]); the CLI ([`cli`]) talks to it over a unix socket ([`protocol`],
 //! [`client`]).
+pub mod btf;
 pub mod cgroup;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod enforcer;
+pub mod exec;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod probe;
 pub mod protocol;
 pub mod store;
 pub mod sys;

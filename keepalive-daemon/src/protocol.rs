@@ -19,6 +19,7 @@ pub enum Request {
     /// Re-read the config file.
     Reload,
     List,
+    Stats,
     Status,
 }
 
@@ -63,6 +64,20 @@ impl PolicyEntry {
     }
 }
 
+/// One row of `kad stats --json`: what the kernel program counted for a policy cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsEntry {
+    pub cgroup: String,
+    /// Connections that got keepalive on the connecting side.
+    pub connect: u64,
+    /// Connections that got keepalive on the accepting side.
+    pub accept: u64,
+    /// `bpf_setsockopt` calls the kernel refused.
+    pub setsockopt_failures: u64,
+    /// Connections closed because keepalive found the peer dead.
+    pub keepalive_kills: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub program_loaded: bool,
@@ -92,11 +107,24 @@ pub struct PolicyDetail {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Response {
-    Done { cgroup: String },
-    Policies { policies: Vec<PolicyEntry> },
-    Reloaded { policies: usize },
+    Done {
+        cgroup: String,
+    },
+    Policies {
+        policies: Vec<PolicyEntry>,
+    },
+    Reloaded {
+        policies: usize,
+    },
+    Stats {
+        stats: Vec<StatsEntry>,
+        /// False when the kernel's BTF lacked what is needed to recognise keepalive kills.
+        kills_counted: bool,
+    },
     Status(StatusReport),
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 impl Response {
@@ -145,6 +173,7 @@ mod tests {
             },
             Request::Reload,
             Request::List,
+            Request::Stats,
             Request::Status,
         ];
         for request in requests {

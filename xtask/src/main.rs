@@ -58,7 +58,7 @@ fn main() -> Result<()> {
             build(&root)?;
             lint(&root)?;
             let kad = root.join("target/release/kad");
-            run(cargo(&root)
+            run_tests(cargo(&root)
                 .args([
                     "test",
                     "--release",
@@ -127,6 +127,43 @@ fn lint(root: &Path) -> Result<()> {
         ])
         .arg(root.join("target/ebpf-lint"))
         .args(["--", "-D", "warnings"]))
+}
+
+/// Runs cargo test, passing its output through, and closes with one line that adds up every
+/// test binary's result (the last binary's own line is often a doc-test run with no tests).
+fn run_tests(command: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let count: u64 = count.parse().unwrap_or(0);
+                match label {
+                    "passed" => passed += count,
+                    "failed" => failed += count,
+                    "ignored" => ignored += count,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
 }
 
 /// Runs a command, failing with its description if it does not succeed.

@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     cgroup, client,
     daemon::{self, DaemonConfig},
-    enforcer,
+    enforcer, exec,
     policy::{self, Policy, CNT_RANGE, SECS_RANGE},
+    probe,
     protocol::{Request, Response},
     store, target,
 };
@@ -46,6 +47,13 @@ enum Command {
     List(JsonFlag),
     /// Show the daemon's state: program, kernel, cgroup2 root, policies.
     Status(JsonFlag),
+    /// Show what the kernel program counted per policy cgroup.
+    Stats(JsonFlag),
+    /// Run a command in a transient cgroup with a keepalive policy (libkeepalive's variables
+    /// KEEPIDLE, KEEPINTVL, KEEPCNT, KEEPALIVE=off fill in what the flags do not give).
+    Exec(ExecArgs),
+    /// Open a TCP connection from here and print the keepalive settings it got.
+    Probe(JsonFlag),
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +67,9 @@ struct DaemonArgs {
     /// Policies by path, in TOML; a missing file is an empty config.
     #[arg(long, default_value = "/etc/kad/kad.toml", value_name = "FILE")]
     config: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9977); off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +140,25 @@ struct SetArgs {
 }
 
 #[derive(Debug, Args)]
+struct ExecArgs {
+    /// Seconds of idle before the first probe (TCP_KEEPIDLE, 1..32767; else KEEPIDLE).
+    #[arg(long, value_name = "SECS", value_parser = parse_idle, allow_negative_numbers = true)]
+    idle: Option<u32>,
+    /// Seconds between probes (TCP_KEEPINTVL, 1..32767; else KEEPINTVL).
+    #[arg(long, value_name = "SECS", value_parser = parse_intvl, allow_negative_numbers = true)]
+    intvl: Option<u32>,
+    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT, 1..127; else KEEPCNT).
+    #[arg(long, value_name = "N", value_parser = parse_cnt, allow_negative_numbers = true)]
+    cnt: Option<u32>,
+    /// Leave the command's sockets alone, even under a policy (as KEEPALIVE=off).
+    #[arg(long, conflicts_with_all = ["idle", "intvl", "cnt"])]
+    off: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Args)]
 struct JsonFlag {
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -160,7 +190,7 @@ pub fn main() -> ExitCode {
         }
     };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("kad: {}", one_line(&e));
             ExitCode::FAILURE
@@ -168,36 +198,58 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// clap's message without its usage, tips and blank lines, on one line.
+/// clap's message (and its tip, if any) without the usage and blank lines, on one line.
 fn clap_error_line(rendered: &str) -> String {
     let line = rendered
         .lines()
         .map(str::trim)
         .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" ");
     line.trim_start_matches("error: ").to_string()
 }
 
 fn one_line(error: &anyhow::Error) -> String {
-    error
-        .chain()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
-        .replace('\n', " ")
+    // Library errors often print their source already: add a cause only if it is new.
+    let mut text = String::new();
+    for cause in error.chain().map(ToString::to_string) {
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text.replace('\n', " ")
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let socket = cli.socket;
     match cli.command {
+        Command::Exec(args) => return run_exec(&socket, args),
+        Command::Probe(flag) => {
+            let state = probe::probe().context("cannot open a loopback connection")?;
+            if flag.json {
+                println!("{}", serde_json::to_string(&state)?);
+            } else {
+                print!("{}", state.text());
+            }
+        }
+        Command::Stats(flag) => match client::call(&socket, &Request::Stats)? {
+            Response::Stats {
+                stats,
+                kills_counted,
+            } => output::stats(&stats, kills_counted, flag.json)?,
+            other => anyhow::bail!("unexpected reply to stats: {other:?}"),
+        },
         Command::Daemon(args) => run_daemon(DaemonConfig {
             socket,
             state_dir: args.state_dir,
             bpffs: args.bpffs,
             config: args.config,
-        }),
+            metrics: args.metrics,
+        })?,
         Command::Set(args) => {
             let policy = if args.off {
                 Policy::OFF
@@ -211,7 +263,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Response::Done { cgroup } = client::call(&socket, &request)? {
                 println!("{cgroup}: {policy}");
             }
-            Ok(())
         }
         Command::Unset(args) => {
             let request = Request::Unset {
@@ -220,24 +271,75 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Response::Done { cgroup } = client::call(&socket, &request)? {
                 println!("{cgroup}: policy removed");
             }
-            Ok(())
         }
         Command::Reload => {
             if let Response::Reloaded { policies } = client::call(&socket, &Request::Reload)? {
                 println!("config reloaded: {policies} policies from the config file");
             }
-            Ok(())
         }
-        Command::Uninstall(args) => uninstall(&args),
+        Command::Uninstall(args) => uninstall(&args)?,
         Command::List(flag) => match client::call(&socket, &Request::List)? {
-            Response::Policies { policies } => output::policies(&policies, flag.json),
-            other => Err(anyhow::anyhow!("unexpected reply to list: {other:?}")),
+            Response::Policies { policies } => output::policies(&policies, flag.json)?,
+            other => anyhow::bail!("unexpected reply to list: {other:?}"),
         },
         Command::Status(flag) => match client::call(&socket, &Request::Status)? {
-            Response::Status(report) => output::status(&report, flag.json),
-            other => Err(anyhow::anyhow!("unexpected reply to status: {other:?}")),
+            Response::Status(report) => output::status(&report, flag.json)?,
+            other => anyhow::bail!("unexpected reply to status: {other:?}"),
         },
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kad exec`: the command's exit status becomes ours (128+N when killed by signal N).
+fn run_exec(socket: &std::path::Path, args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let flags = exec::Flags {
+        idle: args.idle,
+        intvl: args.intvl,
+        cnt: args.cnt,
+        off: args.off,
+    };
+    let policy = exec::policy_from(flags, |name| std::env::var_os(name))?;
+    let Some((program, program_args)) = args.command.split_first() else {
+        anyhow::bail!("missing command: kad exec [OPTIONS] -- CMD [ARGS...]");
+    };
+    // Fail before creating anything when there is no daemon (the error says how to start one).
+    client::call(socket, &Request::Status)?;
+    let root = cgroup::find_root()?;
+    // Before any thread exists, so that every thread has them blocked.
+    let signals = exec::block_signals();
+    let transient = exec::TransientCgroup::create(&root)?;
+    let cgroup = transient.path.display().to_string();
+    client::call(
+        socket,
+        &Request::Set {
+            cgroup: cgroup.clone(),
+            policy,
+        },
+    )?;
+    let code = match exec::spawn_in(&transient, program, program_args) {
+        Ok(mut child) => {
+            exec::forward_signals(signals, child.id() as i32, transient.path.clone());
+            let status = child.wait().context("waiting for the command")?;
+            exec::exit_code(status)
+        }
+        Err(e) => {
+            // As a shell: 127 when the command is not found, 126 when it cannot be run.
+            eprintln!("kad: {}: {e}", program.to_string_lossy());
+            if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            }
+        }
+    };
+    // The policy and cgroup go once the command and everything it left behind are gone.
+    while transient.populated() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let unset = client::call(socket, &Request::Unset { cgroup });
+    drop(transient);
+    unset?;
+    Ok(ExitCode::from(code))
 }
 
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {

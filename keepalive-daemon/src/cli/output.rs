@@ -3,7 +3,7 @@ use std::fmt::Write as _;
 
 use crate::{
     policy::Mode,
-    protocol::{PolicyEntry, StatusReport},
+    protocol::{PolicyEntry, StatsEntry, StatusReport},
 };
 
 pub fn policies(entries: &[PolicyEntry], json: bool) -> anyhow::Result<()> {
@@ -78,4 +78,38 @@ fn table(entries: &[PolicyEntry]) -> String {
         );
     }
     out
+}
+
+pub fn stats(entries: &[StatsEntry], kills_counted: bool, json: bool) -> anyhow::Result<()> {
+    if json {
+        let value = serde_json::json!({ "kills_counted": kills_counted, "cgroups": entries });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!("no policies in force");
+        return Ok(());
+    }
+    let width = entries
+        .iter()
+        .map(|e| e.cgroup.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    println!(
+        "{:<width$}  CONNECT  ACCEPT   FAILURES  KEEPALIVE-KILLS",
+        "CGROUP"
+    );
+    for e in entries {
+        let kills = if kills_counted {
+            e.keepalive_kills.to_string()
+        } else {
+            "n/a".into()
+        };
+        println!(
+            "{:<width$}  {:<7}  {:<7}  {:<8}  {kills}",
+            e.cgroup, e.connect, e.accept, e.setsockopt_failures
+        );
+    }
+    Ok(())
 }

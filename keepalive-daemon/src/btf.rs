@@ -1,0 +1,235 @@
+//! Field offsets of kernel structs, read from the kernel's own BTF (/sys/kernel/btf/vmlinux).
+//! Rust BPF programs get no CO-RE relocations, so the daemon finds the offsets it needs and
+//! hands them to the program as a read-only global.
+use std::{collections::HashMap, path::Path};
+
+use keepalive_common::SockOffsets;
+
+const BTF_MAGIC: u16 = 0xeb9f;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("cannot read {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("malformed BTF: {0}")]
+    Malformed(&'static str),
+    #[error("no field {field} in struct {strukt}")]
+    NoField { strukt: String, field: String },
+}
+
+struct Member {
+    name: u32,
+    type_id: u32,
+    /// In bits.
+    offset: u32,
+}
+
+enum Type {
+    Composite {
+        name: u32,
+        members: Vec<Member>,
+    },
+    /// typedef, const, volatile and the like: only the referenced type matters.
+    Alias(u32),
+    Other,
+}
+
+pub struct Btf {
+    strings: Vec<u8>,
+    /// Index = type id (0 is void).
+    types: Vec<Type>,
+    structs_by_name: HashMap<String, u32>,
+}
+
+impl Btf {
+    pub fn from_sys_fs() -> Result<Btf, BtfError> {
+        let path = Path::new("/sys/kernel/btf/vmlinux");
+        let data =
+            std::fs::read(path).map_err(|e| BtfError::Read(path.display().to_string(), e))?;
+        Btf::parse(&data)
+    }
+
+    pub fn parse(data: &[u8]) -> Result<Btf, BtfError> {
+        let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let u32_at = |o: usize| {
+            data.get(o..o + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        if u16_at(0) != Some(BTF_MAGIC) {
+            return Err(BtfError::Malformed("bad magic (not little-endian BTF)"));
+        }
+        let field = |o| {
+            u32_at(o)
+                .map(|v| v as usize)
+                .ok_or(BtfError::Malformed("short header"))
+        };
+        let hdr_len = field(4)?;
+        let (type_off, type_len) = (field(8)?, field(12)?);
+        let (str_off, str_len) = (field(16)?, field(20)?);
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .ok_or(BtfError::Malformed("string section out of bounds"))?
+            .to_vec();
+        let mut types = vec![Type::Other];
+        let mut pos = hdr_len + type_off;
+        let end = pos + type_len;
+        while pos < end {
+            let word =
+                |o: usize| u32_at(pos + o).ok_or(BtfError::Malformed("type section truncated"));
+            let (name, info, size_or_type) = (word(0)?, word(4)?, word(8)?);
+            let kind = (info >> 24) & 0x1f;
+            let vlen = (info & 0xffff) as usize;
+            let kind_flag = info >> 31 == 1;
+            pos += 12;
+            let extra = match kind {
+                1 | 14 | 17 => 4, // INT, VAR, DECL_TAG
+                3 => 12,          // ARRAY
+                KIND_STRUCT | KIND_UNION => vlen * 12,
+                6 | 13 => vlen * 8,   // ENUM, FUNC_PROTO
+                15 | 19 => vlen * 12, // DATASEC, ENUM64
+                _ => 0,
+            };
+            let ty = match kind {
+                KIND_STRUCT | KIND_UNION => {
+                    let mut members = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let m = pos + i * 12;
+                        let raw = |o| u32_at(m + o).ok_or(BtfError::Malformed("member truncated"));
+                        let offset = raw(8)?;
+                        members.push(Member {
+                            name: raw(0)?,
+                            type_id: raw(4)?,
+                            offset: if kind_flag {
+                                offset & 0x00ff_ffff
+                            } else {
+                                offset
+                            },
+                        });
+                    }
+                    Type::Composite { name, members }
+                }
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    Type::Alias(size_or_type)
+                }
+                _ => Type::Other,
+            };
+            types.push(ty);
+            pos += extra;
+        }
+        let mut btf = Btf {
+            strings,
+            types,
+            structs_by_name: HashMap::new(),
+        };
+        for (id, ty) in btf.types.iter().enumerate() {
+            if let Type::Composite { name, .. } = ty {
+                let name = btf.string(*name).to_string();
+                if !name.is_empty() {
+                    btf.structs_by_name.entry(name).or_insert(id as u32);
+                }
+            }
+        }
+        Ok(btf)
+    }
+
+    fn string(&self, offset: u32) -> &str {
+        let start = offset as usize;
+        let bytes = self.strings.get(start..).unwrap_or_default();
+        let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        std::str::from_utf8(&bytes[..len]).unwrap_or("")
+    }
+
+    fn resolve(&self, mut id: u32) -> u32 {
+        for _ in 0..32 {
+            match self.types.get(id as usize) {
+                Some(Type::Alias(next)) => id = *next,
+                _ => break,
+            }
+        }
+        id
+    }
+
+    /// The byte offset of `field` in struct `strukt`, looking through anonymous members.
+    pub fn field_offset(&self, strukt: &str, field: &str) -> Result<u32, BtfError> {
+        let no_field = || BtfError::NoField {
+            strukt: strukt.to_string(),
+            field: field.to_string(),
+        };
+        let id = *self.structs_by_name.get(strukt).ok_or_else(no_field)?;
+        self.find(id, field, 0)
+            .map(|bits| bits / 8)
+            .ok_or_else(no_field)
+    }
+
+    fn find(&self, id: u32, field: &str, depth: u32) -> Option<u32> {
+        if depth > 8 {
+            return None;
+        }
+        let Some(Type::Composite { members, .. }) = self.types.get(self.resolve(id) as usize)
+        else {
+            return None;
+        };
+        for member in members {
+            let name = self.string(member.name);
+            if name == field {
+                return Some(member.offset);
+            }
+            if name.is_empty() {
+                if let Some(inner) = self.find(member.type_id, field, depth + 1) {
+                    return Some(member.offset + inner);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The offsets the program needs to recognise a keepalive kill, or `valid: 0` (kills are then
+/// not counted) if the kernel has no BTF or different structs.
+pub fn sock_offsets() -> Result<SockOffsets, BtfError> {
+    let btf = Btf::from_sys_fs()?;
+    // tcp_sock starts with inet_connection_sock, which starts with inet_sock, then sock.
+    Ok(SockOffsets {
+        sk_err: btf.field_offset("sock", "sk_err")?,
+        probes_out: btf.field_offset("inet_connection_sock", "icsk_probes_out")?,
+        retransmits: btf.field_offset("inet_connection_sock", "icsk_retransmits")?,
+        valid: 1,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_socket_fields_in_this_kernel() {
+        let Ok(offsets) = sock_offsets() else {
+            eprintln!("SKIPPED: no /sys/kernel/btf/vmlinux");
+            return;
+        };
+        // inet_connection_sock embeds struct sock first: its own fields come after sock's.
+        let btf = Btf::from_sys_fs().unwrap();
+        let icsk_inet = btf
+            .field_offset("inet_connection_sock", "icsk_inet")
+            .unwrap();
+        assert_eq!(icsk_inet, 0);
+        assert!(offsets.sk_err > 0);
+        assert!(offsets.probes_out > offsets.sk_err);
+        assert!(offsets.retransmits > offsets.sk_err);
+        assert_ne!(offsets.probes_out, offsets.retransmits);
+        assert!(btf.field_offset("sock", "no_such_field").is_err());
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(Btf::parse(b"not btf at all, not at all").is_err());
+        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0]).is_err());
+    }
+}

@@ -1,0 +1,98 @@
+//! `kad probe`: what keepalive settings a TCP connection made from here gets.
+use std::{
+    io,
+    net::{TcpListener, TcpStream},
+    os::fd::{AsRawFd, RawFd},
+};
+
+use serde::Serialize;
+
+/// The keepalive options of one socket, as getsockopt reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct KeepaliveState {
+    pub keepalive: bool,
+    pub cnt: i32,
+    pub idle: i32,
+    pub intvl: i32,
+}
+
+impl KeepaliveState {
+    /// Reads the options of the socket `fd`.
+    pub fn of(fd: RawFd) -> io::Result<KeepaliveState> {
+        Ok(KeepaliveState {
+            keepalive: getsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE)? != 0,
+            cnt: getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT)?,
+            idle: getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)?,
+            intvl: getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)?,
+        })
+    }
+
+    /// The classic keepalive test program's output.
+    pub fn text(&self) -> String {
+        if !self.keepalive {
+            return "SO_KEEPALIVE is OFF\n".into();
+        }
+        format!(
+            "SO_KEEPALIVE is ON\nTCP_KEEPCNT   = {}\nTCP_KEEPIDLE  = {}\nTCP_KEEPINTVL = {}\n",
+            self.cnt, self.idle, self.intvl
+        )
+    }
+}
+
+fn getsockopt(fd: RawFd, level: i32, name: i32) -> io::Result<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len outlive the call and have the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+/// Connects to a listener of our own on loopback and reads the connecting socket's options:
+/// kad sets them as the connection is established, in the caller's cgroup.
+pub fn probe() -> io::Result<KeepaliveState> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let stream = TcpStream::connect(listener.local_addr()?)?;
+    let _accepted = listener.accept()?;
+    KeepaliveState::of(stream.as_raw_fd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_matches_the_classic_test_program() {
+        let on = KeepaliveState {
+            keepalive: true,
+            cnt: 20,
+            idle: 180,
+            intvl: 60,
+        };
+        assert_eq!(
+            on.text(),
+            "SO_KEEPALIVE is ON\nTCP_KEEPCNT   = 20\nTCP_KEEPIDLE  = 180\nTCP_KEEPINTVL = 60\n"
+        );
+        let off = KeepaliveState {
+            keepalive: false,
+            ..on
+        };
+        assert_eq!(off.text(), "SO_KEEPALIVE is OFF\n");
+    }
+
+    #[test]
+    fn probe_reads_a_real_socket() {
+        let state = probe().expect("loopback connection");
+        assert!(state.idle >= 1 && state.intvl >= 1 && state.cnt >= 1);
+    }
+}
