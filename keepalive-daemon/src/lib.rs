@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod enforcer;
 pub mod exec;
+pub mod inspect;
 pub mod metrics;
 pub mod notify;
 pub mod policy;

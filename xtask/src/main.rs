@@ -58,15 +58,17 @@ fn main() -> Result<()> {
             build(&root)?;
             lint(&root)?;
             let kad = root.join("target/release/kad");
-            run_tests(cargo(&root)
-                .args([
-                    "test",
-                    "--release",
-                    "--workspace",
-                    "--exclude",
-                    "keepalive-ebpf",
-                ])
-                .env("KAD_BIN", &kad))
+            run_tests(
+                cargo(&root)
+                    .args([
+                        "test",
+                        "--release",
+                        "--workspace",
+                        "--exclude",
+                        "keepalive-ebpf",
+                    ])
+                    .env("KAD_BIN", &kad),
+            )
         }
         Task::Lint => lint(&root),
     }

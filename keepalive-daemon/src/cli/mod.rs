@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     cgroup, client,
     daemon::{self, DaemonConfig},
-    enforcer, exec,
+    enforcer, exec, inspect,
     policy::{self, Policy, CNT_RANGE, SECS_RANGE},
     probe,
     protocol::{Request, Response},
@@ -54,6 +54,8 @@ enum Command {
     Exec(ExecArgs),
     /// Open a TCP connection from here and print the keepalive settings it got.
     Probe(JsonFlag),
+    /// List the established TCP connections of processes with their real keepalive state.
+    Inspect(InspectArgs),
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +161,16 @@ struct ExecArgs {
 }
 
 #[derive(Debug, Args)]
+struct InspectArgs {
+    /// The processes: of a cgroup (and below), of a unit, or one process.
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 struct JsonFlag {
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -235,6 +247,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print!("{}", state.text());
             }
+        }
+        Command::Inspect(args) => {
+            let pids = match args.target.pid {
+                Some(pid) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                    anyhow::bail!("no process {pid}")
+                }
+                Some(pid) => vec![pid],
+                None => {
+                    let root = cgroup::find_root()?;
+                    let cg = cgroup::resolve(&root, &args.target.resolve()?)?;
+                    inspect::cgroup_pids(&cg.path)
+                }
+            };
+            output::connections(&inspect::inspect(&pids)?, args.json)?;
         }
         Command::Stats(flag) => match client::call(&socket, &Request::Stats)? {
             Response::Stats {

@@ -2,6 +2,7 @@
 use std::fmt::Write as _;
 
 use crate::{
+    inspect::{format_ms, Connection},
     policy::Mode,
     protocol::{PolicyEntry, StatsEntry, StatusReport},
 };
@@ -109,6 +110,58 @@ pub fn stats(entries: &[StatsEntry], kills_counted: bool, json: bool) -> anyhow:
         println!(
             "{:<width$}  {:<7}  {:<7}  {:<8}  {kills}",
             e.cgroup, e.connect, e.accept, e.setsockopt_failures
+        );
+    }
+    Ok(())
+}
+
+pub fn connections(connections: &[Connection], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(connections)?);
+        return Ok(());
+    }
+    if connections.is_empty() {
+        println!("no established TCP connections");
+        return Ok(());
+    }
+    let local_w = connections
+        .iter()
+        .map(|c| c.local.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let remote_w = connections
+        .iter()
+        .map(|c| c.remote.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "{:<7} {:<15} {:<4} {:<local_w$} {:<remote_w$} KEEPALIVE IDLE  INTVL CNT  TIMER",
+        "PID", "COMMAND", "FD", "LOCAL", "REMOTE"
+    );
+    for c in connections {
+        let show = |v: Option<i32>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
+        let keepalive = match c.keepalive {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "?",
+        };
+        let timer = match c.timer.as_str() {
+            "off" => "-".to_string(),
+            "keepalive" => format!("keepalive,{},{}", format_ms(c.timer_left_ms), c.probes),
+            other => format!("{other},{}", format_ms(c.timer_left_ms)),
+        };
+        println!(
+            "{:<7} {:<15} {:<4} {:<local_w$} {:<remote_w$} {keepalive:<9} {:<5} {:<5} {:<4} {timer}",
+            c.pid,
+            c.command,
+            c.fd,
+            c.local,
+            c.remote,
+            show(c.idle),
+            show(c.intvl),
+            show(c.cnt)
         );
     }
     Ok(())

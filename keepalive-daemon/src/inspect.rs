@@ -1,0 +1,388 @@
+//! `kad inspect`: the established TCP connections of some processes and their real keepalive
+//! state, read from the kernel: `/proc/PID/fd` for the sockets, sock_diag netlink for the
+//! addresses and the keepalive timer, and the socket itself (through `pidfd_getfd`) for the
+//! options in force. Sockets kad did not set are shown just the same.
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+};
+
+use serde::Serialize;
+
+use crate::probe::KeepaliveState;
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const TCP_ESTABLISHED: u32 = 1;
+/// `idiag_timer` values (net/ipv4/inet_diag.c).
+const TIMER_NAMES: [&str; 5] = [
+    "off",
+    "retransmit",
+    "keepalive",
+    "time-wait",
+    "zero-window-probe",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("no process {0}")]
+    NoProcess(u32),
+    #[error("sock_diag netlink: {0}")]
+    Netlink(io::Error),
+    #[error("cannot enter the network namespace of process {pid}: {source}")]
+    Netns {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One established TCP connection of an inspected process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Connection {
+    pub pid: u32,
+    pub command: String,
+    pub fd: RawFd,
+    pub local: String,
+    pub remote: String,
+    /// SO_KEEPALIVE, and the values in force (kernel defaults where unset); None if the socket
+    /// could not be read (process gone, no permission).
+    pub keepalive: Option<bool>,
+    pub idle: Option<i32>,
+    pub intvl: Option<i32>,
+    pub cnt: Option<i32>,
+    /// The TCP timer running: "keepalive", "retransmit", ... or "off".
+    pub timer: String,
+    /// Milliseconds until the timer fires.
+    pub timer_left_ms: u32,
+    /// Keepalive probes sent without an answer (for the keepalive timer).
+    pub probes: u8,
+}
+
+/// What sock_diag reports of one socket.
+#[derive(Debug, Clone, Copy)]
+struct DiagRecord {
+    local: SocketAddr,
+    remote: SocketAddr,
+    timer: u8,
+    retrans: u8,
+    expires: u32,
+}
+
+/// The established TCP connections of `pids`, sorted by pid and fd.
+pub fn inspect(pids: &[u32]) -> Result<Vec<Connection>, InspectError> {
+    // Sockets by inode, per network namespace (a dump shows only its own namespace).
+    let mut by_netns: BTreeMap<String, (u32, Vec<(u32, RawFd, u64)>)> = BTreeMap::new();
+    for &pid in pids {
+        let sockets = match socket_fds(pid) {
+            Ok(sockets) => sockets,
+            // A process that exited meanwhile has no connections left to show.
+            Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => continue,
+            Err(e) => return Err(e),
+        };
+        let netns = std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .map(|l| l.display().to_string())
+            .unwrap_or_default();
+        let entry = by_netns.entry(netns).or_insert_with(|| (pid, Vec::new()));
+        entry
+            .1
+            .extend(sockets.into_iter().map(|(fd, inode)| (pid, fd, inode)));
+    }
+    let own_netns = std::fs::read_link("/proc/self/ns/net")
+        .map(|l| l.display().to_string())
+        .unwrap_or_default();
+    let mut connections = Vec::new();
+    for (netns, (some_pid, sockets)) in by_netns {
+        if sockets.is_empty() {
+            continue;
+        }
+        let records = if netns == own_netns {
+            dump_established()?
+        } else {
+            dump_in_netns_of(some_pid)?
+        };
+        for (pid, fd, inode) in sockets {
+            let Some(record) = records.get(&inode) else {
+                continue; // not TCP, or not established
+            };
+            let state = socket_state(pid, fd).ok();
+            connections.push(Connection {
+                pid,
+                command: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|c| c.trim().to_string())
+                    .unwrap_or_default(),
+                fd,
+                local: record.local.to_string(),
+                remote: record.remote.to_string(),
+                keepalive: state.map(|s| s.keepalive),
+                idle: state.map(|s| s.idle),
+                intvl: state.map(|s| s.intvl),
+                cnt: state.map(|s| s.cnt),
+                timer: TIMER_NAMES
+                    .get(record.timer as usize)
+                    .unwrap_or(&"other")
+                    .to_string(),
+                timer_left_ms: record.expires,
+                probes: if record.timer == 2 { record.retrans } else { 0 },
+            });
+        }
+    }
+    connections.sort_by_key(|c| (c.pid, c.fd));
+    Ok(connections)
+}
+
+/// (fd, inode) of each socket the process has open.
+fn socket_fds(pid: u32) -> Result<Vec<(RawFd, u64)>, InspectError> {
+    let dir =
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|_| InspectError::NoProcess(pid))?;
+    let mut sockets = Vec::new();
+    for entry in dir.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else {
+            continue;
+        };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|rest| rest.strip_suffix(']'))
+            .and_then(|n| n.parse().ok())
+        {
+            sockets.push((fd, inode));
+        }
+    }
+    Ok(sockets)
+}
+
+/// The options of another process's socket, read on a duplicate of its descriptor.
+fn socket_state(pid: u32, fd: RawFd) -> io::Result<KeepaliveState> {
+    // SAFETY: plain syscalls; every descriptor returned is owned right away.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let dup = unsafe { OwnedFd::from_raw_fd(dup as RawFd) };
+    KeepaliveState::of(dup.as_raw_fd())
+}
+
+/// sock_diag in the network namespace of `pid`, from a thread that enters it (setns affects
+/// only the calling thread; the netlink socket belongs to the namespace it was made in).
+fn dump_in_netns_of(pid: u32) -> Result<HashMap<u64, DiagRecord>, InspectError> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|_| InspectError::NoProcess(pid))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on a namespace descriptor we own, in this thread only.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(InspectError::Netns {
+                pid,
+                source: io::Error::last_os_error(),
+            });
+        }
+        dump_established()
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(InspectError::Netlink(io::Error::other(
+            "netlink thread panicked",
+        )))
+    })
+}
+
+/// Every established TCP socket of this network namespace, IPv4 and IPv6, by inode.
+fn dump_established() -> Result<HashMap<u64, DiagRecord>, InspectError> {
+    let mut records = HashMap::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        dump_family(family, &mut records).map_err(InspectError::Netlink)?;
+    }
+    Ok(records)
+}
+
+fn dump_family(family: u8, records: &mut HashMap<u64, DiagRecord>) -> io::Result<()> {
+    // SAFETY: socket(2); the descriptor is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    // struct nlmsghdr (16 bytes) + struct inet_diag_req_v2 (56 bytes).
+    let mut request = [0u8; 72];
+    request[0..4].copy_from_slice(&72u32.to_ne_bytes());
+    request[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    request[6..8].copy_from_slice(&flags.to_ne_bytes());
+    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    request[16] = family;
+    request[17] = libc::IPPROTO_TCP as u8;
+    request[20..24].copy_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
+    // SAFETY: a zeroed sockaddr_nl addresses the kernel; the buffer outlives the call.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as u16;
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: recv into a buffer we own, of the length given.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let data = &buf[..n as usize];
+        let mut offset = 0;
+        while offset + 16 <= data.len() {
+            let len =
+                u32::from_ne_bytes(data[offset..offset + 4].try_into().unwrap_or([0; 4])) as usize;
+            let kind =
+                u16::from_ne_bytes(data[offset + 4..offset + 6].try_into().unwrap_or([0; 2]));
+            if len < 16 || offset + len > data.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "truncated netlink message",
+                ));
+            }
+            match kind as i32 {
+                libc::NLMSG_DONE => return Ok(()),
+                libc::NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(
+                        data[offset + 16..offset + 20].try_into().unwrap_or([0; 4]),
+                    );
+                    if errno != 0 {
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                }
+                _ => {
+                    if let Some((inode, record)) = parse_diag_msg(&data[offset + 16..offset + len])
+                    {
+                        records.insert(inode, record);
+                    }
+                }
+            }
+            offset += (len + 3) & !3;
+        }
+    }
+}
+
+/// struct inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), expires, rqueue,
+/// wqueue, uid, inode.
+fn parse_diag_msg(msg: &[u8]) -> Option<(u64, DiagRecord)> {
+    if msg.len() < 72 {
+        return None;
+    }
+    let u32_at = |o: usize| u32::from_ne_bytes(msg[o..o + 4].try_into().unwrap_or([0; 4]));
+    let port = |o: usize| u16::from_be_bytes([msg[o], msg[o + 1]]);
+    let addr = |o: usize| -> IpAddr {
+        if msg[0] == libc::AF_INET as u8 {
+            IpAddr::V4(Ipv4Addr::new(msg[o], msg[o + 1], msg[o + 2], msg[o + 3]))
+        } else {
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(&msg[o..o + 16]);
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+    };
+    let record = DiagRecord {
+        local: SocketAddr::new(addr(8), port(4)),
+        remote: SocketAddr::new(addr(24), port(6)),
+        timer: msg[2],
+        retrans: msg[3],
+        expires: u32_at(52),
+    };
+    Some((u64::from(u32_at(68)), record))
+}
+
+/// The processes of a cgroup and every cgroup below it.
+pub fn cgroup_pids(path: &Path) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_to_string(path.join("cgroup.procs"))
+        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pids.extend(cgroup_pids(&entry.path()));
+            }
+        }
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// "2min59sec" / "1.5sec", the way ss prints timers.
+pub fn format_ms(ms: u32) -> String {
+    let secs = ms / 1000;
+    match secs {
+        0..=59 => format!("{}.{}sec", secs, (ms % 1000) / 100),
+        _ => format!("{}min{}sec", secs / 60, secs % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        io::Read,
+        net::{TcpListener, TcpStream},
+    };
+
+    #[test]
+    fn finds_our_own_connection_and_its_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let connections = match inspect(&[std::process::id()]) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+        };
+        let local = client.local_addr().unwrap().to_string();
+        let mine = connections
+            .iter()
+            .find(|c| c.local == local)
+            .expect("the client socket is listed");
+        assert_eq!(mine.remote, listener.local_addr().unwrap().to_string());
+        assert_eq!(mine.fd, client.as_raw_fd());
+        if let Some(keepalive) = mine.keepalive {
+            assert!(!keepalive, "nothing turned keepalive on here");
+        }
+        let _ = server.set_nonblocking(true);
+        let _ = server.read(&mut [0u8; 1]);
+    }
+
+    #[test]
+    fn timers_print_like_ss() {
+        assert_eq!(format_ms(179_400), "2min59sec");
+        assert_eq!(format_ms(1_500), "1.5sec");
+    }
+
+    #[test]
+    fn short_messages_are_ignored() {
+        assert!(parse_diag_msg(&[0u8; 10]).is_none());
+    }
+}
