@@ -232,11 +232,17 @@ pub struct Daemon {
     pub bpffs: PathBuf,
     /// The daemon's --config (absent until a test writes it).
     pub config: PathBuf,
+    /// More `kad daemon` arguments (e.g. --metrics).
+    pub extra_args: Vec<String>,
     kad: PathBuf,
 }
 
 impl Daemon {
     pub fn start(env: &Env) -> Daemon {
+        Daemon::start_with(env, &[])
+    }
+
+    pub fn start_with(env: &Env, extra_args: &[&str]) -> Daemon {
         let name = unique("daemon");
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir).expect("create daemon dir");
@@ -247,6 +253,7 @@ impl Daemon {
             bpffs: PathBuf::from("/sys/fs/bpf").join(&name),
             config: dir.join("kad.toml"),
             dir,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             kad: env.kad.clone(),
         };
         daemon.restart();
@@ -267,6 +274,7 @@ impl Daemon {
             .arg(&self.bpffs)
             .arg("--config")
             .arg(&self.config)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -546,5 +554,103 @@ pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
             return false;
         }
         sleep(Duration::from_millis(25));
+    }
+}
+
+/// Two network namespaces joined by a veth pair (192.0.2.1 in `a`, 192.0.2.2 in `b`, a
+/// documentation range that is never routed), deleted when dropped. Traffic between them never
+/// touches the machine's interfaces.
+pub struct NetnsPair {
+    pub a: String,
+    pub b: String,
+    pub b_dev: String,
+}
+
+impl NetnsPair {
+    pub fn new() -> NetnsPair {
+        let id = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}{id}", std::process::id() % 100_000);
+        let pair = NetnsPair {
+            a: format!("kadt-a-{tag}"),
+            b: format!("kadt-b-{tag}"),
+            b_dev: format!("kvb{tag}"),
+        };
+        let a_dev = format!("kva{tag}");
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("run ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &pair.a]);
+        ip(&["netns", "add", &pair.b]);
+        ip(&[
+            "-n",
+            &pair.a,
+            "link",
+            "add",
+            &a_dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pair.b_dev,
+            "netns",
+            &pair.b,
+        ]);
+        ip(&["-n", &pair.a, "addr", "add", "192.0.2.1/24", "dev", &a_dev]);
+        ip(&[
+            "-n",
+            &pair.b,
+            "addr",
+            "add",
+            "192.0.2.2/24",
+            "dev",
+            &pair.b_dev,
+        ]);
+        for (ns, dev) in [(&pair.a, &a_dev), (&pair.b, &pair.b_dev)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// `cmd args` run inside namespace `ns`.
+    pub fn command(ns: &str, program: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", ns]).arg(program).args(args);
+        command
+    }
+
+    /// The far end stops answering: its interface goes down.
+    pub fn silence_b(&self) {
+        let out = Command::new("ip")
+            .args(["-n", &self.b, "link", "set", &self.b_dev, "down"])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Default for NetnsPair {
+    fn default() -> Self {
+        NetnsPair::new()
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
     }
 }
