@@ -445,6 +445,7 @@ impl State {
     /// `sync_path` for every path in the table or in force; run at start, on reload and every
     /// SYNC_INTERVAL, so policies follow cgroups that are removed and created again.
     fn sync_all(&mut self) {
+        self.collect_abandoned();
         let paths: BTreeSet<PathBuf> = self
             .effective()
             .into_keys()
@@ -463,6 +464,36 @@ impl State {
                         error!(cgroup = %path.display(), "cannot apply policy: {message}");
                         self.failing.insert(path, message);
                     }
+                }
+            }
+        }
+    }
+
+    /// Removes the transient cgroups (and policies) of `kad exec` runs that were killed before
+    /// they could do it themselves, once their processes are gone.
+    fn collect_abandoned(&mut self) {
+        let abandoned: Vec<PathBuf> = self
+            .set
+            .keys()
+            .filter(|path| crate::exec::is_abandoned(path))
+            .cloned()
+            .collect();
+        if abandoned.is_empty() {
+            return;
+        }
+        for path in &abandoned {
+            self.set.remove(path);
+        }
+        if let Err(e) = self.save() {
+            error!("cannot save after removing abandoned kad exec policies: {e}");
+        }
+        for path in abandoned {
+            let _ = self.sync_path(&path);
+            match std::fs::remove_dir(&path) {
+                Ok(()) => info!(cgroup = %path.display(), "removed an abandoned kad exec cgroup"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(cgroup = %path.display(), "cannot remove an abandoned kad exec cgroup: {e}")
                 }
             }
         }

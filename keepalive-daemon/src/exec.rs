@@ -12,6 +12,27 @@ use std::{
 
 use crate::policy::{self, Policy, CNT_RANGE, SECS_RANGE};
 
+/// Transient cgroups are named this followed by the pid of the `kad exec` that owns them.
+pub const TRANSIENT_PREFIX: &str = "kad-exec-";
+
+/// Whether `path` is a transient cgroup whose `kad exec` is gone (killed before it could clean
+/// up) and in which no process is left: the daemon then removes it and its policy.
+pub fn is_abandoned(path: &Path) -> bool {
+    let owner = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(TRANSIENT_PREFIX))
+        .and_then(|pid| pid.parse::<u32>().ok());
+    let Some(owner) = owner else {
+        return false;
+    };
+    let owner_alive = Path::new(&format!("/proc/{owner}")).exists();
+    let populated = std::fs::read_to_string(path.join("cgroup.events"))
+        .map(|t| t.lines().any(|l| l == "populated 1"))
+        .unwrap_or(false);
+    !owner_alive && !populated
+}
+
 /// The signals kad passes on to the command.
 const FORWARDED: [i32; 7] = [
     libc::SIGINT,
@@ -136,7 +157,7 @@ impl TransientCgroup {
             .unwrap_or_else(|| "/".into());
         let path = root
             .join(own.trim_start_matches('/'))
-            .join(format!("kad-exec-{}", std::process::id()));
+            .join(format!("{TRANSIENT_PREFIX}{}", std::process::id()));
         std::fs::create_dir(&path).map_err(|source| ExecError::Cgroup {
             path: path.clone(),
             source,

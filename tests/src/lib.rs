@@ -456,6 +456,18 @@ impl Process {
         self.child.id()
     }
 
+    /// Sends SIGTERM and waits (up to 10 s) for the process to exit; returns its exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut status = None;
+        wait_for(Duration::from_secs(10), || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status.and_then(|s| s.code())
+    }
+
     pub fn line(&mut self) -> String {
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("read from peer");

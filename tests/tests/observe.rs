@@ -117,7 +117,7 @@ fn exec_takes_values_from_flags_and_libkeepalive_variables() {
                 &port.to_string(),
             ])
             .env("KAD_SOCKET", &daemon.socket);
-        let _nc = Process::spawn(command, None);
+        let mut nc = Process::spawn(command, None);
         let filter = format!("( dport = :{port} )");
         let mut seen = String::new();
         let ok = wait_for(Duration::from_secs(5), || {
@@ -129,6 +129,12 @@ fn exec_takes_values_from_flags_and_libkeepalive_variables() {
             seen.contains("timer:(keepalive,3min") || seen.contains("timer:(keepalive,4min")
         });
         assert!(ok, "busybox nc under kad exec: {seen:?}");
+        let policy = daemon.list()[0]["cgroup"]
+            .as_str()
+            .map(PathBuf::from)
+            .expect("transient policy");
+        assert_eq!(nc.terminate(), Some(143), "SIGTERM passed on to busybox nc");
+        assert!(!policy.exists(), "transient cgroup removed after a signal");
     }
 }
 
@@ -228,6 +234,32 @@ fn exec_passes_on_exit_status_and_signals() {
     assert_eq!(status.unwrap().code(), Some(143));
     assert!(!cgroup.exists(), "cgroup removed");
     assert_eq!(daemon.list(), serde_json::json!([]));
+}
+
+#[test]
+fn the_daemon_cleans_up_after_a_killed_kad_exec() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let mut kad = Command::new(&env.kad)
+        .args(["exec", "--idle", "98", "--", "sleep", "1"])
+        .env("KAD_SOCKET", &daemon.socket)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(5), || daemon
+        .list()
+        .as_array()
+        .is_some_and(|a| a.len() == 1)));
+    let cgroup = PathBuf::from(daemon.list()[0]["cgroup"].as_str().unwrap());
+    kad.kill().unwrap();
+    kad.wait().unwrap();
+    // Once `sleep` is gone too, the daemon removes the cgroup and the policy.
+    assert!(
+        wait_for(Duration::from_secs(10), || !cgroup.exists()
+            && daemon.list() == serde_json::json!([])),
+        "abandoned transient cgroup collected: {}",
+        daemon.list()
+    );
 }
 
 fn a_pid_in(cgroup: &Path) -> bool {
