@@ -61,6 +61,9 @@ pub struct Connection {
     pub probes: u8,
 }
 
+/// (pid, fd, socket inode) of a socket a process has open.
+type OpenSocket = (u32, RawFd, u64);
+
 /// What sock_diag reports of one socket.
 #[derive(Debug, Clone, Copy)]
 struct DiagRecord {
@@ -74,7 +77,7 @@ struct DiagRecord {
 /// The established TCP connections of `pids`, sorted by pid and fd.
 pub fn inspect(pids: &[u32]) -> Result<Vec<Connection>, InspectError> {
     // Sockets by inode, per network namespace (a dump shows only its own namespace).
-    let mut by_netns: BTreeMap<String, (u32, Vec<(u32, RawFd, u64)>)> = BTreeMap::new();
+    let mut by_netns: BTreeMap<String, (u32, Vec<OpenSocket>)> = BTreeMap::new();
     for &pid in pids {
         let sockets = match socket_fds(pid) {
             Ok(sockets) => sockets,

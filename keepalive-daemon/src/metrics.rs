@@ -165,7 +165,7 @@ mod tests {
         );
         assert!(text.contains("kad_policies 1\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            assert_eq!(line.split(' ').count() >= 2, true, "{line}");
+            assert!(line.split(' ').count() >= 2, "{line}");
         }
     }
 }
