@@ -555,6 +555,21 @@ pub fn cgroup_id(path: &Path) -> u64 {
     fs::metadata(path).expect("stat cgroup").ino()
 }
 
+/// `ss -tnoH state established` for the sockets connecting to `port`, as another process sees
+/// them: "timer:(keepalive,2min59sec,0)" shows a running keepalive timer.
+pub fn ss_to_port(port: u16) -> String {
+    let out = Command::new("ss")
+        .args([
+            "-tnoH",
+            "state",
+            "established",
+            &format!("( dport = :{port} )"),
+        ])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Polls `check` until it holds or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

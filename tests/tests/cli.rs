@@ -6,7 +6,9 @@ use std::{
     time::Duration,
 };
 
-use kad_tests::{connect, kad_env, listen, unique, wait_for, Daemon, Process, TempDir, TestCgroup};
+use kad_tests::{
+    connect, kad_env, listen, ss_to_port, unique, wait_for, Daemon, Process, TempDir, TestCgroup,
+};
 
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -294,14 +296,9 @@ fn a_statically_linked_client_gets_keepalive() {
     nc.write(b"");
     // ss -o on the client's socket (destination port = the listener's): the keepalive timer
     // runs, with at most 180 s left.
-    let filter = format!("( dport = :{port} )");
     let mut seen = String::new();
     let found = wait_for(Duration::from_secs(5), || {
-        let out = Command::new("ss")
-            .args(["-tnoH", "state", "established", &filter])
-            .output()
-            .expect("run ss");
-        seen = String::from_utf8_lossy(&out.stdout).into_owned();
+        seen = ss_to_port(port);
         seen.contains("timer:(keepalive,")
     });
     assert!(found, "no keepalive timer on busybox nc's socket: {seen:?}");
@@ -317,13 +314,8 @@ fn a_statically_linked_client_gets_keepalive() {
     let mut command = Command::new(busybox);
     command.args(["nc", "127.0.0.1", &port2.to_string()]);
     let _nc2 = Process::spawn(command, None);
-    let filter2 = format!("( dport = :{port2} )");
     let established = wait_for(Duration::from_secs(5), || {
-        let out = Command::new("ss")
-            .args(["-tnoH", "state", "established", &filter2])
-            .output()
-            .expect("run ss");
-        seen = String::from_utf8_lossy(&out.stdout).into_owned();
+        seen = ss_to_port(port2);
         !seen.trim().is_empty()
     });
     assert!(established, "busybox nc did not connect");

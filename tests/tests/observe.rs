@@ -8,7 +8,8 @@ use std::{
 };
 
 use kad_tests::{
-    kad_env, listen, untouched, wait_for, Daemon, Env, NetnsPair, Process, Report, TestCgroup,
+    kad_env, listen, ss_to_port, untouched, wait_for, Daemon, Env, NetnsPair, Process, Report,
+    TestCgroup,
 };
 
 /// `kad exec ARGS` with `envs`, against `daemon`, stdin closed.
@@ -118,14 +119,9 @@ fn exec_takes_values_from_flags_and_libkeepalive_variables() {
             ])
             .env("KAD_SOCKET", &daemon.socket);
         let mut nc = Process::spawn(command, None);
-        let filter = format!("( dport = :{port} )");
         let mut seen = String::new();
         let ok = wait_for(Duration::from_secs(5), || {
-            let out = Command::new("ss")
-                .args(["-tnoH", "state", "established", &filter])
-                .output()
-                .expect("ss");
-            seen = String::from_utf8_lossy(&out.stdout).into_owned();
+            seen = ss_to_port(port);
             seen.contains("timer:(keepalive,3min") || seen.contains("timer:(keepalive,4min")
         });
         assert!(ok, "busybox nc under kad exec: {seen:?}");

@@ -127,6 +127,13 @@ impl TargetArgs {
 struct SetArgs {
     #[command(flatten)]
     target: TargetArgs,
+    #[command(flatten)]
+    values: ValueArgs,
+}
+
+/// The policy's values, for `set` and `exec` (where libkeepalive's variables fill in the rest).
+#[derive(Debug, Args)]
+struct ValueArgs {
     /// Seconds of idle before the first probe (TCP_KEEPIDLE, 1..32767).
     #[arg(long, value_name = "SECS", value_parser = parse_idle, allow_negative_numbers = true)]
     idle: Option<u32>,
@@ -141,20 +148,21 @@ struct SetArgs {
     off: bool,
 }
 
+impl ValueArgs {
+    fn flags(&self) -> exec::Flags {
+        exec::Flags {
+            idle: self.idle,
+            intvl: self.intvl,
+            cnt: self.cnt,
+            off: self.off,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 struct ExecArgs {
-    /// Seconds of idle before the first probe (TCP_KEEPIDLE, 1..32767; else KEEPIDLE).
-    #[arg(long, value_name = "SECS", value_parser = parse_idle, allow_negative_numbers = true)]
-    idle: Option<u32>,
-    /// Seconds between probes (TCP_KEEPINTVL, 1..32767; else KEEPINTVL).
-    #[arg(long, value_name = "SECS", value_parser = parse_intvl, allow_negative_numbers = true)]
-    intvl: Option<u32>,
-    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT, 1..127; else KEEPCNT).
-    #[arg(long, value_name = "N", value_parser = parse_cnt, allow_negative_numbers = true)]
-    cnt: Option<u32>,
-    /// Leave the command's sockets alone, even under a policy (as KEEPALIVE=off).
-    #[arg(long, conflicts_with_all = ["idle", "intvl", "cnt"])]
-    off: bool,
+    #[command(flatten)]
+    values: ValueArgs,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<std::ffi::OsString>,
@@ -277,10 +285,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics: args.metrics,
         })?,
         Command::Set(args) => {
-            let policy = if args.off {
+            let values = &args.values;
+            let policy = if values.off {
                 Policy::OFF
             } else {
-                Policy::on(args.idle, args.intvl, args.cnt)?
+                Policy::on(values.idle, values.intvl, values.cnt)?
             };
             let request = Request::Set {
                 cgroup: args.target.resolve()?,
@@ -318,13 +327,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// `kad exec`: the command's exit status becomes ours (128+N when killed by signal N).
 fn run_exec(socket: &std::path::Path, args: ExecArgs) -> anyhow::Result<ExitCode> {
-    let flags = exec::Flags {
-        idle: args.idle,
-        intvl: args.intvl,
-        cnt: args.cnt,
-        off: args.off,
-    };
-    let policy = exec::policy_from(flags, |name| std::env::var_os(name))?;
+    let policy = exec::policy_from(args.values.flags(), |name| std::env::var_os(name))?;
     let Some((program, program_args)) = args.command.split_first() else {
         anyhow::bail!("missing command: kad exec [OPTIONS] -- CMD [ARGS...]");
     };
@@ -432,7 +435,12 @@ mod tests {
             panic!("not set")
         };
         assert_eq!(
-            (args.idle, args.intvl, args.cnt, args.off),
+            (
+                args.values.idle,
+                args.values.intvl,
+                args.values.cnt,
+                args.values.off
+            ),
             (Some(180), Some(60), Some(20), false)
         );
     }
