@@ -1,4 +1,5 @@
 //! `cargo xtask build|run|test|lint|setup`: installs what is missing, builds, tests.
+mod bench;
 mod setup;
 
 use std::{
@@ -31,6 +32,8 @@ enum Task {
     Test,
     /// rustfmt and clippy (-D warnings) on the workspace and, on its own, the eBPF crate.
     Lint,
+    /// Set up, build, and measure what kad costs per connection (a ratio, in one run).
+    Bench,
 }
 
 fn main() -> Result<()> {
@@ -71,6 +74,11 @@ fn main() -> Result<()> {
             )
         }
         Task::Lint => lint(&root),
+        Task::Bench => {
+            setup::all(setup::Purpose::Build)?;
+            build(&root)?;
+            bench::run(&root)
+        }
     }
 }
 

@@ -4,6 +4,8 @@
 //!
 //!   kad-test-peer listen ADDR    prints "LISTENING <port>", accepts one connection, reports
 //!   kad-test-peer connect ADDR   connects, reports
+//!   kad-test-peer churn N        opens and closes N loopback connections to itself, prints
+//!                                the mean nanoseconds per connection (for cargo xtask bench)
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
@@ -48,8 +50,44 @@ fn report(stream: &TcpStream) -> Result<String, String> {
     .to_string())
 }
 
+/// Both ends of every connection live in this process, so both run the cgroup's programs.
+fn churn(count: u32) -> Result<(), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let start = std::time::Instant::now();
+    for _ in 0..count {
+        let client = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        // Close with a reset: no TIME_WAIT, so thousands of runs do not use up the ports.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid struct of the size given.
+        unsafe {
+            libc::setsockopt(
+                client.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        drop(client);
+        drop(server);
+    }
+    let elapsed = start.elapsed();
+    println!("{}", elapsed.as_nanos() / u128::from(count.max(1)));
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, count] = args.as_slice() {
+        if mode == "churn" {
+            return churn(count.parse().map_err(|e| format!("churn count: {e}"))?);
+        }
+    }
     let [mode, addr] = args.as_slice() else {
         return Err("usage: kad-test-peer listen|connect ADDR".into());
     };
