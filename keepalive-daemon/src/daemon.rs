@@ -544,6 +544,8 @@ impl State {
                     error: self.failing.get(path).cloned(),
                 })
                 .collect(),
+            counters: self.stats(),
+            kills_counted: self.enforcer.counts_kills(),
         }
     }
 }

@@ -91,6 +91,10 @@ pub struct StatusReport {
     pub policies: Vec<PolicyEntry>,
     /// Per policy: where it comes from and whether it is in force.
     pub details: Vec<PolicyDetail>,
+    /// What the program counted, per policy in force.
+    pub counters: Vec<StatsEntry>,
+    /// False when the kernel's BTF lacked what is needed to recognise keepalive kills.
+    pub kills_counted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -68,6 +68,11 @@ fn list_json_has_the_documented_shape() {
         serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).unwrap();
     assert_eq!(status["attachments"], 2);
     assert_eq!(status["policies"].as_array().unwrap().len(), 2);
+    assert_eq!(status["kernel"].as_str().map(|k| !k.is_empty()), Some(true));
+    assert_eq!(status["cgroup_root"], env.root.to_str().unwrap());
+    // Counters of both policies, zero before any connection.
+    assert_eq!(status["counters"].as_array().map(Vec::len), Some(2));
+    assert_eq!(status["counters"][0]["connect"], 0);
 }
 
 #[test]

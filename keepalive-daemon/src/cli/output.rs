@@ -45,6 +45,10 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
         };
         println!("  {} (from {}): {state}", detail.cgroup, detail.source);
     }
+    if !report.counters.is_empty() {
+        println!("counters:");
+        stats(&report.counters, report.kills_counted, false)?;
+    }
     Ok(())
 }
 
