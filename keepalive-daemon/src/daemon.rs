@@ -117,6 +117,20 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         ),
         None => None,
     };
+    // Bound early, so that a live daemon on the socket stops us before anything is touched;
+    // clients that connect meanwhile wait until we serve.
+    let listener = bind(&config.socket)?;
+    let result = run_bound(config.clone(), root, listener, metrics_listener).await;
+    let _ = std::fs::remove_file(&config.socket);
+    result
+}
+
+async fn run_bound(
+    config: DaemonConfig,
+    root: PathBuf,
+    listener: UnixListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+) -> Result<(), DaemonError> {
     let store = Store::new(&config.state_dir);
     // Read both files first: a corrupt one stops us before anything is touched.
     let set = store
@@ -139,7 +153,6 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     state.sync_all();
     // Pins and map entries an earlier run left for cgroups or policies that are gone.
     state.retain_in_force();
-    let listener = bind(&config.socket)?;
     info!(
         socket = %config.socket.display(),
         bpffs = %config.bpffs.display(),
@@ -191,7 +204,6 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         }
     }
     notify::notify("STOPPING=1");
-    let _ = std::fs::remove_file(&config.socket);
     // Wait for a request in progress; the pins keep every policy enforced after we exit.
     drop(shared.lock().await);
     info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");

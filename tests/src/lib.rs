@@ -283,7 +283,8 @@ impl Daemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            // Ready when it answers: the socket is bound before the policies are applied.
+            if self.kad(&["status"]).status.success() {
                 return;
             }
             if let Some(status) = self

@@ -365,7 +365,9 @@ fn policies_survive_a_daemon_restart_and_a_daemon_refuses_a_busy_directory() {
         .arg(&daemon.socket)
         .output()
         .unwrap();
+    let created = other_bpffs.exists();
     let _ = std::fs::remove_dir_all(&other_bpffs);
+    assert!(!created, "refused before touching its bpffs directory");
     assert!(!out.status.success());
     assert!(
         stderr_of(&out).contains("already serving"),
