@@ -102,6 +102,10 @@ pub fn run(root: &Path) -> Result<()> {
     }
 
     println!("kad bench: {ROUNDS} rounds of {CONNECTIONS} loopback connections (both ends in the cgroup)");
+    // The kernel's own accounting of the program's runs; restored afterwards.
+    let stats_knob = Path::new("/proc/sys/kernel/bpf_stats_enabled");
+    let stats_before = std::fs::read_to_string(stats_knob).unwrap_or_default();
+    let _ = std::fs::write(stats_knob, "1");
     // Warm-up, not counted.
     churn(&peer, &plain, CONNECTIONS / 4)?;
     churn(&peer, &policy, CONNECTIONS / 4)?;
@@ -110,6 +114,8 @@ pub fn run(root: &Path) -> Result<()> {
         without.push(churn(&peer, &plain, CONNECTIONS)?);
         with.push(churn(&peer, &policy, CONNECTIONS)?);
     }
+    let runs = program_runs(&policy);
+    let _ = std::fs::write(stats_knob, stats_before.trim());
     let (a, b) = (median(&mut without), median(&mut with));
     println!("  no policy (no kad program runs): {a:>8} ns per connection (median)");
     println!("  policy (idle/intvl/cnt set):     {b:>8} ns per connection (median)");
@@ -121,7 +127,50 @@ pub fn run(root: &Path) -> Result<()> {
         "  cost per connection:             {:>8} ns",
         b as i64 - a as i64
     );
+    match runs {
+        Some((count, ns)) if count > 0 => {
+            let connections = u64::from(CONNECTIONS) * ROUNDS as u64 + u64::from(CONNECTIONS / 4);
+            println!(
+                "  program runs: {count} ({:.1} per connection), {} ns per run on average",
+                count as f64 / connections as f64,
+                ns / count
+            );
+        }
+        _ => println!("  program runs: not available (bpftool, kernel.bpf_stats_enabled)"),
+    }
     Ok(())
+}
+
+/// (run count, total ns) of the kad program attached to `cgroup`, from bpftool.
+fn program_runs(cgroup: &Path) -> Option<(u64, u64)> {
+    let json = |args: &[&str]| -> Option<String> {
+        let out = Command::new("bpftool")
+            .args(args)
+            .arg("--json")
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let attached = json(&["cgroup", "show", cgroup.to_str()?])?;
+    let id = number_after(&attached, "\"id\":")?;
+    let prog = json(&["prog", "show", "id", &id.to_string()])?;
+    Some((
+        number_after(&prog, "\"run_cnt\":")?,
+        number_after(&prog, "\"run_time_ns\":")?,
+    ))
+}
+
+/// The integer after `key` in bpftool's JSON (no JSON parser in xtask for two numbers).
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let digits: String = rest
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 fn churn(peer: &Path, cgroup: &Path, count: u32) -> Result<u64> {

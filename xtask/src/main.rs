@@ -75,7 +75,7 @@ fn main() -> Result<()> {
         }
         Task::Lint => lint(&root),
         Task::Bench => {
-            setup::all(setup::Purpose::Build)?;
+            setup::all(setup::Purpose::Test)?;
             build(&root)?;
             bench::run(&root)
         }
