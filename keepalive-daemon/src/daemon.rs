@@ -542,6 +542,7 @@ impl State {
             state_dir: self.config.state_dir.display().to_string(),
             config: self.config.config.display().to_string(),
             attachments: self.enforcer.attachments(),
+            map_entries: self.enforcer.map_entries(),
             policies: self.entries(),
             details: table
                 .iter()

@@ -88,6 +88,8 @@ pub struct StatusReport {
     pub config: String,
     /// Cgroups with a kad program attached right now.
     pub attachments: usize,
+    /// Entries in the policies map (one per attachment when all is well).
+    pub map_entries: usize,
     pub policies: Vec<PolicyEntry>,
     /// Per policy: where it comes from and whether it is in force.
     pub details: Vec<PolicyDetail>,

@@ -141,6 +141,13 @@ fn bad_input_is_one_clear_line_and_changes_nothing() {
         (&["frobnicate"], "frobnicate"),
     ];
     for (args, expected) in cases {
+        // A v1 controller directory exists only on hybrid hosts such as this project's.
+        if args.contains(&"/sys/fs/cgroup/memory")
+            && !std::path::Path::new("/sys/fs/cgroup/memory").is_dir()
+        {
+            eprintln!("no cgroup v1 memory controller here: that case is not checked");
+            continue;
+        }
         assert_refused(&daemon, args, expected);
     }
     assert_eq!(daemon.list(), before, "nothing changed");

@@ -121,6 +121,10 @@ fn a_cgroup_removed_and_created_again_gets_its_policy_back() {
     let status: serde_json::Value =
         serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).unwrap();
     assert_eq!(status["attachments"], 0);
+    assert_eq!(
+        status["map_entries"], 0,
+        "no map entry left for the removed cgroup"
+    );
     assert_eq!(status["details"][0]["cgroup_id"], serde_json::Value::Null);
     assert_eq!(daemon.list()[0]["idle"], 192, "the policy is kept by path");
 
@@ -134,6 +138,12 @@ fn a_cgroup_removed_and_created_again_gets_its_policy_back() {
         daemon.pinned_links()
     );
     assert_eq!(idle_in(&env, &svc), (true, 192));
+    let status: serde_json::Value =
+        serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).unwrap();
+    assert_eq!(
+        (status["attachments"].clone(), status["map_entries"].clone()),
+        (1.into(), 1.into())
+    );
     assert_eq!(kad_attachments(&svc), 1);
 }
 

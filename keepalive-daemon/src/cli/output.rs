@@ -32,7 +32,10 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
     println!("bpffs:        {}", report.bpffs);
     println!("state dir:    {}", report.state_dir);
     println!("config:       {}", report.config);
-    println!("attachments:  {}", report.attachments);
+    println!(
+        "attachments:  {} ({} map entries)",
+        report.attachments, report.map_entries
+    );
     println!("policies:     {}", report.policies.len());
     if !report.policies.is_empty() {
         print!("{}", table(&report.policies));
