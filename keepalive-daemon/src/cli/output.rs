@@ -59,12 +59,7 @@ fn table(entries: &[PolicyEntry]) -> String {
     if entries.is_empty() {
         return "no policies\n".into();
     }
-    let width = entries
-        .iter()
-        .map(|e| e.cgroup.len())
-        .max()
-        .unwrap_or(0)
-        .max(6);
+    let width = width(entries, 6, |e| e.cgroup.len());
     let mut out = format!("{:<width$}  MODE  IDLE     INTVL    CNT\n", "CGROUP");
     for e in entries {
         let value = |v: Option<u32>| match (e.mode, v) {
@@ -98,12 +93,7 @@ pub fn stats(entries: &[StatsEntry], kills_counted: bool, json: bool) -> anyhow:
         println!("no policies in force");
         return Ok(());
     }
-    let width = entries
-        .iter()
-        .map(|e| e.cgroup.len())
-        .max()
-        .unwrap_or(0)
-        .max(6);
+    let width = width(entries, 6, |e| e.cgroup.len());
     println!(
         "{:<width$}  CONNECT  ACCEPT   FAILURES  KEEPALIVE-KILLS",
         "CGROUP"
@@ -131,18 +121,8 @@ pub fn connections(connections: &[Connection], json: bool) -> anyhow::Result<()>
         println!("no established TCP connections");
         return Ok(());
     }
-    let local_w = connections
-        .iter()
-        .map(|c| c.local.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    let remote_w = connections
-        .iter()
-        .map(|c| c.remote.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
+    let local_w = width(connections, 5, |c| c.local.len());
+    let remote_w = width(connections, 6, |c| c.remote.len());
     println!(
         "{:<7} {:<15} {:<4} {:<local_w$} {:<remote_w$} KEEPALIVE IDLE  INTVL CNT  TIMER",
         "PID", "COMMAND", "FD", "LOCAL", "REMOTE"
@@ -172,4 +152,9 @@ pub fn connections(connections: &[Connection], json: bool) -> anyhow::Result<()>
         );
     }
     Ok(())
+}
+
+/// The width of a column: its longest cell, at least `min`.
+fn width<T>(rows: &[T], min: usize, len: impl Fn(&T) -> usize) -> usize {
+    rows.iter().map(len).max().unwrap_or(0).max(min)
 }
