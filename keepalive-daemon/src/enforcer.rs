@@ -1,4 +1,4 @@
-//! Loads the sock_ops program, keeps the policies map, and attaches one program instance to each
+//! Loads the sock_ops program, keeps its maps (policies, counters), and attaches one program instance to each
 //! policy cgroup.
 use std::{
     collections::{HashMap, HashSet},
@@ -53,7 +53,7 @@ pub enum EnforcerError {
     Load(String),
     #[error("cannot attach to {path}: {message}")]
     Attach { path: PathBuf, message: String },
-    #[error("cannot update the policies map: {0}")]
+    #[error("BPF map: {0}")]
     Map(#[from] aya::maps::MapError),
 }
 
