@@ -1,5 +1,5 @@
-//! Loads the sock_ops program, keeps its maps (policies, counters), and attaches one program instance to each
-//! policy cgroup.
+//! Loads the sock_ops program, keeps its maps (policies, counters), and attaches one program
+//! instance to each policy cgroup.
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
