@@ -401,3 +401,72 @@ fn the_unit_file_verifies() {
         "warnings about the unit: {err}"
     );
 }
+
+#[test]
+fn without_bpffs_the_daemon_mounts_it_or_says_how() {
+    let env = kad_env!();
+    // A --bpffs directory where no bpffs can be: the daemon says how, and creates nothing.
+    let dir = kad_tests::TempDir::new("nobpffs");
+    let out = Command::new(&env.kad)
+        .arg("daemon")
+        .arg("--socket")
+        .arg(dir.0.join("kad.sock"))
+        .arg("--state-dir")
+        .arg(dir.0.join("state"))
+        .arg("--config")
+        .arg(dir.0.join("none.toml"))
+        .arg("--bpffs")
+        .arg(dir.0.join("bpf"))
+        .output()
+        .expect("run kad daemon");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bpffs is not mounted") && err.contains("mount -t bpf bpf"),
+        "{err}"
+    );
+    assert!(!dir.0.join("bpf").exists() && !dir.0.join("state").exists());
+
+    // /sys/fs/bpf unmounted (in a private mount namespace): the daemon mounts it and works.
+    let socket = dir.0.join("ns.sock");
+    let log = dir.0.join("ns.log");
+    let script = format!(
+        "umount /sys/fs/bpf && exec {} daemon --socket {} --state-dir {} --config {} --bpffs /sys/fs/bpf/kad-ns 2>{}",
+        env.kad.display(),
+        socket.display(),
+        dir.0.join("ns-state").display(),
+        dir.0.join("none.toml").display(),
+        log.display()
+    );
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let mut daemon = Process::spawn(command, None);
+    let ready = wait_for(Duration::from_secs(20), || {
+        env.kad(&socket, &["status"]).status.success()
+    });
+    assert!(
+        ready,
+        "daemon in its own mount namespace: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("mounted bpffs at /sys/fs/bpf"));
+    let cg = TestCgroup::new(&env, "nsbpffs");
+    let set = env.kad(
+        &socket,
+        &["set", "--cgroup", &cg.relative(), "--idle", "209"],
+    );
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    assert_eq!(idle_in(&env, &cg.path), (true, 209));
+    assert_eq!(daemon.terminate(), Some(0));
+    // Its bpffs went with its mount namespace, and the pins with it: nothing stays attached.
+    assert!(
+        wait_for(Duration::from_secs(10), || kad_attachments(&cg.path) == 0),
+        "detached once the namespace's bpffs is gone"
+    );
+}
