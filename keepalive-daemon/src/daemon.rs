@@ -21,6 +21,7 @@ use crate::{
     config::{self as config_file, ConfigError},
     enforcer::{Enforcer, EnforcerError},
     metrics, notify,
+    pathio::{io_err, PathIoError},
     policy::Policy,
     protocol::{
         self, PolicyDetail, PolicyEntry, Request, Response, StatsEntry, StatusReport,
@@ -68,13 +69,8 @@ pub enum DaemonError {
     },
     #[error("another kad daemon is already serving {0}")]
     SocketInUse(PathBuf),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 /// Where a policy in force comes from.
@@ -175,12 +171,9 @@ async fn run_bound(
             async move { shared.lock().await.metrics() }
         }));
     }
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|source| io_error("cannot catch", "SIGTERM", source))?;
-    let mut int = signal(SignalKind::interrupt())
-        .map_err(|source| io_error("cannot catch", "SIGINT", source))?;
-    let mut hup = signal(SignalKind::hangup())
-        .map_err(|source| io_error("cannot catch", "SIGHUP", source))?;
+    let mut term = signal(SignalKind::terminate()).map_err(io_err("cannot catch", "SIGTERM"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io_err("cannot catch", "SIGINT"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(io_err("cannot catch", "SIGHUP"))?;
     let mut tick = tokio::time::interval(SYNC_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -210,29 +203,21 @@ async fn run_bound(
     Ok(())
 }
 
-fn io_error(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> DaemonError {
-    DaemonError::Io {
-        what,
-        path: path.into(),
-        source,
-    }
-}
-
 /// Binds the control socket, replacing a stale one but never a live daemon's.
 fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| io_error("cannot create", parent, e))?;
+        std::fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(DaemonError::SocketInUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path).map_err(|e| io_error("cannot remove stale socket", path, e))?;
+        std::fs::remove_file(path).map_err(io_err("cannot remove stale socket", path))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| io_error("cannot bind", path, e))?;
+    let listener = UnixListener::bind(path).map_err(io_err("cannot bind", path))?;
     // Anyone may list and ask for status; changes are checked against the peer's uid.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| io_error("cannot set permissions on", path, e))?;
+        .map_err(io_err("cannot set permissions on", path))?;
     Ok(listener)
 }
 

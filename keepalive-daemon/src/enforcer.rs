@@ -23,7 +23,11 @@ use keepalive_common::{
 
 use tracing::{info, warn};
 
-use crate::{cgroup::Cgroup, policy::Policy};
+use crate::{
+    cgroup::Cgroup,
+    pathio::{io_err, remove_file_if_present, PathIoError},
+    policy::Policy,
+};
 
 /// The program embedded at build time (see build.rs).
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kad-sockops"));
@@ -42,13 +46,8 @@ pub enum EnforcerError {
     NotBpffs { dir: PathBuf },
     #[error("a kad daemon is already using {0}: stop it first, or give this one its own --bpffs directory")]
     Busy(PathBuf),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("cannot load the sock_ops program: {0}")]
     Load(String),
     #[error("cannot attach to {path}: {message}")]
@@ -78,11 +77,7 @@ impl Enforcer {
     pub fn open(dir: &Path) -> Result<Self, EnforcerError> {
         ensure_bpffs(dir)?;
         let links = dir.join(LINKS_DIR);
-        std::fs::create_dir_all(&links).map_err(|source| EnforcerError::Io {
-            what: "cannot create",
-            path: links.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&links).map_err(io_err("cannot create", &links))?;
         let lock = lock_dir(dir)?;
         let mark = mark_for(dir);
         let offsets = crate::btf::sock_offsets().unwrap_or_else(|e| {
@@ -200,24 +195,12 @@ pub fn uninstall(dir: &Path) -> Result<usize, EnforcerError> {
     for link in adopted.into_values() {
         detach(link);
     }
-    let remove_file = |path: PathBuf| match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(EnforcerError::Io {
-            what: "cannot remove",
-            path,
-            source: e,
-        }),
-        _ => Ok(()),
-    };
-    remove_file(dir.join(POLICIES_MAP))?;
-    remove_file(dir.join(STATS_MAP))?;
+    remove_file_if_present(&dir.join(POLICIES_MAP))?;
+    remove_file_if_present(&dir.join(STATS_MAP))?;
     for path in [links.as_path(), dir] {
         match std::fs::remove_dir(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(EnforcerError::Io {
-                    what: "cannot remove (not kad's?)",
-                    path: path.to_path_buf(),
-                    source: e,
-                })
+                return Err(io_err("cannot remove (not kad's?)", path)(e).into())
             }
             _ => {}
         }
@@ -334,13 +317,8 @@ fn ensure_bpffs(dir: &Path) -> Result<(), EnforcerError> {
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or_else(|| Path::new("/"));
-    let on_bpffs = |path: &Path| {
-        crate::cgroup::is_fs(path, BPF_FS_MAGIC).map_err(|source| EnforcerError::Io {
-            what: "cannot stat",
-            path: path.to_path_buf(),
-            source,
-        })
-    };
+    let on_bpffs =
+        |path: &Path| crate::cgroup::is_fs(path, BPF_FS_MAGIC).map_err(io_err("cannot stat", path));
     if on_bpffs(existing)? {
         return Ok(());
     }
@@ -382,22 +360,14 @@ fn mount_bpffs(at: &Path) -> io::Result<()> {
 }
 
 fn lock_dir(dir: &Path) -> Result<File, EnforcerError> {
-    let file = File::open(dir).map_err(|source| EnforcerError::Io {
-        what: "cannot open",
-        path: dir.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(dir).map_err(io_err("cannot open", dir))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             return Err(EnforcerError::Busy(dir.to_path_buf()));
         }
-        return Err(EnforcerError::Io {
-            what: "cannot lock",
-            path: dir.to_path_buf(),
-            source: err,
-        });
+        return Err(io_err("cannot lock", dir)(err).into());
     }
     Ok(file)
 }

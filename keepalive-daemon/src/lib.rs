@@ -14,6 +14,7 @@ pub mod exec;
 pub mod inspect;
 pub mod metrics;
 pub mod notify;
+pub mod pathio;
 pub mod policy;
 pub mod probe;
 pub mod protocol;

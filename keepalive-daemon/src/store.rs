@@ -5,19 +5,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::protocol::PolicyEntry;
+use crate::{
+    pathio::{io_err, remove_file_if_present, PathIoError},
+    protocol::PolicyEntry,
+};
 
 const FILE_NAME: &str = "policies.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("{path}:{line}: {message}; fix or remove the file (kad refuses to start rather than drop policies)")]
     Corrupt {
         path: PathBuf,
@@ -46,13 +44,7 @@ impl Store {
         let text = match fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(StoreError::Io {
-                    what: "cannot read",
-                    path: self.path.clone(),
-                    source,
-                })
-            }
+            Err(e) => return Err(io_err("cannot read", &self.path)(e).into()),
         };
         let entries: Vec<PolicyEntry> =
             serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
@@ -74,10 +66,6 @@ impl Store {
     /// a crash leaves either the old table or the new one.
     pub fn save(&self, entries: &[PolicyEntry]) -> Result<(), StoreError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        let io_err = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io { what, path, source }
-        };
         fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
         let tmp = self.path.with_extension("json.tmp");
         let mut text = serde_json::to_string_pretty(entries).unwrap_or_else(|_| "[]".into());
@@ -98,16 +86,7 @@ impl Store {
 pub fn purge(state_dir: &Path) -> Result<(), StoreError> {
     let store = Store::new(state_dir);
     for path in [store.path.clone(), store.path.with_extension("json.tmp")] {
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(StoreError::Io {
-                    what: "cannot remove",
-                    path,
-                    source: e,
-                })
-            }
-            _ => {}
-        }
+        remove_file_if_present(&path)?;
     }
     let _ = fs::remove_dir(state_dir);
     Ok(())
