@@ -222,6 +222,28 @@ pub fn in_cgroup(command: &mut Command, cgroup: &Path) -> File {
     procs
 }
 
+/// `kad daemon` with all four of its paths given, so that nothing of the host's is used.
+pub fn daemon_command(
+    kad: &Path,
+    socket: &Path,
+    state_dir: &Path,
+    bpffs: &Path,
+    config: &Path,
+) -> Command {
+    let mut command = Command::new(kad);
+    command
+        .arg("daemon")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--bpffs")
+        .arg(bpffs)
+        .arg("--config")
+        .arg(config);
+    command
+}
+
 /// A running `kad daemon` with its own socket, state directory and bpffs directory, stopped
 /// and cleaned up (pins included) when dropped.
 pub struct Daemon {
@@ -264,22 +286,19 @@ impl Daemon {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
         let log = File::create(self.dir.join("daemon.log")).expect("create log");
-        let child = Command::new(&self.kad)
-            .arg("daemon")
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .arg("--config")
-            .arg(&self.config)
-            .args(&self.extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kad daemon");
+        let child = daemon_command(
+            &self.kad,
+            &self.socket,
+            &self.state_dir,
+            &self.bpffs,
+            &self.config,
+        )
+        .args(&self.extra_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn kad daemon");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -7,7 +7,8 @@ use std::{
 };
 
 use kad_tests::{
-    connect, kad_env, listen, ss_to_port, unique, wait_for, Daemon, Process, TempDir, TestCgroup,
+    connect, daemon_command, kad_env, listen, ss_to_port, unique, wait_for, Daemon, Process,
+    TempDir, TestCgroup,
 };
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -347,15 +348,16 @@ fn policies_survive_a_daemon_restart_and_a_daemon_refuses_a_busy_directory() {
 
     // A second daemon on the same bpffs directory or socket refuses to start.
     let other_socket = daemon.dir.join("other.sock");
-    let out = Command::new(&env.kad)
-        .args(["daemon", "--state-dir"])
-        .arg(daemon.dir.join("other-state"))
-        .arg("--bpffs")
-        .arg(&daemon.bpffs)
-        .arg("--socket")
-        .arg(&other_socket)
-        .output()
-        .unwrap();
+    let other_state = daemon.dir.join("other-state");
+    let out = daemon_command(
+        &env.kad,
+        &other_socket,
+        &other_state,
+        &daemon.bpffs,
+        &daemon.config,
+    )
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     assert!(
         stderr_of(&out).contains("already using"),
@@ -363,15 +365,15 @@ fn policies_survive_a_daemon_restart_and_a_daemon_refuses_a_busy_directory() {
         stderr_of(&out)
     );
     let other_bpffs = std::path::PathBuf::from("/sys/fs/bpf").join(unique("other"));
-    let out = Command::new(&env.kad)
-        .args(["daemon", "--state-dir"])
-        .arg(daemon.dir.join("other-state"))
-        .arg("--bpffs")
-        .arg(&other_bpffs)
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .output()
-        .unwrap();
+    let out = daemon_command(
+        &env.kad,
+        &daemon.socket,
+        &other_state,
+        &other_bpffs,
+        &daemon.config,
+    )
+    .output()
+    .unwrap();
     let created = other_bpffs.exists();
     let _ = std::fs::remove_dir_all(&other_bpffs);
     assert!(!created, "refused before touching its bpffs directory");

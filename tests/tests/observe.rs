@@ -497,14 +497,12 @@ fn metrics_are_served_over_http_and_a_bad_address_fails_cleanly() {
     // The same address again: the second daemon says why and leaves nothing behind.
     let other = std::env::temp_dir().join(kad_tests::unique("busy-metrics"));
     let bpffs = PathBuf::from("/sys/fs/bpf").join(kad_tests::unique("busy-metrics"));
-    let out = Command::new(&env.kad)
-        .arg("daemon")
-        .arg("--socket")
-        .arg(other.join("kad.sock"))
-        .arg("--state-dir")
-        .arg(other.join("state"))
-        .arg("--bpffs")
-        .arg(&bpffs)
+    let (socket, state, config) = (
+        other.join("kad.sock"),
+        other.join("state"),
+        other.join("kad.toml"),
+    );
+    let out = kad_tests::daemon_command(&env.kad, &socket, &state, &bpffs, &config)
         .args(["--metrics", &addr])
         .output()
         .unwrap();

@@ -3,7 +3,8 @@
 use std::{fs, path::Path, process::Command, time::Duration};
 
 use kad_tests::{
-    cgroup_id, connect, kad_attachments, kad_env, untouched, wait_for, Daemon, Process, TestCgroup,
+    cgroup_id, connect, daemon_command, kad_attachments, kad_env, untouched, wait_for, Daemon,
+    Process, TestCgroup,
 };
 
 fn idle_in(env: &kad_tests::Env, cg: &Path) -> (bool, i64) {
@@ -229,14 +230,15 @@ fn a_broken_config_or_state_file_stops_the_start_with_file_and_line() {
     let truncated = &good[..good.len() / 2];
     fs::write(&state, truncated).unwrap();
     let run = |daemon: &Daemon| {
-        Command::new(&env.kad)
-            .args(["daemon", "--socket"])
-            .arg(&daemon.socket)
-            .arg("--config")
-            .arg(&daemon.config)
-            .args(daemon.dir_args())
-            .output()
-            .expect("run kad daemon")
+        daemon_command(
+            &env.kad,
+            &daemon.socket,
+            &daemon.state_dir,
+            &daemon.bpffs,
+            &daemon.config,
+        )
+        .output()
+        .expect("run kad daemon")
     };
     let out = run(&daemon);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -407,16 +409,12 @@ fn without_bpffs_the_daemon_mounts_it_or_says_how() {
     let env = kad_env!();
     // A --bpffs directory where no bpffs can be: the daemon says how, and creates nothing.
     let dir = kad_tests::TempDir::new("nobpffs");
-    let out = Command::new(&env.kad)
-        .arg("daemon")
-        .arg("--socket")
-        .arg(dir.0.join("kad.sock"))
-        .arg("--state-dir")
-        .arg(dir.0.join("state"))
-        .arg("--config")
-        .arg(dir.0.join("none.toml"))
-        .arg("--bpffs")
-        .arg(dir.0.join("bpf"))
+    let (socket, state, config) = (
+        dir.0.join("kad.sock"),
+        dir.0.join("state"),
+        dir.0.join("none.toml"),
+    );
+    let out = daemon_command(&env.kad, &socket, &state, &dir.0.join("bpf"), &config)
         .output()
         .expect("run kad daemon");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
