@@ -1,23 +1,40 @@
-//! The layout of the BPF map values that the daemon writes and the sock_ops program reads.
+//! The layout of the BPF maps and globals that the daemon writes and the kernel programs read.
 #![no_std]
 
-/// Name of the map holding one [`PolicyValue`] per policy cgroup, keyed by cgroup id.
-pub const POLICIES_MAP: &str = "KAD_POLICIES";
-/// Name of the read-only global that tells a program instance which cgroup it was attached to.
-pub const CGROUP_ID_GLOBAL: &str = "KAD_CGROUP_ID";
-/// Name of the read-only global holding the mark a program leaves in `skops->reply`.
-pub const MARK_GLOBAL: &str = "KAD_MARK";
-/// Name of the per-CPU map of [`Counters`], keyed by policy cgroup id.
-pub const STATS_MAP: &str = "KAD_STATS";
-/// Name of the read-only global holding [`SockOffsets`].
+/// Policies in force, keyed by the id of the cgroup they name ([`PolicyValue`]).
+pub const POLICIES_MAP: &str = "KAD_POLICY";
+/// Policies by path (relative to the cgroup2 root, as [`PathKey`]): the program that runs
+/// inside `mkdir` puts a new cgroup's policy in force from here, before any process joins it.
+pub const PATHS_MAP: &str = "KAD_PATHS";
+/// Per-CPU [`Counters`], keyed by policy cgroup id.
+pub const STATS_MAP: &str = "KAD_COUNTERS";
+/// Per-socket [`SockState`] (socket local storage, copied to accepted sockets).
+pub const SOCK_MAP: &str = "KAD_SOCK";
+/// The cgroups one refresh of existing connections covers: cgroup id -> deciding policy id
+/// (0: none). Filled by the daemon for the length of one iterator run.
+pub const SCOPE_MAP: &str = "KAD_SCOPE";
+/// Per-CPU scratch buffer for the path read inside `mkdir`.
+pub const SCRATCH_MAP: &str = "KAD_SCRATCH";
+/// Name of the read-only global holding [`KernelOffsets`].
 pub const OFFSETS_GLOBAL: &str = "KAD_OFFSETS";
-/// Capacity of the policies map: the most policy cgroups one daemon can hold.
-pub const MAX_POLICIES: u32 = 4096;
+
+/// Capacity of the policy maps: the most policies one daemon holds.
+pub const MAX_POLICIES: u32 = 65_536;
+/// Capacity of the scope map: the most cgroups one refresh of existing connections covers.
+pub const MAX_SCOPE: u32 = 262_144;
+/// Bytes of a path key, NUL included: paths relative to the cgroup2 root up to 255 bytes.
+pub const PATH_KEY_LEN: usize = 256;
+/// The deepest cgroup level the socket-creation program walks up from.
+pub const MAX_LEVEL: u32 = 32;
 
 /// Keepalive is turned on; without it the cgroup is an opt-out and sockets are left alone.
 pub const FLAG_ON: u32 = 1;
+/// The policy comes from the config file (not `kad set`): lets a restart tell them apart.
+pub const FLAG_CONFIG: u32 = 2;
+/// `--enforce`: a program's own keepalive `setsockopt` is rewritten to the policy's values.
+pub const FLAG_ENFORCE: u32 = 4;
 
-/// One cgroup's policy as the kernel program sees it. A value of 0 means "not set": the socket
+/// One cgroup's policy as the kernel programs see it. A value of 0 means "not set": the socket
 /// keeps the kernel default (`net.ipv4.tcp_keepalive_*`), which is valid since 0 is outside
 /// every option's range.
 #[repr(C)]
@@ -27,9 +44,33 @@ pub struct PolicyValue {
     pub idle: u32,
     pub intvl: u32,
     pub cnt: u32,
+    /// TCP_USER_TIMEOUT in milliseconds, 0 when not set.
+    pub user_timeout: u32,
+    /// Changes whenever the values change: a socket that inherited the values of this
+    /// generation from its listener needs nothing more.
+    pub generation: u32,
 }
 
-/// What the program counted for one policy cgroup (summed over CPUs by the daemon).
+/// A cgroup path relative to the cgroup2 root ("/a/b"), NUL-padded: the key of [`PATHS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathKey {
+    pub bytes: [u8; PATH_KEY_LEN],
+}
+
+/// What kad knows of one socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// The policy cgroup that decides for this socket (the nearest one with a policy when it
+    /// was created, or set by a refresh).
+    pub policy: u64,
+    /// The generation of the values this socket (or the listener it was accepted from) got.
+    pub applied: u32,
+    pub _pad: u32,
+}
+
+/// What the programs counted for one policy cgroup (summed over CPUs by the daemon).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -41,22 +82,39 @@ pub struct Counters {
     pub failures: u64,
     /// Connections closed because keepalive found the peer dead.
     pub keepalive_kills: u64,
+    /// Existing sockets a refresh gave the policy to.
+    pub refreshed: u64,
+    /// Keepalive `setsockopt` calls of the program after kad's (overrides; rewritten if enforced).
+    pub overridden: u64,
 }
 
-/// Byte offsets, from the start of `struct sock`, of the fields that tell a keepalive kill,
-/// found by the daemon in the kernel's BTF. Rust BPF has no CO-RE to relocate them itself.
+/// Byte offsets in kernel structs, found by the daemon in the kernel's BTF: Rust BPF has no
+/// CO-RE to relocate them itself. Each group is valid only if its flag is set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockOffsets {
+pub struct KernelOffsets {
     /// `sock.sk_err` (int).
     pub sk_err: u32,
     /// `inet_connection_sock.icsk_probes_out` (u8).
     pub probes_out: u32,
     /// `inet_connection_sock.icsk_retransmits` (u8).
     pub retransmits: u32,
-    /// Non-zero when the offsets were found; otherwise kills are not counted.
+    /// `sock.sk_cgrp_data` + `sock_cgroup_data.cgroup` (pointer).
+    pub sk_cgroup: u32,
+    /// `cgroup.kn` (pointer).
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id` (u64).
+    pub kn_id: u32,
+    /// `cgroup.root` (pointer).
+    pub cgroup_root: u32,
+    /// `cgroup_root.hierarchy_id` (int).
+    pub hierarchy_id: u32,
+    /// Bit 0: the kill fields are valid; bit 1: the cgroup fields are valid.
     pub valid: u32,
 }
+
+pub const OFFSETS_KILLS: u32 = 1;
+pub const OFFSETS_CGROUP: u32 = 2;
 
 // SAFETY: plain `repr(C)` integers with no padding.
 #[cfg(feature = "user")]
@@ -66,4 +124,10 @@ unsafe impl aya::Pod for PolicyValue {}
 unsafe impl aya::Pod for Counters {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for SockOffsets {}
+unsafe impl aya::Pod for KernelOffsets {}
+// SAFETY: as above (a byte array).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PathKey {}
+// SAFETY: as above (explicit padding field).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockState {}

@@ -3,7 +3,7 @@
 //! hands them to the program as a read-only global.
 use std::{collections::HashMap, path::Path};
 
-use keepalive_common::SockOffsets;
+use keepalive_common::{KernelOffsets, OFFSETS_CGROUP, OFFSETS_KILLS};
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -191,17 +191,51 @@ impl Btf {
     }
 }
 
-/// The offsets the program needs to recognise a keepalive kill, or `valid: 0` (kills are then
-/// not counted) if the kernel has no BTF or different structs.
-pub fn sock_offsets() -> Result<SockOffsets, BtfError> {
+/// The offsets the programs need: to recognise a keepalive kill, and to find a socket's or a
+/// new cgroup's id. A group whose fields this kernel lacks is left invalid, with the reason.
+pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
     let btf = Btf::from_sys_fs()?;
+    let mut offsets = KernelOffsets::default();
+    let mut missing = Vec::new();
     // tcp_sock starts with inet_connection_sock, which starts with inet_sock, then sock.
-    Ok(SockOffsets {
-        sk_err: btf.field_offset("sock", "sk_err")?,
-        probes_out: btf.field_offset("inet_connection_sock", "icsk_probes_out")?,
-        retransmits: btf.field_offset("inet_connection_sock", "icsk_retransmits")?,
-        valid: 1,
-    })
+    let kills = (|| -> Result<(u32, u32, u32), BtfError> {
+        Ok((
+            btf.field_offset("sock", "sk_err")?,
+            btf.field_offset("inet_connection_sock", "icsk_probes_out")?,
+            btf.field_offset("inet_connection_sock", "icsk_retransmits")?,
+        ))
+    })();
+    match kills {
+        Ok((sk_err, probes_out, retransmits)) => {
+            offsets.sk_err = sk_err;
+            offsets.probes_out = probes_out;
+            offsets.retransmits = retransmits;
+            offsets.valid |= OFFSETS_KILLS;
+        }
+        Err(e) => missing.push(format!("keepalive kills: {e}")),
+    }
+    let cgroup = (|| -> Result<(u32, u32, u32, u32, u32), BtfError> {
+        Ok((
+            btf.field_offset("sock", "sk_cgrp_data")?
+                + btf.field_offset("sock_cgroup_data", "cgroup")?,
+            btf.field_offset("cgroup", "kn")?,
+            btf.field_offset("kernfs_node", "id")?,
+            btf.field_offset("cgroup", "root")?,
+            btf.field_offset("cgroup_root", "hierarchy_id")?,
+        ))
+    })();
+    match cgroup {
+        Ok((sk_cgroup, cgroup_kn, kn_id, cgroup_root, hierarchy_id)) => {
+            offsets.sk_cgroup = sk_cgroup;
+            offsets.cgroup_kn = cgroup_kn;
+            offsets.kn_id = kn_id;
+            offsets.cgroup_root = cgroup_root;
+            offsets.hierarchy_id = hierarchy_id;
+            offsets.valid |= OFFSETS_CGROUP;
+        }
+        Err(e) => missing.push(format!("cgroup fields: {e}")),
+    }
+    Ok((offsets, missing))
 }
 
 #[cfg(test)]
@@ -210,10 +244,10 @@ mod tests {
 
     #[test]
     fn finds_the_socket_fields_in_this_kernel() {
-        let Ok(offsets) = sock_offsets() else {
-            eprintln!("SKIPPED: no /sys/kernel/btf/vmlinux");
-            return;
-        };
+        let (offsets, missing) = kernel_offsets().expect("this kernel has BTF");
+        assert!(missing.is_empty(), "{missing:?}");
+        assert_eq!(offsets.valid, OFFSETS_KILLS | OFFSETS_CGROUP);
+        assert!(offsets.kn_id > 0 && offsets.cgroup_kn > 0 && offsets.sk_cgroup > 0);
         // inet_connection_sock embeds struct sock first: its own fields come after sock's.
         let btf = Btf::from_sys_fs().unwrap();
         let icsk_inet = btf

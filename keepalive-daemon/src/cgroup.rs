@@ -133,6 +133,101 @@ pub fn resolve(root: &Path, input: &str) -> Result<Cgroup, CgroupError> {
     })
 }
 
+/// The path a policy may name: an existing cgroup (as `resolve`), or a path that does not
+/// exist yet below an existing cgroup2 directory, so that a policy can be in place before a
+/// service or container creates its cgroup. The existing part is resolved (symlinks and all)
+/// and checked; the rest must be plain names.
+pub fn policy_path(root: &Path, input: &str) -> Result<PathBuf, CgroupError> {
+    match resolve(root, input) {
+        Ok(cgroup) => return Ok(cgroup.path),
+        Err(CgroupError::NotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
+    let path = lexical_path(root, input)?;
+    let mut missing = Vec::new();
+    let mut existing = path.as_path();
+    while !existing.exists() {
+        let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+            return Err(CgroupError::NotFound(path.clone()));
+        };
+        missing.push(name.to_os_string());
+        existing = parent;
+    }
+    if missing
+        .iter()
+        .any(|n| n == "." || n.as_encoded_bytes().contains(&b'\n'))
+    {
+        return Err(CgroupError::NotFound(path.clone()));
+    }
+    // The existing part must itself be a cgroup (or the root): checked and canonicalised.
+    let base = match resolve(root, &existing.display().to_string()) {
+        Ok(cgroup) => cgroup.path,
+        Err(CgroupError::Root(root)) => root,
+        Err(e) => return Err(e),
+    };
+    Ok(missing.iter().rev().fold(base, |p, n| p.join(n)))
+}
+
+/// The nearest existing directory at or above `path` (which is under `root`).
+pub fn nearest_existing(path: &Path) -> &Path {
+    path.ancestors()
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| Path::new("/"))
+}
+
+/// The id of an open cgroup directory.
+pub fn id_of_file(dir: &std::fs::File) -> io::Result<u64> {
+    Ok(dir.metadata()?.ino())
+}
+
+/// Finds the directory of a cgroup by id, walking the hierarchy under `root` (only used for
+/// the few anchors adopted at start).
+pub fn path_of_id_under(root: &Path, id: u64) -> Option<PathBuf> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        if id_of(&dir).ok() == Some(id) {
+            return Some(dir);
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// `path_of_id_under` the cgroup2 root.
+pub fn path_of_id(id: u64) -> Option<PathBuf> {
+    path_of_id_under(&find_root().ok()?, id)
+}
+
+/// The cgroup directories at and below `path` (a cgroup that exists), parents first.
+pub fn subtree(path: &Path) -> Vec<PathBuf> {
+    let mut out = vec![path.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(entries) = std::fs::read_dir(&out[i]) {
+            for entry in entries.flatten() {
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    out.push(entry.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The processes in one cgroup (not its descendants).
+pub fn procs(path: &Path) -> Vec<u32> {
+    std::fs::read_to_string(path.join("cgroup.procs"))
+        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 /// The absolute path `input` names, without touching the filesystem.
 pub fn lexical_path(root: &Path, input: &str) -> Result<PathBuf, CgroupError> {
     if input.trim().is_empty() {

@@ -1,6 +1,6 @@
 //! `kad daemon`: owns the enforcer and the policy table, and serves the control socket.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet},
     io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -19,13 +19,15 @@ use tracing::{error, info, warn};
 use crate::{
     cgroup::{self, CgroupError},
     config::{self as config_file, ConfigError},
-    enforcer::{Enforcer, EnforcerError},
+    enforcer::{self, Enforcer, EnforcerError},
+    reconcile::{Reconciler, Source},
+    watch::Watcher,
     metrics, notify,
     pathio::{io_err, PathIoError},
     policy::Policy,
     protocol::{
-        self, PolicyDetail, PolicyEntry, Request, Response, StatsEntry, StatusReport,
-        MAX_REQUEST_BYTES,
+        self, AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, Request, Response,
+        StatsEntry, StatusReport, MAX_REQUEST_BYTES,
     },
     store::{Store, StoreError},
     sys,
@@ -36,8 +38,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// What is read and thrown away after replying to a request that was not read whole.
 const DRAIN_LIMIT: u64 = 16 << 20;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often policies are checked against the cgroups at their paths.
-const SYNC_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the cgroups of `kad exec` runs are checked for being abandoned (only they: policy
+/// paths are followed through inotify, with no periodic scan).
+const EXEC_COLLECT_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -73,28 +76,18 @@ pub enum DaemonError {
     Io(#[from] PathIoError),
 }
 
-/// Where a policy in force comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// `kad set`, saved in the state directory; wins over the config file.
-    Set,
-    /// The config file.
-    Config,
-}
-
 struct State {
     config: DaemonConfig,
     root: PathBuf,
-    enforcer: Enforcer,
     store: Store,
     /// Policies set with `kad set`, by path; what the state file holds.
     set: BTreeMap<PathBuf, Policy>,
     /// Policies of the config file, by path.
     from_config: BTreeMap<PathBuf, Policy>,
-    /// What is in the kernel now: per path, the cgroup id attached and the policy in its entry.
-    in_force: BTreeMap<PathBuf, (u64, Policy)>,
-    /// The last error applying a path's policy, logged once rather than every tick.
-    failing: BTreeMap<PathBuf, String>,
+    /// The kernel side: map entries, anchors, watched directories, refreshes.
+    kernel: Reconciler,
+    /// The directories the inotify task should watch (sent after every change).
+    watch_dirs: tokio::sync::watch::Sender<BTreeSet<PathBuf>>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Enforcement outlives it: links and the map stay
@@ -135,26 +128,41 @@ async fn run_bound(
         .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
         .collect();
     let from_config = config_file::load(&config.config, &root)?;
-    let enforcer = Enforcer::open(&config.bpffs)?;
+    let state_file_exists = store.exists();
+    let enforcer = open_enforcer(&config.bpffs)?;
+    let mut watcher = Watcher::new().map_err(io_err("cannot start", "inotify"))?;
+    let (watch_dirs, mut dirs_rx) = tokio::sync::watch::channel(BTreeSet::new());
     let mut state = State {
         config: config.clone(),
+        kernel: Reconciler::new(root.clone(), enforcer),
         root,
-        enforcer,
         store,
         set,
         from_config,
-        in_force: BTreeMap::new(),
-        failing: BTreeMap::new(),
+        watch_dirs,
     };
+    state.adopt_pinned(state_file_exists);
     state.sync_all();
-    // Pins and map entries an earlier run left for cgroups or policies that are gone.
-    state.retain_in_force();
+    // Map entries an earlier run left for cgroups or policies that are gone, and what the
+    // first design of kad pinned, once this design's anchors are in place.
+    state.kernel.drop_stale_ids();
+    let retired = state.kernel.enforcer.retire_legacy();
+    if retired > 0 {
+        info!(links = retired, "replaced the links of an older kad");
+    }
+    state.refresh_all();
+    for (what, feature) in state.features() {
+        if let Err(reason) = feature {
+            warn!("{what}: not available on this kernel ({reason})");
+        }
+    }
     info!(
         socket = %config.socket.display(),
         bpffs = %config.bpffs.display(),
         cgroup_root = %state.root.display(),
         policies = state.effective().len(),
-        attached = state.enforcer.attachments(),
+        anchors = state.kernel.enforcer.attachments(),
+        program = state.kernel.enforcer.program_tag(),
         "kad daemon ready"
     );
     notify::notify("READY=1");
@@ -174,8 +182,27 @@ async fn run_bound(
     let mut term = signal(SignalKind::terminate()).map_err(io_err("cannot catch", "SIGTERM"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("cannot catch", "SIGINT"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("cannot catch", "SIGHUP"))?;
-    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    let mut tick = tokio::time::interval(EXEC_COLLECT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // inotify: cgroups created or removed at (or on the way to) policy paths. The kernel's
+    // mkdir hook already gave a new cgroup its policy; the daemon records it and cleans up.
+    let (events_tx, mut events) = tokio::sync::mpsc::channel::<Vec<PathBuf>>(64);
+    watcher.set(&dirs_rx.borrow_and_update().clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = dirs_rx.changed() => {
+                    if changed.is_err() { break; }
+                    let dirs = dirs_rx.borrow_and_update().clone();
+                    watcher.set(&dirs);
+                }
+                batch = watcher.next() => match batch {
+                    Ok(paths) => { if events_tx.send(paths).await.is_err() { break; } }
+                    Err(e) => { error!("inotify: {e}"); break; }
+                }
+            }
+        }
+    });
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -185,7 +212,8 @@ async fn run_bound(
                 }
                 Err(e) => warn!("accept failed: {e}"),
             },
-            _ = tick.tick() => shared.lock().await.sync_all(),
+            _ = tick.tick() => shared.lock().await.collect_abandoned(),
+            Some(paths) = events.recv() => shared.lock().await.on_cgroup_events(&paths),
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", config.config.display());
                 if let Response::Error { message } = shared.lock().await.reload() {
@@ -266,6 +294,11 @@ async fn read_request(read: &mut tokio::net::unix::OwnedReadHalf) -> Result<Requ
     protocol::decode_request(&line)
 }
 
+/// Opens the enforcer, mapping its errors for the daemon.
+fn open_enforcer(bpffs: &Path) -> Result<Enforcer, DaemonError> {
+    Ok(Enforcer::open(bpffs)?)
+}
+
 impl State {
     fn handle(&mut self, request: Request) -> Response {
         match request {
@@ -278,23 +311,27 @@ impl State {
             Request::Status => Response::Status(self.status()),
             Request::Stats => Response::Stats {
                 stats: self.stats(),
-                kills_counted: self.enforcer.counts_kills(),
+                kills_counted: self.kernel.enforcer.counts_kills(),
             },
         }
     }
 
-    /// Counters of every policy in force (a policy waiting for its cgroup has none).
+    /// Counters of every policy whose cgroup exists (a policy waiting for its cgroup has none).
     fn stats(&self) -> Vec<StatsEntry> {
-        self.in_force
+        self.kernel
+            .in_force()
             .iter()
-            .map(|(path, (id, _))| {
-                let c = self.enforcer.counters(*id);
+            .filter_map(|(path, e)| Some((path, e.id?)))
+            .map(|(path, id)| {
+                let c = self.kernel.enforcer.counters(id);
                 StatsEntry {
                     cgroup: path.display().to_string(),
                     connect: c.active,
                     accept: c.passive,
                     setsockopt_failures: c.failures,
                     keepalive_kills: c.keepalive_kills,
+                    refreshed: c.refreshed,
+                    overridden: c.overridden,
                 }
             })
             .collect()
@@ -305,7 +342,7 @@ impl State {
         metrics::render(
             &self.stats(),
             self.effective().len(),
-            self.enforcer.attachments(),
+            self.kernel.enforcer.attachments(),
         )
     }
 
@@ -322,23 +359,36 @@ impl State {
         table
     }
 
+    fn want(&self, path: &Path) -> Option<(Policy, Source)> {
+        if let Some(p) = self.set.get(path) {
+            return Some((*p, Source::Set));
+        }
+        self.from_config.get(path).map(|p| (*p, Source::Config))
+    }
+
     fn set(&mut self, input: &str, policy: Policy) -> Response {
         if let Err(e) = policy.validate() {
             return Response::error(e.to_string());
         }
-        let cgroup = match cgroup::resolve(&self.root, input) {
-            Ok(cgroup) => cgroup,
+        let path = match cgroup::policy_path(&self.root, input) {
+            Ok(path) => path,
             Err(e) => return Response::error(e.to_string()),
         };
-        let previous = self.set.insert(cgroup.path.clone(), policy);
+        if !self.set.contains_key(&path)
+            && !self.from_config.contains_key(&path)
+            && self.effective().len() >= keepalive_common::MAX_POLICIES as usize
+        {
+            return Response::error(EnforcerError::Full.to_string());
+        }
+        let previous = self.set.insert(path.clone(), policy);
         let undo = |state: &mut State| {
             match previous {
-                Some(p) => state.set.insert(cgroup.path.clone(), p),
-                None => state.set.remove(&cgroup.path),
+                Some(p) => state.set.insert(path.clone(), p),
+                None => state.set.remove(&path),
             };
-            let _ = state.sync_path(&cgroup.path);
+            let _ = state.sync_path(&path);
         };
-        if let Err(e) = self.sync_path(&cgroup.path) {
+        if let Err(e) = self.sync_path(&path) {
             undo(self);
             return Response::error(e.to_string());
         }
@@ -347,16 +397,16 @@ impl State {
             undo(self);
             return Response::error(e.to_string());
         }
-        info!(cgroup = %cgroup.path.display(), %policy, "policy set");
+        info!(cgroup = ?path.display().to_string(), %policy, waiting = !path.is_dir(), "policy set");
         Response::Done {
-            cgroup: cgroup.path.display().to_string(),
+            cgroup: path.display().to_string(),
         }
     }
 
     fn unset(&mut self, input: &str) -> Response {
         // A cgroup that is gone can still have its policy removed, by the path it had.
-        let path = match cgroup::resolve(&self.root, input) {
-            Ok(cgroup) => cgroup.path,
+        let path = match cgroup::policy_path(&self.root, input) {
+            Ok(path) => path,
             Err(CgroupError::NotFound(_)) => match cgroup::lexical_path(&self.root, input) {
                 Ok(path) => path,
                 Err(e) => return Response::error(e.to_string()),
@@ -379,9 +429,9 @@ impl State {
         }
         if let Err(e) = self.sync_path(&path) {
             // The config file's policy for this path could not be put back in force.
-            error!(cgroup = %path.display(), "{e}");
+            error!(cgroup = ?path.display().to_string(), "{e}");
         }
-        info!(cgroup = %path.display(), "policy removed");
+        info!(cgroup = ?path.display().to_string(), "policy removed");
         Response::Done {
             cgroup: path.display().to_string(),
         }
@@ -391,9 +441,15 @@ impl State {
     fn reload(&mut self) -> Response {
         match config_file::load(&self.config.config, &self.root) {
             Ok(from_config) => {
+                let before: BTreeSet<PathBuf> = self.from_config.keys().cloned().collect();
                 self.from_config = from_config;
-                self.sync_all();
-                self.retain_in_force();
+                let paths: BTreeSet<PathBuf> = before
+                    .into_iter()
+                    .chain(self.from_config.keys().cloned())
+                    .collect();
+                for path in paths {
+                    let _ = self.sync_path(&path);
+                }
                 info!(config = %self.config.config.display(), policies = self.from_config.len(), "config reloaded");
                 Response::Reloaded {
                     policies: self.from_config.len(),
@@ -403,65 +459,123 @@ impl State {
         }
     }
 
-    /// Brings the kernel in line with the table for one path: attaches to the cgroup now at
-    /// that path (a cgroup re-created there has a new id), updates the map, or detaches.
+    /// Brings the kernel in line with the table for one path, then the anchors and watches,
+    /// then the existing connections below it.
     fn sync_path(&mut self, path: &Path) -> Result<(), EnforcerError> {
-        let want = self
-            .set
-            .get(path)
-            .or_else(|| self.from_config.get(path))
-            .copied();
-        let have = self.in_force.get(path).copied();
-        let current = cgroup::id_of(path).ok();
-        match (want, current) {
-            (Some(policy), Some(id)) => {
-                if have == Some((id, policy)) {
-                    return Ok(());
-                }
-                if let Some((old, _)) = have.filter(|(old, _)| *old != id) {
-                    self.enforcer.remove(old);
-                    self.in_force.remove(path);
-                }
-                let cg = cgroup::Cgroup {
-                    path: path.to_path_buf(),
-                    id,
-                };
-                self.enforcer.apply(&cg, &policy)?;
-                self.in_force.insert(path.to_path_buf(), (id, policy));
-            }
-            _ => {
-                if let Some((old, _)) = have {
-                    self.enforcer.remove(old);
-                    self.in_force.remove(path);
-                }
-            }
+        let want = self.want(path);
+        let changed = self.kernel.sync(path, want);
+        let anchor_errors = self.kernel.apply_anchors();
+        self.publish_watches();
+        if let Some(e) = anchor_errors.into_iter().next() {
+            return Err(e);
+        }
+        if changed? {
+            self.kernel.refresh(path);
         }
         Ok(())
     }
 
-    /// `sync_path` for every path in the table or in force; run at start, on reload and every
-    /// SYNC_INTERVAL, so policies follow cgroups that are removed and created again.
+    /// `sync_path` for every path in the table or in force: at start and after events that
+    /// concern a directory the table cannot narrow down.
     fn sync_all(&mut self) {
-        self.collect_abandoned();
         let paths: BTreeSet<PathBuf> = self
             .effective()
             .into_keys()
-            .chain(self.in_force.keys().cloned())
+            .chain(self.kernel.in_force().keys().cloned())
             .collect();
         for path in paths {
-            match self.sync_path(&path) {
-                Ok(()) => {
-                    if self.failing.remove(&path).is_some() {
-                        info!(cgroup = %path.display(), "policy applied");
-                    }
+            let want = self.want(&path);
+            let _ = self.kernel.sync(&path, want);
+        }
+        let _ = self.kernel.apply_anchors(); // logged there
+        self.publish_watches();
+    }
+
+    /// After a start: the connections that existed before give every policy its due.
+    fn refresh_all(&mut self) {
+        let tops: Vec<PathBuf> = {
+            let in_force = self.kernel.in_force();
+            in_force
+                .keys()
+                .filter(|p| !p.ancestors().skip(1).any(|a| in_force.contains_key(a)))
+                .cloned()
+                .collect()
+        };
+        for path in tops {
+            self.kernel.refresh(&path);
+        }
+    }
+
+    /// Cgroups were created or removed at these paths (or the watched directory went away):
+    /// re-check the policies at and below them.
+    fn on_cgroup_events(&mut self, paths: &[PathBuf]) {
+        let mut affected = BTreeSet::new();
+        let table: BTreeSet<PathBuf> = self
+            .effective()
+            .into_keys()
+            .chain(self.kernel.in_force().keys().cloned())
+            .collect();
+        for changed in paths {
+            for p in table.range(changed.clone()..) {
+                if !p.starts_with(changed) {
+                    break;
                 }
-                Err(e) => {
-                    let message = e.to_string();
-                    if self.failing.get(&path) != Some(&message) {
-                        error!(cgroup = %path.display(), "cannot apply policy: {message}");
-                        self.failing.insert(path, message);
-                    }
-                }
+                affected.insert(p.clone());
+            }
+        }
+        for path in affected {
+            let _ = self.sync_path(&path);
+        }
+        self.kernel.drop_stale_ids();
+    }
+
+    fn publish_watches(&mut self) {
+        let dirs = self.kernel.watch_dirs();
+        self.watch_dirs.send_if_modified(|current| {
+            if *current == dirs {
+                return false;
+            }
+            *current = dirs;
+            true
+        });
+    }
+
+    /// Policies the pinned map holds that neither the state file nor the config file has:
+    /// kept and adopted, loudly, never dropped on a guess. A config-file policy that is no
+    /// longer in the config file was removed on purpose and is not adopted.
+    fn adopt_pinned(&mut self, state_file_exists: bool) {
+        let mut adopted = 0;
+        for (key, value) in self.kernel.enforcer.pinned_paths() {
+            let Some(path) = enforcer::key_path(&self.root, &key) else {
+                continue;
+            };
+            if self.set.contains_key(&path) || self.from_config.contains_key(&path) {
+                continue;
+            }
+            if value.flags & keepalive_common::FLAG_CONFIG != 0 {
+                continue;
+            }
+            let policy = Policy::from_value(&value);
+            warn!(
+                cgroup = ?path.display().to_string(),
+                %policy,
+                state_file = %self.store.path().display(),
+                "a pinned policy is missing from the state file: kept and saved again"
+            );
+            self.set.insert(path, policy);
+            adopted += 1;
+        }
+        if adopted > 0 {
+            if !state_file_exists {
+                warn!(
+                    policies = adopted,
+                    "{} is missing (a wrong --state-dir?): the policies pinned in {} were adopted",
+                    self.store.path().display(),
+                    self.config.bpffs.display()
+                );
+            }
+            if let Err(e) = self.save() {
+                error!("cannot save the adopted policies: {e}");
             }
         }
     }
@@ -487,18 +601,13 @@ impl State {
         for path in abandoned {
             let _ = self.sync_path(&path);
             match std::fs::remove_dir(&path) {
-                Ok(()) => info!(cgroup = %path.display(), "removed an abandoned kad exec cgroup"),
+                Ok(()) => info!(cgroup = ?path.display().to_string(), "removed an abandoned kad exec cgroup"),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    warn!(cgroup = %path.display(), "cannot remove an abandoned kad exec cgroup: {e}")
+                    warn!(cgroup = ?path.display().to_string(), "cannot remove an abandoned kad exec cgroup: {e}")
                 }
             }
         }
-    }
-
-    fn retain_in_force(&mut self) {
-        let keep: HashSet<u64> = self.in_force.values().map(|(id, _)| *id).collect();
-        self.enforcer.retain(&keep);
     }
 
     fn entries(&self) -> Vec<PolicyEntry> {
@@ -517,17 +626,48 @@ impl State {
         self.store.save(&entries)
     }
 
+    fn features(&self) -> [(&'static str, Result<(), String>); 4] {
+        let f = self.kernel.enforcer.features();
+        [
+            ("existing connections (iter/tcp)", f.existing.clone()),
+            ("new cgroups at policy paths (tp_btf/cgroup_mkdir)", f.mkdir.clone()),
+            ("programs' own keepalive options (cgroup/setsockopt)", f.setsockopt.clone()),
+            ("keepalive kills (tp_btf/inet_sk_error_report)", f.kills.clone()),
+        ]
+    }
+
     fn status(&self) -> StatusReport {
         let table = self.effective();
+        let in_force = self.kernel.in_force();
         StatusReport {
             program_loaded: true,
+            program: self.kernel.enforcer.program_tag().to_string(),
             kernel: sys::kernel_release(),
             cgroup_root: self.root.display().to_string(),
             bpffs: self.config.bpffs.display().to_string(),
             state_dir: self.config.state_dir.display().to_string(),
             config: self.config.config.display().to_string(),
-            attachments: self.enforcer.attachments(),
-            map_entries: self.enforcer.map_entries(),
+            attachments: self.kernel.enforcer.attachments(),
+            map_entries: self.kernel.enforcer.map_entries(),
+            anchors: self
+                .kernel
+                .enforcer
+                .anchors()
+                .into_iter()
+                .map(|(path, program)| AnchorEntry {
+                    cgroup: path.display().to_string(),
+                    program,
+                })
+                .collect(),
+            features: self
+                .features()
+                .into_iter()
+                .map(|(what, f)| FeatureEntry {
+                    feature: what.to_string(),
+                    available: f.is_ok(),
+                    reason: f.err(),
+                })
+                .collect(),
             policies: self.entries(),
             details: table
                 .iter()
@@ -538,12 +678,12 @@ impl State {
                         Source::Config => "config",
                     }
                     .to_string(),
-                    cgroup_id: self.in_force.get(path).map(|(id, _)| *id),
-                    error: self.failing.get(path).cloned(),
+                    cgroup_id: in_force.get(path).and_then(|e| e.id),
+                    error: self.kernel.failing(path).cloned(),
                 })
                 .collect(),
             counters: self.stats(),
-            kills_counted: self.enforcer.counts_kills(),
+            kills_counted: self.kernel.enforcer.counts_kills(),
         }
     }
 }

@@ -1,39 +1,45 @@
-//! Loads the sock_ops program, keeps its maps (policies, counters), and attaches one program
-//! instance to each policy cgroup.
+//! The kernel side: loads kad's programs once, keeps their maps, attaches the cgroup programs
+//! to anchor cgroups, and refreshes existing connections. Everything that must outlive the
+//! daemon is pinned under its bpffs directory:
+//!
+//! - maps `KAD_POLICY` (by cgroup id), `KAD_PATHS` (by path), `KAD_COUNTERS`, `KAD_SOCK`;
+//! - `anchors/<cgroup id>/{sock_create,sock_ops,setsockopt}`: the cgroup links;
+//! - `tracing/{mkdir,error_report}`: the tracepoint links.
+//!
+//! A new daemon adopts the pins and points each cgroup link at its own programs with
+//! `BPF_LINK_UPDATE` (no gap); tracepoint links are replaced by new ones (the old and new
+//! programs decide alike, so the short overlap is harmless).
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     fs::File,
-    io,
-    os::fd::AsRawFd,
+    io::{self, Read},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    programs::{
-        links::{FdLink, PinnedLink},
-        CgroupAttachMode, SockOps,
-    },
-    Ebpf, EbpfLoader,
+    programs::{BtfTracePoint, CgroupSock, CgroupSockopt, Iter, ProgramFd, SockOps},
+    Btf, Ebpf, EbpfLoader,
 };
 use keepalive_common::{
-    Counters, PolicyValue, SockOffsets, CGROUP_ID_GLOBAL, MARK_GLOBAL, OFFSETS_GLOBAL,
-    POLICIES_MAP, STATS_MAP,
+    Counters, KernelOffsets, PathKey, PolicyValue, MAX_POLICIES, OFFSETS_CGROUP, OFFSETS_GLOBAL,
+    OFFSETS_KILLS, PATHS_MAP, PATH_KEY_LEN, POLICIES_MAP, SCOPE_MAP, SOCK_MAP, STATS_MAP,
 };
-
 use tracing::{info, warn};
 
 use crate::{
-    cgroup::Cgroup,
+    bpfsys::{self, CgroupHook},
     pathio::{io_err, remove_file_if_present, PathIoError},
-    policy::Policy,
 };
 
-/// The program embedded at build time (see build.rs).
+/// The programs embedded at build time (see build.rs).
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kad-sockops"));
-const PROGRAM_NAME: &str = "kad_sockops";
-/// Where each attached cgroup's link is pinned, named by cgroup id.
-const LINKS_DIR: &str = "links";
+const ANCHORS_DIR: &str = "anchors";
+const TRACING_DIR: &str = "tracing";
+/// What the first design pinned: one link per policy cgroup, and its maps.
+const LEGACY_LINKS_DIR: &str = "links";
+const LEGACY_MAPS: [&str; 2] = ["KAD_POLICIES", "KAD_STATS"];
 const DEFAULT_BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -48,89 +54,458 @@ pub enum EnforcerError {
     Busy(PathBuf),
     #[error(transparent)]
     Io(#[from] PathIoError),
-    #[error("cannot load the sock_ops program: {0}")]
-    Load(String),
+    #[error("cannot load the {program} program: {message}")]
+    Load {
+        program: &'static str,
+        message: String,
+    },
     #[error("cannot attach to {path}: {message}")]
     Attach { path: PathBuf, message: String },
-    #[error("BPF map: {0}")]
-    Map(#[from] aya::maps::MapError),
+    #[error("cannot use the pin {path}: {source} (left in place; enforcement continues through it)")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("BPF map {map}: {message}")]
+    Map { map: &'static str, message: String },
+    #[error("the pinned map {0} is gone (removed by hand?): restart the daemon to re-create it and re-apply every policy")]
+    MapGone(PathBuf),
+    #[error("too many policies: kad holds at most {MAX_POLICIES}")]
+    Full,
+    #[error("cannot update existing connections: {0}")]
+    Refresh(String),
+}
+
+/// What this kernel lets kad do beyond the core (sock_create and sock_ops); each is `Err`
+/// with the reason when it is not available.
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// iter/tcp with `bpf_setsockopt` (5.15): policies reach existing connections.
+    pub existing: Result<(), String>,
+    /// tp_btf/cgroup_mkdir: a cgroup created at a policy path has it from its first socket.
+    pub mkdir: Result<(), String>,
+    /// cgroup/setsockopt: a program's own keepalive options are counted (and enforced).
+    pub setsockopt: Result<(), String>,
+    /// tp_btf/inet_sk_error_report: keepalive kills are counted.
+    pub kills: Result<(), String>,
+}
+
+/// The links attached to one anchor cgroup.
+struct Anchor {
+    path: PathBuf,
+    links: Vec<(CgroupHook, OwnedFd)>,
 }
 
 pub struct Enforcer {
     dir: PathBuf,
-    mark: u32,
-    offsets: SockOffsets,
     policies: BpfHashMap<MapData, u64, PolicyValue>,
+    paths: BpfHashMap<MapData, PathKey, PolicyValue>,
     stats: PerCpuHashMap<MapData, u64, Counters>,
-    /// The pinned link of each attached cgroup id. The pins, not this process, keep the
-    /// programs attached: they outlive a crash or a stop of the daemon.
-    attached: HashMap<u64, PinnedLink>,
-    /// Keeps the program loaded (for `status`) and holds nothing attached.
-    _base: Ebpf,
+    scope: BpfHashMap<MapData, u64, u64>,
+    programs: HashMap<CgroupHook, ProgramFd>,
+    anchors: BTreeMap<u64, Anchor>,
+    iter_link: Option<OwnedFd>,
+    /// Tracepoint links, by pin name; the pins keep them after the daemon exits.
+    _tracing: Vec<OwnedFd>,
+    features: Features,
+    tag: String,
+    generation: u32,
+    /// Holds the programs and maps; dropping it would unload nothing pinned.
+    _ebpf: Ebpf,
     /// An exclusive flock on `dir`: one daemon per bpffs directory.
     _lock: File,
 }
 
 impl Enforcer {
-    /// Opens (creating it if needed) the daemon's bpffs directory, loads the program once to
-    /// check that the kernel accepts it, and adopts the links and map an earlier run pinned.
+    /// Opens (creating it if needed) the daemon's bpffs directory, loads the programs, adopts
+    /// and upgrades the links an earlier run pinned.
     pub fn open(dir: &Path) -> Result<Self, EnforcerError> {
         ensure_bpffs(dir)?;
-        let links = dir.join(LINKS_DIR);
-        std::fs::create_dir_all(&links).map_err(io_err("cannot create", &links))?;
+        for sub in [ANCHORS_DIR, TRACING_DIR] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(io_err("cannot create", &path))?;
+        }
         let lock = lock_dir(dir)?;
-        let mark = mark_for(dir);
-        let offsets = crate::btf::sock_offsets().unwrap_or_else(|e| {
-            warn!("keepalive kills will not be counted: {e}");
-            SockOffsets::default()
+        let (offsets, missing) = crate::btf::kernel_offsets().unwrap_or_else(|e| {
+            (KernelOffsets::default(), vec![format!("no kernel BTF: {e}")])
         });
-        let mut base = load_instance(dir, 0, mark, &offsets)?;
-        let mut take = |name: &str| {
-            base.take_map(name)
-                .ok_or_else(|| EnforcerError::Load(format!("the object has no {name} map")))
+        for reason in &missing {
+            warn!("{reason}");
+        }
+        let btf = Btf::from_sys_fs().ok();
+        let mut ebpf = EbpfLoader::new()
+            .btf(btf.as_ref())
+            .map_pin_path(POLICIES_MAP, dir.join(POLICIES_MAP))
+            .map_pin_path(PATHS_MAP, dir.join(PATHS_MAP))
+            .map_pin_path(STATS_MAP, dir.join(STATS_MAP))
+            .map_pin_path(SOCK_MAP, dir.join(SOCK_MAP))
+            .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .load(PROGRAM)
+            .map_err(|e| load_error("kad", &e))?;
+
+        let mut programs = HashMap::new();
+        let sock_create: &mut CgroupSock = program(&mut ebpf, "kad_sock_create")?;
+        sock_create
+            .load()
+            .map_err(|e| load_error("sock_create", &e))?;
+        programs.insert(CgroupHook::SockCreate, prog_fd(sock_create.fd(), "sock_create")?);
+        let sock_ops: &mut SockOps = program(&mut ebpf, "kad_sockops")?;
+        sock_ops.load().map_err(|e| load_error("sock_ops", &e))?;
+        programs.insert(CgroupHook::SockOps, prog_fd(sock_ops.fd(), "sock_ops")?);
+        let tag = bpfsys::prog_tag_of(programs[&CgroupHook::SockOps].as_fd())
+            .unwrap_or_else(|_| "unknown".into());
+
+        let setsockopt = (|| {
+            let p: &mut CgroupSockopt = program(&mut ebpf, "kad_setsockopt")?;
+            p.load().map_err(|e| load_error("setsockopt", &e))?;
+            prog_fd(p.fd(), "setsockopt")
+        })();
+        let setsockopt = match setsockopt {
+            Ok(fd) => {
+                programs.insert(CgroupHook::SetSockopt, fd);
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
         };
-        let policies = BpfHashMap::try_from(take(POLICIES_MAP)?)?;
-        let stats = PerCpuHashMap::try_from(take(STATS_MAP)?)?;
-        let attached = adopt_links(&links);
-        Ok(Enforcer {
+
+        let need_cgroup = |what: &str| -> Result<(), String> {
+            if offsets.valid & OFFSETS_CGROUP == 0 {
+                return Err(format!("{what}: the kernel's BTF lacks the cgroup fields"));
+            }
+            Ok(())
+        };
+        let (iter_link, existing) = match need_cgroup("existing connections").and_then(|()| {
+            let btf = btf.as_ref().ok_or("no kernel BTF")?;
+            let p: &mut Iter = program(&mut ebpf, "kad_iter_tcp").map_err(|e| e.to_string())?;
+            p.load("tcp", btf)
+                .map_err(|e| load_error("iter/tcp", &e).to_string())?;
+            let fd = p.fd().map_err(|e| e.to_string())?;
+            bpfsys::link_iter(fd.as_fd()).map_err(|e| format!("iter/tcp link: {e}"))
+        }) {
+            Ok(link) => (Some(link), Ok(())),
+            Err(e) => (None, Err(e)),
+        };
+
+        let mut tracing = Vec::new();
+        let mut attach_tp = |name: &'static str, function: &str, pin: &str| {
+            let btf = btf.as_ref().ok_or("no kernel BTF")?;
+            let p: &mut BtfTracePoint = program(&mut ebpf, name).map_err(|e| e.to_string())?;
+            p.load(function, btf)
+                .map_err(|e| load_error(name, &e).to_string())?;
+            let fd = p.fd().map_err(|e| e.to_string())?;
+            let link = bpfsys::link_raw_tracepoint(fd.as_fd())
+                .map_err(|e| format!("tp_btf/{function}: {e}"))?;
+            replace_pin(&link, &dir.join(TRACING_DIR).join(pin))
+                .map_err(|e| format!("pin tp_btf/{function}: {e}"))?;
+            tracing.push(link);
+            Ok::<(), String>(())
+        };
+        let mkdir = need_cgroup("new cgroups")
+            .and_then(|()| attach_tp("kad_mkdir", "cgroup_mkdir", "mkdir"));
+        let kills = if offsets.valid & OFFSETS_KILLS == 0 {
+            Err("the kernel's BTF lacks the socket fields".to_string())
+        } else {
+            attach_tp(
+                "kad_error_report",
+                "inet_sk_error_report",
+                "error_report",
+            )
+        };
+        let features = Features {
+            existing,
+            mkdir,
+            setsockopt,
+            kills,
+        };
+
+        let policies = BpfHashMap::try_from(take_map(&mut ebpf, POLICIES_MAP)?)
+            .map_err(|e| map_error(POLICIES_MAP, e))?;
+        let paths = BpfHashMap::try_from(take_map(&mut ebpf, PATHS_MAP)?)
+            .map_err(|e| map_error(PATHS_MAP, e))?;
+        let stats = PerCpuHashMap::try_from(take_map(&mut ebpf, STATS_MAP)?)
+            .map_err(|e| map_error(STATS_MAP, e))?;
+        let scope = BpfHashMap::try_from(take_map(&mut ebpf, SCOPE_MAP)?)
+            .map_err(|e| map_error(SCOPE_MAP, e))?;
+        let mut enforcer = Enforcer {
             dir: dir.to_path_buf(),
-            mark,
-            offsets,
             policies,
+            paths,
             stats,
-            attached,
-            _base: base,
+            scope,
+            programs,
+            anchors: BTreeMap::new(),
+            iter_link,
+            _tracing: tracing,
+            features,
+            tag,
+            generation: 0,
+            _ebpf: ebpf,
             _lock: lock,
+        };
+        enforcer.generation = enforcer
+            .pinned_paths()
+            .iter()
+            .map(|(_, v)| v.generation)
+            .max()
+            .unwrap_or(0);
+        enforcer.adopt_anchors()?;
+        Ok(enforcer)
+    }
+
+    /// A generation no value in the maps has yet.
+    pub fn next_generation(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1).max(1);
+        self.generation
+    }
+
+    /// Puts a policy in force for a path and, if the cgroup exists, for its id. The path
+    /// entry lets the kernel apply it to a cgroup created there later, inside `mkdir`.
+    pub fn put(
+        &mut self,
+        key: &PathKey,
+        id: Option<u64>,
+        value: PolicyValue,
+    ) -> Result<(), EnforcerError> {
+        self.check_pins()?;
+        self.paths
+            .insert(key, value, 0)
+            .map_err(|e| full_or(PATHS_MAP, e))?;
+        if let Some(id) = id {
+            self.policies
+                .insert(id, value, 0)
+                .map_err(|e| full_or(POLICIES_MAP, e))?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a path's policy (its cgroup's entry is removed with `remove_id`).
+    pub fn remove_path(&mut self, key: &PathKey) {
+        let _ = self.paths.remove(key);
+    }
+
+    /// Forgets the policy and counters of a cgroup id. Unknown ids are fine.
+    pub fn remove_id(&mut self, id: u64) {
+        let _ = self.policies.remove(&id);
+        let _ = self.stats.remove(&id);
+    }
+
+    /// The cgroup ids that have a policy entry (some may have been put there by `mkdir`).
+    pub fn policy_ids(&self) -> Vec<(u64, PolicyValue)> {
+        self.policies
+            .iter()
+            .filter_map(Result::ok)
+            .collect::<Vec<_>>()
+    }
+
+    /// The policies by path an earlier run left in the pinned map.
+    pub fn pinned_paths(&self) -> Vec<(PathKey, PolicyValue)> {
+        self.paths.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Fails if someone removed the pinned maps: an update would reach a map the attached
+    /// programs no longer share with the next daemon.
+    fn check_pins(&self) -> Result<(), EnforcerError> {
+        for name in [POLICIES_MAP, PATHS_MAP] {
+            let path = self.dir.join(name);
+            if !path.exists() {
+                return Err(EnforcerError::MapGone(path));
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the cgroup programs to every anchor in `want` (id -> path) that has none, and
+    /// detaches the anchors not in it. Returns the anchors that could not be attached.
+    pub fn set_anchors(&mut self, want: &BTreeMap<u64, PathBuf>) -> Vec<EnforcerError> {
+        let mut errors = Vec::new();
+        let stale: Vec<u64> = self
+            .anchors
+            .keys()
+            .filter(|id| !want.contains_key(id))
+            .copied()
+            .collect();
+        for (id, path) in want {
+            if self.anchors.contains_key(id) {
+                continue;
+            }
+            match self.attach(*id, path) {
+                Ok(anchor) => {
+                    info!(cgroup = ?path.display().to_string(), "anchored kad's programs");
+                    self.anchors.insert(*id, anchor);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        for id in stale {
+            self.detach(id);
+        }
+        errors
+    }
+
+    fn attach(&self, id: u64, path: &Path) -> Result<Anchor, EnforcerError> {
+        let attach_error = |message: String| EnforcerError::Attach {
+            path: path.to_path_buf(),
+            message,
+        };
+        let cgroup = File::open(path).map_err(|e| attach_error(e.to_string()))?;
+        // The id is checked on the open directory: a cgroup re-created meanwhile is refused.
+        if crate::cgroup::id_of_file(&cgroup).map_err(|e| attach_error(e.to_string()))? != id {
+            return Err(attach_error("the cgroup was re-created meanwhile".into()));
+        }
+        let pin_dir = self.dir.join(ANCHORS_DIR).join(id.to_string());
+        std::fs::create_dir_all(&pin_dir).map_err(|e| attach_error(e.to_string()))?;
+        let mut links = Vec::new();
+        // Socket creation first: by the time sock_ops runs, the socket has its state.
+        for hook in CgroupHook::ALL {
+            let Some(prog) = self.programs.get(&hook) else {
+                continue;
+            };
+            let link = bpfsys::link_cgroup(prog.as_fd(), cgroup.as_fd(), hook)
+                .map_err(|e| attach_error(format!("{}: {e}", hook.pin_name())))?;
+            // If pinning fails the links made so far are dropped, which detaches them.
+            replace_pin(&link, &pin_dir.join(hook.pin_name()))
+                .map_err(|e| attach_error(format!("pin {}: {e}", hook.pin_name())))?;
+            links.push((hook, link));
+        }
+        Ok(Anchor {
+            path: path.to_path_buf(),
+            links,
         })
     }
 
-    /// Puts `policy` in force for `cgroup`: the map entry first, so that the program never runs
-    /// without one, then the attachment if the cgroup has none yet.
-    pub fn apply(&mut self, cgroup: &Cgroup, policy: &Policy) -> Result<(), EnforcerError> {
-        self.policies.insert(cgroup.id, policy.to_value(), 0)?;
-        if self.attached.contains_key(&cgroup.id) {
-            return Ok(());
+    fn detach(&mut self, id: u64) {
+        let Some(anchor) = self.anchors.remove(&id) else {
+            return;
+        };
+        let pin_dir = self.dir.join(ANCHORS_DIR).join(id.to_string());
+        for (hook, _link) in &anchor.links {
+            let _ = std::fs::remove_file(pin_dir.join(hook.pin_name()));
         }
-        match attach(&self.dir, self.mark, &self.offsets, cgroup) {
-            Ok(link) => {
-                self.attached.insert(cgroup.id, link);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = self.policies.remove(&cgroup.id);
-                Err(e)
-            }
-        }
+        let _ = std::fs::remove_dir(&pin_dir);
+        info!(cgroup = ?anchor.path.display().to_string(), "detached kad's programs");
+        // Dropping the fds with the pins gone detaches the links.
     }
 
-    /// Detaches from the cgroup with this id and forgets its policy. Unknown ids are fine.
-    pub fn remove(&mut self, cgroup_id: u64) {
-        // Detach first so that no program runs without its map entry.
-        if let Some(link) = self.attached.remove(&cgroup_id) {
-            detach(link);
+    /// Adopts the anchors an earlier run pinned and points their links at this run's
+    /// programs. A pin is removed only when the kernel says its cgroup is gone; any other
+    /// error leaves it in place (it still enforces) and stops the start.
+    fn adopt_anchors(&mut self) -> Result<(), EnforcerError> {
+        let base = self.dir.join(ANCHORS_DIR);
+        let entries = std::fs::read_dir(&base).map_err(io_err("cannot read", &base))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("cannot read", &base))?;
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                warn!(pin = ?entry.path().display().to_string(), "not a kad anchor: left alone");
+                continue;
+            };
+            let pin_dir = entry.path();
+            let mut links = Vec::new();
+            let mut gone = false;
+            for hook in CgroupHook::ALL {
+                let pin = pin_dir.join(hook.pin_name());
+                let link = match bpfsys::get_pinned(&pin) {
+                    Ok(link) => link,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(EnforcerError::Pin { path: pin, source }),
+                };
+                let Some(prog) = self.programs.get(&hook) else {
+                    continue; // this kernel cannot run it: the old program stays
+                };
+                match bpfsys::link_update(link.as_fd(), prog.as_fd()) {
+                    Ok(()) => links.push((hook, link)),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => gone = true,
+                    Err(source) => return Err(EnforcerError::Pin { path: pin, source }),
+                }
+            }
+            if gone {
+                // The kernel detached these links when the cgroup was removed.
+                for hook in CgroupHook::ALL {
+                    let _ = std::fs::remove_file(pin_dir.join(hook.pin_name()));
+                }
+                let _ = std::fs::remove_dir(&pin_dir);
+                continue;
+            }
+            let path = crate::cgroup::path_of_id(id).unwrap_or_default();
+            // A missing hook (a kernel that gained one, or a crash mid-attach) is added.
+            if let Ok(cgroup) = File::open(&path) {
+                for hook in CgroupHook::ALL {
+                    if links.iter().any(|(h, _)| *h == hook) {
+                        continue;
+                    }
+                    if let Some(prog) = self.programs.get(&hook) {
+                        if let Ok(link) = bpfsys::link_cgroup(prog.as_fd(), cgroup.as_fd(), hook)
+                        {
+                            if replace_pin(&link, &pin_dir.join(hook.pin_name())).is_ok() {
+                                links.push((hook, link));
+                            }
+                        }
+                    }
+                }
+            }
+            self.anchors.insert(id, Anchor { path, links });
         }
-        let _ = self.policies.remove(&cgroup_id);
-        let _ = self.stats.remove(&cgroup_id);
+        Ok(())
+    }
+
+    /// Detaches what the first design of kad pinned (one link per policy cgroup, and its
+    /// maps), once this design's anchors are in place.
+    pub fn retire_legacy(&mut self) -> usize {
+        let links = self.dir.join(LEGACY_LINKS_DIR);
+        let mut count = 0;
+        if let Ok(entries) = std::fs::read_dir(&links) {
+            for entry in entries.flatten() {
+                if std::fs::remove_file(entry.path()).is_ok() {
+                    count += 1;
+                }
+            }
+            let _ = std::fs::remove_dir(&links);
+        }
+        for name in LEGACY_MAPS {
+            let _ = std::fs::remove_file(self.dir.join(name));
+        }
+        count
+    }
+
+    /// Gives the sockets of the cgroups in `scope` (cgroup id -> deciding policy id, 0 for
+    /// none) the policy that decides for them, in each of the network namespaces `netns`.
+    /// Returns the number of sockets updated.
+    pub fn refresh(&mut self, scope: &[(u64, u64)], netns: &[File]) -> Result<u64, EnforcerError> {
+        let Some(link) = &self.iter_link else {
+            return Ok(0);
+        };
+        let mut errors = Vec::new();
+        let mut filled = Vec::new();
+        for (cgroup, policy) in scope {
+            match self.scope.insert(cgroup, policy, 0) {
+                Ok(()) => filled.push(*cgroup),
+                Err(e) => {
+                    errors.push(format!("scope map: {e}"));
+                    break;
+                }
+            }
+        }
+        let mut updated = 0;
+        if errors.is_empty() {
+            for ns in netns {
+                match run_iterator_in(link, ns) {
+                    Ok(n) => updated += n,
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        for cgroup in filled {
+            let _ = self.scope.remove(&cgroup);
+        }
+        if errors.is_empty() {
+            Ok(updated)
+        } else {
+            Err(EnforcerError::Refresh(errors.join("; ")))
+        }
     }
 
     /// The counters of a policy cgroup, summed over CPUs; zero before its first connection.
@@ -142,172 +517,218 @@ impl Enforcer {
                 total.passive += c.passive;
                 total.failures += c.failures;
                 total.keepalive_kills += c.keepalive_kills;
+                total.refreshed += c.refreshed;
+                total.overridden += c.overridden;
             }
         }
         total
     }
 
-    /// Whether the program can tell keepalive kills (the kernel's BTF had the fields).
-    pub fn counts_kills(&self) -> bool {
-        self.offsets.valid != 0
+    pub fn features(&self) -> &Features {
+        &self.features
     }
 
-    /// Removes every attachment and map entry whose cgroup id is not in `keep`: what an earlier
-    /// run left for cgroups that are gone or policies that were removed.
-    pub fn retain(&mut self, keep: &HashSet<u64>) {
-        let stale_links: Vec<u64> = self
-            .attached
-            .keys()
-            .filter(|id| !keep.contains(id))
-            .copied()
-            .collect();
-        let stale_entries: Vec<u64> = self
-            .policies
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| !keep.contains(id))
-            .collect();
-        for id in stale_links.into_iter().chain(stale_entries) {
-            self.remove(id);
-        }
+    /// Whether the kernel counts keepalive kills.
+    pub fn counts_kills(&self) -> bool {
+        self.features.kills.is_ok()
+    }
+
+    /// The tag of the sock_ops program this daemon loaded (a hash of its instructions).
+    pub fn program_tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Per anchor: its path and the tag of the sock_ops program its link runs now.
+    pub fn anchors(&self) -> Vec<(PathBuf, String)> {
+        self.anchors
+            .values()
+            .map(|a| {
+                let tag = a
+                    .links
+                    .iter()
+                    .find(|(h, _)| *h == CgroupHook::SockOps)
+                    .and_then(|(_, l)| bpfsys::link_info(l.as_fd()).ok())
+                    .and_then(|i| bpfsys::prog_tag(i.prog_id).ok())
+                    .unwrap_or_else(|| "?".into());
+                (a.path.clone(), tag)
+            })
+            .collect()
     }
 
     pub fn attachments(&self) -> usize {
-        self.attached.len()
+        self.anchors.len()
     }
 
-    /// Map entries, for `status`: equal to the attachments when all is well.
+    /// Policy entries by cgroup id, for `status`.
     pub fn map_entries(&self) -> usize {
         self.policies.keys().filter(Result::is_ok).count()
     }
 }
 
+/// Runs the iterator once in the network namespace `ns`, on a thread of its own (setns
+/// changes only the calling thread). Returns the number of sockets it updated.
+fn run_iterator_in(link: &OwnedFd, ns: &File) -> io::Result<u64> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a descriptor we hold; it affects only this thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The namespace is fixed when the iterator is created: here, after setns.
+            let iter = File::from(bpfsys::iter_create(link.as_fd())?);
+            let mut out = Vec::new();
+            (&iter).read_to_end(&mut out)?;
+            Ok(out.len() as u64)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("iterator thread panicked")))
+    })
+}
+
+/// Pins `fd` at `path`, replacing what is there (rename over it: never a moment without).
+fn replace_pin(fd: &OwnedFd, path: &Path) -> io::Result<()> {
+    // bpffs refuses names with dots.
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push("-new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    bpfsys::pin(fd.as_fd(), &tmp)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// The key of a path in the paths map: relative to the cgroup2 root, as the kernel names
+/// cgroups in its `cgroup_mkdir` tracepoint ("/a/b").
+pub fn path_key(root: &Path, path: &Path) -> Option<PathKey> {
+    let relative = path.strip_prefix(root).ok()?;
+    let text = format!("/{}", relative.display());
+    let bytes = text.as_bytes();
+    if bytes.len() >= PATH_KEY_LEN || bytes.contains(&0) {
+        return None;
+    }
+    let mut key = PathKey {
+        bytes: [0; PATH_KEY_LEN],
+    };
+    key.bytes[..bytes.len()].copy_from_slice(bytes);
+    Some(key)
+}
+
+/// The absolute path a path key stands for.
+pub fn key_path(root: &Path, key: &PathKey) -> Option<PathBuf> {
+    let len = key.bytes.iter().position(|&b| b == 0)?;
+    let text = std::str::from_utf8(&key.bytes[..len]).ok()?;
+    Some(root.join(text.strip_prefix('/')?))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EnforcerError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(EnforcerError::Load {
+            program: name,
+            message: "missing from the object".into(),
+        })?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| load_error(name, &e))
+}
+
+fn prog_fd(
+    fd: Result<&ProgramFd, aya::programs::ProgramError>,
+    name: &'static str,
+) -> Result<ProgramFd, EnforcerError> {
+    fd.map_err(|e| load_error(name, &e))?
+        .try_clone()
+        .map_err(|e| load_error(name, &e))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EnforcerError> {
+    ebpf.take_map(name).ok_or(EnforcerError::Map {
+        map: name,
+        message: "missing from the object".into(),
+    })
+}
+
+fn load_error(program: &'static str, error: &dyn std::error::Error) -> EnforcerError {
+    EnforcerError::Load {
+        program,
+        message: error_chain(error),
+    }
+}
+
+fn map_error(map: &'static str, error: aya::maps::MapError) -> EnforcerError {
+    EnforcerError::Map {
+        map,
+        message: error_chain(&error),
+    }
+}
+
+/// A failed insert into a full map says so, with the limit; others keep the errno.
+fn full_or(map: &'static str, error: aya::maps::MapError) -> EnforcerError {
+    let message = error_chain(&error);
+    if message.contains("E2BIG") || message.contains("os error 7") {
+        return EnforcerError::Full;
+    }
+    EnforcerError::Map { map, message }
+}
+
 /// Detaches everything kad pinned under `dir` and removes the directory. Refuses while a daemon
-/// holds the directory.
+/// holds the directory. Returns the number of anchors detached.
 pub fn uninstall(dir: &Path) -> Result<usize, EnforcerError> {
     if !dir.exists() {
         return Ok(0);
     }
     let lock = lock_dir(dir)?;
-    let links = dir.join(LINKS_DIR);
-    let adopted = adopt_links(&links);
-    let count = adopted.len();
-    for link in adopted.into_values() {
-        detach(link);
-    }
-    remove_file_if_present(&dir.join(POLICIES_MAP))?;
-    remove_file_if_present(&dir.join(STATS_MAP))?;
-    for path in [links.as_path(), dir] {
-        match std::fs::remove_dir(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(io_err("cannot remove (not kad's?)", path)(e).into())
-            }
-            _ => {}
+    let mut count = 0;
+    let anchors = dir.join(ANCHORS_DIR);
+    if let Ok(entries) = std::fs::read_dir(&anchors) {
+        for entry in entries.flatten() {
+            remove_tree(&entry.path())?;
+            count += 1;
         }
+    }
+    for sub in [ANCHORS_DIR, TRACING_DIR, LEGACY_LINKS_DIR] {
+        remove_tree(&dir.join(sub))?;
+    }
+    for name in [POLICIES_MAP, PATHS_MAP, STATS_MAP, SOCK_MAP]
+        .into_iter()
+        .chain(LEGACY_MAPS)
+    {
+        remove_file_if_present(&dir.join(name))?;
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io_err("cannot remove (not kad's?)", dir)(e).into())
+        }
+        _ => {}
     }
     drop(lock);
     Ok(count)
 }
 
-/// Opens the links pinned in `links` (named by cgroup id); unusable pins are removed.
-fn adopt_links(links: &Path) -> HashMap<u64, PinnedLink> {
-    let mut adopted = HashMap::new();
-    let Ok(entries) = std::fs::read_dir(links) else {
-        return adopted;
+/// Removes a directory of pins (one level of subdirectories), or a single pin.
+fn remove_tree(path: &Path) -> Result<(), PathIoError> {
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+            return remove_file_if_present(path);
+        }
+        Err(e) => return Err(io_err("cannot read", path)(e)),
     };
     for entry in entries.flatten() {
-        let path = entry.path();
-        let id = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u64>().ok());
-        match (id, PinnedLink::from_pin(&path)) {
-            (Some(id), Ok(link)) => {
-                adopted.insert(id, link);
-            }
-            (_, result) => {
-                warn!(pin = %path.display(), "removing a pin kad cannot use: {:?}", result.err());
-                let _ = std::fs::remove_file(&path);
-            }
+        let p = entry.path();
+        if p.is_dir() {
+            remove_tree(&p)?;
+        } else {
+            remove_file_if_present(&p)?;
         }
     }
-    adopted
-}
-
-/// Removes the pin and closes the link: the kernel detaches it.
-fn detach(link: PinnedLink) {
-    match link.unpin() {
-        Ok(fd_link) => drop(fd_link),
-        Err(e) => warn!("cannot remove a link pin: {e}"),
+    match std::fs::remove_dir(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("cannot remove", path)(e)),
+        _ => Ok(()),
     }
-}
-
-fn load_instance(
-    dir: &Path,
-    cgroup_id: u64,
-    mark: u32,
-    offsets: &SockOffsets,
-) -> Result<Ebpf, EnforcerError> {
-    let mut ebpf = EbpfLoader::new()
-        .map_pin_path(POLICIES_MAP, dir.join(POLICIES_MAP))
-        .map_pin_path(STATS_MAP, dir.join(STATS_MAP))
-        .override_global(CGROUP_ID_GLOBAL, &cgroup_id, true)
-        .override_global(MARK_GLOBAL, &mark, true)
-        .override_global(OFFSETS_GLOBAL, offsets, true)
-        .load(PROGRAM)
-        .map_err(|e| EnforcerError::Load(error_chain(&e)))?;
-    let program: &mut SockOps = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| EnforcerError::Load(format!("the object has no program {PROGRAM_NAME}")))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| EnforcerError::Load(error_chain(&e)))?;
-    program
-        .load()
-        .map_err(|e| EnforcerError::Load(error_chain(&e)))?;
-    Ok(ebpf)
-}
-
-fn attach(
-    dir: &Path,
-    mark: u32,
-    offsets: &SockOffsets,
-    cgroup: &Cgroup,
-) -> Result<PinnedLink, EnforcerError> {
-    let mut instance = load_instance(dir, cgroup.id, mark, offsets)?;
-    let attach_error = |message: String| EnforcerError::Attach {
-        path: cgroup.path.clone(),
-        message,
-    };
-    let cgroup_dir = File::open(&cgroup.path).map_err(|e| attach_error(e.to_string()))?;
-    let program: &mut SockOps = instance
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| attach_error("program missing".into()))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| attach_error(error_chain(&e)))?;
-    // Links on one cgroup always coexist; Single is the only mode bpf_link_create accepts.
-    let link_id = program
-        .attach(&cgroup_dir, CgroupAttachMode::Single)
-        .map_err(|e| attach_error(error_chain(&e)))?;
-    let link = program
-        .take_link(link_id)
-        .map_err(|e| attach_error(error_chain(&e)))?;
-    let link = FdLink::try_from(link).map_err(|e| attach_error(error_chain(&e)))?;
-    let pin = dir.join(LINKS_DIR).join(cgroup.id.to_string());
-    // A pin left without a link we hold (a crash between pin and record) is replaced.
-    let _ = std::fs::remove_file(&pin);
-    // If pinning fails the link is dropped here, which detaches it: nothing half-done remains.
-    link.pin(&pin).map_err(|e| attach_error(error_chain(&e)))
-}
-
-/// A mark that differs between daemons with different bpffs directories, and stays the same
-/// for one directory, so that two daemons' programs never mistake each other's marks.
-fn mark_for(dir: &Path) -> u32 {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in dir.as_os_str().as_encoded_bytes() {
-        hash ^= u32::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    hash | 1
 }
 
 /// bpffs must be mounted on the nearest existing ancestor of `dir`. When that ancestor is
@@ -389,12 +810,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn marks_differ_by_directory_and_are_never_zero() {
-        let a = mark_for(Path::new("/sys/fs/bpf/kad"));
-        let b = mark_for(Path::new("/sys/fs/bpf/kad-test-1"));
-        assert_ne!(a, b);
-        assert_eq!(a, mark_for(Path::new("/sys/fs/bpf/kad")));
-        assert_ne!(a, 0);
-        assert_ne!(b, 0);
+    fn path_keys_are_relative_to_the_root_and_round_trip() {
+        let root = Path::new("/sys/fs/cgroup/unified");
+        let key = path_key(root, Path::new("/sys/fs/cgroup/unified/a/b")).expect("a key");
+        assert_eq!(&key.bytes[..5], b"/a/b\0");
+        assert_eq!(
+            key_path(root, &key),
+            Some(PathBuf::from("/sys/fs/cgroup/unified/a/b"))
+        );
+        assert!(path_key(root, Path::new("/elsewhere/a")).is_none());
+        let long = root.join("x".repeat(PATH_KEY_LEN));
+        assert!(path_key(root, &long).is_none());
     }
 }

@@ -3,6 +3,7 @@
 //! The daemon ([`daemon`]) owns the [`enforcer`] (program instances, the policies map) and the
 //! policy table ([`store`]); the CLI ([`cli`]) talks to it over a unix socket ([`protocol`],
 //! [`client`]).
+pub mod bpfsys;
 pub mod btf;
 pub mod cgroup;
 pub mod cli;
@@ -18,6 +19,8 @@ pub mod pathio;
 pub mod policy;
 pub mod probe;
 pub mod protocol;
+pub mod reconcile;
 pub mod store;
 pub mod sys;
 pub mod target;
+pub mod watch;

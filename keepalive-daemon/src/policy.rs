@@ -85,7 +85,24 @@ impl Policy {
                 idle: self.idle.unwrap_or(0),
                 intvl: self.intvl.unwrap_or(0),
                 cnt: self.cnt.unwrap_or(0),
+                ..PolicyValue::default()
             },
+        }
+    }
+}
+
+impl Policy {
+    /// The policy a map value stands for (what an earlier run pinned).
+    pub fn from_value(value: &PolicyValue) -> Policy {
+        if value.flags & FLAG_ON == 0 {
+            return Policy::OFF;
+        }
+        let set = |v: u32| (v != 0).then_some(v);
+        Policy {
+            mode: Mode::On,
+            idle: set(value.idle),
+            intvl: set(value.intvl),
+            cnt: set(value.cnt),
         }
     }
 }
@@ -200,7 +217,8 @@ mod tests {
                 flags: FLAG_ON,
                 idle: 180,
                 intvl: 0,
-                cnt: 20
+                cnt: 20,
+                ..PolicyValue::default()
             }
         );
         assert_eq!(Policy::OFF.to_value().flags & FLAG_ON, 0);

@@ -76,11 +76,35 @@ pub struct StatsEntry {
     pub setsockopt_failures: u64,
     /// Connections closed because keepalive found the peer dead.
     pub keepalive_kills: u64,
+    /// Existing connections that got the policy from a refresh.
+    #[serde(default)]
+    pub refreshed: u64,
+    /// Connections whose program set its own keepalive options after kad (rewritten when
+    /// the policy is enforced).
+    #[serde(default)]
+    pub overridden: u64,
+}
+
+/// A cgroup kad's programs are attached to, and the program its links run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnchorEntry {
+    pub cgroup: String,
+    pub program: String,
+}
+
+/// A kernel feature kad uses beyond the core, and why it is missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureEntry {
+    pub feature: String,
+    pub available: bool,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub program_loaded: bool,
+    /// The tag (instruction hash) of the sock_ops program this daemon loaded.
+    pub program: String,
     pub kernel: String,
     pub cgroup_root: String,
     pub bpffs: String,
@@ -90,6 +114,8 @@ pub struct StatusReport {
     pub attachments: usize,
     /// Entries in the policies map (one per attachment when all is well).
     pub map_entries: usize,
+    pub anchors: Vec<AnchorEntry>,
+    pub features: Vec<FeatureEntry>,
     pub policies: Vec<PolicyEntry>,
     /// Per policy: where it comes from and whether it is in force.
     pub details: Vec<PolicyDetail>,

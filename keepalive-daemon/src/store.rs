@@ -35,6 +35,11 @@ impl Store {
         }
     }
 
+    /// Whether the state file is there (a missing one with pinned policies is worth a warning).
+    pub fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

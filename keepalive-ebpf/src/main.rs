@@ -1,7 +1,20 @@
-//! kad's sock_ops program. One instance is loaded per policy cgroup and attached to it; the
-//! instance knows its cgroup from a read-only global set at load time, because
-//! `bpf_get_current_cgroup_id()` names the wrong cgroup on the accepting side and Rust BPF has
-//! no CO-RE to read the socket's own cgroup.
+//! kad's kernel programs. One copy of each is loaded per daemon; the cgroup programs are
+//! attached to a few anchor cgroups (a policy cgroup's parent) and decide per socket from maps:
+//!
+//! - `kad_sock_create` (cgroup/sock_create) runs in the creating task: it finds the nearest
+//!   cgroup with a policy among the socket's cgroup and its ancestors and records it in the
+//!   socket's local storage (copied to the sockets a listener accepts).
+//! - `kad_sockops` (sock_ops) sets the options on a listener (its accepted sockets inherit
+//!   them) and on each established connection that does not have them yet.
+//! - `kad_setsockopt` (cgroup/setsockopt) sees a program's own keepalive options: counted as
+//!   overrides, or rewritten to the policy's values under `--enforce`.
+//! - `kad_iter_tcp` (iter/tcp) gives existing sockets the policy of their cgroup.
+//! - `kad_mkdir` (tp_btf/cgroup_mkdir) puts a new cgroup's policy in force from the policy's
+//!   path inside `mkdir`, before any process can join the cgroup.
+//! - `kad_error_report` (tp_btf/inet_sk_error_report) counts keepalive kills; it runs only when
+//!   a connection fails.
+//!
+//! Nothing is written into the sock_ops context: other programs see what the kernel gave.
 #![no_std]
 #![no_main]
 
@@ -9,100 +22,217 @@ use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, SOL_SOCKET, SO_KEEPALIVE,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC,
+        BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, SOL_SOCKET,
+        SO_KEEPALIVE,
     },
-    helpers::{bpf_probe_read_kernel, bpf_setsockopt, bpf_skc_to_tcp_sock},
-    macros::{map, sock_ops},
-    maps::{HashMap, PerCpuHashMap},
-    programs::SockOpsContext,
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, bpf_seq_write, bpf_setsockopt, bpf_sk_storage_get,
+        bpf_skc_to_tcp_sock,
+    },
+    macros::{btf_map, btf_tracepoint, cgroup_sock, cgroup_sockopt, map, sock_ops},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    programs::{BtfTracePointContext, SockContext, SockOpsContext, SockoptContext},
 };
-use keepalive_common::{Counters, PolicyValue, SockOffsets, FLAG_ON, MAX_POLICIES};
+use keepalive_common::{
+    Counters, KernelOffsets, PathKey, PolicyValue, SockState, FLAG_ENFORCE, FLAG_ON, MAX_LEVEL,
+    MAX_POLICIES, MAX_SCOPE, OFFSETS_CGROUP, OFFSETS_KILLS, PATH_KEY_LEN,
+};
 
-// Not in aya-ebpf's bindings (include/uapi/linux/tcp.h, in.h, errno.h, include/net/tcp_states.h).
+// Not in aya-ebpf's bindings (include/uapi/linux/tcp.h, in.h, errno.h).
 const IPPROTO_TCP: i32 = 6;
 const TCP_KEEPIDLE: i32 = 4;
 const TCP_KEEPINTVL: i32 = 5;
 const TCP_KEEPCNT: i32 = 6;
-const TCP_CLOSE: u32 = 7;
+const TCP_USER_TIMEOUT: i32 = 18;
 const ETIMEDOUT: i32 = 110;
 
-/// The cgroup this instance is attached to (its directory's inode number).
-#[no_mangle]
-static KAD_CGROUP_ID: u64 = 0;
+/// `SockState::_pad` bit: this socket's override was counted already.
+const STATE_OVERRIDDEN: u32 = 1;
 
-/// Left in `skops->reply` by the first kad instance that decides for a socket. Programs of
-/// ancestor cgroups run after those of descendants and see it: the most specific policy wins.
-/// The kernel ignores `reply` for the callbacks where this is written.
+/// Offsets found in the kernel's BTF by the daemon (see `KernelOffsets`).
 #[no_mangle]
-static KAD_MARK: u32 = 0;
-
-/// Where to read the fields that tell a keepalive kill (see `SockOffsets`).
-#[no_mangle]
-static KAD_OFFSETS: SockOffsets = SockOffsets {
+static KAD_OFFSETS: KernelOffsets = KernelOffsets {
     sk_err: 0,
     probes_out: 0,
     retransmits: 0,
+    sk_cgroup: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
+    cgroup_root: 0,
+    hierarchy_id: 0,
     valid: 0,
 };
 
 #[map]
-static KAD_POLICIES: HashMap<u64, PolicyValue> = HashMap::with_max_entries(MAX_POLICIES, 0);
+static KAD_POLICY: HashMap<u64, PolicyValue> = HashMap::with_max_entries(MAX_POLICIES, 0);
 
 #[map]
-static KAD_STATS: PerCpuHashMap<u64, Counters> = PerCpuHashMap::with_max_entries(MAX_POLICIES, 0);
+static KAD_PATHS: HashMap<PathKey, PolicyValue> = HashMap::with_max_entries(MAX_POLICIES, 0);
+
+#[map]
+static KAD_COUNTERS: PerCpuHashMap<u64, Counters> =
+    PerCpuHashMap::with_max_entries(MAX_POLICIES, 0);
+
+#[map]
+static KAD_SCOPE: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SCOPE, 0);
+
+#[map]
+static KAD_SCRATCH: PerCpuArray<PathKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// A socket local storage map whose values are copied to accepted sockets (`BPF_F_CLONE`).
+/// aya-ebpf's own `SkStorage` has no way to ask for that flag, so the BTF definition is here,
+/// laid out as libbpf and aya expect (`type`, `key`, `value`, `max_entries`, `map_flags`).
+#[repr(C)]
+pub struct SockStorage {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SockState,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: placeholder pointers patched by the loader, never dereferenced.
+unsafe impl Sync for SockStorage {}
+
+#[btf_map]
+static KAD_SOCK: SockStorage = SockStorage {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+};
+
+/// The socket's kad state; with `create`, a zeroed one is made if it has none.
+#[inline(always)]
+fn sock_state(sk: *mut c_void, create: bool) -> Option<&'static mut SockState> {
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE as u64
+    } else {
+        0
+    };
+    // SAFETY: the helper checks `sk` (the verifier has proven it a socket or NULL) and returns
+    // the socket's value or NULL.
+    let state = unsafe {
+        bpf_sk_storage_get(
+            &KAD_SOCK as *const SockStorage as *mut c_void,
+            sk,
+            core::ptr::null_mut(),
+            flags,
+        )
+    } as *mut SockState;
+    // SAFETY: a live storage value of this type, owned by the socket.
+    unsafe { state.as_mut() }
+}
+
+#[inline(always)]
+fn policy_of(id: u64) -> Option<PolicyValue> {
+    // SAFETY: plain data; copied out at once.
+    unsafe { KAD_POLICY.get(id) }.copied()
+}
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // SAFETY: read-only data patched by the loader; volatile keeps the compiler from folding
+    // the placeholder values.
+    unsafe { read_volatile(&KAD_OFFSETS) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Socket creation: which policy decides.
+
+#[cgroup_sock(sock_create)]
+pub fn kad_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the context is the kernel's bpf_sock; these fields are readable.
+    let protocol = unsafe { (*ctx.sock).protocol };
+    if protocol != IPPROTO_TCP as u32 {
+        return 1;
+    }
+    let policy = deciding_cgroup();
+    if policy != 0 {
+        if let Some(state) = sock_state(ctx.sock as *mut c_void, true) {
+            state.policy = policy;
+        }
+    }
+    1 // allow the socket
+}
+
+/// The nearest of the current task's cgroup and its ancestors that has a policy (0: none).
+/// In sock_create the current task's cgroup is the socket's own.
+#[inline(always)]
+fn deciding_cgroup() -> u64 {
+    // SAFETY: helpers without pointer arguments.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if policy_of(own).is_some() {
+        return own; // the common case: the policy names the socket's own cgroup
+    }
+    let mut best = 0;
+    let mut level = 1;
+    while level <= MAX_LEVEL {
+        // SAFETY: as above.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 || id == own {
+            break;
+        }
+        if policy_of(id).is_some() {
+            best = id;
+        }
+        level += 1;
+    }
+    best
+}
+
+// ---------------------------------------------------------------------------------------------
+// sock_ops: listeners and established connections.
 
 #[sock_ops]
 pub fn kad_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        on_established(&ctx, op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB);
-    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE {
-        on_close(&ctx);
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        || op == BPF_SOCK_OPS_TCP_LISTEN_CB
+    {
+        on_sockops(&ctx, op);
     }
     // sock_ops programs may only return 1 (or 0, which fails the callback).
     1
 }
 
-/// The policy of this instance's cgroup, if this instance is the one that decides for the
-/// socket (no more specific kad instance ran before it).
-fn deciding_policy(ctx: &SockOpsContext) -> Option<(u64, PolicyValue)> {
-    // SAFETY: the globals are read-only data patched by the loader; volatile keeps the compiler
-    // from folding the placeholder values.
-    let (mark, cgroup_id) = unsafe { (read_volatile(&KAD_MARK), read_volatile(&KAD_CGROUP_ID)) };
-    // SAFETY: `ops` is the context pointer the kernel gave us; `reply` is readable.
-    if unsafe { (*ctx.ops).__bindgen_anon_1.reply } == mark {
-        return None;
+fn on_sockops(ctx: &SockOpsContext, op: u32) {
+    // SAFETY: `sk` is a field of the context; NULL-checked before use.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
     }
-    // SAFETY: plain-data value; the kernel keeps it alive for this invocation.
-    // Not (yet) in the table: let an ancestor's policy decide.
-    let policy = *unsafe { KAD_POLICIES.get(cgroup_id) }?;
-    ctx.set_reply(mark);
-    Some((cgroup_id, policy))
-}
-
-fn on_established(ctx: &SockOpsContext, active: bool) {
-    let Some((cgroup_id, policy)) = deciding_policy(ctx) else {
+    let Some(state) = sock_state(sk as *mut c_void, false) else {
+        return; // no policy decided for this socket
+    };
+    let Some(policy) = policy_of(state.policy) else {
         return;
     };
     if policy.flags & FLAG_ON == 0 {
         return; // opt-out: leave the socket as the application made it
     }
-    let mut failures = set_opt(ctx, SOL_SOCKET as i32, SO_KEEPALIVE as i32, 1);
-    if policy.idle != 0 {
-        failures += set_opt(ctx, IPPROTO_TCP, TCP_KEEPIDLE, policy.idle);
+    let cgroup_id = state.policy;
+    // An accepted socket whose listener got these values already inherited them.
+    let inherited =
+        op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && state.applied == policy.generation;
+    let failures = if inherited {
+        0
+    } else {
+        apply(ctx.ops as *mut c_void, &policy)
+    };
+    state.applied = policy.generation;
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        if failures != 0 {
+            bump(cgroup_id, |c| c.failures += failures);
+        }
+        return;
     }
-    if policy.intvl != 0 {
-        failures += set_opt(ctx, IPPROTO_TCP, TCP_KEEPINTVL, policy.intvl);
-    }
-    if policy.cnt != 0 {
-        failures += set_opt(ctx, IPPROTO_TCP, TCP_KEEPCNT, policy.cnt);
-    }
-    // SAFETY: read-only global, see above.
-    if unsafe { read_volatile(&KAD_OFFSETS.valid) } != 0 {
-        // Ask for the state callback, to see how the connection ends.
-        let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-    }
+    let active = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
     bump(cgroup_id, |c| {
         if active {
             c.active += 1;
@@ -113,73 +243,34 @@ fn on_established(ctx: &SockOpsContext, active: bool) {
     });
 }
 
-/// A connection closing: count it if keepalive killed it (ETIMEDOUT with keepalive probes out
-/// and no retransmissions pending, as tcp_keepalive_timer leaves it).
-fn on_close(ctx: &SockOpsContext) {
-    let Some((cgroup_id, policy)) = deciding_policy(ctx) else {
-        return;
-    };
-    if policy.flags & FLAG_ON == 0 {
-        return;
+/// Sets the policy's options on a socket (`target` is what `bpf_setsockopt` takes in the
+/// calling program type); returns how many the kernel refused.
+#[inline(always)]
+fn apply(target: *mut c_void, policy: &PolicyValue) -> u64 {
+    let mut failures = set_opt(target, SOL_SOCKET as i32, SO_KEEPALIVE as i32, 1);
+    if policy.idle != 0 {
+        failures += set_opt(target, IPPROTO_TCP, TCP_KEEPIDLE, policy.idle);
     }
-    // SAFETY: read-only global, see above.
-    let offsets = unsafe { read_volatile(&KAD_OFFSETS) };
-    if offsets.valid == 0 {
-        return;
+    if policy.intvl != 0 {
+        failures += set_opt(target, IPPROTO_TCP, TCP_KEEPINTVL, policy.intvl);
     }
-    // SAFETY: `sk` is a field of the context; the helper checks the pointer it is given.
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return;
+    if policy.cnt != 0 {
+        failures += set_opt(target, IPPROTO_TCP, TCP_KEEPCNT, policy.cnt);
     }
-    // SAFETY: the helper returns NULL unless `sk` is a TCP socket; the reads below go through
-    // bpf_probe_read_kernel, which tolerates any address.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
-    if tp.is_null() {
-        return;
+    if policy.user_timeout != 0 {
+        failures += set_opt(target, IPPROTO_TCP, TCP_USER_TIMEOUT, policy.user_timeout);
     }
-    let sk_err: i32 = read_kernel(tp, offsets.sk_err);
-    let probes_out: u8 = read_kernel(tp, offsets.probes_out);
-    let retransmits: u8 = read_kernel(tp, offsets.retransmits);
-    if sk_err == ETIMEDOUT && probes_out > 0 && retransmits == 0 {
-        bump(cgroup_id, |c| c.keepalive_kills += 1);
-    }
-}
-
-fn read_kernel<T: Default + Copy>(base: *const u8, offset: u32) -> T {
-    // SAFETY: probe_read copies the value or fails cleanly, whatever the address.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T) }
-        .unwrap_or_default()
-}
-
-/// Adds to this cgroup's counters on this CPU, creating them on first use.
-fn bump(cgroup_id: u64, update: impl Fn(&mut Counters)) {
-    if let Some(counters) = KAD_STATS.get_ptr_mut(cgroup_id) {
-        // SAFETY: a per-CPU value: nothing else writes it while this program runs on this CPU.
-        update(unsafe { &mut *counters });
-        return;
-    }
-    let mut counters = Counters::default();
-    update(&mut counters);
-    if KAD_STATS
-        .insert(cgroup_id, counters, BPF_NOEXIST as u64)
-        .is_err()
-    {
-        // Another CPU created the entry first: add to ours.
-        if let Some(counters) = KAD_STATS.get_ptr_mut(cgroup_id) {
-            // SAFETY: as above.
-            update(unsafe { &mut *counters });
-        }
-    }
+    failures
 }
 
 /// Sets one option; returns 1 if the kernel refused it (counted), 0 otherwise.
-fn set_opt(ctx: &SockOpsContext, level: i32, name: i32, value: u32) -> u64 {
+#[inline(always)]
+fn set_opt(target: *mut c_void, level: i32, name: i32, value: u32) -> u64 {
     let mut value = value as i32;
     // SAFETY: the helper reads 4 bytes from a valid stack slot.
     let rc = unsafe {
         bpf_setsockopt(
-            ctx.ops as *mut c_void,
+            target,
             level,
             name,
             &mut value as *mut i32 as *mut c_void,
@@ -187,6 +278,250 @@ fn set_opt(ctx: &SockOpsContext, level: i32, name: i32, value: u32) -> u64 {
         )
     };
     u64::from(rc != 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A program's own setsockopt of the keepalive options.
+
+#[cgroup_sockopt(setsockopt)]
+pub fn kad_setsockopt(ctx: SockoptContext) -> i32 {
+    on_setsockopt(&ctx);
+    1 // let the call through (with the value possibly rewritten)
+}
+
+fn on_setsockopt(ctx: &SockoptContext) {
+    let opt = ctx.sockopt;
+    // SAFETY: the context fields below are readable in cgroup/setsockopt.
+    let (level, name, sk) = unsafe { ((*opt).level, (*opt).optname, (*opt).__bindgen_anon_1.sk) };
+    let keepalive_opt = (level == SOL_SOCKET as i32 && name == SO_KEEPALIVE as i32)
+        || (level == IPPROTO_TCP
+            && (name == TCP_KEEPIDLE
+                || name == TCP_KEEPINTVL
+                || name == TCP_KEEPCNT
+                || name == TCP_USER_TIMEOUT));
+    if !keepalive_opt || sk.is_null() {
+        return;
+    }
+    let Some(state) = sock_state(sk as *mut c_void, false) else {
+        return;
+    };
+    let Some(policy) = policy_of(state.policy) else {
+        return;
+    };
+    if policy.flags & FLAG_ON == 0 {
+        return;
+    }
+    // The policy's value for this option; 0 when the policy leaves it to the program.
+    let wanted = if level == SOL_SOCKET as i32 {
+        1
+    } else if name == TCP_KEEPIDLE {
+        policy.idle
+    } else if name == TCP_KEEPINTVL {
+        policy.intvl
+    } else if name == TCP_KEEPCNT {
+        policy.cnt
+    } else {
+        policy.user_timeout
+    };
+    if wanted == 0 {
+        return;
+    }
+    let cgroup_id = state.policy;
+    if policy.flags & FLAG_ENFORCE != 0 {
+        // SAFETY: optval/optval_end delimit the kernel's copy of the value; bounds-checked.
+        let (optval, end) =
+            unsafe { ((*opt).__bindgen_anon_2.optval, (*opt).__bindgen_anon_3.optval_end) };
+        let value = optval as *mut i32;
+        if value.is_null() || (value as usize) + size_of::<i32>() > end as usize {
+            return;
+        }
+        // SAFETY: in bounds (checked above).
+        let current = unsafe { *value };
+        if current != wanted as i32 {
+            // SAFETY: as above.
+            unsafe { *value = wanted as i32 };
+            bump(cgroup_id, |c| c.overridden += 1);
+        }
+        return;
+    }
+    // Not enforced: the program's value wins. Count the connection once, if kad had set it.
+    if state.applied != 0 && state._pad & STATE_OVERRIDDEN == 0 {
+        state._pad |= STATE_OVERRIDDEN;
+        bump(cgroup_id, |c| c.overridden += 1);
+    }
+    // A listener's accepted sockets must get the policy again at establishment.
+    state.applied = 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Existing sockets: iter/tcp, run by the daemon in each network namespace.
+
+#[no_mangle]
+#[link_section = "iter/tcp"]
+pub extern "C" fn kad_iter_tcp(ctx: *mut *mut c_void) -> i32 {
+    // SAFETY: struct bpf_iter__tcp { bpf_iter_meta *meta; sock_common *sk_common; uid_t uid; }.
+    let (meta, sk_common) = unsafe { (*ctx, *ctx.add(1)) };
+    if sk_common.is_null() {
+        return 0;
+    }
+    // SAFETY: the helper returns NULL unless it is a full TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk_common) } as *mut c_void;
+    if tp.is_null() {
+        return 0;
+    }
+    let offs = offsets();
+    if offs.valid & OFFSETS_CGROUP == 0 {
+        return 0;
+    }
+    let cgroup_id = socket_cgroup_id(tp as *const u8, &offs);
+    // SAFETY: plain data, copied out.
+    let Some(policy_id) = (unsafe { KAD_SCOPE.get(cgroup_id) }).copied() else {
+        return 0; // not a cgroup this refresh covers
+    };
+    let Some(state) = sock_state(tp, true) else {
+        return 0;
+    };
+    state.policy = policy_id;
+    let Some(policy) = policy_of(policy_id) else {
+        return 0;
+    };
+    if policy.flags & FLAG_ON == 0 {
+        return 0;
+    }
+    let failures = apply(tp, &policy);
+    state.applied = policy.generation;
+    bump(policy_id, |c| {
+        c.refreshed += 1;
+        c.failures += failures;
+    });
+    // One byte per socket updated, so the daemon can say how many.
+    let mark: u8 = 1;
+    // SAFETY: `meta` is the iterator's meta pointer; the helper reads 1 byte of the stack.
+    unsafe {
+        let seq = *(meta as *const *mut c_void);
+        bpf_seq_write(seq as *mut _, &mark as *const u8 as *const c_void, 1);
+    }
+    0
+}
+
+/// The id of the cgroup a socket belongs to: sk->sk_cgrp_data.cgroup->kn->id.
+#[inline(always)]
+fn socket_cgroup_id(sk: *const u8, offs: &KernelOffsets) -> u64 {
+    let cgroup: u64 = read_kernel(sk, offs.sk_cgroup);
+    cgroup_id_of(cgroup as *const u8, offs)
+}
+
+#[inline(always)]
+fn cgroup_id_of(cgroup: *const u8, offs: &KernelOffsets) -> u64 {
+    if cgroup.is_null() {
+        return 0;
+    }
+    let kn: u64 = read_kernel(cgroup, offs.cgroup_kn);
+    if kn == 0 {
+        return 0;
+    }
+    read_kernel(kn as *const u8, offs.kn_id)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cgroup creation: a policy named by path is in force before the cgroup can hold a process.
+
+#[btf_tracepoint(function = "cgroup_mkdir")]
+pub fn kad_mkdir(ctx: BtfTracePointContext) -> i32 {
+    let offs = offsets();
+    if offs.valid & OFFSETS_CGROUP == 0 {
+        return 0;
+    }
+    let cgroup: *const u8 = ctx.arg(0);
+    let path: *const u8 = ctx.arg(1);
+    // Only the cgroup2 hierarchy (id 0): v1 hierarchies have their own ids and paths.
+    let root: u64 = read_kernel(cgroup, offs.cgroup_root);
+    if root == 0 || read_kernel::<i32>(root as *const u8, offs.hierarchy_id) != 0 {
+        return 0;
+    }
+    let Some(key) = KAD_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: a per-CPU scratch value; nothing else uses it while this program runs here.
+    let key = unsafe { &mut *key };
+    let mut i = 0;
+    while i < PATH_KEY_LEN {
+        key.bytes[i] = 0;
+        i += 1;
+    }
+    // SAFETY: probe_read copies the string or fails cleanly.
+    let Ok(read) = (unsafe { bpf_probe_read_kernel_str_bytes(path, &mut key.bytes) }) else {
+        return 0;
+    };
+    if read.len() >= PATH_KEY_LEN - 1 {
+        return 0; // longer than any key kad accepts
+    }
+    // SAFETY: plain data, copied out.
+    let Some(policy) = (unsafe { KAD_PATHS.get(key) }).copied() else {
+        return 0;
+    };
+    let id = cgroup_id_of(cgroup, &offs);
+    if id != 0 {
+        let _ = KAD_POLICY.insert(id, policy, 0);
+    }
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keepalive kills: the error report of a connection keepalive gave up on.
+
+#[btf_tracepoint(function = "inet_sk_error_report")]
+pub fn kad_error_report(ctx: BtfTracePointContext) -> i32 {
+    let offs = offsets();
+    if offs.valid & OFFSETS_KILLS == 0 {
+        return 0;
+    }
+    let sk: *mut c_void = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    let Some(state) = sock_state(sk, false) else {
+        return 0;
+    };
+    let sk = sk as *const u8;
+    let sk_err: i32 = read_kernel(sk, offs.sk_err);
+    let probes_out: u8 = read_kernel(sk, offs.probes_out);
+    let retransmits: u8 = read_kernel(sk, offs.retransmits);
+    if sk_err == ETIMEDOUT && probes_out > 0 && retransmits == 0 {
+        bump(state.policy, |c| c.keepalive_kills += 1);
+    }
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn read_kernel<T: Default + Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: probe_read copies the value or fails cleanly, whatever the address.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize) as *const T) }
+        .unwrap_or_default()
+}
+
+/// Adds to a policy cgroup's counters on this CPU, creating them on first use.
+#[inline(always)]
+fn bump(cgroup_id: u64, update: impl Fn(&mut Counters)) {
+    if let Some(counters) = KAD_COUNTERS.get_ptr_mut(cgroup_id) {
+        // SAFETY: a per-CPU value: nothing else writes it while this program runs on this CPU.
+        update(unsafe { &mut *counters });
+        return;
+    }
+    let mut counters = Counters::default();
+    update(&mut counters);
+    if KAD_COUNTERS
+        .insert(cgroup_id, counters, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        // Another CPU created the entry first: add to ours.
+        if let Some(counters) = KAD_COUNTERS.get_ptr_mut(cgroup_id) {
+            // SAFETY: as above.
+            update(unsafe { &mut *counters });
+        }
+    }
 }
 
 #[cfg(not(test))]

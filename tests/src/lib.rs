@@ -365,9 +365,9 @@ impl Daemon {
         ]
     }
 
-    /// The cgroup ids with a link pinned in this daemon's bpffs directory.
+    /// The ids of the anchor cgroups with links pinned in this daemon's bpffs directory.
     pub fn pinned_links(&self) -> Vec<u64> {
-        let mut ids: Vec<u64> = fs::read_dir(self.bpffs.join("links"))
+        let mut ids: Vec<u64> = fs::read_dir(self.bpffs.join("anchors"))
             .map(|entries| {
                 entries
                     .flatten()

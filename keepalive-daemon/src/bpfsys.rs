@@ -1,0 +1,206 @@
+//! The few `bpf(2)` commands aya 0.14 does not expose for what kad needs: creating cgroup links
+//! whose fd kad keeps, replacing a link's program in place (upgrades), opening an iterator
+//! from a link (once per network namespace), and reading a link's program and cgroup.
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+
+const BPF_PROG_GET_FD_BY_ID: i64 = 13;
+const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+const BPF_OBJ_PIN: i64 = 6;
+const BPF_OBJ_GET: i64 = 7;
+const BPF_RAW_TRACEPOINT_OPEN: i64 = 17;
+const BPF_LINK_CREATE: i64 = 28;
+const BPF_LINK_UPDATE: i64 = 29;
+const BPF_ITER_CREATE: i64 = 33;
+// enum bpf_attach_type (include/uapi/linux/bpf.h).
+const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
+const BPF_CGROUP_SETSOCKOPT: u32 = 22;
+const BPF_TRACE_ITER: u32 = 28;
+
+/// Where a cgroup program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CgroupHook {
+    SockCreate,
+    SockOps,
+    SetSockopt,
+}
+
+impl CgroupHook {
+    pub const ALL: [CgroupHook; 3] = [
+        CgroupHook::SockCreate,
+        CgroupHook::SockOps,
+        CgroupHook::SetSockopt,
+    ];
+
+    fn attach_type(self) -> u32 {
+        match self {
+            CgroupHook::SockCreate => BPF_CGROUP_INET_SOCK_CREATE,
+            CgroupHook::SockOps => BPF_CGROUP_SOCK_OPS,
+            CgroupHook::SetSockopt => BPF_CGROUP_SETSOCKOPT,
+        }
+    }
+
+    /// The name of its pin in an anchor's directory.
+    pub fn pin_name(self) -> &'static str {
+        match self {
+            CgroupHook::SockCreate => "sock_create",
+            CgroupHook::SockOps => "sock_ops",
+            CgroupHook::SetSockopt => "setsockopt",
+        }
+    }
+
+    pub fn from_pin_name(name: &str) -> Option<CgroupHook> {
+        CgroupHook::ALL.into_iter().find(|h| h.pin_name() == name)
+    }
+}
+
+/// The `bpf_attr` union is 144 bytes on current kernels; commands read their own prefix and
+/// the kernel checks that the rest is zero.
+#[repr(C, align(8))]
+struct Attr([u8; 144]);
+
+impl Attr {
+    fn new() -> Attr {
+        Attr([0; 144])
+    }
+    fn u32_at(&mut self, offset: usize, value: u32) -> &mut Attr {
+        self.0[offset..offset + 4].copy_from_slice(&value.to_ne_bytes());
+        self
+    }
+    fn u64_at(&mut self, offset: usize, value: u64) -> &mut Attr {
+        self.0[offset..offset + 8].copy_from_slice(&value.to_ne_bytes());
+        self
+    }
+}
+
+fn bpf(cmd: i64, attr: &mut Attr, size: usize) -> io::Result<i64> {
+    // SAFETY: attr points to `size` readable and writable bytes that outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), size) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+fn fd_result(cmd: i64, attr: &mut Attr, size: usize) -> io::Result<OwnedFd> {
+    let fd = bpf(cmd, attr, size)?;
+    // SAFETY: the kernel returned a new descriptor that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Attaches a cgroup program through a new link (the link lives while its fd or a pin does).
+pub fn link_cgroup(prog: BorrowedFd, cgroup: BorrowedFd, hook: CgroupHook) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog.as_raw_fd() as u32)
+        .u32_at(4, cgroup.as_raw_fd() as u32)
+        .u32_at(8, hook.attach_type());
+    fd_result(BPF_LINK_CREATE, &mut attr, 16)
+}
+
+/// A link for an iterator program; `iter_create` opens an iterator from it.
+pub fn link_iter(prog: BorrowedFd) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog.as_raw_fd() as u32)
+        .u32_at(8, BPF_TRACE_ITER);
+    fd_result(BPF_LINK_CREATE, &mut attr, 16)
+}
+
+/// Attaches a tp_btf program (its tracepoint was named at load time).
+pub fn link_raw_tracepoint(prog: BorrowedFd) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u64_at(0, 0).u32_at(8, prog.as_raw_fd() as u32);
+    fd_result(BPF_RAW_TRACEPOINT_OPEN, &mut attr, 16)
+}
+
+/// Replaces the program behind a link, atomically: no socket sees neither.
+pub fn link_update(link: BorrowedFd, prog: BorrowedFd) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, link.as_raw_fd() as u32)
+        .u32_at(4, prog.as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut attr, 16).map(|_| ())
+}
+
+/// A new iterator over the link's program, walking the network namespace of the calling
+/// thread.
+pub fn iter_create(link: BorrowedFd) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, link.as_raw_fd() as u32);
+    fd_result(BPF_ITER_CREATE, &mut attr, 8)
+}
+
+pub fn pin(fd: BorrowedFd, path: &Path) -> io::Result<()> {
+    let path = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.u64_at(0, path.as_ptr() as u64)
+        .u32_at(8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr, 16).map(|_| ())
+}
+
+pub fn get_pinned(path: &Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.u64_at(0, path.as_ptr() as u64);
+    fd_result(BPF_OBJ_GET, &mut attr, 16)
+}
+
+/// What the kernel says of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub prog_id: u32,
+    /// For cgroup links: the cgroup id, 0 once the cgroup is gone.
+    pub cgroup_id: u64,
+}
+
+pub fn link_info(link: BorrowedFd) -> io::Result<LinkInfo> {
+    // struct bpf_link_info { u32 type, id, prog_id; union { ... cgroup { u64 cgroup_id; ... } } }
+    let mut info = [0u64; 16];
+    let mut attr = Attr::new();
+    attr.u32_at(0, link.as_raw_fd() as u32)
+        .u32_at(4, std::mem::size_of_val(&info) as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
+    Ok(LinkInfo {
+        prog_id: (info[1] & 0xffff_ffff) as u32,
+        cgroup_id: info[2],
+    })
+}
+
+/// The tag (a hash of the instructions) of the program with this id, as hex.
+pub fn prog_tag(prog_id: u32) -> io::Result<String> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog_id);
+    let fd = fd_result(BPF_PROG_GET_FD_BY_ID, &mut attr, 12)?;
+    prog_tag_of(fd.as_fd())
+}
+
+/// The tag of a program held by fd.
+pub fn prog_tag_of(prog: BorrowedFd) -> io::Result<String> {
+    // struct bpf_prog_info { u32 type, id; u8 tag[8]; ... }
+    let mut info = [0u8; 256];
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog.as_raw_fd() as u32)
+        .u32_at(4, info.len() as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
+    Ok(info[8..16].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Errors that say nothing about the pin itself (a lack of resources): never a reason to
+/// remove one.
+pub fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::EINTR)
+    )
+}

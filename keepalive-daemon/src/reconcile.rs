@@ -1,0 +1,392 @@
+//! Brings the kernel in line with the policy table, path by path: map entries by path and by
+//! cgroup id, the anchors the cgroup programs are attached to, the directories to watch, and
+//! the refresh of existing connections.
+//!
+//! Anchors: a policy's programs are attached to the parent of its cgroup (or, while that does
+//! not exist, its nearest existing ancestor), never to the cgroup2 root; a policy on a child of
+//! the root is anchored on its own cgroup. So a cgroup created at a policy path is already
+//! below an anchor, and the `mkdir` hook gives it its policy before a process can join it.
+//! Only anchors with no anchor above them are attached: a socket runs kad's programs once.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    fs::File,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use keepalive_common::{PolicyValue, FLAG_CONFIG};
+use tracing::{error, info, warn};
+
+use crate::{
+    cgroup,
+    enforcer::{self, Enforcer, EnforcerError},
+    policy::Policy,
+};
+
+/// Where a policy in force comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `kad set`, saved in the state directory; wins over the config file.
+    Set,
+    /// The config file.
+    Config,
+}
+
+/// What the kernel holds for one policy path.
+#[derive(Debug, Clone)]
+pub struct InForce {
+    /// The cgroup at the path when last seen; None while it does not exist.
+    pub id: Option<u64>,
+    pub policy: Policy,
+    pub source: Source,
+    pub generation: u32,
+    anchor: Option<PathBuf>,
+    watch: PathBuf,
+}
+
+pub struct Reconciler {
+    root: PathBuf,
+    pub enforcer: Enforcer,
+    in_force: BTreeMap<PathBuf, InForce>,
+    /// Anchor candidates (one per policy that has one), counted.
+    candidates: BTreeMap<PathBuf, usize>,
+    /// Candidates with no candidate above them: where the programs are attached.
+    anchored: BTreeSet<PathBuf>,
+    anchors_dirty: bool,
+    /// Directories to watch, counted.
+    watches: BTreeMap<PathBuf, usize>,
+    /// The last error applying a path's policy, logged once.
+    failing: BTreeMap<PathBuf, String>,
+}
+
+impl Reconciler {
+    pub fn new(root: PathBuf, enforcer: Enforcer) -> Reconciler {
+        Reconciler {
+            root,
+            enforcer,
+            in_force: BTreeMap::new(),
+            candidates: BTreeMap::new(),
+            anchored: BTreeSet::new(),
+            anchors_dirty: false,
+            watches: BTreeMap::new(),
+            failing: BTreeMap::new(),
+        }
+    }
+
+    pub fn in_force(&self) -> &BTreeMap<PathBuf, InForce> {
+        &self.in_force
+    }
+
+    pub fn failing(&self, path: &Path) -> Option<&String> {
+        self.failing.get(path)
+    }
+
+    pub fn watch_dirs(&self) -> BTreeSet<PathBuf> {
+        self.watches.keys().cloned().collect()
+    }
+
+    /// Puts `want` in force for `path` (or removes what is there). Returns whether anything
+    /// changed for the sockets below the path (a refresh is then due).
+    pub fn sync(
+        &mut self,
+        path: &Path,
+        want: Option<(Policy, Source)>,
+    ) -> Result<bool, EnforcerError> {
+        let result = self.sync_inner(path, want);
+        match &result {
+            Ok(_) => {
+                if self.failing.remove(path).is_some() {
+                    info!(cgroup = ?path.display().to_string(), "policy applied");
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if self.failing.get(path) != Some(&message) {
+                    error!(cgroup = ?path.display().to_string(), "cannot apply policy: {message}");
+                    self.failing.insert(path.to_path_buf(), message);
+                }
+            }
+        }
+        result
+    }
+
+    fn sync_inner(
+        &mut self,
+        path: &Path,
+        want: Option<(Policy, Source)>,
+    ) -> Result<bool, EnforcerError> {
+        let key = enforcer::path_key(&self.root, path).ok_or_else(|| EnforcerError::Map {
+            map: keepalive_common::PATHS_MAP,
+            message: format!(
+                "{} is longer than {} bytes below the cgroup2 root",
+                path.display(),
+                keepalive_common::PATH_KEY_LEN - 1
+            ),
+        })?;
+        let current = cgroup::id_of(path).ok();
+        let have = self.in_force.get(path).cloned();
+        let Some((policy, source)) = want else {
+            let Some(have) = have else {
+                return Ok(false);
+            };
+            self.enforcer.remove_path(&key);
+            if let Some(id) = have.id {
+                self.enforcer.remove_id(id);
+            }
+            self.forget(path, &have);
+            return Ok(true);
+        };
+        let same_values = have
+            .as_ref()
+            .is_some_and(|h| h.policy == policy && h.source == source);
+        let generation = match &have {
+            Some(h) if same_values => h.generation,
+            _ => self.enforcer.next_generation(),
+        };
+        let value = to_value(&policy, source, generation);
+        let old_id = have.as_ref().and_then(|h| h.id);
+        if same_values && old_id == current {
+            // Nothing new for the kernel; the anchor and watch may have moved.
+            self.place(path, have.as_ref());
+            return Ok(false);
+        }
+        self.enforcer.put(&key, current, value)?;
+        if let Some(old) = old_id.filter(|old| Some(*old) != current) {
+            self.enforcer.remove_id(old);
+            if current.is_some() {
+                info!(cgroup = ?path.display().to_string(), "cgroup re-created: policy in force for the new one");
+            }
+        } else if old_id.is_none() && current.is_some() && have.is_some() {
+            info!(cgroup = ?path.display().to_string(), "cgroup appeared: policy in force");
+        }
+        let entry = InForce {
+            id: current,
+            policy,
+            source,
+            generation,
+            anchor: None,
+            watch: PathBuf::new(),
+        };
+        self.in_force.insert(path.to_path_buf(), entry);
+        self.place(path, have.as_ref());
+        Ok(true)
+    }
+
+    /// Updates the anchor candidate and the watched directory of a path in force.
+    fn place(&mut self, path: &Path, previous: Option<&InForce>) {
+        let anchor = self.anchor_for(path);
+        let watch = if path.is_dir() {
+            path.parent().unwrap_or(&self.root).to_path_buf()
+        } else {
+            cgroup::nearest_existing(path.parent().unwrap_or(&self.root)).to_path_buf()
+        };
+        if let Some(prev) = previous {
+            if prev.anchor == anchor && prev.watch == watch {
+                if let Some(e) = self.in_force.get_mut(path) {
+                    e.anchor = anchor;
+                    e.watch = watch;
+                }
+                return;
+            }
+            if let Some(a) = prev.anchor.clone() {
+                self.drop_candidate(&a);
+            }
+            if !prev.watch.as_os_str().is_empty() {
+                decrement(&mut self.watches, &prev.watch);
+            }
+        }
+        if let Some(a) = &anchor {
+            self.add_candidate(a);
+        }
+        *self.watches.entry(watch.clone()).or_insert(0) += 1;
+        if let Some(e) = self.in_force.get_mut(path) {
+            e.anchor = anchor;
+            e.watch = watch;
+        }
+    }
+
+    fn forget(&mut self, path: &Path, have: &InForce) {
+        if let Some(a) = &have.anchor {
+            self.drop_candidate(a);
+        }
+        if !have.watch.as_os_str().is_empty() {
+            decrement(&mut self.watches, &have.watch);
+        }
+        self.in_force.remove(path);
+        self.failing.remove(path);
+    }
+
+    /// The directory a policy's programs hang from (see the module comment), if one exists.
+    fn anchor_for(&self, path: &Path) -> Option<PathBuf> {
+        let parent = path.parent()?;
+        let start = if parent == self.root { path } else { parent };
+        let existing = cgroup::nearest_existing(start);
+        (existing != self.root && existing.starts_with(&self.root)).then(|| existing.to_path_buf())
+    }
+
+    fn add_candidate(&mut self, c: &Path) {
+        let count = self.candidates.entry(c.to_path_buf()).or_insert(0);
+        *count += 1;
+        if *count > 1 {
+            return;
+        }
+        if c.ancestors().skip(1).any(|a| self.candidates.contains_key(a)) {
+            return; // covered by an anchor above
+        }
+        let below: Vec<PathBuf> = self
+            .anchored
+            .range(c.to_path_buf()..)
+            .take_while(|p| p.starts_with(c))
+            .cloned()
+            .collect();
+        for b in below {
+            self.anchored.remove(&b);
+        }
+        self.anchored.insert(c.to_path_buf());
+        self.anchors_dirty = true;
+    }
+
+    fn drop_candidate(&mut self, c: &Path) {
+        if !decrement(&mut self.candidates, c) {
+            return;
+        }
+        if !self.anchored.remove(c) {
+            return;
+        }
+        self.anchors_dirty = true;
+        // Candidates below it that are now uncovered become anchors.
+        let below: Vec<PathBuf> = self
+            .candidates
+            .range(c.to_path_buf()..)
+            .map(|(p, _)| p.clone())
+            .take_while(|p| p.starts_with(c))
+            .collect();
+        for b in below {
+            if !b.ancestors().skip(1).any(|a| self.candidates.contains_key(a)) {
+                self.anchored.insert(b);
+            }
+        }
+    }
+
+    /// Attaches and detaches the programs so that exactly the anchors are attached; returns
+    /// the anchors that could not be attached (tried again at the next change).
+    pub fn apply_anchors(&mut self) -> Vec<EnforcerError> {
+        if !self.anchors_dirty {
+            return Vec::new();
+        }
+        self.anchors_dirty = false;
+        let mut want = BTreeMap::new();
+        for path in &self.anchored {
+            match cgroup::id_of(path) {
+                Ok(id) => {
+                    want.insert(id, path.clone());
+                }
+                Err(e) => warn!(cgroup = ?path.display().to_string(), "anchor vanished: {e}"),
+            }
+        }
+        let errors = self.enforcer.set_anchors(&want);
+        for e in &errors {
+            error!("{e}");
+            self.anchors_dirty = true;
+        }
+        errors
+    }
+
+    /// Removes map entries by cgroup id that no path in force accounts for: what an earlier
+    /// run, or the `mkdir` hook for a cgroup since removed, left behind.
+    pub fn drop_stale_ids(&mut self) -> usize {
+        let keep: HashSet<u64> = self.in_force.values().filter_map(|e| e.id).collect();
+        let stale: Vec<u64> = self
+            .enforcer
+            .policy_ids()
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in &stale {
+            self.enforcer.remove_id(*id);
+        }
+        stale.len()
+    }
+
+    /// Gives the existing sockets of the cgroups at and below `path` the policy that now
+    /// decides for each (nothing for those whose deciding policy is gone or off). Returns how
+    /// many sockets were updated.
+    pub fn refresh(&mut self, path: &Path) -> u64 {
+        if self.enforcer.features().existing.is_err() || !path.is_dir() {
+            return 0;
+        }
+        let mut scope = Vec::new();
+        let mut netns = Vec::new();
+        let mut seen_ns = HashSet::new();
+        for dir in cgroup::subtree(path) {
+            let Ok(id) = cgroup::id_of(&dir) else {
+                continue;
+            };
+            scope.push((id, self.deciding_id(&dir)));
+            for pid in cgroup::procs(&dir) {
+                let ns_path = format!("/proc/{pid}/ns/net");
+                if let Ok(file) = File::open(&ns_path) {
+                    if let Ok(meta) = file.metadata() {
+                        if seen_ns.insert((meta.dev(), meta.ino())) {
+                            netns.push(file);
+                        }
+                    }
+                }
+            }
+        }
+        if netns.is_empty() {
+            return 0; // no process, no socket to reach
+        }
+        match self.enforcer.refresh(&scope, &netns) {
+            Ok(n) => {
+                if n > 0 {
+                    info!(cgroup = ?path.display().to_string(), sockets = n, namespaces = netns.len(), "existing connections updated");
+                }
+                n
+            }
+            Err(e) => {
+                error!(cgroup = ?path.display().to_string(), "{e}");
+                0
+            }
+        }
+    }
+
+    /// The id of the cgroup whose policy decides for `dir` (0: none).
+    fn deciding_id(&self, dir: &Path) -> u64 {
+        for a in dir.ancestors() {
+            if let Some(e) = self.in_force.get(a) {
+                return e.id.unwrap_or(0);
+            }
+            if a == self.root {
+                break;
+            }
+        }
+        0
+    }
+}
+
+/// The kernel's form of a policy.
+pub fn to_value(policy: &Policy, source: Source, generation: u32) -> PolicyValue {
+    let mut value = policy.to_value();
+    if source == Source::Config {
+        value.flags |= FLAG_CONFIG;
+    }
+    value.generation = generation;
+    value
+}
+
+/// Decrements a count, removing the key at zero; true when it was removed.
+fn decrement(map: &mut BTreeMap<PathBuf, usize>, key: &Path) -> bool {
+    match map.get_mut(key) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        Some(_) => {
+            map.remove(key);
+            true
+        }
+        None => false,
+    }
+}

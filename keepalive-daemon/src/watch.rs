@@ -1,0 +1,126 @@
+//! inotify on cgroup2 directories: the daemon learns that a cgroup at a policy path (or a
+//! directory on the way to it) was created or removed, without scanning anything.
+use std::{
+    collections::{BTreeSet, HashMap},
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::PathBuf,
+};
+
+use tokio::io::unix::AsyncFd;
+
+pub struct Watcher {
+    fd: AsyncFd<OwnedFd>,
+    by_dir: HashMap<PathBuf, i32>,
+    by_wd: HashMap<i32, PathBuf>,
+}
+
+impl Watcher {
+    pub fn new() -> io::Result<Watcher> {
+        // SAFETY: plain syscall; the descriptor is owned below.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Watcher {
+            // SAFETY: the descriptor is owned by the AsyncFd and closed only when it drops.
+            fd: unsafe { AsyncFd::register(fd)? },
+            by_dir: HashMap::new(),
+            by_wd: HashMap::new(),
+        })
+    }
+
+    /// Watches exactly `dirs` (adding and removing watches as needed). Directories that cannot
+    /// be watched (gone meanwhile) are skipped: their parent's watch reports them.
+    pub fn set(&mut self, dirs: &BTreeSet<PathBuf>) {
+        let stale: Vec<PathBuf> = self
+            .by_dir
+            .keys()
+            .filter(|d| !dirs.contains(*d))
+            .cloned()
+            .collect();
+        for dir in stale {
+            if let Some(wd) = self.by_dir.remove(&dir) {
+                self.by_wd.remove(&wd);
+                // SAFETY: removing a watch of our own descriptor.
+                unsafe { libc::inotify_rm_watch(self.fd.get_ref().as_raw_fd(), wd) };
+            }
+        }
+        for dir in dirs {
+            if self.by_dir.contains_key(dir) {
+                continue;
+            }
+            let Ok(c_dir) = CString::new(dir.as_os_str().as_encoded_bytes()) else {
+                continue;
+            };
+            let mask = libc::IN_CREATE | libc::IN_DELETE | libc::IN_DELETE_SELF | libc::IN_ONLYDIR;
+            // SAFETY: NUL-terminated path; our descriptor.
+            let wd = unsafe {
+                libc::inotify_add_watch(self.fd.get_ref().as_raw_fd(), c_dir.as_ptr(), mask)
+            };
+            if wd >= 0 {
+                self.by_dir.insert(dir.clone(), wd);
+                self.by_wd.insert(wd, dir.clone());
+            }
+        }
+    }
+
+    /// Waits for events; returns the paths they concern (the child created or removed, or the
+    /// watched directory itself when it went away).
+    pub async fn next(&mut self) -> io::Result<Vec<PathBuf>> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut buf = [0u8; 8192];
+            // SAFETY: reading into a buffer we own.
+            let n = unsafe {
+                libc::read(
+                    guard.get_inner().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    guard.clear_ready();
+                    continue;
+                }
+                return Err(e);
+            }
+            return Ok(self.parse(&buf[..n as usize]));
+        }
+    }
+
+    fn parse(&mut self, mut buf: &[u8]) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        // struct inotify_event { int wd; u32 mask, cookie, len; char name[len]; }
+        while buf.len() >= 16 {
+            let word = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+            let (wd, mask, len) = (word(0) as i32, word(4), word(12) as usize);
+            let Some(name) = buf.get(16..16 + len) else {
+                break;
+            };
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if let Some(dir) = self.by_wd.get(&wd) {
+                if mask & (libc::IN_DELETE_SELF | libc::IN_IGNORED) != 0 {
+                    out.push(dir.clone());
+                    if mask & libc::IN_IGNORED != 0 {
+                        let dir = dir.clone();
+                        self.by_wd.remove(&wd);
+                        self.by_dir.remove(&dir);
+                    }
+                } else if !name.is_empty() {
+                    out.push(dir.join(std::ffi::OsStr::from_bytes(name)));
+                }
+            }
+            buf = &buf[16 + len..];
+        }
+        out
+    }
+}
