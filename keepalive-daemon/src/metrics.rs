@@ -53,6 +53,18 @@ pub fn render(stats: &[StatsEntry], policies: usize, attachments: usize) -> Stri
             .map(|s| (label(&s.cgroup, ""), s.keepalive_kills)),
     );
     family(
+        "kad_existing_connections_updated_total",
+        "Connections that existed before a policy and were given it, by policy cgroup.",
+        "counter",
+        &mut stats.iter().map(|s| (label(&s.cgroup, ""), s.refreshed)),
+    );
+    family(
+        "kad_overridden_total",
+        "Connections whose program set its own keepalive options after kad (rewritten under --enforce), by policy cgroup.",
+        "counter",
+        &mut stats.iter().map(|s| (label(&s.cgroup, ""), s.overridden)),
+    );
+    family(
         "kad_policies",
         "Policies in the table (set with kad set or from the config file).",
         "gauge",
@@ -60,7 +72,7 @@ pub fn render(stats: &[StatsEntry], policies: usize, attachments: usize) -> Stri
     );
     family(
         "kad_attachments",
-        "Cgroups with a kad program attached.",
+        "Anchor cgroups with kad's programs attached.",
         "gauge",
         &mut std::iter::once((String::new(), attachments as u64)),
     );
@@ -154,8 +166,11 @@ mod tests {
             accept: 2,
             setsockopt_failures: 0,
             keepalive_kills: 1,
+            refreshed: 4,
+            overridden: 5,
         }];
         let text = render(&stats, 1, 1);
+        assert!(text.contains("kad_overridden_total{cgroup=\"/sys/fs/cgroup/a \\\"b\\\"\"} 5\n"));
         assert!(text.contains("# TYPE kad_connections_configured_total counter\n"));
         assert!(text.contains(
             "kad_connections_configured_total{cgroup=\"/sys/fs/cgroup/a \\\"b\\\"\",side=\"connect\"} 3\n"

@@ -26,16 +26,30 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
     } else {
         "not loaded"
     };
-    println!("program:      {loaded}");
+    println!("program:      {loaded} (tag {})", report.program);
     println!("kernel:       {}", report.kernel);
     println!("cgroup2 root: {}", report.cgroup_root);
     println!("bpffs:        {}", report.bpffs);
     println!("state dir:    {}", report.state_dir);
     println!("config:       {}", report.config);
     println!(
-        "attachments:  {} ({} map entries)",
+        "anchors:      {} ({} policy entries by cgroup id)",
         report.attachments, report.map_entries
     );
+    for anchor in &report.anchors {
+        let note = if anchor.program == report.program {
+            String::new()
+        } else {
+            " (an older program)".to_string()
+        };
+        println!("  {} runs {}{note}", anchor.cgroup, anchor.program);
+    }
+    for f in &report.features {
+        match &f.reason {
+            None => println!("feature:      {}: yes", f.feature),
+            Some(reason) => println!("feature:      {}: NO ({reason})", f.feature),
+        }
+    }
     println!("policies:     {}", report.policies.len());
     if !report.policies.is_empty() {
         print!("{}", table(&report.policies));
@@ -95,7 +109,7 @@ pub fn stats(entries: &[StatsEntry], kills_counted: bool, json: bool) -> anyhow:
     }
     let width = width(entries, 6, |e| e.cgroup.len());
     println!(
-        "{:<width$}  CONNECT  ACCEPT   FAILURES  KEEPALIVE-KILLS",
+        "{:<width$}  CONNECT  ACCEPT   EXISTING  OVERRIDDEN  FAILURES  KEEPALIVE-KILLS",
         "CGROUP"
     );
     for e in entries {
@@ -105,8 +119,8 @@ pub fn stats(entries: &[StatsEntry], kills_counted: bool, json: bool) -> anyhow:
             "n/a".into()
         };
         println!(
-            "{:<width$}  {:<7}  {:<7}  {:<8}  {kills}",
-            e.cgroup, e.connect, e.accept, e.setsockopt_failures
+            "{:<width$}  {:<7}  {:<7}  {:<8}  {:<10}  {:<8}  {kills}",
+            e.cgroup, e.connect, e.accept, e.refreshed, e.overridden, e.setsockopt_failures
         );
     }
     Ok(())
