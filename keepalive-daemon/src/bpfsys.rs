@@ -8,7 +8,6 @@ use std::{
     path::Path,
 };
 
-
 const BPF_PROG_GET_FD_BY_ID: i64 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
 const BPF_OBJ_PIN: i64 = 6;

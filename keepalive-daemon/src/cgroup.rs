@@ -180,30 +180,6 @@ pub fn id_of_file(dir: &std::fs::File) -> io::Result<u64> {
     Ok(dir.metadata()?.ino())
 }
 
-/// Finds the directory of a cgroup by id, walking the hierarchy under `root` (only used for
-/// the few anchors adopted at start).
-pub fn path_of_id_under(root: &Path, id: u64) -> Option<PathBuf> {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        if id_of(&dir).ok() == Some(id) {
-            return Some(dir);
-        }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for entry in entries.flatten() {
-                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    stack.push(entry.path());
-                }
-            }
-        }
-    }
-    None
-}
-
-/// `path_of_id_under` the cgroup2 root.
-pub fn path_of_id(id: u64) -> Option<PathBuf> {
-    path_of_id_under(&find_root().ok()?, id)
-}
-
 /// The cgroup directories at and below `path` (a cgroup that exists), parents first.
 pub fn subtree(path: &Path) -> Vec<PathBuf> {
     let mut out = vec![path.to_path_buf()];

@@ -20,17 +20,17 @@ use crate::{
     cgroup::{self, CgroupError},
     config::{self as config_file, ConfigError},
     enforcer::{self, Enforcer, EnforcerError},
-    reconcile::{Reconciler, Source},
-    watch::Watcher,
     metrics, notify,
     pathio::{io_err, PathIoError},
     policy::Policy,
     protocol::{
-        self, AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, Request, Response,
-        StatsEntry, StatusReport, MAX_REQUEST_BYTES,
+        self, AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, Request, Response, StatsEntry,
+        StatusReport, MAX_REQUEST_BYTES,
     },
+    reconcile::{Reconciler, Source},
     store::{Store, StoreError},
     sys,
+    watch::Watcher,
 };
 
 /// How long a client may take to send its request.
@@ -601,7 +601,9 @@ impl State {
         for path in abandoned {
             let _ = self.sync_path(&path);
             match std::fs::remove_dir(&path) {
-                Ok(()) => info!(cgroup = ?path.display().to_string(), "removed an abandoned kad exec cgroup"),
+                Ok(()) => {
+                    info!(cgroup = ?path.display().to_string(), "removed an abandoned kad exec cgroup")
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
                     warn!(cgroup = ?path.display().to_string(), "cannot remove an abandoned kad exec cgroup: {e}")
@@ -630,9 +632,18 @@ impl State {
         let f = self.kernel.enforcer.features();
         [
             ("existing connections (iter/tcp)", f.existing.clone()),
-            ("new cgroups at policy paths (tp_btf/cgroup_mkdir)", f.mkdir.clone()),
-            ("programs' own keepalive options (cgroup/setsockopt)", f.setsockopt.clone()),
-            ("keepalive kills (tp_btf/inet_sk_error_report)", f.kills.clone()),
+            (
+                "new cgroups at policy paths (tp_btf/cgroup_mkdir)",
+                f.mkdir.clone(),
+            ),
+            (
+                "programs' own keepalive options (cgroup/setsockopt)",
+                f.setsockopt.clone(),
+            ),
+            (
+                "keepalive kills (tp_btf/inet_sk_error_report)",
+                f.kills.clone(),
+            ),
         ]
     }
 

@@ -61,7 +61,9 @@ pub enum EnforcerError {
     },
     #[error("cannot attach to {path}: {message}")]
     Attach { path: PathBuf, message: String },
-    #[error("cannot use the pin {path}: {source} (left in place; enforcement continues through it)")]
+    #[error(
+        "cannot use the pin {path}: {source} (left in place; enforcement continues through it)"
+    )]
     Pin {
         path: PathBuf,
         #[source]
@@ -91,10 +93,11 @@ pub struct Features {
     pub kills: Result<(), String>,
 }
 
-/// The links attached to one anchor cgroup.
+/// One anchor cgroup. Its links are held by their pins only, so kad's descriptors do not grow
+/// with the number of anchors.
 struct Anchor {
     path: PathBuf,
-    links: Vec<(CgroupHook, OwnedFd)>,
+    pins: PathBuf,
 }
 
 pub struct Enforcer {
@@ -128,7 +131,10 @@ impl Enforcer {
         }
         let lock = lock_dir(dir)?;
         let (offsets, missing) = crate::btf::kernel_offsets().unwrap_or_else(|e| {
-            (KernelOffsets::default(), vec![format!("no kernel BTF: {e}")])
+            (
+                KernelOffsets::default(),
+                vec![format!("no kernel BTF: {e}")],
+            )
         });
         for reason in &missing {
             warn!("{reason}");
@@ -149,7 +155,10 @@ impl Enforcer {
         sock_create
             .load()
             .map_err(|e| load_error("sock_create", &e))?;
-        programs.insert(CgroupHook::SockCreate, prog_fd(sock_create.fd(), "sock_create")?);
+        programs.insert(
+            CgroupHook::SockCreate,
+            prog_fd(sock_create.fd(), "sock_create")?,
+        );
         let sock_ops: &mut SockOps = program(&mut ebpf, "kad_sockops")?;
         sock_ops.load().map_err(|e| load_error("sock_ops", &e))?;
         programs.insert(CgroupHook::SockOps, prog_fd(sock_ops.fd(), "sock_ops")?);
@@ -206,11 +215,7 @@ impl Enforcer {
         let kills = if offsets.valid & OFFSETS_KILLS == 0 {
             Err("the kernel's BTF lacks the socket fields".to_string())
         } else {
-            attach_tp(
-                "kad_error_report",
-                "inet_sk_error_report",
-                "error_report",
-            )
+            attach_tp("kad_error_report", "inet_sk_error_report", "error_report")
         };
         let features = Features {
             existing,
@@ -326,7 +331,16 @@ impl Enforcer {
             .copied()
             .collect();
         for (id, path) in want {
-            if self.anchors.contains_key(id) {
+            if let Some(anchor) = self.anchors.get_mut(id) {
+                if anchor.path.as_os_str().is_empty() {
+                    // Adopted at start: now its path is known, add any hook it lacks (a
+                    // kernel that gained one, or a crash in the middle of an attach).
+                    anchor.path = path.clone();
+                    let pins = anchor.pins.clone();
+                    if let Err(e) = self.complete(path, &pins) {
+                        errors.push(e);
+                    }
+                }
                 continue;
             }
             match self.attach(*id, path) {
@@ -355,36 +369,55 @@ impl Enforcer {
         }
         let pin_dir = self.dir.join(ANCHORS_DIR).join(id.to_string());
         std::fs::create_dir_all(&pin_dir).map_err(|e| attach_error(e.to_string()))?;
-        let mut links = Vec::new();
         // Socket creation first: by the time sock_ops runs, the socket has its state.
         for hook in CgroupHook::ALL {
             let Some(prog) = self.programs.get(&hook) else {
                 continue;
             };
-            let link = bpfsys::link_cgroup(prog.as_fd(), cgroup.as_fd(), hook)
-                .map_err(|e| attach_error(format!("{}: {e}", hook.pin_name())))?;
-            // If pinning fails the links made so far are dropped, which detaches them.
-            replace_pin(&link, &pin_dir.join(hook.pin_name()))
-                .map_err(|e| attach_error(format!("pin {}: {e}", hook.pin_name())))?;
-            links.push((hook, link));
+            let pinned = bpfsys::link_cgroup(prog.as_fd(), cgroup.as_fd(), hook)
+                .and_then(|link| replace_pin(&link, &pin_dir.join(hook.pin_name())));
+            if let Err(e) = pinned {
+                // Nothing half-done: the hooks pinned so far go too.
+                remove_anchor_pins(&pin_dir);
+                return Err(attach_error(format!("{}: {e}", hook.pin_name())));
+            }
         }
         Ok(Anchor {
             path: path.to_path_buf(),
-            links,
+            pins: pin_dir,
         })
+    }
+
+    fn complete(&self, path: &Path, pins: &Path) -> Result<(), EnforcerError> {
+        let cgroup = File::open(path).map_err(|e| EnforcerError::Attach {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        for hook in CgroupHook::ALL {
+            let pin = pins.join(hook.pin_name());
+            let Some(prog) = self.programs.get(&hook) else {
+                continue;
+            };
+            if pin.exists() {
+                continue;
+            }
+            bpfsys::link_cgroup(prog.as_fd(), cgroup.as_fd(), hook)
+                .and_then(|link| replace_pin(&link, &pin))
+                .map_err(|e| EnforcerError::Attach {
+                    path: path.to_path_buf(),
+                    message: format!("{}: {e}", hook.pin_name()),
+                })?;
+        }
+        Ok(())
     }
 
     fn detach(&mut self, id: u64) {
         let Some(anchor) = self.anchors.remove(&id) else {
             return;
         };
-        let pin_dir = self.dir.join(ANCHORS_DIR).join(id.to_string());
-        for (hook, _link) in &anchor.links {
-            let _ = std::fs::remove_file(pin_dir.join(hook.pin_name()));
-        }
-        let _ = std::fs::remove_dir(&pin_dir);
+        // The pins hold the links: removing them detaches the programs.
+        remove_anchor_pins(&anchor.pins);
         info!(cgroup = ?anchor.path.display().to_string(), "detached kad's programs");
-        // Dropping the fds with the pins gone detaches the links.
     }
 
     /// Adopts the anchors an earlier run pinned and points their links at this run's
@@ -404,7 +437,7 @@ impl Enforcer {
                 continue;
             };
             let pin_dir = entry.path();
-            let mut links = Vec::new();
+            let mut hooks = Vec::new();
             let mut gone = false;
             for hook in CgroupHook::ALL {
                 let pin = pin_dir.join(hook.pin_name());
@@ -417,37 +450,25 @@ impl Enforcer {
                     continue; // this kernel cannot run it: the old program stays
                 };
                 match bpfsys::link_update(link.as_fd(), prog.as_fd()) {
-                    Ok(()) => links.push((hook, link)),
+                    Ok(()) => hooks.push(hook),
                     Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => gone = true,
                     Err(source) => return Err(EnforcerError::Pin { path: pin, source }),
                 }
             }
             if gone {
                 // The kernel detached these links when the cgroup was removed.
-                for hook in CgroupHook::ALL {
-                    let _ = std::fs::remove_file(pin_dir.join(hook.pin_name()));
-                }
-                let _ = std::fs::remove_dir(&pin_dir);
+                remove_anchor_pins(&pin_dir);
                 continue;
             }
-            let path = crate::cgroup::path_of_id(id).unwrap_or_default();
-            // A missing hook (a kernel that gained one, or a crash mid-attach) is added.
-            if let Ok(cgroup) = File::open(&path) {
-                for hook in CgroupHook::ALL {
-                    if links.iter().any(|(h, _)| *h == hook) {
-                        continue;
-                    }
-                    if let Some(prog) = self.programs.get(&hook) {
-                        if let Ok(link) = bpfsys::link_cgroup(prog.as_fd(), cgroup.as_fd(), hook)
-                        {
-                            if replace_pin(&link, &pin_dir.join(hook.pin_name())).is_ok() {
-                                links.push((hook, link));
-                            }
-                        }
-                    }
-                }
-            }
-            self.anchors.insert(id, Anchor { path, links });
+            // Its path is learnt from the table (`set_anchors`); until then it is unknown.
+            let path = PathBuf::new();
+            self.anchors.insert(
+                id,
+                Anchor {
+                    path,
+                    pins: pin_dir,
+                },
+            );
         }
         Ok(())
     }
@@ -543,13 +564,10 @@ impl Enforcer {
         self.anchors
             .values()
             .map(|a| {
-                let tag = a
-                    .links
-                    .iter()
-                    .find(|(h, _)| *h == CgroupHook::SockOps)
-                    .and_then(|(_, l)| bpfsys::link_info(l.as_fd()).ok())
-                    .and_then(|i| bpfsys::prog_tag(i.prog_id).ok())
-                    .unwrap_or_else(|| "?".into());
+                let tag = bpfsys::get_pinned(&a.pins.join(CgroupHook::SockOps.pin_name()))
+                    .and_then(|l| bpfsys::link_info(l.as_fd()))
+                    .and_then(|i| bpfsys::prog_tag(i.prog_id))
+                    .unwrap_or_else(|_| "?".into());
                 (a.path.clone(), tag)
             })
             .collect()
@@ -583,6 +601,13 @@ fn run_iterator_in(link: &OwnedFd, ns: &File) -> io::Result<u64> {
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("iterator thread panicked")))
     })
+}
+
+fn remove_anchor_pins(pin_dir: &Path) {
+    for hook in CgroupHook::ALL {
+        let _ = std::fs::remove_file(pin_dir.join(hook.pin_name()));
+    }
+    let _ = std::fs::remove_dir(pin_dir);
 }
 
 /// Pins `fd` at `path`, replacing what is there (rename over it: never a moment without).

@@ -230,7 +230,10 @@ impl Reconciler {
         if *count > 1 {
             return;
         }
-        if c.ancestors().skip(1).any(|a| self.candidates.contains_key(a)) {
+        if c.ancestors()
+            .skip(1)
+            .any(|a| self.candidates.contains_key(a))
+        {
             return; // covered by an anchor above
         }
         let below: Vec<PathBuf> = self
@@ -262,7 +265,11 @@ impl Reconciler {
             .take_while(|p| p.starts_with(c))
             .collect();
         for b in below {
-            if !b.ancestors().skip(1).any(|a| self.candidates.contains_key(a)) {
+            if !b
+                .ancestors()
+                .skip(1)
+                .any(|a| self.candidates.contains_key(a))
+            {
                 self.anchored.insert(b);
             }
         }

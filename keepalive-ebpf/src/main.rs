@@ -22,10 +22,9 @@ use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC,
-        BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, SOL_SOCKET,
-        SO_KEEPALIVE,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, SOL_SOCKET, SO_KEEPALIVE,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_probe_read_kernel,
@@ -218,8 +217,7 @@ fn on_sockops(ctx: &SockOpsContext, op: u32) {
     }
     let cgroup_id = state.policy;
     // An accepted socket whose listener got these values already inherited them.
-    let inherited =
-        op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && state.applied == policy.generation;
+    let inherited = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && state.applied == policy.generation;
     let failures = if inherited {
         0
     } else {
@@ -329,8 +327,12 @@ fn on_setsockopt(ctx: &SockoptContext) {
     let cgroup_id = state.policy;
     if policy.flags & FLAG_ENFORCE != 0 {
         // SAFETY: optval/optval_end delimit the kernel's copy of the value; bounds-checked.
-        let (optval, end) =
-            unsafe { ((*opt).__bindgen_anon_2.optval, (*opt).__bindgen_anon_3.optval_end) };
+        let (optval, end) = unsafe {
+            (
+                (*opt).__bindgen_anon_2.optval,
+                (*opt).__bindgen_anon_3.optval_end,
+            )
+        };
         let value = optval as *mut i32;
         if value.is_null() || (value as usize) + size_of::<i32>() > end as usize {
             return;
