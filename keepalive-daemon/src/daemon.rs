@@ -308,7 +308,7 @@ impl State {
             Request::List => Response::Policies {
                 policies: self.entries(),
             },
-            Request::Status => Response::Status(self.status()),
+            Request::Status => Response::Status(Box::new(self.status())),
             Request::Stats => Response::Stats {
                 stats: self.stats(),
                 kills_counted: self.kernel.enforcer.counts_kills(),

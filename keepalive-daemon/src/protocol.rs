@@ -153,7 +153,7 @@ pub enum Response {
         /// False when the kernel's BTF lacked what is needed to recognise keepalive kills.
         kills_counted: bool,
     },
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     Error {
         message: String,
     },
