@@ -124,6 +124,10 @@ impl Enforcer {
     /// Opens (creating it if needed) the daemon's bpffs directory, loads the programs, adopts
     /// and upgrades the links an earlier run pinned.
     pub fn open(dir: &Path) -> Result<Self, EnforcerError> {
+        // One spelling per directory ("/sys/fs/bpf/x/" is "/sys/fs/bpf/x"): what kad decides
+        // never depends on it, but messages and pins should not either.
+        let dir: PathBuf = dir.components().collect();
+        let dir = dir.as_path();
         ensure_bpffs(dir)?;
         for sub in [ANCHORS_DIR, TRACING_DIR] {
             let path = dir.join(sub);

@@ -358,9 +358,11 @@ fn on_setsockopt(ctx: &SockoptContext) {
 // ---------------------------------------------------------------------------------------------
 // Existing sockets: iter/tcp, run by the daemon in each network namespace.
 
+/// # Safety
+/// Called by the kernel only, with its `struct bpf_iter__tcp` context.
 #[no_mangle]
 #[link_section = "iter/tcp"]
-pub extern "C" fn kad_iter_tcp(ctx: *mut *mut c_void) -> i32 {
+pub unsafe extern "C" fn kad_iter_tcp(ctx: *mut *mut c_void) -> i32 {
     // SAFETY: struct bpf_iter__tcp { bpf_iter_meta *meta; sock_common *sk_common; uid_t uid; }.
     let (meta, sk_common) = unsafe { (*ctx, *ctx.add(1)) };
     if sk_common.is_null() {

@@ -500,6 +500,11 @@ impl Process {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad report {line:?}: {e}"))
     }
 
+    /// Closes the process's stdin (the peer's signal to finish).
+    pub fn close_stdin(&mut self) {
+        drop(self.stdin.take());
+    }
+
     pub fn write(&mut self, data: &[u8]) {
         if let Some(stdin) = self.stdin.as_mut() {
             let _ = stdin.write_all(data);

@@ -24,8 +24,11 @@ pub fn all(purpose: Purpose) -> Result<()> {
     if purpose == Purpose::Test {
         // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to see attachments;
         // iproute2 (ss) and file: to check sockets and binaries from outside; systemd: to
-        // verify the unit file.
+        // verify the unit file; clang and libbpf-dev: to build another vendor's sock_ops
+        // program that the tests run beside kad's.
         for (tool, package) in [
+            ("/usr/bin/clang", "clang"),
+            ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
             ("/bin/busybox", "busybox-static"),
             ("/usr/sbin/bpftool", "bpftool"),
             ("/usr/bin/ss", "iproute2"),

@@ -81,11 +81,68 @@ fn churn(count: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Holds one connection (both ends in this process) and prints both ends' settings as one
+/// JSON line at start and again for every line read from stdin; exits at EOF.
+fn pair(addr: &str) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let client = TcpStream::connect(local).map_err(|e| format!("connect: {e}"))?;
+    let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    let mut line = String::new();
+    loop {
+        println!(
+            "{{\"client\":{},\"server\":{}}}",
+            report(&client)?,
+            report(&server)?
+        );
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+        line.clear();
+        if std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// Connects and accepts in a loop until stdin closes, checking both ends of every connection
+/// for keepalive `idle`; prints "CONNECTIONS MISSES" at the end.
+fn check(idle: i32) -> Result<(), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&done);
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let (mut total, mut misses) = (0u64, 0u64);
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        let client = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        for s in [&client, &server] {
+            let fd = s.as_raw_fd();
+            let on = getsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE)? != 0;
+            if !on || getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)? != idle {
+                misses += 1;
+            }
+        }
+        total += 1;
+    }
+    println!("{total} {misses}");
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [mode, count] = args.as_slice() {
-        if mode == "churn" {
-            return churn(count.parse().map_err(|e| format!("churn count: {e}"))?);
+    if let [mode, value] = args.as_slice() {
+        match mode.as_str() {
+            "churn" => return churn(value.parse().map_err(|e| format!("churn count: {e}"))?),
+            "pair" => return pair(value),
+            "check" => return check(value.parse().map_err(|e| format!("check idle: {e}"))?),
+            _ => {}
         }
     }
     let [mode, addr] = args.as_slice() else {
