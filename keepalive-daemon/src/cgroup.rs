@@ -141,6 +141,8 @@ pub fn policy_path(root: &Path, input: &str) -> Result<PathBuf, CgroupError> {
     match resolve(root, input) {
         Ok(cgroup) => return Ok(cgroup.path),
         Err(CgroupError::NotFound(_)) => {}
+        // Below a file: the walk up finds the file and says so.
+        Err(CgroupError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOTDIR) => {}
         Err(e) => return Err(e),
     }
     let path = lexical_path(root, input)?;
