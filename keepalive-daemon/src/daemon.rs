@@ -2,15 +2,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    net::UnixListener,
     signal::unix::{signal, SignalKind},
     sync::Mutex,
 };
@@ -24,20 +22,16 @@ use crate::{
     pathio::{io_err, PathIoError},
     policy::Policy,
     protocol::{
-        self, AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, Request, Response, StatsEntry,
-        StatusReport, MAX_REQUEST_BYTES,
+        AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, Request, Response, StatsEntry,
+        StatusReport,
     },
     reconcile::{Reconciler, Source},
+    server,
     store::{Store, StoreError},
     sys,
     watch::Watcher,
 };
 
-/// How long a client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// What is read and thrown away after replying to a request that was not read whole.
-const DRAIN_LIMIT: u64 = 16 << 20;
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the cgroups of `kad exec` runs are checked for being abandoned (only they: policy
 /// paths are followed through inotify, with no periodic scan).
 const EXEC_COLLECT_INTERVAL: Duration = Duration::from_secs(1);
@@ -96,6 +90,11 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     if !sys::is_root() {
         return Err(DaemonError::NotRoot);
     }
+    // Pins, links and connections each hold an fd: a low soft limit must not cost policies.
+    match sys::raise_nofile_limit() {
+        Ok(limit) => info!("open files limit: {limit}"),
+        Err(e) => warn!("cannot raise the open files limit: {e}"),
+    }
     let root = cgroup::find_root()?;
     // Bind first: a bad address fails the start before anything is touched.
     let metrics_listener = match config.metrics {
@@ -108,7 +107,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     };
     // Bound early, so that a live daemon on the socket stops us before anything is touched;
     // clients that connect meanwhile wait until we serve.
-    let listener = bind(&config.socket)?;
+    let listener = server::bind(&config.socket)?;
     let result = run_bound(config.clone(), root, listener, metrics_listener).await;
     let _ = std::fs::remove_file(&config.socket);
     result
@@ -174,7 +173,7 @@ async fn run_bound(
             config.metrics.map(|a| a.to_string()).unwrap_or_default()
         );
         let shared = Arc::clone(&shared);
-        tokio::spawn(metrics::serve(listener, move || {
+        tokio::spawn(metrics::serve(listener, metrics::LIMITS, move || {
             let shared = Arc::clone(&shared);
             async move { shared.lock().await.metrics() }
         }));
@@ -182,6 +181,13 @@ async fn run_bound(
     let mut term = signal(SignalKind::terminate()).map_err(io_err("cannot catch", "SIGTERM"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("cannot catch", "SIGINT"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("cannot catch", "SIGHUP"))?;
+    tokio::spawn(server::serve(listener, server::LIMITS, {
+        let shared = Arc::clone(&shared);
+        move |request| {
+            let shared = Arc::clone(&shared);
+            async move { shared.lock().await.handle(request) }
+        }
+    }));
     let mut tick = tokio::time::interval(EXEC_COLLECT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // inotify: cgroups created or removed at (or on the way to) policy paths. The kernel's
@@ -205,13 +211,6 @@ async fn run_bound(
     });
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let shared = Arc::clone(&shared);
-                    tokio::spawn(async move { serve(stream, shared).await });
-                }
-                Err(e) => warn!("accept failed: {e}"),
-            },
             _ = tick.tick() => shared.lock().await.collect_abandoned(),
             Some(paths) = events.recv() => shared.lock().await.on_cgroup_events(&paths),
             _ = hup.recv() => {
@@ -229,69 +228,6 @@ async fn run_bound(
     drop(shared.lock().await);
     info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
     Ok(())
-}
-
-/// Binds the control socket, replacing a stale one but never a live daemon's.
-fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::SocketInUse(path.to_path_buf()));
-        }
-        std::fs::remove_file(path).map_err(io_err("cannot remove stale socket", path))?;
-    }
-    let listener = UnixListener::bind(path).map_err(io_err("cannot bind", path))?;
-    // Anyone may list and ask for status; changes are checked against the peer's uid.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(io_err("cannot set permissions on", path))?;
-    Ok(listener)
-}
-
-async fn serve(stream: UnixStream, shared: Arc<Mutex<State>>) {
-    let uid = stream.peer_cred().map(|c| c.uid()).ok();
-    let (mut read, mut write) = stream.into_split();
-    let reply = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut read)).await {
-        Err(_) => Response::error("timed out waiting for the request"),
-        Ok(Err(message)) => Response::error(message),
-        Ok(Ok(request)) => {
-            if request.mutates() && uid != Some(0) {
-                Response::error("permission denied: only root may change policies")
-            } else {
-                shared.lock().await.handle(request)
-            }
-        }
-    };
-    if let Response::Error { message } = &reply {
-        warn!("request refused: {message}");
-    }
-    let _ = write.write_all(&protocol::encode(&reply)).await;
-    let _ = write.shutdown().await;
-    // Closing with unread input would reset the connection before the client reads the reply
-    // (an oversized request): discard what is left, within limits.
-    let mut rest = (&mut read).take(DRAIN_LIMIT);
-    let _ = tokio::time::timeout(
-        DRAIN_TIMEOUT,
-        tokio::io::copy(&mut rest, &mut tokio::io::sink()),
-    )
-    .await;
-}
-
-/// Reads one line (or everything up to EOF), refusing more than MAX_REQUEST_BYTES.
-async fn read_request(read: &mut tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
-    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
-    let mut line = Vec::new();
-    reader
-        .read_until(b'\n', &mut line)
-        .await
-        .map_err(|e| format!("cannot read the request: {e}"))?;
-    if line.len() > MAX_REQUEST_BYTES {
-        return Err(format!(
-            "request too large (limit {MAX_REQUEST_BYTES} bytes)"
-        ));
-    }
-    protocol::decode_request(&line)
 }
 
 /// Opens the enforcer, mapping its errors for the daemon.

@@ -256,6 +256,8 @@ pub struct Daemon {
     pub config: PathBuf,
     /// More `kad daemon` arguments (e.g. --metrics).
     pub extra_args: Vec<String>,
+    /// A command the daemon is run under (e.g. setpriv, prlimit); it must exec the daemon.
+    pub wrapper: Vec<String>,
     kad: PathBuf,
 }
 
@@ -265,6 +267,11 @@ impl Daemon {
     }
 
     pub fn start_with(env: &Env, extra_args: &[&str]) -> Daemon {
+        Daemon::start_wrapped(env, &[], extra_args)
+    }
+
+    /// The daemon run as `WRAPPER... kad daemon ... EXTRA_ARGS...`.
+    pub fn start_wrapped(env: &Env, wrapper: &[&str], extra_args: &[&str]) -> Daemon {
         let name = unique("daemon");
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir).expect("create daemon dir");
@@ -276,6 +283,7 @@ impl Daemon {
             config: dir.join("kad.toml"),
             dir,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            wrapper: wrapper.iter().map(|a| a.to_string()).collect(),
             kad: env.kad.clone(),
         };
         daemon.restart();
@@ -286,19 +294,28 @@ impl Daemon {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
         let log = File::create(self.dir.join("daemon.log")).expect("create log");
-        let child = daemon_command(
+        let mut command = daemon_command(
             &self.kad,
             &self.socket,
             &self.state_dir,
             &self.bpffs,
             &self.config,
-        )
-        .args(&self.extra_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn kad daemon");
+        );
+        if let Some((program, args)) = self.wrapper.split_first() {
+            let mut wrapped = Command::new(program);
+            wrapped
+                .args(args)
+                .arg(command.get_program())
+                .args(command.get_args());
+            command = wrapped;
+        }
+        let child = command
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kad daemon");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -346,6 +363,11 @@ impl Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The running daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
     }
 
     /// Sends a signal to the running daemon.
@@ -488,6 +510,16 @@ impl Process {
         status.and_then(|s| s.code())
     }
 
+    /// Closes the process's standard input (the test peers take that as "stop").
+    pub fn close_stdin(&mut self) {
+        drop(self.stdin.take());
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub fn line(&mut self) -> String {
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("read from peer");
@@ -498,11 +530,6 @@ impl Process {
     pub fn report(&mut self) -> Report {
         let line = self.line();
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad report {line:?}: {e}"))
-    }
-
-    /// Closes the process's stdin (the peer's signal to finish).
-    pub fn close_stdin(&mut self) {
-        drop(self.stdin.take());
     }
 
     pub fn write(&mut self, data: &[u8]) {
