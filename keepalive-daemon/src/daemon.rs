@@ -80,8 +80,8 @@ struct State {
     from_config: BTreeMap<PathBuf, Policy>,
     /// The kernel side: map entries, anchors, watched directories, refreshes.
     kernel: Reconciler,
-    /// The directories the inotify task should watch (sent after every change).
-    watch_dirs: tokio::sync::watch::Sender<BTreeSet<PathBuf>>,
+    /// inotify on the directories the policies need watched, set before a request is answered.
+    watcher: Watcher,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Enforcement outlives it: links and the map stay
@@ -129,8 +129,7 @@ async fn run_bound(
     let from_config = config_file::load(&config.config, &root)?;
     let state_file_exists = store.exists();
     let enforcer = open_enforcer(&config.bpffs)?;
-    let mut watcher = Watcher::new().map_err(io_err("cannot start", "inotify"))?;
-    let (watch_dirs, mut dirs_rx) = tokio::sync::watch::channel(BTreeSet::new());
+    let watcher = Watcher::new().map_err(io_err("cannot start", "inotify"))?;
     let mut state = State {
         config: config.clone(),
         kernel: Reconciler::new(root.clone(), enforcer),
@@ -138,7 +137,7 @@ async fn run_bound(
         store,
         set,
         from_config,
-        watch_dirs,
+        watcher: watcher.clone(),
     };
     state.adopt_pinned(state_file_exists);
     state.sync_all();
@@ -193,18 +192,17 @@ async fn run_bound(
     // inotify: cgroups created or removed at (or on the way to) policy paths. The kernel's
     // mkdir hook already gave a new cgroup its policy; the daemon records it and cleans up.
     let (events_tx, mut events) = tokio::sync::mpsc::channel::<Vec<PathBuf>>(64);
-    watcher.set(&dirs_rx.borrow_and_update().clone());
     tokio::spawn(async move {
         loop {
-            tokio::select! {
-                changed = dirs_rx.changed() => {
-                    if changed.is_err() { break; }
-                    let dirs = dirs_rx.borrow_and_update().clone();
-                    watcher.set(&dirs);
+            match watcher.next().await {
+                Ok(paths) => {
+                    if events_tx.send(paths).await.is_err() {
+                        break;
+                    }
                 }
-                batch = watcher.next() => match batch {
-                    Ok(paths) => { if events_tx.send(paths).await.is_err() { break; } }
-                    Err(e) => { error!("inotify: {e}"); break; }
+                Err(e) => {
+                    error!("inotify: {e}");
+                    break;
                 }
             }
         }
@@ -399,9 +397,15 @@ impl State {
     /// then the existing connections below it.
     fn sync_path(&mut self, path: &Path) -> Result<(), EnforcerError> {
         let want = self.want(path);
-        let changed = self.kernel.sync(path, want);
-        let anchor_errors = self.kernel.apply_anchors();
-        self.publish_watches();
+        let mut changed = self.kernel.sync(path, want);
+        let mut anchor_errors = self.kernel.apply_anchors();
+        // A new watch: what happened before it was in place is read now, once more.
+        if self.publish_watches() && changed.is_ok() {
+            let again = self.kernel.sync(path, want);
+            changed = again.map(|c| c || changed.unwrap_or(false));
+            anchor_errors.extend(self.kernel.apply_anchors());
+            self.publish_watches();
+        }
         if let Some(e) = anchor_errors.into_iter().next() {
             return Err(e);
         }
@@ -424,7 +428,15 @@ impl State {
             let _ = self.kernel.sync(&path, want);
         }
         let _ = self.kernel.apply_anchors(); // logged there
-        self.publish_watches();
+        if self.publish_watches() {
+            let paths: Vec<PathBuf> = self.kernel.in_force().keys().cloned().collect();
+            for path in paths {
+                let want = self.want(&path);
+                let _ = self.kernel.sync(&path, want);
+            }
+            let _ = self.kernel.apply_anchors();
+            self.publish_watches();
+        }
     }
 
     /// After a start: the connections that existed before give every policy its due.
@@ -465,15 +477,10 @@ impl State {
         self.kernel.drop_stale_ids();
     }
 
-    fn publish_watches(&mut self) {
-        let dirs = self.kernel.watch_dirs();
-        self.watch_dirs.send_if_modified(|current| {
-            if *current == dirs {
-                return false;
-            }
-            *current = dirs;
-            true
-        });
+    /// Sets the watches the table needs; true if one was added (a directory created before
+    /// the watch was in place would then go unseen: the caller looks again).
+    fn publish_watches(&mut self) -> bool {
+        self.watcher.set(&self.kernel.watch_dirs())
     }
 
     /// Policies the pinned map holds that neither the state file nor the config file has:
