@@ -16,6 +16,13 @@ pub enum Request {
     Unset {
         cgroup: String,
     },
+    /// `kad exec`: a policy for the transient cgroup the caller made. The daemon records the
+    /// caller (from the socket's peer credentials) as its owner, and removes the policy and the
+    /// cgroup itself if that process dies before it could.
+    Exec {
+        cgroup: String,
+        policy: Policy,
+    },
     /// Re-read the config file.
     Reload,
     List,
@@ -28,7 +35,7 @@ impl Request {
     pub fn mutates(&self) -> bool {
         matches!(
             self,
-            Request::Set { .. } | Request::Unset { .. } | Request::Reload
+            Request::Set { .. } | Request::Unset { .. } | Request::Exec { .. } | Request::Reload
         )
     }
 }
@@ -176,6 +183,10 @@ mod tests {
             },
             Request::Unset {
                 cgroup: "app".into(),
+            },
+            Request::Exec {
+                cgroup: "/sys/fs/cgroup/kad-exec-7".into(),
+                policy: Policy::on(Some(5), None, None).unwrap(),
             },
             Request::Reload,
             Request::List,
