@@ -11,8 +11,8 @@ use std::{
 };
 
 use kad_tests::{
-    connect, daemon_command, kad_attachments, kad_env, unique, untouched, wait_for, Daemon, Env,
-    TempDir, TestCgroup, TmpfsMount,
+    connect, daemon_command, in_cgroup, kad_attachments, kad_env, unique, untouched, wait_for,
+    Daemon, Env, TempDir, TestCgroup, TmpfsMount,
 };
 
 fn stderr_of(out: &Output) -> String {
@@ -29,16 +29,21 @@ fn assert_one_line_error(out: &Output, expected: &[&str]) {
     }
 }
 
-/// `kad exec ARGS` against `daemon`, started in the background with stderr piped.
-fn spawn_exec(env: &Env, daemon: &Daemon, args: &[&str]) -> std::process::Child {
-    Command::new(&env.kad)
+/// `kad exec ARGS` against `daemon`, started in the background with stderr piped, from a test
+/// cgroup of its own: its transient cgroup is made below that one, and goes with it whatever
+/// happens.
+fn spawn_exec(env: &Env, daemon: &Daemon, args: &[&str]) -> (std::process::Child, TestCgroup) {
+    let parent = TestCgroup::new(env, "exec-parent");
+    let mut command = Command::new(&env.kad);
+    command
         .arg("exec")
         .args(args)
         .env("KAD_SOCKET", &daemon.socket)
         .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run kad exec")
+        .stderr(Stdio::piped());
+    let _procs = in_cgroup(&mut command, &parent.path);
+    let child = command.spawn().expect("run kad exec");
+    (child, parent)
 }
 
 /// Waits for `daemon` to list exactly one policy and returns its cgroup.
@@ -86,7 +91,7 @@ fn a_cgroup_named_like_a_kad_exec_one_is_the_users() {
 fn a_killed_kad_exec_is_collected_across_a_restart() {
     let env = kad_env!();
     let mut daemon = Daemon::start(&env);
-    let mut kad = spawn_exec(&env, &daemon, &["--idle", "96", "--", "sleep", "60"]);
+    let (mut kad, _parent) = spawn_exec(&env, &daemon, &["--idle", "96", "--", "sleep", "60"]);
     let cgroup = the_one_policy(&daemon);
     // The owner is recorded, in the daemon's table and on disk.
     let state = fs::read_to_string(daemon.state_dir.join("policies.json")).unwrap();
@@ -123,14 +128,17 @@ fn a_kad_exec_from_another_pid_namespace_is_kept_while_it_runs_then_collected() 
     let daemon = Daemon::start(&env);
     // kad exec is pid 1 of a new PID namespace: its cgroup is named kad-exec-1, and the
     // daemon's /proc/1 is another process altogether.
-    let mut unshare = Command::new("unshare")
+    let parent = TestCgroup::new(&env, "pidns-parent");
+    let mut command = Command::new("unshare");
+    command
         .args(["--pid", "--fork", "--kill-child"])
         .arg(&env.kad)
         .args(["exec", "--idle", "95", "--", "sleep", "60"])
         .env("KAD_SOCKET", &daemon.socket)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("run unshare (util-linux)");
+        .stdin(Stdio::null());
+    let procs = in_cgroup(&mut command, &parent.path);
+    let mut unshare = command.spawn().expect("run unshare (util-linux)");
+    drop(procs);
     let cgroup = the_one_policy(&daemon);
     assert_eq!(
         cgroup.file_name().and_then(|n| n.to_str()),
@@ -167,7 +175,8 @@ fn kad_exec_keeps_the_commands_status_when_the_daemon_dies() {
         "while [ ! -e {} ]; do sleep 0.05; done; exit 7",
         go.display()
     );
-    let mut kad = spawn_exec(&env, &daemon, &["--idle", "94", "--", "sh", "-c", &script]);
+    let (mut kad, _parent) =
+        spawn_exec(&env, &daemon, &["--idle", "94", "--", "sh", "-c", &script]);
     let cgroup = the_one_policy(&daemon);
     daemon.kill();
     fs::write(&go, "").unwrap();
@@ -199,16 +208,30 @@ fn kad_exec_keeps_the_commands_status_when_the_daemon_dies() {
     );
 }
 
-/// `kad daemon` with its own directories and this config; returns its output once it exits.
+/// `kad daemon` with its own socket and these paths, which must refuse to start; returns its
+/// output. Its --bpffs is not on a bpf filesystem: were the check under test gone, the start
+/// would still fail (with another message) before anything is attached, so that a symbolic
+/// link to the cgroup2 root can never lead to an attachment there.
 fn start_refused(env: &Env, dir: &Path, config: &Path, state_dir: &Path) -> Output {
-    let bpffs = PathBuf::from("/sys/fs/bpf").join(unique("refused"));
-    let out = daemon_command(&env.kad, &dir.join("kad.sock"), state_dir, &bpffs, config)
+    let bpffs = dir.join(unique("not-bpffs"));
+    let mut daemon = daemon_command(&env.kad, &dir.join("kad.sock"), state_dir, &bpffs, config)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run kad daemon");
-    let created = bpffs.exists();
-    let _ = fs::remove_dir_all(&bpffs);
-    assert!(!created, "refused before its bpffs directory was made");
+    let exited = wait_for(Duration::from_secs(15), || {
+        daemon.try_wait().ok().flatten().is_some()
+    });
+    if !exited {
+        let _ = daemon.kill();
+    }
+    let out = daemon.wait_with_output().expect("wait for kad daemon");
+    assert!(exited, "the daemon started: {}", stderr_of(&out));
+    assert!(
+        !bpffs.exists(),
+        "refused before its bpffs directory was made"
+    );
     out
 }
 
@@ -271,7 +294,8 @@ fn paths_through_symbolic_links_in_the_config_or_the_state_file_are_refused() {
     assert_eq!(kad_attachments(&cg.path), 0, "nothing attached");
     assert_eq!(kad_attachments(&env.root), 0, "nothing on the root");
 
-    // On reload, the previous config stays.
+    // On reload, the previous config stays. (A link to the cgroup, not the root: this daemon
+    // can attach.)
     let daemon = Daemon::start(&env);
     fs::write(
         &daemon.config,
@@ -282,16 +306,13 @@ fn paths_through_symbolic_links_in_the_config_or_the_state_file_are_refused() {
     let before = daemon.list();
     fs::write(
         &daemon.config,
-        format!(
-            "[[policy]]\ncgroup = \"{}\"\nidle = 55\n",
-            to_root.display()
-        ),
+        format!("[[policy]]\ncgroup = \"{}\"\nidle = 55\n", to_cg.display()),
     )
     .unwrap();
     let out = daemon.kad(&["reload"]);
     assert_one_line_error(
         &out,
-        &[&format!("{}:1:", daemon.config.display()), "cgroup2 root"],
+        &[&format!("{}:1:", daemon.config.display()), "symbolic link"],
     );
     assert_eq!(daemon.list(), before);
     assert_eq!(idle_in(&env, &cg.path), (true, 54));
