@@ -202,6 +202,28 @@ mod tests {
     }
 
     #[test]
+    fn only_reads_are_open_to_everyone() {
+        let policy = Policy::OFF;
+        let cgroup = String::from("x");
+        for request in [
+            Request::Set {
+                cgroup: cgroup.clone(),
+                policy,
+            },
+            Request::Unset {
+                cgroup: cgroup.clone(),
+            },
+            Request::Exec { cgroup, policy },
+            Request::Reload,
+        ] {
+            assert!(request.mutates(), "{request:?}");
+        }
+        for request in [Request::List, Request::Stats, Request::Status] {
+            assert!(!request.mutates(), "{request:?}");
+        }
+    }
+
+    #[test]
     fn malformed_requests_are_errors() {
         assert!(decode_request(b"not json")
             .unwrap_err()

@@ -83,6 +83,20 @@ fn a_cgroup_named_like_a_kad_exec_one_is_the_users() {
         daemon.stop();
         daemon.restart();
     }
+    // Nor can a `kad exec` request claim it.
+    let request = format!(
+        "{{\"cmd\":\"exec\",\"cgroup\":\"{}\",\"policy\":{{\"mode\":\"on\",\"idle\":5,\"intvl\":null,\"cnt\":null}}}}\n",
+        named.display()
+    );
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.contains("\"error\"") && reply.contains("has a policy set with kad set"),
+        "{reply}"
+    );
+    assert_eq!(daemon.list(), before);
     let state = fs::read_to_string(daemon.state_dir.join("policies.json")).unwrap();
     assert!(!state.contains("exec_owner"), "{state}");
 }
