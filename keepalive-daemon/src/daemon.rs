@@ -18,6 +18,7 @@ use crate::{
     cgroup::{self, CgroupError},
     config::{self as config_file, ConfigError},
     enforcer::{self, Enforcer, EnforcerError},
+    exec::{self, ExecOwner},
     metrics, notify,
     pathio::{io_err, PathIoError},
     policy::Policy,
@@ -27,7 +28,7 @@ use crate::{
     },
     reconcile::{Reconciler, Source},
     server,
-    store::{Store, StoreError},
+    store::{StateLock, Store, StoreError, StoredPolicy},
     sys,
     watch::Watcher,
 };
@@ -74,8 +75,10 @@ struct State {
     config: DaemonConfig,
     root: PathBuf,
     store: Store,
-    /// Policies set with `kad set`, by path; what the state file holds.
+    /// Policies set with `kad set` (and `kad exec`), by path; what the state file holds.
     set: BTreeMap<PathBuf, Policy>,
+    /// The `kad exec` run that owns each of the paths in `set` that are its transient cgroups.
+    exec_owners: BTreeMap<PathBuf, ExecOwner>,
     /// Policies of the config file, by path.
     from_config: BTreeMap<PathBuf, Policy>,
     /// The kernel side: map entries, anchors, watched directories, refreshes.
@@ -119,10 +122,16 @@ async fn run_bound(
     listener: UnixListener,
     metrics_listener: Option<tokio::net::TcpListener>,
 ) -> Result<(), DaemonError> {
+    // One daemon per state directory, held until we exit.
+    let _state_lock = StateLock::acquire(&config.state_dir)?;
     let store = Store::new(&config.state_dir);
     // Read both files first: a corrupt one stops us before anything is touched.
-    let set = store
-        .load()?
+    let saved = store.load(&root)?;
+    let exec_owners = saved
+        .iter()
+        .filter_map(|e| Some((PathBuf::from(&e.cgroup), e.exec_owner.clone()?)))
+        .collect();
+    let set = saved
         .into_iter()
         .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
         .collect();
@@ -136,6 +145,7 @@ async fn run_bound(
         root,
         store,
         set,
+        exec_owners,
         from_config,
         watcher: watcher.clone(),
     };
@@ -182,9 +192,9 @@ async fn run_bound(
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("cannot catch", "SIGHUP"))?;
     tokio::spawn(server::serve(listener, server::LIMITS, {
         let shared = Arc::clone(&shared);
-        move |request| {
+        move |request, pid| {
             let shared = Arc::clone(&shared);
-            async move { shared.lock().await.handle(request) }
+            async move { shared.lock().await.handle(request, pid) }
         }
     }));
     let mut tick = tokio::time::interval(EXEC_COLLECT_INTERVAL);
@@ -234,9 +244,11 @@ fn open_enforcer(bpffs: &Path) -> Result<Enforcer, DaemonError> {
 }
 
 impl State {
-    fn handle(&mut self, request: Request) -> Response {
+    /// `peer` is the asking process's pid, if the kernel told it.
+    fn handle(&mut self, request: Request, peer: Option<u32>) -> Response {
         match request {
             Request::Set { cgroup, policy } => self.set(&cgroup, policy),
+            Request::Exec { cgroup, policy } => self.exec(&cgroup, policy, peer),
             Request::Unset { cgroup } => self.unset(&cgroup),
             Request::Reload => self.reload(),
             Request::List => Response::Policies {
@@ -357,10 +369,12 @@ impl State {
             }
             return Response::error(format!("no policy for {}", path.display()));
         };
+        // A full disk: the policy stays, in force and in the file, and the error says why.
         if let Err(e) = self.save() {
             self.set.insert(path, previous);
-            return Response::error(e.to_string());
+            return Response::error(format!("{e}; the policy stays"));
         }
+        self.exec_owners.remove(&path);
         if let Err(e) = self.sync_path(&path) {
             // The config file's policy for this path could not be put back in force.
             error!(cgroup = ?path.display().to_string(), "{e}");
@@ -523,35 +537,77 @@ impl State {
         }
     }
 
+    /// `kad exec`: a policy for the caller's transient cgroup, recorded as owned by the caller
+    /// so that it is collected if the caller dies first. Only a cgroup kad recorded this way is
+    /// ever removed by the daemon.
+    fn exec(&mut self, input: &str, policy: Policy, peer: Option<u32>) -> Response {
+        let Some(pid) = peer.filter(|&pid| pid != 0) else {
+            return Response::error(
+                "kad exec: the kernel did not say which process is asking (its PID namespace is not below the daemon's)",
+            );
+        };
+        let owner = match ExecOwner::of(pid) {
+            Ok(owner) => owner,
+            Err(e) => {
+                return Response::error(format!("kad exec: cannot identify process {pid}: {e}"))
+            }
+        };
+        let path = match cgroup::resolve(&self.root, input) {
+            Ok(cgroup) => cgroup.path,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        if self.set.contains_key(&path) && !self.exec_owners.contains_key(&path) {
+            return Response::error(format!(
+                "{} has a policy set with kad set: kad exec needs a cgroup of its own",
+                path.display()
+            ));
+        }
+        let previous = self.exec_owners.insert(path.clone(), owner);
+        let reply = self.set(input, policy);
+        if let Response::Error { .. } = reply {
+            match previous {
+                Some(owner) => self.exec_owners.insert(path, owner),
+                None => self.exec_owners.remove(&path),
+            };
+        }
+        reply
+    }
+
     /// Removes the transient cgroups (and policies) of `kad exec` runs that were killed before
-    /// they could do it themselves, once their processes are gone.
+    /// they could do it themselves, once their processes are gone. Only paths recorded as a
+    /// `kad exec`'s: a cgroup merely named like one is the user's.
     fn collect_abandoned(&mut self) {
         let abandoned: Vec<PathBuf> = self
-            .set
-            .keys()
-            .filter(|path| crate::exec::is_abandoned(path))
-            .cloned()
+            .exec_owners
+            .iter()
+            .filter(|(path, owner)| {
+                !self.set.contains_key(*path) || exec::is_abandoned(path, owner)
+            })
+            .map(|(path, _)| path.clone())
             .collect();
         if abandoned.is_empty() {
             return;
         }
         for path in &abandoned {
-            self.set.remove(path);
-        }
-        if let Err(e) = self.save() {
-            error!("cannot save after removing abandoned kad exec policies: {e}");
-        }
-        for path in abandoned {
-            let _ = self.sync_path(&path);
-            match std::fs::remove_dir(&path) {
+            self.exec_owners.remove(path);
+            if self.set.remove(path).is_none() {
+                continue;
+            }
+            let _ = self.sync_path(path);
+            match std::fs::remove_dir(path) {
                 Ok(()) => {
                     info!(cgroup = ?path.display().to_string(), "removed an abandoned kad exec cgroup")
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    info!(cgroup = ?path.display().to_string(), "removed the policy of an abandoned kad exec")
+                }
                 Err(e) => {
                     warn!(cgroup = ?path.display().to_string(), "cannot remove an abandoned kad exec cgroup: {e}")
                 }
             }
+        }
+        if let Err(e) = self.save() {
+            error!("cannot save after removing abandoned kad exec policies: {e}");
         }
     }
 
@@ -563,10 +619,13 @@ impl State {
     }
 
     fn save(&self) -> Result<(), StoreError> {
-        let entries: Vec<PolicyEntry> = self
+        let entries: Vec<StoredPolicy> = self
             .set
             .iter()
-            .map(|(path, policy)| PolicyEntry::new(path.display().to_string(), policy))
+            .map(|(path, policy)| {
+                let owner = self.exec_owners.get(path).cloned();
+                StoredPolicy::new(path.display().to_string(), policy, owner)
+            })
             .collect();
         self.store.save(&entries)
     }

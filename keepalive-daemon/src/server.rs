@@ -75,10 +75,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// Serves the control socket for ever, answering each request with `handle(request)`.
+/// Serves the control socket for ever, answering each request with `handle(request, pid)`,
+/// `pid` being the peer's process in our PID namespace (the kernel translates it), if known.
 pub async fn serve<F, Fut>(listener: UnixListener, limits: Limits, handle: F)
 where
-    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    F: Fn(Request, Option<u32>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response> + Send,
 {
     let shared = Arc::new(Shared {
@@ -95,11 +96,15 @@ where
         match listener.accept().await {
             Ok((stream, _)) => {
                 // Unknown credentials count as an unprivileged user of their own.
-                let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+                let cred = stream.peer_cred().ok();
+                let uid = cred.map(|c| c.uid()).unwrap_or(u32::MAX);
+                let pid = cred
+                    .and_then(|c| c.pid())
+                    .and_then(|p| u32::try_from(p).ok());
                 match Slot::take(&shared, uid) {
                     Ok(slot) => {
                         let shared = Arc::clone(&shared);
-                        tokio::spawn(async move { shared.serve(stream, uid, slot).await });
+                        tokio::spawn(async move { shared.serve(stream, uid, pid, slot).await });
                     }
                     Err(message) => {
                         if let Some(held) = over_log.allow() {
@@ -271,10 +276,10 @@ const UNPRIVILEGED_READ_INTERVAL: Duration = Duration::from_millis(250);
 
 impl<F, Fut> Shared<F>
 where
-    F: Fn(Request) -> Fut,
+    F: Fn(Request, Option<u32>) -> Fut,
     Fut: Future<Output = Response>,
 {
-    async fn serve(&self, stream: UnixStream, uid: u32, _slot: Slot<F>) {
+    async fn serve(&self, stream: UnixStream, uid: u32, pid: Option<u32>, _slot: Slot<F>) {
         let (mut read, mut write) = stream.into_split();
         let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut read)).await {
             Err(_) => Err("timed out waiting for the request".to_string()),
@@ -291,7 +296,7 @@ where
                 match self.replies.slot(uid, &request) {
                     Some(cache) => self.shared_reply(cache, uid, request, arrived).await,
                     None => {
-                        let reply = (self.handle)(request).await;
+                        let reply = (self.handle)(request, pid).await;
                         if let Response::Error { message } = &reply {
                             self.log_refused(uid, message);
                         }
@@ -339,7 +344,8 @@ where
             }
         }
         let began = Instant::now();
-        let reply: Arc<[u8]> = protocol::encode(&(self.handle)(request).await).into();
+        // Shared replies (list, status, stats) do not depend on who asked.
+        let reply: Arc<[u8]> = protocol::encode(&(self.handle)(request, None).await).into();
         *cached = Some((began, Arc::clone(&reply)));
         reply
     }
@@ -374,7 +380,10 @@ impl Replies {
             Request::List => Some(&kinds[0]),
             Request::Status => Some(&kinds[1]),
             Request::Stats => Some(&kinds[2]),
-            Request::Set { .. } | Request::Unset { .. } | Request::Reload => None,
+            Request::Set { .. }
+            | Request::Exec { .. }
+            | Request::Unset { .. }
+            | Request::Reload => None,
         }
     }
 }
@@ -400,9 +409,11 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn shared(limits: Limits) -> Arc<Shared<impl Fn(Request) -> std::future::Ready<Response>>> {
+    fn shared(
+        limits: Limits,
+    ) -> Arc<Shared<impl Fn(Request, Option<u32>) -> std::future::Ready<Response>>> {
         Arc::new(Shared {
-            handle: |_| std::future::ready(Response::error("unused")),
+            handle: |_, _| std::future::ready(Response::error("unused")),
             slots: StdMutex::new(Slots::default()),
             limits,
             replies: Replies::default(),

@@ -733,3 +733,111 @@ impl Drop for NetnsPair {
         }
     }
 }
+
+/// The statically linked busybox (Debian's busybox-static, which `cargo xtask test` installs).
+/// Tests that need it fail without it: they check what no LD_PRELOAD library can reach.
+pub fn busybox() -> PathBuf {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("busybox-static is missing (cargo xtask setup installs it)")
+}
+
+/// A tmpfs of `size` (e.g. "64k") mounted at a new directory `path`, unmounted (lazily, so even
+/// while a daemon still holds it open) and removed when dropped.
+pub struct TmpfsMount {
+    pub path: PathBuf,
+}
+
+impl TmpfsMount {
+    pub fn new(path: &Path, size: &str) -> TmpfsMount {
+        fs::create_dir_all(path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount tmpfs at {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TmpfsMount {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Writes a file until the filesystem is full; returns its path.
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.path.join("filler");
+        let mut file = File::create(&filler).expect("create filler");
+        let block = vec![0u8; 4096];
+        loop {
+            match file.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", self.path.display()),
+            }
+        }
+        filler
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let Ok(c_path) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) else {
+            return;
+        };
+        // SAFETY: umount2 of a path we mounted; MNT_DETACH returns at once.
+        unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// A copy of the kad binary that user nobody (65534) can run (the build directory may not be
+/// reachable for it), removed when dropped.
+pub struct NobodyKad {
+    dir: TempDir,
+    pub kad: PathBuf,
+}
+
+impl NobodyKad {
+    pub fn new(env: &Env) -> NobodyKad {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("nobody-bin");
+        fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755)).expect("chmod bin dir");
+        let kad = dir.0.join("kad");
+        fs::copy(&env.kad, &kad).expect("copy kad");
+        NobodyKad { dir, kad }
+    }
+
+    /// `kad ARGS` as user nobody against `socket`.
+    pub fn run(&self, socket: &Path, args: &[&str]) -> Output {
+        loop {
+            let run = Command::new(&self.kad)
+                .args(args)
+                .env("KAD_SOCKET", socket)
+                .current_dir(&self.dir.0)
+                .uid(65534)
+                .gid(65534)
+                .stdin(Stdio::null())
+                .output();
+            match run {
+                // Another test thread forked while the copy was open for writing: try again.
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    sleep(Duration::from_millis(20))
+                }
+                other => return other.expect("run kad as nobody"),
+            }
+        }
+    }
+}

@@ -7,8 +7,8 @@ use std::{
 };
 
 use kad_tests::{
-    connect, daemon_command, kad_env, listen, ss_to_port, unique, wait_for, Daemon, Process,
-    TempDir, TestCgroup,
+    connect, daemon_command, kad_attachments, kad_env, listen, ss_to_port, unique, wait_for,
+    Daemon, Process, TempDir, TestCgroup,
 };
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -159,16 +159,11 @@ fn bad_input_is_one_clear_line_and_changes_nothing() {
     }
     assert_eq!(daemon.list(), before, "nothing changed");
     assert_eq!(connect(&env, None, Some(&cg.path), false).1.idle, 99);
-    let bpf = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&env.root)
-        .output();
-    if let Ok(out) = bpf {
-        assert!(
-            !String::from_utf8_lossy(&out.stdout).contains("sock_ops"),
-            "nothing attached to the root"
-        );
-    }
+    assert_eq!(
+        kad_attachments(&env.root),
+        0,
+        "nothing attached to the root"
+    );
 }
 
 fn raw_request(daemon: &Daemon, bytes: &[u8]) -> serde_json::Value {
