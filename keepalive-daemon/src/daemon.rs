@@ -28,7 +28,7 @@ use crate::{
     },
     reconcile::{Reconciler, Source},
     server,
-    store::{StateLock, Store, StoreError, StoredPolicy},
+    store::{Change, StateLock, Store, StoreError, StoredPolicy},
     sys,
     watch::Watcher,
 };
@@ -36,6 +36,9 @@ use crate::{
 /// How often the cgroups of `kad exec` runs are checked for being abandoned (only they: policy
 /// paths are followed through inotify, with no periodic scan).
 const EXEC_COLLECT_INTERVAL: Duration = Duration::from_secs(1);
+/// The state file is rewritten whole once its journal has more lines than this, or than the
+/// table has entries.
+const JOURNAL_COMPACT_MIN: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -150,6 +153,12 @@ async fn run_bound(
         watcher: watcher.clone(),
     };
     state.adopt_pinned(state_file_exists);
+    if state.store.journal_len() > 0 {
+        // Fold the journal into the table now, so that it starts short.
+        if let Err(e) = state.save() {
+            warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+        }
+    }
     state.sync_all();
     // Map entries an earlier run left for cgroups or policies that are gone, and what the
     // first design of kad pinned, once this design's anchors are in place.
@@ -305,6 +314,16 @@ impl State {
         table
     }
 
+    /// How many paths have a policy (without building the table).
+    fn policy_count(&self) -> usize {
+        self.set.len()
+            + self
+                .from_config
+                .keys()
+                .filter(|p| !self.set.contains_key(*p))
+                .count()
+    }
+
     fn want(&self, path: &Path) -> Option<(Policy, Source)> {
         if let Some(p) = self.set.get(path) {
             return Some((*p, Source::Set));
@@ -322,7 +341,7 @@ impl State {
         };
         if !self.set.contains_key(&path)
             && !self.from_config.contains_key(&path)
-            && self.effective().len() >= keepalive_common::MAX_POLICIES as usize
+            && self.policy_count() >= keepalive_common::MAX_POLICIES as usize
         {
             return Response::error(EnforcerError::Full.to_string());
         }
@@ -339,7 +358,7 @@ impl State {
             return Response::error(e.to_string());
         }
         // Not saved means not done: put the kernel and the table back as they were.
-        if let Err(e) = self.save() {
+        if let Err(e) = self.persist(&path) {
             undo(self);
             return Response::error(e.to_string());
         }
@@ -370,7 +389,7 @@ impl State {
             return Response::error(format!("no policy for {}", path.display()));
         };
         // A full disk: the policy stays, in force and in the file, and the error says why.
-        if let Err(e) = self.save() {
+        if let Err(e) = self.persist(&path) {
             self.set.insert(path, previous);
             return Response::error(format!("{e}; the policy stays"));
         }
@@ -616,6 +635,28 @@ impl State {
             .iter()
             .map(|(path, (policy, _))| PolicyEntry::new(path.display().to_string(), policy))
             .collect()
+    }
+
+    /// Makes the table's entry for `path` (or its absence) durable: one journal line, and now
+    /// and then the whole table.
+    fn persist(&self, path: &Path) -> Result<(), StoreError> {
+        let cgroup = path.display().to_string();
+        let change = match self.set.get(path) {
+            Some(policy) => Change::Set(StoredPolicy::new(
+                cgroup,
+                policy,
+                self.exec_owners.get(path).cloned(),
+            )),
+            None => Change::Unset(cgroup),
+        };
+        self.store.record(&change)?;
+        if self.store.journal_len() > JOURNAL_COMPACT_MIN.max(self.set.len()) {
+            // The change is durable already; a failed compaction is tried again later.
+            if let Err(e) = self.save() {
+                warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+            }
+        }
+        Ok(())
     }
 
     fn save(&self) -> Result<(), StoreError> {

@@ -17,6 +17,18 @@ use crate::{
 };
 
 const FILE_NAME: &str = "policies.json";
+/// Changes since `policies.json` was last written, one JSON object per line, each appended and
+/// synced before the change is reported done: a `kad set` costs one small write, not a rewrite
+/// of the whole table. Folded into `policies.json` at start and when it grows long.
+const JOURNAL_NAME: &str = "policies.journal";
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Set(StoredPolicy),
+    Unset(String),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -71,18 +83,63 @@ impl StoredPolicy {
 
 pub struct Store {
     path: PathBuf,
+    journal: PathBuf,
+    /// Lines in the journal (what a compaction would fold in).
+    journal_lines: std::cell::Cell<usize>,
 }
 
 impl Store {
     pub fn new(state_dir: &Path) -> Self {
         Store {
             path: state_dir.join(FILE_NAME),
+            journal: state_dir.join(JOURNAL_NAME),
+            journal_lines: std::cell::Cell::new(0),
         }
+    }
+
+    /// Lines in the journal since the table was last written whole.
+    pub fn journal_len(&self) -> usize {
+        self.journal_lines.get()
+    }
+
+    /// Appends one change to the journal and syncs it. On failure (a full disk) the journal is
+    /// cut back to where it was, so that no partial line is left.
+    pub fn record(&self, change: &Change) -> Result<(), StoreError> {
+        let dir = self.journal.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+        let mut line = serde_json::to_string(change).unwrap_or_default();
+        line.push('\n');
+        let created = !self.journal.exists();
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.journal)
+            .map_err(io_err("cannot open", &self.journal))?;
+        let before = file
+            .metadata()
+            .map_err(io_err("cannot stat", &self.journal))?
+            .len();
+        let written = file
+            .write_all(line.as_bytes())
+            .and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            let _ = file.set_len(before);
+            let _ = file.sync_data();
+            return Err(io_err("cannot write", &self.journal)(e).into());
+        }
+        if created {
+            // A new file's name must survive a crash too.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("cannot sync", dir))?;
+        }
+        self.journal_lines.set(self.journal_lines.get() + 1);
+        Ok(())
     }
 
     /// Whether the state file is there (a missing one with pinned policies is worth a warning).
     pub fn exists(&self) -> bool {
-        self.path.exists()
+        self.path.exists() || self.journal.exists()
     }
 
     pub fn path(&self) -> &Path {
@@ -92,6 +149,51 @@ impl Store {
     /// The saved table; empty when nothing was saved yet. Each path is checked as the config
     /// file's are (`cgroup::checked_path` under `root`) and comes back in the form it is kept by.
     pub fn load(&self, root: &Path) -> Result<Vec<StoredPolicy>, StoreError> {
+        let mut table: std::collections::BTreeMap<String, StoredPolicy> = self
+            .load_snapshot(root)?
+            .into_iter()
+            .map(|e| (e.cgroup.clone(), e))
+            .collect();
+        let text = match fs::read_to_string(&self.journal) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_err("cannot read", &self.journal)(e).into()),
+        };
+        let mut lines = 0;
+        for (index, line) in text.split_inclusive('\n').enumerate() {
+            if !line.ends_with('\n') {
+                // A crash in the middle of an append: that change was never reported done.
+                tracing::warn!(journal = %self.journal.display(), "ignoring an incomplete last line");
+                break;
+            }
+            let corrupt = |message: String| StoreError::Corrupt {
+                path: self.journal.clone(),
+                line: index + 1,
+                message,
+            };
+            let change: Change = serde_json::from_str(line).map_err(|e| corrupt(e.to_string()))?;
+            match change {
+                Change::Set(mut entry) => {
+                    entry
+                        .policy()
+                        .validate()
+                        .map_err(|e| corrupt(format!("{}: {e}", entry.cgroup)))?;
+                    let path = cgroup::checked_path(root, &entry.cgroup)
+                        .map_err(|e| corrupt(format!("{}: {e}", entry.cgroup)))?;
+                    entry.cgroup = path.display().to_string();
+                    table.insert(entry.cgroup.clone(), entry);
+                }
+                Change::Unset(cgroup) => {
+                    table.remove(&cgroup);
+                }
+            }
+            lines += 1;
+        }
+        self.journal_lines.set(lines);
+        Ok(table.into_values().collect())
+    }
+
+    fn load_snapshot(&self, root: &Path) -> Result<Vec<StoredPolicy>, StoreError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -146,6 +248,18 @@ impl Store {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err("cannot sync", dir))?;
+        // The table holds every change now: the journal starts again (replaying it on the new
+        // table would change nothing if this is cut short by a crash).
+        match fs::OpenOptions::new().write(true).open(&self.journal) {
+            Ok(file) => {
+                file.set_len(0)
+                    .and_then(|()| file.sync_all())
+                    .map_err(io_err("cannot truncate", &self.journal))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("cannot open", &self.journal)(e).into()),
+        }
+        self.journal_lines.set(0);
         Ok(())
     }
 }
