@@ -98,7 +98,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     // Pins, links and connections each hold an fd: a low soft limit must not cost policies.
     match sys::raise_nofile_limit() {
-        Ok(limit) => info!("open files limit: {limit}"),
+        Ok(limit) => tracing::debug!("open files limit: {limit}"),
         Err(e) => warn!("cannot raise the open files limit: {e}"),
     }
     let root = cgroup::find_root()?;
@@ -241,8 +241,16 @@ async fn run_bound(
         }
     }
     notify::notify("STOPPING=1");
-    // Wait for a request in progress; the pins keep every policy enforced after we exit.
-    drop(shared.lock().await);
+    // Wait for a request in progress; the pins keep every policy enforced after we exit. A
+    // clean stop leaves the whole table in policies.json (the journal folded in).
+    {
+        let state = shared.lock().await;
+        if state.store.journal_len() > 0 {
+            if let Err(e) = state.save() {
+                warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+            }
+        }
+    }
     info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
     Ok(())
 }

@@ -622,6 +622,35 @@ pub fn ss_to_port(port: u16) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The policy table a daemon saved in `state_dir`: `policies.json` with the changes of its
+/// journal (`policies.journal`, one `{"set": {...}}` or `{"unset": "path"}` per line) folded in,
+/// as an array of entries ordered by cgroup.
+pub fn saved_table(state_dir: &Path) -> serde_json::Value {
+    let mut table = std::collections::BTreeMap::new();
+    if let Ok(text) = fs::read_to_string(state_dir.join("policies.json")) {
+        let entries: Vec<serde_json::Value> =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("policies.json: {e}: {text}"));
+        for e in entries {
+            table.insert(e["cgroup"].as_str().unwrap_or_default().to_string(), e);
+        }
+    }
+    if let Ok(text) = fs::read_to_string(state_dir.join("policies.journal")) {
+        for line in text.lines() {
+            let change: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("policies.journal: {e}: {line}"));
+            if let Some(e) = change.get("set") {
+                table.insert(
+                    e["cgroup"].as_str().unwrap_or_default().to_string(),
+                    e.clone(),
+                );
+            } else if let Some(cgroup) = change.get("unset").and_then(|c| c.as_str()) {
+                table.remove(cgroup);
+            }
+        }
+    }
+    serde_json::Value::Array(table.into_values().collect())
+}
+
 /// Polls `check` until it holds or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
