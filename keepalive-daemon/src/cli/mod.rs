@@ -389,6 +389,8 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
 
 fn run_daemon(config: DaemonConfig) -> anyhow::Result<()> {
     use std::io::IsTerminal as _;
+    // Before anything is touched: on an older kernel every connection would fail to be set.
+    crate::sys::check_kernel(&crate::sys::kernel_release())?;
     tracing_subscriber::fmt()
         // The journal shows escape codes as they are.
         .with_ansi(std::io::stderr().is_terminal())
