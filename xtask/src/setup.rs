@@ -22,9 +22,9 @@ pub fn all(purpose: Purpose) -> Result<()> {
     nightly_components()?;
     bpf_linker(&mut apt)?;
     if purpose == Purpose::Test {
-        // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to see attachments;
-        // iproute2 (ss) and file: to check sockets and binaries from outside; systemd: to
-        // verify the unit file.
+        // busybox-static: a static client no LD_PRELOAD reaches; bpftool: the bench reads the
+        // program's run statistics with it; iproute2 (ss) and file: to check sockets and
+        // binaries from outside; systemd: to verify the unit file.
         for (tool, package) in [
             ("/bin/busybox", "busybox-static"),
             ("/usr/sbin/bpftool", "bpftool"),
@@ -39,6 +39,11 @@ pub fn all(purpose: Purpose) -> Result<()> {
     }
     bpffs()?;
     Ok(())
+}
+
+/// Installs those of `packages` that are missing.
+pub fn install(packages: &[&str]) -> Result<()> {
+    Apt::default().install(packages)
 }
 
 fn output_of(command: &mut Command) -> Option<String> {
