@@ -210,34 +210,27 @@ impl PrivateApt {
     }
 }
 
-/// A sources.list for [`SUITES`], on the Debian mirrors the host's apt uses. `apt-get
-/// --print-uris update` names them whatever the host's format (one-line or deb822) and needs no
-/// downloaded lists.
+/// A sources.list for [`SUITES`], on the Debian mirrors the host's apt uses for its own
+/// release and that release's security updates. `apt-get --print-uris update` names them
+/// whatever the host's format (one-line or deb822) and needs no downloaded lists.
 fn sources_list() -> Result<String> {
+    let os_release = fs::read_to_string("/etc/os-release").context("read /etc/os-release")?;
+    let codename = os_release
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|c| c.trim_matches('"').to_string())
+        .filter(|c| !c.is_empty())
+        .context("/etc/os-release names no VERSION_CODENAME: is this Debian?")?;
     let out = Command::new("apt-get")
         .args(["--print-uris", "update"])
         .output()
         .context("cannot run apt-get")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // Lines such as 'URI/dists/bookworm-security/InRelease' NAME 0
-    let mut archive = None;
-    let mut security = None;
-    for line in text.lines() {
-        let Some(uri) = line.split('\'').nth(1) else {
-            continue;
-        };
-        let Some((base, rest)) = uri.split_once("/dists/") else {
-            continue;
-        };
-        let suite = rest.split('/').next().unwrap_or("");
-        if suite.ends_with("-security") {
-            security.get_or_insert_with(|| base.to_string());
-        } else if !suite.contains('-') && !base.contains("security") {
-            archive.get_or_insert_with(|| base.to_string());
-        }
-    }
+    let (archive, security) = mirrors(&String::from_utf8_lossy(&out.stdout), &codename);
     let (Some(archive), Some(security)) = (archive, security) else {
-        bail!("the host's apt sources name no Debian archive and security mirror (apt-get --print-uris update)");
+        bail!(
+            "the host's apt sources name no Debian mirror for {codename} and {codename}-security \
+             (apt-get --print-uris update)"
+        );
     };
     Ok(SUITES
         .iter()
@@ -250,6 +243,29 @@ fn sources_list() -> Result<String> {
             format!("deb [signed-by={KEYRING}] {base} {suite} main\n")
         })
         .collect())
+}
+
+/// The base URIs of suites `codename` and `codename-security` in `apt-get --print-uris update`
+/// output, whose lines look like `'URI/dists/SUITE/InRelease' FILE 0`.
+fn mirrors(print_uris: &str, codename: &str) -> (Option<String>, Option<String>) {
+    let security_suite = format!("{codename}-security");
+    let (mut archive, mut security) = (None, None);
+    for line in print_uris.lines() {
+        let Some((base, rest)) = line
+            .split('\'')
+            .nth(1)
+            .and_then(|uri| uri.split_once("/dists/"))
+        else {
+            continue;
+        };
+        let suite = rest.split('/').next().unwrap_or("");
+        if suite == codename {
+            archive.get_or_insert_with(|| base.to_string());
+        } else if suite == security_suite {
+            security.get_or_insert_with(|| base.to_string());
+        }
+    }
+    (archive, security)
 }
 
 /// The vmlinuz of the newest Debian kernel of series `version`, downloaded and unpacked under
@@ -632,6 +648,22 @@ mod tests {
         assert!(
             version_key("linux-image-6.12.117+deb12") > version_key("linux-image-6.12.99+deb12")
         );
+    }
+
+    #[test]
+    fn mirrors_of_the_host_release() {
+        let out = "'http://example.org/node/dists/nodistro/InRelease' a 0\n\
+                   'http://mirror.example/debian/dists/bookworm/InRelease' b 0\n\
+                   'http://mirror.example/debian/dists/bookworm-updates/InRelease' c 0\n\
+                   'http://sec.example/debian-security/dists/bookworm-security/InRelease' d 0\n";
+        assert_eq!(
+            mirrors(out, "bookworm"),
+            (
+                Some("http://mirror.example/debian".into()),
+                Some("http://sec.example/debian-security".into())
+            )
+        );
+        assert_eq!(mirrors(out, "trixie"), (None, None));
     }
 
     #[test]
