@@ -162,7 +162,7 @@ fn program_runs(cgroup: &Path) -> Option<(u64, u64)> {
     ))
 }
 
-/// The integer after `key` in bpftool's JSON (no JSON parser in xtask for two numbers).
+/// The integer after `key` in bpftool's JSON (a scan is enough for two numbers).
 fn number_after(text: &str, key: &str) -> Option<u64> {
     let rest = &text[text.find(key)? + key.len()..];
     let digits: String = rest

@@ -22,10 +22,10 @@ pub fn all(purpose: Purpose) -> Result<()> {
     nightly_components()?;
     bpf_linker(&mut apt)?;
     if purpose == Purpose::Test {
-        // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to see attachments;
-        // iproute2 (ss) and file: to check sockets and binaries from outside; systemd: to
-        // verify the unit file; clang and libbpf-dev: to build another vendor's sock_ops
-        // program that the tests run beside kad's.
+        // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to load another
+        // vendor's program and to read run statistics in the bench; iproute2 (ss) and file: to
+        // check sockets and binaries from outside; systemd: to verify the unit file; clang and
+        // libbpf-dev: to build another vendor's sock_ops program that the tests run beside kad's.
         for (tool, package) in [
             ("/usr/bin/clang", "clang"),
             ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
@@ -42,6 +42,11 @@ pub fn all(purpose: Purpose) -> Result<()> {
     }
     bpffs()?;
     Ok(())
+}
+
+/// Installs those of `packages` that are missing.
+pub fn install(packages: &[&str]) -> Result<()> {
+    Apt::default().install(packages)
 }
 
 fn output_of(command: &mut Command) -> Option<String> {

@@ -363,6 +363,8 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
 }
 
 fn run_daemon(config: DaemonConfig) -> anyhow::Result<()> {
+    // Before anything is touched: on an older kernel every connection would fail to be set.
+    crate::sys::check_kernel(&crate::sys::kernel_release())?;
     crate::logging::init();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
