@@ -112,6 +112,17 @@ pub fn require_kernel(major: u32, minor: u32, what: &str) -> bool {
     false
 }
 
+/// False (the test is skipped, said and counted) on a kernel booted by `cargo xtask
+/// test-kernels`: for tests of kad itself rather than of a kernel feature, too slow under
+/// emulation to repeat on every kernel.
+pub fn host_only(what: &str) -> bool {
+    if std::env::var_os("KAD_KERNEL_MATRIX").is_none() {
+        return true;
+    }
+    record_skip(&format!("{what}: run on the host kernel only"));
+    false
+}
+
 /// Why a kernel of `release` cannot run a test that needs `needs` for `what`; `None` if it can.
 fn lacking(release: &str, needs: (u32, u32), what: &str) -> Option<String> {
     let version = kernel_version(release)

@@ -57,6 +57,9 @@ impl Pair {
 #[test]
 fn connections_opened_before_a_policy_get_it_in_every_network_namespace() {
     let env = kad_env!();
+    if !kad_tests::require_kernel(5, 15, "bpf_setsockopt from iter/tcp (existing connections)") {
+        return;
+    }
     let daemon = Daemon::start(&env);
     let cg = TestCgroup::new(&env, "existing");
     let app = cg.child("app");

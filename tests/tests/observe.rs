@@ -398,6 +398,13 @@ fn inspect_shows_the_real_state_of_live_connections() {
 #[test]
 fn counters_move_and_a_keepalive_kill_is_counted() {
     let env = kad_env!();
+    if !kad_tests::require_kernel(
+        5,
+        14,
+        "the inet_sk_error_report tracepoint (keepalive kills)",
+    ) {
+        return;
+    }
     if !Path::new("/usr/sbin/ip").exists() && !Path::new("/sbin/ip").exists() {
         panic!("iproute2 missing (cargo xtask test installs it)");
     }
