@@ -3,7 +3,7 @@
 //! hands them to the program as a read-only global.
 use std::{collections::HashMap, path::Path};
 
-use keepalive_common::{KernelOffsets, OFFSETS_CGROUP, OFFSETS_KILLS};
+use keepalive_common::{KernelOffsets, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KILLS};
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -252,6 +252,31 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
         }
         Err(e) => missing.push(format!("cgroup fields: {e}")),
     }
+    let addrs = (|| -> Result<[u32; 7], BtfError> {
+        let f = |field: &str| btf.field_offset("sock_common", field);
+        Ok([
+            f("skc_family")?,
+            f("skc_daddr")?,
+            f("skc_rcv_saddr")?,
+            f("skc_dport")?,
+            f("skc_num")?,
+            f("skc_v6_daddr")?,
+            f("skc_v6_rcv_saddr")?,
+        ])
+    })();
+    match addrs {
+        Ok([family, daddr, saddr, dport, sport, daddr6, saddr6]) => {
+            offsets.family = family;
+            offsets.daddr = daddr;
+            offsets.saddr = saddr;
+            offsets.dport = dport;
+            offsets.sport = sport;
+            offsets.daddr6 = daddr6;
+            offsets.saddr6 = saddr6;
+            offsets.valid |= OFFSETS_ADDRS;
+        }
+        Err(e) => missing.push(format!("connection addresses in kill events: {e}")),
+    }
     Ok((offsets, missing))
 }
 
@@ -278,7 +303,15 @@ mod tests {
         }
         let (offsets, missing) = kernel_offsets().expect("this kernel has BTF");
         assert!(missing.is_empty(), "{missing:?}");
-        assert_eq!(offsets.valid, OFFSETS_KILLS | OFFSETS_CGROUP);
+        assert_eq!(
+            offsets.valid,
+            OFFSETS_KILLS | OFFSETS_CGROUP | OFFSETS_ADDRS
+        );
+        assert_eq!(
+            offsets.saddr,
+            offsets.daddr + 4,
+            "skc_rcv_saddr follows skc_daddr"
+        );
         assert!(offsets.kn_id > 0 && offsets.cgroup_kn > 0 && offsets.sk_cgroup > 0);
         // inet_connection_sock embeds struct sock first: its own fields come after sock's.
         let btf = Btf::from_sys_fs().unwrap();

@@ -184,6 +184,9 @@ async fn run_bound(
     );
     notify::notify("READY=1");
 
+    if let Some(logger) = state.kernel.enforcer.take_kill_log() {
+        crate::killlog::spawn(logger);
+    }
     let shared = Arc::new(Mutex::new(state));
     if let Some(listener) = metrics_listener {
         info!(

@@ -114,6 +114,8 @@ pub struct Enforcer {
     features: Features,
     tag: String,
     generation: u32,
+    /// The kill events of the error-report program, until the daemon takes them.
+    kill_log: Option<aya_log::EbpfLogger<crate::killlog::KillLog>>,
     /// Holds the programs and maps; dropping it would unload nothing pinned.
     _ebpf: Ebpf,
     /// An exclusive flock on `dir`: one daemon per bpffs directory.
@@ -221,6 +223,13 @@ impl Enforcer {
         } else {
             attach_tp("kad_error_report", "inet_sk_error_report", "error_report")
         };
+        let kill_log = if kills.is_ok() {
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::killlog::KillLog::default())
+                .map_err(|e| warn!("keepalive kill events will not be logged: {e}"))
+                .ok()
+        } else {
+            None
+        };
         let features = Features {
             existing,
             mkdir,
@@ -249,6 +258,7 @@ impl Enforcer {
             features,
             tag,
             generation: 0,
+            kill_log,
             _ebpf: ebpf,
             _lock: lock,
         };
@@ -547,6 +557,11 @@ impl Enforcer {
             }
         }
         total
+    }
+
+    /// The kernel's kill events, for the daemon to read (once).
+    pub fn take_kill_log(&mut self) -> Option<aya_log::EbpfLogger<crate::killlog::KillLog>> {
+        self.kill_log.take()
     }
 
     pub fn features(&self) -> &Features {

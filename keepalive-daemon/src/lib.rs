@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod enforcer;
 pub mod exec;
 pub mod inspect;
+pub mod killlog;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
