@@ -518,7 +518,6 @@ impl State {
         for path in affected {
             let _ = self.sync_path(&path);
         }
-        self.kernel.drop_stale_ids();
     }
 
     /// Sets the watches the table needs; true if one was added (a directory created before

@@ -4,7 +4,7 @@
 //!
 //! - maps `KAD_POLICY` (by cgroup id), `KAD_PATHS` (by path), `KAD_COUNTERS`, `KAD_SOCK`;
 //! - `anchors/<cgroup id>/{sock_create,sock_ops,setsockopt}`: the cgroup links;
-//! - `tracing/{mkdir,error_report}`: the tracepoint links.
+//! - `tracing/{mkdir,rmdir,error_report}`: the tracepoint links.
 //!
 //! A new daemon adopts the pins and points each cgroup link at its own programs with
 //! `BPF_LINK_UPDATE` (no gap); tracepoint links are replaced by new ones (the old and new
@@ -217,7 +217,8 @@ impl Enforcer {
             Ok::<(), String>(())
         };
         let mkdir = need_cgroup("new cgroups")
-            .and_then(|()| attach_tp("kad_mkdir", "cgroup_mkdir", "mkdir"));
+            .and_then(|()| attach_tp("kad_mkdir", "cgroup_mkdir", "mkdir"))
+            .and_then(|()| attach_tp("kad_rmdir", "cgroup_rmdir", "rmdir"));
         let kills = if offsets.valid & OFFSETS_KILLS == 0 {
             Err("the kernel's BTF lacks the socket fields".to_string())
         } else {

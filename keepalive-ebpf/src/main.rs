@@ -480,6 +480,27 @@ pub fn kad_mkdir(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// A cgroup removed: its policy entry and counters go with it, in the kernel, so that nothing
+/// is left for an id that no longer exists (the daemon may learn of the removal much later).
+#[btf_tracepoint(function = "cgroup_rmdir")]
+pub fn kad_rmdir(ctx: BtfTracePointContext) -> i32 {
+    let offs = offsets();
+    if offs.valid & OFFSETS_CGROUP == 0 {
+        return 0;
+    }
+    let cgroup: *const u8 = ctx.arg(0);
+    let root: u64 = read_kernel(cgroup, offs.cgroup_root);
+    if root == 0 || read_kernel::<i32>(root as *const u8, offs.hierarchy_id) != 0 {
+        return 0;
+    }
+    let id = cgroup_id_of(cgroup, &offs);
+    if id != 0 {
+        let _ = KAD_POLICY.remove(&id);
+        let _ = KAD_COUNTERS.remove(&id);
+    }
+    0
+}
+
 // ---------------------------------------------------------------------------------------------
 // Keepalive kills: the error report of a connection keepalive gave up on.
 
