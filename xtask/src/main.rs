@@ -1,4 +1,4 @@
-//! `cargo xtask build|run|test|lint|setup`: installs what is missing, builds, tests.
+//! `cargo xtask build|run|test|lint|setup|bench`: installs what is missing, builds, tests.
 mod bench;
 mod setup;
 
@@ -34,6 +34,12 @@ enum Task {
     Lint,
     /// Set up, build, and measure what kad costs per connection (a ratio, in one run).
     Bench,
+    /// The bench's own connection loop, run inside a measured cgroup (internal).
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -75,10 +81,11 @@ fn main() -> Result<()> {
         }
         Task::Lint => lint(&root),
         Task::Bench => {
-            setup::all(setup::Purpose::Test)?;
+            setup::all(setup::Purpose::Bench)?;
             build(&root)?;
             bench::run(&root)
         }
+        Task::BenchWorker { args } => bench::worker(&args),
     }
 }
 

@@ -15,13 +15,15 @@ const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"
 pub enum Purpose {
     Build,
     Test,
+    /// What the tests need, and clang with libbpf's headers for the bench's C programs.
+    Bench,
 }
 
 pub fn all(purpose: Purpose) -> Result<()> {
     let mut apt = Apt::default();
     nightly_components()?;
     bpf_linker(&mut apt)?;
-    if purpose == Purpose::Test {
+    if purpose != Purpose::Build {
         // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to see attachments;
         // iproute2 (ss) and file: to check sockets and binaries from outside; systemd: to
         // verify the unit file.
@@ -36,6 +38,9 @@ pub fn all(purpose: Purpose) -> Result<()> {
                 apt.install(&[package])?;
             }
         }
+    }
+    if purpose == Purpose::Bench {
+        apt.install(&["clang", "libbpf-dev", "linux-libc-dev"])?;
     }
     bpffs()?;
     Ok(())
