@@ -279,7 +279,11 @@ pub fn run(root: &Path) -> Result<()> {
         daemon_pid: 0,
         netns: None,
     };
-    bench.run()
+    let result = bench.run();
+    if result.is_err() {
+        bench.report_daemon();
+    }
+    result
 }
 
 impl Bench {
@@ -439,7 +443,8 @@ impl Bench {
                 .iter()
                 .filter_map(|(id, name)| {
                     let (runs, ns) = summary.per_prog.get(id).copied()?;
-                    (runs > 0.0).then(|| format!("{name} {ns:.0}"))
+                    // Programs that ran for others (mkdir, a listener's SO_REUSEADDR) add ~0.
+                    (runs > 0.0 && ns >= 0.5).then(|| format!("{name} {ns:.0}"))
                 })
                 .collect();
             println!("     {:<28} {}", setup.label, ran.join(", "));
@@ -495,6 +500,20 @@ impl Bench {
         println!();
         self.existing()?;
         Ok(())
+    }
+
+    /// After a failure: whether the daemon is still there, and the end of its log.
+    fn report_daemon(&mut self) {
+        if let Some(Ok(Some(status))) = self.guard.daemon.as_mut().map(Child::try_wait) {
+            eprintln!("kad daemon exited: {status}");
+        }
+        if let Ok(log) = std::fs::read_to_string(&self.log) {
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("last lines of the daemon's log:");
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                eprintln!("  {line}");
+            }
+        }
     }
 
     /// A network namespace with loopback up and no TIME_WAIT, removed by the guard.
