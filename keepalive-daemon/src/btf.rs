@@ -3,7 +3,7 @@
 //! hands them to the program as a read-only global.
 use std::{collections::HashMap, path::Path};
 
-use keepalive_common::{KernelOffsets, OFFSETS_CGROUP, OFFSETS_KILLS};
+use keepalive_common::{KernelOffsets, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KILLS};
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -22,6 +22,8 @@ pub enum BtfError {
     Malformed(&'static str),
     #[error("no field {field} in struct {strukt}")]
     NoField { strukt: String, field: String },
+    #[error("malformed BTF: unknown kind {kind} (type {id}): its size is unknown, so what follows cannot be read")]
+    UnknownKind { kind: u32, id: usize },
 }
 
 struct Member {
@@ -73,13 +75,17 @@ impl Btf {
         let hdr_len = field(4)?;
         let (type_off, type_len) = (field(8)?, field(12)?);
         let (str_off, str_len) = (field(16)?, field(20)?);
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or(BtfError::Malformed("string section out of bounds"))?
-            .to_vec();
+        let section = |off: usize, len: usize, what| {
+            let start = hdr_len.checked_add(off).ok_or(BtfError::Malformed(what))?;
+            let end = start.checked_add(len).ok_or(BtfError::Malformed(what))?;
+            data.get(start..end)
+                .map(|_| (start, end))
+                .ok_or(BtfError::Malformed(what))
+        };
+        let (str_start, str_end) = section(str_off, str_len, "string section out of bounds")?;
+        let strings = data[str_start..str_end].to_vec();
+        let (mut pos, end) = section(type_off, type_len, "type section out of bounds")?;
         let mut types = vec![Type::Other];
-        let mut pos = hdr_len + type_off;
-        let end = pos + type_len;
         while pos < end {
             let word =
                 |o: usize| u32_at(pos + o).ok_or(BtfError::Malformed("type section truncated"));
@@ -88,14 +94,25 @@ impl Btf {
             let vlen = (info & 0xffff) as usize;
             let kind_flag = info >> 31 == 1;
             pos += 12;
+            // What follows the common 12 bytes, per kind (include/uapi/linux/btf.h).
             let extra = match kind {
                 1 | 14 | 17 => 4, // INT, VAR, DECL_TAG
                 3 => 12,          // ARRAY
                 KIND_STRUCT | KIND_UNION => vlen * 12,
                 6 | 13 => vlen * 8,   // ENUM, FUNC_PROTO
                 15 | 19 => vlen * 12, // DATASEC, ENUM64
-                _ => 0,
+                // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
+                2 | 7..=12 | 16 | 18 => 0,
+                _ => {
+                    return Err(BtfError::UnknownKind {
+                        kind,
+                        id: types.len(),
+                    })
+                }
             };
+            if pos + extra > end {
+                return Err(BtfError::Malformed("type section truncated"));
+            }
             let ty = match kind {
                 KIND_STRUCT | KIND_UNION => {
                     let mut members = Vec::with_capacity(vlen);
@@ -235,6 +252,31 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
         }
         Err(e) => missing.push(format!("cgroup fields: {e}")),
     }
+    let addrs = (|| -> Result<[u32; 7], BtfError> {
+        let f = |field: &str| btf.field_offset("sock_common", field);
+        Ok([
+            f("skc_family")?,
+            f("skc_daddr")?,
+            f("skc_rcv_saddr")?,
+            f("skc_dport")?,
+            f("skc_num")?,
+            f("skc_v6_daddr")?,
+            f("skc_v6_rcv_saddr")?,
+        ])
+    })();
+    match addrs {
+        Ok([family, daddr, saddr, dport, sport, daddr6, saddr6]) => {
+            offsets.family = family;
+            offsets.daddr = daddr;
+            offsets.saddr = saddr;
+            offsets.dport = dport;
+            offsets.sport = sport;
+            offsets.daddr6 = daddr6;
+            offsets.saddr6 = saddr6;
+            offsets.valid |= OFFSETS_ADDRS;
+        }
+        Err(e) => missing.push(format!("connection addresses in kill events: {e}")),
+    }
     Ok((offsets, missing))
 }
 
@@ -244,9 +286,32 @@ mod tests {
 
     #[test]
     fn finds_the_socket_fields_in_this_kernel() {
+        let path = Path::new("/sys/kernel/btf/vmlinux");
+        if !path.exists() {
+            // Only a kernel built without CONFIG_DEBUG_INFO_BTF: kad then counts no kills.
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "{} is missing",
+                path.display()
+            );
+            eprintln!(
+                "SKIPPED: {} is missing (kernel without BTF)",
+                path.display()
+            );
+            return;
+        }
         let (offsets, missing) = kernel_offsets().expect("this kernel has BTF");
         assert!(missing.is_empty(), "{missing:?}");
-        assert_eq!(offsets.valid, OFFSETS_KILLS | OFFSETS_CGROUP);
+        assert_eq!(
+            offsets.valid,
+            OFFSETS_KILLS | OFFSETS_CGROUP | OFFSETS_ADDRS
+        );
+        assert_eq!(
+            offsets.saddr,
+            offsets.daddr + 4,
+            "skc_rcv_saddr follows skc_daddr"
+        );
         assert!(offsets.kn_id > 0 && offsets.cgroup_kn > 0 && offsets.sk_cgroup > 0);
         // inet_connection_sock embeds struct sock first: its own fields come after sock's.
         let btf = Btf::from_sys_fs().unwrap();
@@ -265,5 +330,90 @@ mod tests {
     fn rejects_garbage() {
         assert!(Btf::parse(b"not btf at all, not at all").is_err());
         assert!(Btf::parse(&[0x9f, 0xeb, 1, 0]).is_err());
+    }
+
+    /// A BTF blob: header, the types (each a list of u32 words), the strings.
+    fn blob(types: &[Vec<u32>], strings: &[u8]) -> Vec<u8> {
+        let type_bytes: Vec<u8> = types
+            .iter()
+            .flatten()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let mut data = Vec::new();
+        data.extend(BTF_MAGIC.to_le_bytes());
+        data.extend([1u8, 0]); // version, flags
+        for word in [
+            24u32,
+            0,
+            type_bytes.len() as u32,
+            type_bytes.len() as u32,
+            strings.len() as u32,
+        ] {
+            data.extend(word.to_le_bytes());
+        }
+        data.extend(type_bytes);
+        data.extend(strings);
+        data
+    }
+
+    fn info(kind: u32, vlen: u32) -> u32 {
+        (kind << 24) | vlen
+    }
+
+    /// "\0int\0s\0a\0b\0": offsets 1 int, 5 s, 7 a, 9 b.
+    const STRINGS: &[u8] = b"\0int\0s\0a\0b\0";
+
+    fn int() -> Vec<u32> {
+        vec![1, info(1, 0), 4, 32]
+    }
+
+    fn struct_s() -> Vec<u32> {
+        // struct s { int a; int b; } with b at bit 32.
+        vec![5, info(KIND_STRUCT, 2), 8, 7, 1, 0, 9, 1, 32]
+    }
+
+    #[test]
+    fn reads_a_crafted_struct() {
+        let btf = Btf::parse(&blob(&[int(), struct_s()], STRINGS)).unwrap();
+        assert_eq!(btf.field_offset("s", "a").unwrap(), 0);
+        assert_eq!(btf.field_offset("s", "b").unwrap(), 4);
+        assert!(btf.field_offset("s", "c").is_err());
+    }
+
+    #[test]
+    fn an_unknown_kind_is_an_error_not_a_misparse() {
+        // Kind 31 does not exist: its size is unknown, and the struct after it cannot be found.
+        let unknown = vec![0, info(31, 0), 0];
+        let err = Btf::parse(&blob(&[int(), unknown, struct_s()], STRINGS))
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, BtfError::UnknownKind { kind: 31, id: 2 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("unknown kind 31"), "{err}");
+        // Kind 0 (BTF_KIND_UNKN) is not a type either.
+        let err = Btf::parse(&blob(&[vec![0, 0, 0]], STRINGS))
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, BtfError::UnknownKind { kind: 0, id: 1 }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_and_out_of_bounds_sections_are_errors() {
+        // A struct that claims more members than the section holds.
+        let mut lying = struct_s();
+        lying[1] = info(KIND_STRUCT, 5);
+        assert!(Btf::parse(&blob(&[int(), lying], STRINGS)).is_err());
+        // A string section past the end of the data, and one whose end overflows.
+        let mut data = blob(&[int()], STRINGS);
+        data[20..24].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(Btf::parse(&data).is_err());
+        data[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        data[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Btf::parse(&data).is_err());
     }
 }

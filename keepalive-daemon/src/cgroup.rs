@@ -31,6 +31,15 @@ pub enum CgroupError {
     NotCgroup2 { path: PathBuf, root: PathBuf },
     #[error("refusing the cgroup2 root {0}: a policy there would touch every TCP connection of the host; name a child cgroup such as system.slice")]
     Root(PathBuf),
+    #[error(
+        "{path} goes through a symbolic link (to {target}{root_note}): give the cgroup's own path"
+    )]
+    Symlink {
+        path: PathBuf,
+        target: PathBuf,
+        /// ", the cgroup2 root" when the link leads there.
+        root_note: &'static str,
+    },
 }
 
 /// A cgroup directory kad can attach to.
@@ -141,6 +150,8 @@ pub fn policy_path(root: &Path, input: &str) -> Result<PathBuf, CgroupError> {
     match resolve(root, input) {
         Ok(cgroup) => return Ok(cgroup.path),
         Err(CgroupError::NotFound(_)) => {}
+        // Below a file: the walk up finds the file and says so.
+        Err(CgroupError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOTDIR) => {}
         Err(e) => return Err(e),
     }
     let path = lexical_path(root, input)?;
@@ -202,6 +213,77 @@ pub fn procs(path: &Path) -> Vec<u32> {
     std::fs::read_to_string(path.join("cgroup.procs"))
         .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
         .unwrap_or_default()
+}
+
+/// The path `input` names, checked like `resolve` as far as it exists: a policy from a file may
+/// wait for a cgroup that is not there yet, but a path through a symbolic link, off cgroup2, or
+/// the cgroup2 root itself is refused. Policies are kept by path, so a link is not followed: the
+/// policy would name one cgroup and act on whatever the link points to later.
+pub fn checked_path(root: &Path, input: &str) -> Result<PathBuf, CgroupError> {
+    let path = lexical_path(root, input)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CgroupError::Io { path, source }
+    };
+    let canonical_root = root.canonicalize().map_err(io(root))?;
+    // The deepest part of the path that exists ("/" always does).
+    let mut existing = path.as_path();
+    loop {
+        match std::fs::symlink_metadata(existing) {
+            Ok(_) => break,
+            // ENOTDIR: a file on the way; its parent is checked and refused below.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                match existing.parent() {
+                    Some(parent) => existing = parent,
+                    None => return Err(CgroupError::NotFound(path)),
+                }
+            }
+            Err(source) => return Err(io(existing)(source)),
+        }
+    }
+    let canonical = existing.canonicalize().map_err(io(existing))?;
+    // The root as mountinfo names it may itself differ from its canonical form.
+    let expected = match existing.strip_prefix(root) {
+        Ok(rest) => canonical_root.join(rest),
+        Err(_) => existing.to_path_buf(),
+    };
+    if canonical != expected {
+        let root_note = if canonical == canonical_root {
+            ", the cgroup2 root"
+        } else {
+            ""
+        };
+        return Err(CgroupError::Symlink {
+            path,
+            target: canonical,
+            root_note,
+        });
+    }
+    let full = match path.strip_prefix(root) {
+        Ok(rest) => canonical_root.join(rest),
+        Err(_) => path.clone(),
+    };
+    if !canonical.starts_with(&canonical_root)
+        || fs_magic(&canonical).map_err(io(&canonical))? != CGROUP2_SUPER_MAGIC
+    {
+        return Err(CgroupError::NotCgroup2 {
+            path: full,
+            root: canonical_root,
+        });
+    }
+    if !std::fs::metadata(&canonical)
+        .map_err(io(&canonical))?
+        .is_dir()
+    {
+        return Err(CgroupError::NotADirectory(canonical));
+    }
+    if full == canonical_root {
+        return Err(CgroupError::Root(canonical_root));
+    }
+    Ok(full)
 }
 
 /// The absolute path `input` names, without touching the filesystem.
@@ -318,5 +400,51 @@ mod tests {
             resolve(root, "/etc/hostname"),
             Err(CgroupError::NotADirectory(_))
         ));
+    }
+
+    #[test]
+    fn checked_paths_refuse_links_the_root_and_files_but_may_wait() {
+        let root = find_root().expect("cgroup2 is mounted (kad needs it)");
+        let dir = std::env::temp_dir().join(format!("kad-checked-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let to_root = dir.join("to-root");
+        std::os::unix::fs::symlink(&root, &to_root).unwrap();
+        let to_tmp = dir.join("to-tmp");
+        std::os::unix::fs::symlink(std::env::temp_dir(), &to_tmp).unwrap();
+
+        let err = checked_path(&root, to_root.to_str().unwrap()).unwrap_err();
+        assert!(matches!(err, CgroupError::Symlink { .. }), "{err}");
+        assert!(err.to_string().contains("the cgroup2 root"), "{err}");
+        let below = to_root.join("some-child");
+        let err = checked_path(&root, below.to_str().unwrap()).unwrap_err();
+        assert!(matches!(err, CgroupError::Symlink { .. }), "{err}");
+        let err = checked_path(&root, to_tmp.to_str().unwrap()).unwrap_err();
+        assert!(matches!(err, CgroupError::Symlink { .. }), "{err}");
+        assert!(matches!(
+            checked_path(&root, dir.to_str().unwrap()),
+            Err(CgroupError::NotCgroup2 { .. })
+        ));
+        assert!(matches!(
+            checked_path(&root, root.to_str().unwrap()),
+            Err(CgroupError::Root(_))
+        ));
+        assert!(matches!(
+            checked_path(&root, "cgroup.procs/x"),
+            Err(CgroupError::NotADirectory(_))
+        ));
+        assert!(matches!(
+            checked_path(&root, "a/../.."),
+            Err(CgroupError::DotDot(_))
+        ));
+        // A cgroup that does not exist yet is fine: its policy waits for it.
+        let waiting = checked_path(&root, "kad-no-such-cgroup/below").unwrap();
+        assert_eq!(
+            waiting,
+            root.canonicalize()
+                .unwrap()
+                .join("kad-no-such-cgroup/below")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

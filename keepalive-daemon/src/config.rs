@@ -70,15 +70,22 @@ pub fn load(path: &Path, root: &Path) -> Result<BTreeMap<PathBuf, Policy>, Confi
             })
         }
     };
-    parse(&text, root).map_err(|(offset, message)| ConfigError::Invalid {
+    // Paths are checked on the filesystem like the CLI's: no symbolic links, on cgroup2, not
+    // the root (the cgroup itself may appear later).
+    let check = |input: &str| cgroup::checked_path(root, input);
+    parse(&text, check).map_err(|(offset, message)| ConfigError::Invalid {
         path: path.to_path_buf(),
         line: line_at(&text, offset),
         message,
     })
 }
 
-/// Parses config text; an error carries the byte offset it is about.
-fn parse(text: &str, root: &Path) -> Result<BTreeMap<PathBuf, Policy>, (usize, String)> {
+/// Parses config text, turning each path into the key it is kept by with `check`; an error
+/// carries the byte offset it is about.
+fn parse(
+    text: &str,
+    check: impl Fn(&str) -> Result<PathBuf, cgroup::CgroupError>,
+) -> Result<BTreeMap<PathBuf, Policy>, (usize, String)> {
     let file: File = toml::from_str(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
         (offset, e.message().to_string())
@@ -99,12 +106,7 @@ fn parse(text: &str, root: &Path) -> Result<BTreeMap<PathBuf, Policy>, (usize, S
                 ))
             }
         };
-        let path = cgroup::lexical_path(root, &relative).map_err(|e| fail(e.to_string()))?;
-        if path == root {
-            return Err(fail(
-                cgroup::CgroupError::Root(root.to_path_buf()).to_string(),
-            ));
-        }
+        let path = check(&relative).map_err(|e| fail(e.to_string()))?;
         let policy = if entry.off {
             if entry.idle.is_some() || entry.intvl.is_some() || entry.cnt.is_some() {
                 return Err(fail(
@@ -132,6 +134,17 @@ mod tests {
     use super::*;
 
     const ROOT: &str = "/sys/fs/cgroup";
+
+    /// The lexical part of the checks, for text without a filesystem behind it.
+    fn parse(text: &str, root: &Path) -> Result<BTreeMap<PathBuf, Policy>, (usize, String)> {
+        super::parse(text, |input| {
+            let path = cgroup::lexical_path(root, input)?;
+            if path == root {
+                return Err(cgroup::CgroupError::Root(root.to_path_buf()));
+            }
+            Ok(path)
+        })
+    }
 
     #[test]
     fn parses_cgroups_units_and_off() {

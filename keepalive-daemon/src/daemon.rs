@@ -2,15 +2,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    net::UnixListener,
     signal::unix::{signal, SignalKind},
     sync::Mutex,
 };
@@ -20,27 +18,27 @@ use crate::{
     cgroup::{self, CgroupError},
     config::{self as config_file, ConfigError},
     enforcer::{self, Enforcer, EnforcerError},
+    exec::{self, ExecOwner},
     metrics, notify,
     pathio::{io_err, PathIoError},
     policy::Policy,
     protocol::{
-        self, AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, Request, Response, StatsEntry,
-        StatusReport, MAX_REQUEST_BYTES,
+        AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, Request, Response, StatsEntry,
+        StatusReport,
     },
     reconcile::{Reconciler, Source},
-    store::{Store, StoreError},
+    server,
+    store::{Change, StateLock, Store, StoreError, StoredPolicy},
     sys,
     watch::Watcher,
 };
 
-/// How long a client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// What is read and thrown away after replying to a request that was not read whole.
-const DRAIN_LIMIT: u64 = 16 << 20;
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the cgroups of `kad exec` runs are checked for being abandoned (only they: policy
 /// paths are followed through inotify, with no periodic scan).
 const EXEC_COLLECT_INTERVAL: Duration = Duration::from_secs(1);
+/// The state file is rewritten whole once its journal has more lines than this, or than the
+/// table has entries.
+const JOURNAL_COMPACT_MIN: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -80,14 +78,16 @@ struct State {
     config: DaemonConfig,
     root: PathBuf,
     store: Store,
-    /// Policies set with `kad set`, by path; what the state file holds.
+    /// Policies set with `kad set` (and `kad exec`), by path; what the state file holds.
     set: BTreeMap<PathBuf, Policy>,
+    /// The `kad exec` run that owns each of the paths in `set` that are its transient cgroups.
+    exec_owners: BTreeMap<PathBuf, ExecOwner>,
     /// Policies of the config file, by path.
     from_config: BTreeMap<PathBuf, Policy>,
     /// The kernel side: map entries, anchors, watched directories, refreshes.
     kernel: Reconciler,
-    /// The directories the inotify task should watch (sent after every change).
-    watch_dirs: tokio::sync::watch::Sender<BTreeSet<PathBuf>>,
+    /// inotify on the directories the policies need watched, set before a request is answered.
+    watcher: Watcher,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Enforcement outlives it: links and the map stay
@@ -95,6 +95,11 @@ struct State {
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     if !sys::is_root() {
         return Err(DaemonError::NotRoot);
+    }
+    // Pins, links and connections each hold an fd: a low soft limit must not cost policies.
+    match sys::raise_nofile_limit() {
+        Ok(limit) => tracing::debug!("open files limit: {limit}"),
+        Err(e) => warn!("cannot raise the open files limit: {e}"),
     }
     let root = cgroup::find_root()?;
     // Bind first: a bad address fails the start before anything is touched.
@@ -108,7 +113,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     };
     // Bound early, so that a live daemon on the socket stops us before anything is touched;
     // clients that connect meanwhile wait until we serve.
-    let listener = bind(&config.socket)?;
+    let listener = server::bind(&config.socket)?;
     let result = run_bound(config.clone(), root, listener, metrics_listener).await;
     let _ = std::fs::remove_file(&config.socket);
     result
@@ -120,28 +125,40 @@ async fn run_bound(
     listener: UnixListener,
     metrics_listener: Option<tokio::net::TcpListener>,
 ) -> Result<(), DaemonError> {
+    // One daemon per state directory, held until we exit.
+    let _state_lock = StateLock::acquire(&config.state_dir)?;
     let store = Store::new(&config.state_dir);
     // Read both files first: a corrupt one stops us before anything is touched.
-    let set = store
-        .load()?
+    let saved = store.load(&root)?;
+    let exec_owners = saved
+        .iter()
+        .filter_map(|e| Some((PathBuf::from(&e.cgroup), e.exec_owner.clone()?)))
+        .collect();
+    let set = saved
         .into_iter()
         .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
         .collect();
     let from_config = config_file::load(&config.config, &root)?;
     let state_file_exists = store.exists();
     let enforcer = open_enforcer(&config.bpffs)?;
-    let mut watcher = Watcher::new().map_err(io_err("cannot start", "inotify"))?;
-    let (watch_dirs, mut dirs_rx) = tokio::sync::watch::channel(BTreeSet::new());
+    let watcher = Watcher::new().map_err(io_err("cannot start", "inotify"))?;
     let mut state = State {
         config: config.clone(),
         kernel: Reconciler::new(root.clone(), enforcer),
         root,
         store,
         set,
+        exec_owners,
         from_config,
-        watch_dirs,
+        watcher: watcher.clone(),
     };
     state.adopt_pinned(state_file_exists);
+    if state.store.journal_len() > 0 {
+        // Fold the journal into the table now, so that it starts short.
+        if let Err(e) = state.save() {
+            warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+        }
+    }
     state.sync_all();
     // Map entries an earlier run left for cgroups or policies that are gone, and what the
     // first design of kad pinned, once this design's anchors are in place.
@@ -167,6 +184,9 @@ async fn run_bound(
     );
     notify::notify("READY=1");
 
+    if let Some(logger) = state.kernel.enforcer.take_kill_log() {
+        crate::killlog::spawn(logger);
+    }
     let shared = Arc::new(Mutex::new(state));
     if let Some(listener) = metrics_listener {
         info!(
@@ -174,7 +194,7 @@ async fn run_bound(
             config.metrics.map(|a| a.to_string()).unwrap_or_default()
         );
         let shared = Arc::clone(&shared);
-        tokio::spawn(metrics::serve(listener, move || {
+        tokio::spawn(metrics::serve(listener, metrics::LIMITS, move || {
             let shared = Arc::clone(&shared);
             async move { shared.lock().await.metrics() }
         }));
@@ -182,36 +202,35 @@ async fn run_bound(
     let mut term = signal(SignalKind::terminate()).map_err(io_err("cannot catch", "SIGTERM"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("cannot catch", "SIGINT"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("cannot catch", "SIGHUP"))?;
+    tokio::spawn(server::serve(listener, server::LIMITS, {
+        let shared = Arc::clone(&shared);
+        move |request, pid| {
+            let shared = Arc::clone(&shared);
+            async move { shared.lock().await.handle(request, pid) }
+        }
+    }));
     let mut tick = tokio::time::interval(EXEC_COLLECT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // inotify: cgroups created or removed at (or on the way to) policy paths. The kernel's
     // mkdir hook already gave a new cgroup its policy; the daemon records it and cleans up.
     let (events_tx, mut events) = tokio::sync::mpsc::channel::<Vec<PathBuf>>(64);
-    watcher.set(&dirs_rx.borrow_and_update().clone());
     tokio::spawn(async move {
         loop {
-            tokio::select! {
-                changed = dirs_rx.changed() => {
-                    if changed.is_err() { break; }
-                    let dirs = dirs_rx.borrow_and_update().clone();
-                    watcher.set(&dirs);
+            match watcher.next().await {
+                Ok(paths) => {
+                    if events_tx.send(paths).await.is_err() {
+                        break;
+                    }
                 }
-                batch = watcher.next() => match batch {
-                    Ok(paths) => { if events_tx.send(paths).await.is_err() { break; } }
-                    Err(e) => { error!("inotify: {e}"); break; }
+                Err(e) => {
+                    error!("inotify: {e}");
+                    break;
                 }
             }
         }
     });
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let shared = Arc::clone(&shared);
-                    tokio::spawn(async move { serve(stream, shared).await });
-                }
-                Err(e) => warn!("accept failed: {e}"),
-            },
             _ = tick.tick() => shared.lock().await.collect_abandoned(),
             Some(paths) = events.recv() => shared.lock().await.on_cgroup_events(&paths),
             _ = hup.recv() => {
@@ -225,73 +244,18 @@ async fn run_bound(
         }
     }
     notify::notify("STOPPING=1");
-    // Wait for a request in progress; the pins keep every policy enforced after we exit.
-    drop(shared.lock().await);
-    info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
-    Ok(())
-}
-
-/// Binds the control socket, replacing a stale one but never a live daemon's.
-fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::SocketInUse(path.to_path_buf()));
-        }
-        std::fs::remove_file(path).map_err(io_err("cannot remove stale socket", path))?;
-    }
-    let listener = UnixListener::bind(path).map_err(io_err("cannot bind", path))?;
-    // Anyone may list and ask for status; changes are checked against the peer's uid.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(io_err("cannot set permissions on", path))?;
-    Ok(listener)
-}
-
-async fn serve(stream: UnixStream, shared: Arc<Mutex<State>>) {
-    let uid = stream.peer_cred().map(|c| c.uid()).ok();
-    let (mut read, mut write) = stream.into_split();
-    let reply = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut read)).await {
-        Err(_) => Response::error("timed out waiting for the request"),
-        Ok(Err(message)) => Response::error(message),
-        Ok(Ok(request)) => {
-            if request.mutates() && uid != Some(0) {
-                Response::error("permission denied: only root may change policies")
-            } else {
-                shared.lock().await.handle(request)
+    // Wait for a request in progress; the pins keep every policy enforced after we exit. A
+    // clean stop leaves the whole table in policies.json (the journal folded in).
+    {
+        let state = shared.lock().await;
+        if state.store.journal_len() > 0 {
+            if let Err(e) = state.save() {
+                warn!("cannot rewrite the state file (the journal keeps every change): {e}");
             }
         }
-    };
-    if let Response::Error { message } = &reply {
-        warn!("request refused: {message}");
     }
-    let _ = write.write_all(&protocol::encode(&reply)).await;
-    let _ = write.shutdown().await;
-    // Closing with unread input would reset the connection before the client reads the reply
-    // (an oversized request): discard what is left, within limits.
-    let mut rest = (&mut read).take(DRAIN_LIMIT);
-    let _ = tokio::time::timeout(
-        DRAIN_TIMEOUT,
-        tokio::io::copy(&mut rest, &mut tokio::io::sink()),
-    )
-    .await;
-}
-
-/// Reads one line (or everything up to EOF), refusing more than MAX_REQUEST_BYTES.
-async fn read_request(read: &mut tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
-    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
-    let mut line = Vec::new();
-    reader
-        .read_until(b'\n', &mut line)
-        .await
-        .map_err(|e| format!("cannot read the request: {e}"))?;
-    if line.len() > MAX_REQUEST_BYTES {
-        return Err(format!(
-            "request too large (limit {MAX_REQUEST_BYTES} bytes)"
-        ));
-    }
-    protocol::decode_request(&line)
+    info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
+    Ok(())
 }
 
 /// Opens the enforcer, mapping its errors for the daemon.
@@ -300,9 +264,11 @@ fn open_enforcer(bpffs: &Path) -> Result<Enforcer, DaemonError> {
 }
 
 impl State {
-    fn handle(&mut self, request: Request) -> Response {
+    /// `peer` is the asking process's pid, if the kernel told it.
+    fn handle(&mut self, request: Request, peer: Option<u32>) -> Response {
         match request {
             Request::Set { cgroup, policy } => self.set(&cgroup, policy),
+            Request::Exec { cgroup, policy } => self.exec(&cgroup, policy, peer),
             Request::Unset { cgroup } => self.unset(&cgroup),
             Request::Reload => self.reload(),
             Request::List => Response::Policies {
@@ -359,6 +325,16 @@ impl State {
         table
     }
 
+    /// How many paths have a policy (without building the table).
+    fn policy_count(&self) -> usize {
+        self.set.len()
+            + self
+                .from_config
+                .keys()
+                .filter(|p| !self.set.contains_key(*p))
+                .count()
+    }
+
     fn want(&self, path: &Path) -> Option<(Policy, Source)> {
         if let Some(p) = self.set.get(path) {
             return Some((*p, Source::Set));
@@ -376,7 +352,7 @@ impl State {
         };
         if !self.set.contains_key(&path)
             && !self.from_config.contains_key(&path)
-            && self.effective().len() >= keepalive_common::MAX_POLICIES as usize
+            && self.policy_count() >= keepalive_common::MAX_POLICIES as usize
         {
             return Response::error(EnforcerError::Full.to_string());
         }
@@ -393,7 +369,7 @@ impl State {
             return Response::error(e.to_string());
         }
         // Not saved means not done: put the kernel and the table back as they were.
-        if let Err(e) = self.save() {
+        if let Err(e) = self.persist(&path) {
             undo(self);
             return Response::error(e.to_string());
         }
@@ -423,10 +399,12 @@ impl State {
             }
             return Response::error(format!("no policy for {}", path.display()));
         };
-        if let Err(e) = self.save() {
+        // A full disk: the policy stays, in force and in the file, and the error says why.
+        if let Err(e) = self.persist(&path) {
             self.set.insert(path, previous);
-            return Response::error(e.to_string());
+            return Response::error(format!("{e}; the policy stays"));
         }
+        self.exec_owners.remove(&path);
         if let Err(e) = self.sync_path(&path) {
             // The config file's policy for this path could not be put back in force.
             error!(cgroup = ?path.display().to_string(), "{e}");
@@ -463,9 +441,15 @@ impl State {
     /// then the existing connections below it.
     fn sync_path(&mut self, path: &Path) -> Result<(), EnforcerError> {
         let want = self.want(path);
-        let changed = self.kernel.sync(path, want);
-        let anchor_errors = self.kernel.apply_anchors();
-        self.publish_watches();
+        let mut changed = self.kernel.sync(path, want);
+        let mut anchor_errors = self.kernel.apply_anchors();
+        // A new watch: what happened before it was in place is read now, once more.
+        if self.publish_watches() && changed.is_ok() {
+            let again = self.kernel.sync(path, want);
+            changed = again.map(|c| c || changed.unwrap_or(false));
+            anchor_errors.extend(self.kernel.apply_anchors());
+            self.publish_watches();
+        }
         if let Some(e) = anchor_errors.into_iter().next() {
             return Err(e);
         }
@@ -488,7 +472,15 @@ impl State {
             let _ = self.kernel.sync(&path, want);
         }
         let _ = self.kernel.apply_anchors(); // logged there
-        self.publish_watches();
+        if self.publish_watches() {
+            let paths: Vec<PathBuf> = self.kernel.in_force().keys().cloned().collect();
+            for path in paths {
+                let want = self.want(&path);
+                let _ = self.kernel.sync(&path, want);
+            }
+            let _ = self.kernel.apply_anchors();
+            self.publish_watches();
+        }
     }
 
     /// After a start: the connections that existed before give every policy its due.
@@ -529,15 +521,10 @@ impl State {
         self.kernel.drop_stale_ids();
     }
 
-    fn publish_watches(&mut self) {
-        let dirs = self.kernel.watch_dirs();
-        self.watch_dirs.send_if_modified(|current| {
-            if *current == dirs {
-                return false;
-            }
-            *current = dirs;
-            true
-        });
+    /// Sets the watches the table needs; true if one was added (a directory created before
+    /// the watch was in place would then go unseen: the caller looks again).
+    fn publish_watches(&mut self) -> bool {
+        self.watcher.set(&self.kernel.watch_dirs())
     }
 
     /// Policies the pinned map holds that neither the state file nor the config file has:
@@ -580,35 +567,77 @@ impl State {
         }
     }
 
+    /// `kad exec`: a policy for the caller's transient cgroup, recorded as owned by the caller
+    /// so that it is collected if the caller dies first. Only a cgroup kad recorded this way is
+    /// ever removed by the daemon.
+    fn exec(&mut self, input: &str, policy: Policy, peer: Option<u32>) -> Response {
+        let Some(pid) = peer.filter(|&pid| pid != 0) else {
+            return Response::error(
+                "kad exec: the kernel did not say which process is asking (its PID namespace is not below the daemon's)",
+            );
+        };
+        let owner = match ExecOwner::of(pid) {
+            Ok(owner) => owner,
+            Err(e) => {
+                return Response::error(format!("kad exec: cannot identify process {pid}: {e}"))
+            }
+        };
+        let path = match cgroup::resolve(&self.root, input) {
+            Ok(cgroup) => cgroup.path,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        if self.set.contains_key(&path) && !self.exec_owners.contains_key(&path) {
+            return Response::error(format!(
+                "{} has a policy set with kad set: kad exec needs a cgroup of its own",
+                path.display()
+            ));
+        }
+        let previous = self.exec_owners.insert(path.clone(), owner);
+        let reply = self.set(input, policy);
+        if let Response::Error { .. } = reply {
+            match previous {
+                Some(owner) => self.exec_owners.insert(path, owner),
+                None => self.exec_owners.remove(&path),
+            };
+        }
+        reply
+    }
+
     /// Removes the transient cgroups (and policies) of `kad exec` runs that were killed before
-    /// they could do it themselves, once their processes are gone.
+    /// they could do it themselves, once their processes are gone. Only paths recorded as a
+    /// `kad exec`'s: a cgroup merely named like one is the user's.
     fn collect_abandoned(&mut self) {
         let abandoned: Vec<PathBuf> = self
-            .set
-            .keys()
-            .filter(|path| crate::exec::is_abandoned(path))
-            .cloned()
+            .exec_owners
+            .iter()
+            .filter(|(path, owner)| {
+                !self.set.contains_key(*path) || exec::is_abandoned(path, owner)
+            })
+            .map(|(path, _)| path.clone())
             .collect();
         if abandoned.is_empty() {
             return;
         }
         for path in &abandoned {
-            self.set.remove(path);
-        }
-        if let Err(e) = self.save() {
-            error!("cannot save after removing abandoned kad exec policies: {e}");
-        }
-        for path in abandoned {
-            let _ = self.sync_path(&path);
-            match std::fs::remove_dir(&path) {
+            self.exec_owners.remove(path);
+            if self.set.remove(path).is_none() {
+                continue;
+            }
+            let _ = self.sync_path(path);
+            match std::fs::remove_dir(path) {
                 Ok(()) => {
                     info!(cgroup = ?path.display().to_string(), "removed an abandoned kad exec cgroup")
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    info!(cgroup = ?path.display().to_string(), "removed the policy of an abandoned kad exec")
+                }
                 Err(e) => {
                     warn!(cgroup = ?path.display().to_string(), "cannot remove an abandoned kad exec cgroup: {e}")
                 }
             }
+        }
+        if let Err(e) = self.save() {
+            error!("cannot save after removing abandoned kad exec policies: {e}");
         }
     }
 
@@ -619,11 +648,36 @@ impl State {
             .collect()
     }
 
+    /// Makes the table's entry for `path` (or its absence) durable: one journal line, and now
+    /// and then the whole table.
+    fn persist(&self, path: &Path) -> Result<(), StoreError> {
+        let cgroup = path.display().to_string();
+        let change = match self.set.get(path) {
+            Some(policy) => Change::Set(StoredPolicy::new(
+                cgroup,
+                policy,
+                self.exec_owners.get(path).cloned(),
+            )),
+            None => Change::Unset(cgroup),
+        };
+        self.store.record(&change)?;
+        if self.store.journal_len() > JOURNAL_COMPACT_MIN.max(self.set.len()) {
+            // The change is durable already; a failed compaction is tried again later.
+            if let Err(e) = self.save() {
+                warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+            }
+        }
+        Ok(())
+    }
+
     fn save(&self) -> Result<(), StoreError> {
-        let entries: Vec<PolicyEntry> = self
+        let entries: Vec<StoredPolicy> = self
             .set
             .iter()
-            .map(|(path, policy)| PolicyEntry::new(path.display().to_string(), policy))
+            .map(|(path, policy)| {
+                let owner = self.exec_owners.get(path).cloned();
+                StoredPolicy::new(path.display().to_string(), policy, owner)
+            })
             .collect();
         self.store.save(&entries)
     }

@@ -114,6 +114,8 @@ pub struct Enforcer {
     features: Features,
     tag: String,
     generation: u32,
+    /// The kill events of the error-report program, until the daemon takes them.
+    kill_log: Option<aya_log::EbpfLogger<crate::killlog::KillLog>>,
     /// Holds the programs and maps; dropping it would unload nothing pinned.
     _ebpf: Ebpf,
     /// An exclusive flock on `dir`: one daemon per bpffs directory.
@@ -124,6 +126,10 @@ impl Enforcer {
     /// Opens (creating it if needed) the daemon's bpffs directory, loads the programs, adopts
     /// and upgrades the links an earlier run pinned.
     pub fn open(dir: &Path) -> Result<Self, EnforcerError> {
+        // One spelling per directory ("/sys/fs/bpf/x/" is "/sys/fs/bpf/x"): what kad decides
+        // never depends on it, but messages and pins should not either.
+        let dir: PathBuf = dir.components().collect();
+        let dir = dir.as_path();
         ensure_bpffs(dir)?;
         for sub in [ANCHORS_DIR, TRACING_DIR] {
             let path = dir.join(sub);
@@ -217,6 +223,13 @@ impl Enforcer {
         } else {
             attach_tp("kad_error_report", "inet_sk_error_report", "error_report")
         };
+        let kill_log = if kills.is_ok() {
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::killlog::KillLog::default())
+                .map_err(|e| warn!("keepalive kill events will not be logged: {e}"))
+                .ok()
+        } else {
+            None
+        };
         let features = Features {
             existing,
             mkdir,
@@ -245,6 +258,7 @@ impl Enforcer {
             features,
             tag,
             generation: 0,
+            kill_log,
             _ebpf: ebpf,
             _lock: lock,
         };
@@ -543,6 +557,11 @@ impl Enforcer {
             }
         }
         total
+    }
+
+    /// The kernel's kill events, for the daemon to read (once).
+    pub fn take_kill_log(&mut self) -> Option<aya_log::EbpfLogger<crate::killlog::KillLog>> {
+        self.kill_log.take()
     }
 
     pub fn features(&self) -> &Features {

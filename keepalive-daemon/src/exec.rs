@@ -10,27 +10,93 @@ use std::{
     time::Duration,
 };
 
-use crate::policy::{self, Policy, CNT_RANGE, SECS_RANGE};
+use serde::{Deserialize, Serialize};
 
-/// Transient cgroups are named this followed by the pid of the `kad exec` that owns them.
+use crate::{
+    cgroup::{self, CgroupError},
+    client::{self, ClientError},
+    policy::{self, Policy, CNT_RANGE, SECS_RANGE},
+    protocol::Request,
+};
+
+/// Transient cgroups are named this followed by the pid of the `kad exec` that made them. The
+/// name is for people: the daemon goes by the owner it recorded (`ExecOwner`), never by a name.
 pub const TRANSIENT_PREFIX: &str = "kad-exec-";
 
-/// Whether `path` is a transient cgroup whose `kad exec` is gone (killed before it could clean
-/// up) and in which no process is left: the daemon then removes it and its policy.
-pub fn is_abandoned(path: &Path) -> bool {
-    let owner = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix(TRANSIENT_PREFIX))
-        .and_then(|pid| pid.parse::<u32>().ok());
-    let Some(owner) = owner else {
-        return false;
-    };
-    let owner_alive = Path::new(&format!("/proc/{owner}")).exists();
-    let populated = std::fs::read_to_string(path.join("cgroup.events"))
+/// The `kad exec` process that owns a transient cgroup, as the daemon sees it (its pid in the
+/// daemon's PID namespace, from the control socket's peer credentials). The start time and the
+/// boot id make it one process: a reused pid, or the same pid after a reboot, is another one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOwner {
+    pub pid: u32,
+    /// Field 22 of /proc/PID/stat: clock ticks after boot.
+    pub start_time: u64,
+    /// /proc/sys/kernel/random/boot_id.
+    pub boot_id: String,
+}
+
+impl ExecOwner {
+    /// The process `pid` now.
+    pub fn of(pid: u32) -> io::Result<ExecOwner> {
+        Ok(ExecOwner {
+            pid,
+            start_time: start_time(pid)?,
+            boot_id: boot_id()?,
+        })
+    }
+
+    /// Whether this very process still runs (a zombie has exited: it is gone).
+    pub fn is_alive(&self) -> bool {
+        boot_id().is_ok_and(|id| id == self.boot_id)
+            && stat_of(self.pid).is_ok_and(|(state, start)| {
+                start == self.start_time && state != 'Z' && state != 'X'
+            })
+    }
+}
+
+fn start_time(pid: u32) -> io::Result<u64> {
+    stat_of(pid).map(|(_, start)| start)
+}
+
+/// The state letter and the start time of process `pid`.
+fn stat_of(pid: u32) -> io::Result<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&stat).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected /proc/{pid}/stat"),
+        )
+    })
+}
+
+/// The state (field 3) and start time (field 22) in the text of /proc/PID/stat. The command
+/// name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+fn parse_stat(stat: &str) -> Option<(char, u64)> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Field 22 is the 19th after the state.
+    Some((state, fields.nth(18)?.parse().ok()?))
+}
+
+fn boot_id() -> io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?
+        .trim()
+        .to_string())
+}
+
+/// Whether the transient cgroup at `path` is abandoned: the `kad exec` that owns it is gone
+/// (killed before it could clean up) and no process is left in it. The daemon then removes
+/// it and its policy.
+pub fn is_abandoned(path: &Path, owner: &ExecOwner) -> bool {
+    !owner.is_alive() && !populated(path)
+}
+
+/// Whether processes remain in the cgroup at `path` (or below it); false once it is gone.
+fn populated(path: &Path) -> bool {
+    std::fs::read_to_string(path.join("cgroup.events"))
         .map(|t| t.lines().any(|l| l == "populated 1"))
-        .unwrap_or(false);
-    !owner_alive && !populated
+        .unwrap_or(false)
 }
 
 /// The signals kad passes on to the command.
@@ -57,11 +123,17 @@ pub enum ExecError {
     #[error(transparent)]
     Policy(#[from] policy::PolicyError),
     #[error("cannot create the transient cgroup {path}: {source}")]
-    Cgroup {
+    Create {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Daemon(#[from] ClientError),
+    #[error("waiting for the command: {0}")]
+    Wait(#[source] io::Error),
 }
 
 /// Values given on the command line; `None` falls back to the environment.
@@ -158,7 +230,7 @@ impl TransientCgroup {
         let path = root
             .join(own.trim_start_matches('/'))
             .join(format!("{TRANSIENT_PREFIX}{}", std::process::id()));
-        std::fs::create_dir(&path).map_err(|source| ExecError::Cgroup {
+        std::fs::create_dir(&path).map_err(|source| ExecError::Create {
             path: path.clone(),
             source,
         })?;
@@ -167,9 +239,7 @@ impl TransientCgroup {
 
     /// Whether processes remain in the cgroup (or below it).
     pub fn populated(&self) -> bool {
-        std::fs::read_to_string(self.path.join("cgroup.events"))
-            .map(|t| t.lines().any(|l| l == "populated 1"))
-            .unwrap_or(false)
+        populated(&self.path)
     }
 }
 
@@ -192,6 +262,66 @@ impl Drop for TransientCgroup {
             }
         }
     }
+}
+
+/// How a `kad exec` run ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// kad's exit status: the command's (128+N when signal N killed it), 127 when it could not
+    /// be found, 126 when it could not be run.
+    pub code: u8,
+    /// Why the command could not be started, if it was not.
+    pub spawn_error: Option<io::Error>,
+    /// Why the policy could not be removed afterwards (the daemon died meanwhile, say). The
+    /// daemon removes it when it runs again: it recorded this run as the owner.
+    pub cleanup_error: Option<ClientError>,
+}
+
+/// `kad exec`: runs `program` in a transient cgroup with `policy`, through the daemon at
+/// `socket`, and returns once the command and everything it started have exited and the
+/// cgroup is removed. Errors before the command starts are errors; after, the command's
+/// status wins and a failed clean-up is reported alongside it.
+pub fn run(
+    socket: &Path,
+    policy: Policy,
+    program: &OsString,
+    args: &[OsString],
+) -> Result<Finished, ExecError> {
+    // Fail before creating anything when there is no daemon (the error says how to start one).
+    client::call(socket, &Request::Status)?;
+    let root = cgroup::find_root()?;
+    // Before any thread exists, so that every thread has them blocked.
+    let signals = block_signals();
+    let transient = TransientCgroup::create(&root)?;
+    let cgroup = transient.path.display().to_string();
+    client::call(
+        socket,
+        &Request::Exec {
+            cgroup: cgroup.clone(),
+            policy,
+        },
+    )?;
+    let (code, spawn_error) = match spawn_in(&transient, program, args) {
+        Ok(mut child) => {
+            forward_signals(signals, child.id() as i32, transient.path.clone());
+            let status = child.wait().map_err(ExecError::Wait)?;
+            (exit_code(status), None)
+        }
+        // As a shell: 127 when the command is not found, 126 when it cannot be run.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => (127, Some(e)),
+        Err(e) => (126, Some(e)),
+    };
+    // The policy and cgroup go once the command and everything it left behind are gone.
+    while transient.populated() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cleanup_error = client::call(socket, &Request::Unset { cgroup }).err();
+    drop(transient);
+    Ok(Finished {
+        code,
+        spawn_error,
+        cleanup_error,
+    })
 }
 
 /// How the command ended, as a shell reports it.
@@ -283,6 +413,49 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).map(OsString::from)
+    }
+
+    #[test]
+    fn start_times_come_from_the_right_field() {
+        // A command name with spaces and parentheses, as a process may choose.
+        let stat = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 12345 67 18446744073709551615";
+        assert_eq!(parse_stat(stat), Some(('S', 987654)));
+        assert_eq!(parse_stat("12 (x) S 1"), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn an_owner_is_one_process_not_a_pid() {
+        let me = ExecOwner::of(std::process::id()).unwrap();
+        assert!(me.is_alive());
+        assert!(
+            !ExecOwner {
+                start_time: me.start_time + 1,
+                ..me.clone()
+            }
+            .is_alive(),
+            "same pid, another process"
+        );
+        assert!(
+            !ExecOwner {
+                boot_id: "another boot".into(),
+                ..me.clone()
+            }
+            .is_alive(),
+            "same pid and start time, another boot"
+        );
+        let mut child = Command::new("sleep").arg("0.2").spawn().unwrap();
+        let owner = ExecOwner::of(child.id()).unwrap();
+        assert!(owner.is_alive());
+        // Exited but not reaped yet: a zombie is gone as far as ownership goes.
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(!owner.is_alive(), "a zombie");
+        child.wait().unwrap();
+        assert!(!owner.is_alive(), "exited and reaped");
+        // An owner that is gone abandons an empty (or removed) cgroup, a live one does not.
+        let gone = Path::new("/nonexistent-kad-cgroup");
+        assert!(is_abandoned(gone, &owner));
+        assert!(!is_abandoned(gone, &me));
     }
 
     #[test]

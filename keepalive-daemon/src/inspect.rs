@@ -29,6 +29,14 @@ const TIMER_NAMES: [&str; 5] = [
 pub enum InspectError {
     #[error("no process {0}")]
     NoProcess(u32),
+    #[error("permission denied reading the sockets of process {0}: run as root or as its owner")]
+    PermissionDenied(u32),
+    #[error("cannot read the sockets of process {pid}: {source}")]
+    Proc {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("sock_diag netlink: {0}")]
     Netlink(io::Error),
     #[error("cannot enter the network namespace of process {pid}: {source}")]
@@ -138,8 +146,7 @@ pub fn inspect(pids: &[u32]) -> Result<Vec<Connection>, InspectError> {
 
 /// (fd, inode) of each socket the process has open.
 fn socket_fds(pid: u32) -> Result<Vec<(RawFd, u64)>, InspectError> {
-    let dir =
-        std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|_| InspectError::NoProcess(pid))?;
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|e| proc_error(pid, e))?;
     let mut sockets = Vec::new();
     for entry in dir.flatten() {
         let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else {
@@ -158,6 +165,15 @@ fn socket_fds(pid: u32) -> Result<Vec<(RawFd, u64)>, InspectError> {
         }
     }
     Ok(sockets)
+}
+
+/// What an error reading `/proc/PID/...` means for the user.
+fn proc_error(pid: u32, e: io::Error) -> InspectError {
+    match e.kind() {
+        io::ErrorKind::NotFound => InspectError::NoProcess(pid),
+        io::ErrorKind::PermissionDenied => InspectError::PermissionDenied(pid),
+        _ => InspectError::Proc { pid, source: e },
+    }
 }
 
 /// The options of another process's socket, read on a duplicate of its descriptor.
@@ -179,8 +195,7 @@ fn socket_state(pid: u32, fd: RawFd) -> io::Result<KeepaliveState> {
 /// sock_diag in the network namespace of `pid`, from a thread that enters it (setns affects
 /// only the calling thread; the netlink socket belongs to the namespace it was made in).
 fn dump_in_netns_of(pid: u32) -> Result<HashMap<u64, DiagRecord>, InspectError> {
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|_| InspectError::NoProcess(pid))?;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| proc_error(pid, e))?;
     std::thread::spawn(move || {
         // SAFETY: setns on a namespace descriptor we own, in this thread only.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -256,39 +271,57 @@ fn dump_family(family: u8, records: &mut HashMap<u64, DiagRecord>) -> io::Result
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let data = &buf[..n as usize];
-        let mut offset = 0;
-        while offset + 16 <= data.len() {
-            let len =
-                u32::from_ne_bytes(data[offset..offset + 4].try_into().unwrap_or([0; 4])) as usize;
-            let kind =
-                u16::from_ne_bytes(data[offset + 4..offset + 6].try_into().unwrap_or([0; 2]));
-            if len < 16 || offset + len > data.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "truncated netlink message",
-                ));
-            }
-            match kind as i32 {
-                libc::NLMSG_DONE => return Ok(()),
-                libc::NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(
-                        data[offset + 16..offset + 20].try_into().unwrap_or([0; 4]),
-                    );
-                    if errno != 0 {
-                        return Err(io::Error::from_raw_os_error(-errno));
-                    }
-                }
-                _ => {
-                    if let Some((inode, record)) = parse_diag_msg(&data[offset + 16..offset + len])
-                    {
-                        records.insert(inode, record);
-                    }
-                }
-            }
-            offset += (len + 3) & !3;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the dump ended without NLMSG_DONE",
+            ));
+        }
+        if parse_replies(&buf[..n as usize], records)? {
+            return Ok(());
         }
     }
+}
+
+/// Reads one datagram of netlink replies into `records`; true once the dump is done. Lengths
+/// come from the kernel but are checked all the same: a short message is an error, not a
+/// panic.
+fn parse_replies(data: &[u8], records: &mut HashMap<u64, DiagRecord>) -> io::Result<bool> {
+    let truncated = || io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message");
+    let u32_at = |o: usize| -> io::Result<u32> {
+        data.get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_ne_bytes)
+            .ok_or_else(truncated)
+    };
+    let mut offset = 0;
+    while offset + 16 <= data.len() {
+        let len = u32_at(offset)? as usize;
+        let kind = u16::from_ne_bytes([data[offset + 4], data[offset + 5]]);
+        if len < 16 || offset + len > data.len() {
+            return Err(truncated());
+        }
+        match kind as i32 {
+            libc::NLMSG_DONE => return Ok(true),
+            libc::NLMSG_ERROR => {
+                // struct nlmsgerr starts with the (negative) errno, inside this message.
+                if len < 20 {
+                    return Err(truncated());
+                }
+                let errno = u32_at(offset + 16)? as i32;
+                if errno != 0 {
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+            }
+            _ => {
+                if let Some((inode, record)) = parse_diag_msg(&data[offset + 16..offset + len]) {
+                    records.insert(inode, record);
+                }
+            }
+        }
+        offset += (len + 3) & !3;
+    }
+    Ok(false)
 }
 
 /// struct inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), expires, rqueue,
@@ -353,29 +386,99 @@ mod tests {
     };
 
     #[test]
-    fn finds_our_own_connection_and_its_options() {
+    fn finds_our_own_connections_and_their_options() {
+        // This test runs in a cgroup without a kad policy (kad never attaches to the root,
+        // and the tests' cgroups are their own): the sockets have what we set here.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let plain = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut server, _) = listener.accept().unwrap();
-        let connections = match inspect(&[std::process::id()]) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("SKIPPED: {e}");
-                return;
-            }
+        let tuned = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _tuned_server = listener.accept().unwrap();
+        let set = |name: i32, level: i32, value: i32| {
+            // SAFETY: setsockopt on a socket we own, with an int of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    tuned.as_raw_fd(),
+                    level,
+                    name,
+                    (&value as *const i32).cast(),
+                    std::mem::size_of::<i32>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "setsockopt: {}", io::Error::last_os_error());
         };
-        let local = client.local_addr().unwrap().to_string();
-        let mine = connections
-            .iter()
-            .find(|c| c.local == local)
-            .expect("the client socket is listed");
-        assert_eq!(mine.remote, listener.local_addr().unwrap().to_string());
-        assert_eq!(mine.fd, client.as_raw_fd());
-        if let Some(keepalive) = mine.keepalive {
-            assert!(!keepalive, "nothing turned keepalive on here");
-        }
+        set(libc::SO_KEEPALIVE, libc::SOL_SOCKET, 1);
+        set(libc::TCP_KEEPIDLE, libc::IPPROTO_TCP, 1234);
+        set(libc::TCP_KEEPINTVL, libc::IPPROTO_TCP, 56);
+        set(libc::TCP_KEEPCNT, libc::IPPROTO_TCP, 7);
+
+        let connections = inspect(&[std::process::id()]).expect("inspect this process");
+        let find = |stream: &TcpStream| {
+            let local = stream.local_addr().unwrap().to_string();
+            connections
+                .iter()
+                .find(|c| c.local == local)
+                .unwrap_or_else(|| panic!("{local} listed in {connections:?}"))
+                .clone()
+        };
+        let plain_row = find(&plain);
+        assert_eq!(plain_row.pid, std::process::id());
+        assert_eq!(plain_row.fd, plain.as_raw_fd());
+        assert_eq!(plain_row.remote, listener.local_addr().unwrap().to_string());
+        assert_eq!(plain_row.keepalive, Some(false));
+        assert_eq!(plain_row.timer, "off");
+        let tuned_row = find(&tuned);
+        assert_eq!(
+            (
+                tuned_row.keepalive,
+                tuned_row.idle,
+                tuned_row.intvl,
+                tuned_row.cnt
+            ),
+            (Some(true), Some(1234), Some(56), Some(7))
+        );
+        assert_eq!(tuned_row.timer, "keepalive");
+        assert!(
+            tuned_row.timer_left_ms <= 1_234_000 && tuned_row.timer_left_ms > 1_200_000,
+            "{tuned_row:?}"
+        );
         let _ = server.set_nonblocking(true);
         let _ = server.read(&mut [0u8; 1]);
+    }
+
+    /// A netlink message header: length, type, flags, sequence, port.
+    fn header(len: u32, kind: i32) -> Vec<u8> {
+        let mut m = len.to_ne_bytes().to_vec();
+        m.extend((kind as u16).to_ne_bytes());
+        m.extend([0u8; 10]);
+        m
+    }
+
+    #[test]
+    fn short_and_error_replies_are_errors_not_panics() {
+        let mut records = HashMap::new();
+        // NLMSG_ERROR whose length covers only the header: no room for the errno.
+        let short = header(16, libc::NLMSG_ERROR);
+        let err = parse_replies(&short, &mut records).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // A length that runs past the datagram.
+        let long = header(400, 99);
+        assert!(parse_replies(&long, &mut records).is_err());
+        let zero = header(0, 99);
+        assert!(parse_replies(&zero, &mut records).is_err());
+        // A real error: -EACCES.
+        let mut denied = header(20, libc::NLMSG_ERROR);
+        denied.extend((-libc::EACCES).to_ne_bytes());
+        let err = parse_replies(&denied, &mut records).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+        // An acknowledgement (errno 0), then the end of the dump.
+        let mut ack = header(20, libc::NLMSG_ERROR);
+        ack.extend(0i32.to_ne_bytes());
+        ack.extend(header(16, libc::NLMSG_DONE));
+        assert!(parse_replies(&ack, &mut records).unwrap());
+        // Fewer bytes than a header: nothing to read, not done.
+        assert!(!parse_replies(&[0u8; 10], &mut records).unwrap());
+        assert!(records.is_empty());
     }
 
     #[test]

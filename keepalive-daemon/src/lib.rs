@@ -2,7 +2,7 @@
 //!
 //! The daemon ([`daemon`]) owns the [`enforcer`] (program instances, the policies map) and the
 //! policy table ([`store`]); the CLI ([`cli`]) talks to it over a unix socket ([`protocol`],
-//! [`client`]).
+//! [`client`]); [`server`] serves the control socket.
 pub mod bpfsys;
 pub mod btf;
 pub mod cgroup;
@@ -13,6 +13,8 @@ pub mod daemon;
 pub mod enforcer;
 pub mod exec;
 pub mod inspect;
+pub mod killlog;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod pathio;
@@ -20,6 +22,7 @@ pub mod policy;
 pub mod probe;
 pub mod protocol;
 pub mod reconcile;
+pub mod server;
 pub mod store;
 pub mod sys;
 pub mod target;

@@ -90,9 +90,63 @@ mod tests {
         assert_eq!(off.text(), "SO_KEEPALIVE is OFF\n");
     }
 
+    fn sysctl(name: &str) -> i32 {
+        let path = format!("/proc/sys/net/ipv4/{name}");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
     #[test]
     fn probe_reads_a_real_socket() {
+        // This test runs in a cgroup without a kad policy (kad never attaches to the root,
+        // and the tests' cgroups are their own): the kernel's defaults, keepalive off.
         let state = probe().expect("loopback connection");
-        assert!(state.idle >= 1 && state.intvl >= 1 && state.cnt >= 1);
+        assert_eq!(
+            state,
+            KeepaliveState {
+                keepalive: false,
+                cnt: sysctl("tcp_keepalive_probes"),
+                idle: sysctl("tcp_keepalive_time"),
+                intvl: sysctl("tcp_keepalive_intvl"),
+            }
+        );
+    }
+
+    #[test]
+    fn of_reads_what_was_set_on_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let fd = stream.as_raw_fd();
+        for (level, name, value) in [
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 321),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 45),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
+        ] {
+            // SAFETY: setsockopt on a socket we own, with an int of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    level,
+                    name,
+                    (&value as *const i32).cast(),
+                    std::mem::size_of::<i32>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        }
+        assert_eq!(
+            KeepaliveState::of(fd).unwrap(),
+            KeepaliveState {
+                keepalive: true,
+                cnt: 6,
+                idle: 321,
+                intvl: 45,
+            }
+        );
+        assert!(KeepaliveState::of(-1).is_err());
     }
 }

@@ -16,6 +16,13 @@ pub enum Request {
     Unset {
         cgroup: String,
     },
+    /// `kad exec`: a policy for the transient cgroup the caller made. The daemon records the
+    /// caller (from the socket's peer credentials) as its owner, and removes the policy and the
+    /// cgroup itself if that process dies before it could.
+    Exec {
+        cgroup: String,
+        policy: Policy,
+    },
     /// Re-read the config file.
     Reload,
     List,
@@ -28,7 +35,7 @@ impl Request {
     pub fn mutates(&self) -> bool {
         matches!(
             self,
-            Request::Set { .. } | Request::Unset { .. } | Request::Reload
+            Request::Set { .. } | Request::Unset { .. } | Request::Exec { .. } | Request::Reload
         )
     }
 }
@@ -203,6 +210,10 @@ mod tests {
             Request::Unset {
                 cgroup: "app".into(),
             },
+            Request::Exec {
+                cgroup: "/sys/fs/cgroup/kad-exec-7".into(),
+                policy: Policy::on(Some(5), None, None).unwrap(),
+            },
             Request::Reload,
             Request::List,
             Request::Stats,
@@ -213,6 +224,28 @@ mod tests {
             assert_eq!(line.last(), Some(&b'\n'));
             assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
             assert_eq!(decode_request(&line).unwrap(), request);
+        }
+    }
+
+    #[test]
+    fn only_reads_are_open_to_everyone() {
+        let policy = Policy::OFF;
+        let cgroup = String::from("x");
+        for request in [
+            Request::Set {
+                cgroup: cgroup.clone(),
+                policy,
+            },
+            Request::Unset {
+                cgroup: cgroup.clone(),
+            },
+            Request::Exec { cgroup, policy },
+            Request::Reload,
+        ] {
+            assert!(request.mutates(), "{request:?}");
+        }
+        for request in [Request::List, Request::Stats, Request::Status] {
+            assert!(!request.mutates(), "{request:?}");
         }
     }
 

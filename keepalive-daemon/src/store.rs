@@ -1,16 +1,34 @@
-//! The policy table on disk: `policies.json` in the state directory, replaced atomically.
+//! The policy table on disk: `policies.json` in the state directory, replaced atomically, and
+//! the lock that gives a state directory to one daemon.
 use std::{
     fs::{self, File},
     io::{self, Write},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::{
+    cgroup,
+    exec::ExecOwner,
     pathio::{io_err, remove_file_if_present, PathIoError},
-    protocol::PolicyEntry,
+    policy::{Mode, Policy},
 };
 
 const FILE_NAME: &str = "policies.json";
+/// Changes since `policies.json` was last written, one JSON object per line, each appended and
+/// synced before the change is reported done: a `kad set` costs one small write, not a rewrite
+/// of the whole table. Folded into `policies.json` at start and when it grows long.
+const JOURNAL_NAME: &str = "policies.journal";
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Set(StoredPolicy),
+    Unset(String),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -22,79 +40,341 @@ pub enum StoreError {
         line: usize,
         message: String,
     },
+    #[error("another kad daemon is using the state directory {0}: stop it first, or give this one its own --state-dir")]
+    Busy(PathBuf),
+}
+
+/// One entry of `policies.json`: a policy set with `kad set` or `kad exec`. Files written
+/// before `exec_owner` existed load as they are (no entry of theirs is a `kad exec`'s).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    pub cgroup: String,
+    pub mode: Mode,
+    pub idle: Option<u32>,
+    pub intvl: Option<u32>,
+    pub cnt: Option<u32>,
+    /// The `kad exec` run whose transient cgroup this is; the daemon removes the policy and
+    /// the cgroup once that process and the cgroup's processes are gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_owner: Option<ExecOwner>,
+}
+
+impl StoredPolicy {
+    pub fn new(cgroup: String, policy: &Policy, exec_owner: Option<ExecOwner>) -> Self {
+        StoredPolicy {
+            cgroup,
+            mode: policy.mode,
+            idle: policy.idle,
+            intvl: policy.intvl,
+            cnt: policy.cnt,
+            exec_owner,
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            mode: self.mode,
+            idle: self.idle,
+            intvl: self.intvl,
+            cnt: self.cnt,
+        }
+    }
 }
 
 pub struct Store {
     path: PathBuf,
+    journal: PathBuf,
+    /// Lines in the journal (what a compaction would fold in).
+    journal_lines: std::cell::Cell<usize>,
 }
 
 impl Store {
     pub fn new(state_dir: &Path) -> Self {
         Store {
             path: state_dir.join(FILE_NAME),
+            journal: state_dir.join(JOURNAL_NAME),
+            journal_lines: std::cell::Cell::new(0),
         }
+    }
+
+    /// Lines in the journal since the table was last written whole.
+    pub fn journal_len(&self) -> usize {
+        self.journal_lines.get()
+    }
+
+    /// Appends one change to the journal and syncs it. On failure (a full disk) the journal is
+    /// cut back to where it was, so that no partial line is left.
+    pub fn record(&self, change: &Change) -> Result<(), StoreError> {
+        let dir = self.journal.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+        let mut line = serde_json::to_string(change).unwrap_or_default();
+        line.push('\n');
+        let created = !self.journal.exists();
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.journal)
+            .map_err(io_err("cannot open", &self.journal))?;
+        let before = file
+            .metadata()
+            .map_err(io_err("cannot stat", &self.journal))?
+            .len();
+        let written = file
+            .write_all(line.as_bytes())
+            .and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            let _ = file.set_len(before);
+            let _ = file.sync_data();
+            return Err(io_err("cannot write", &self.journal)(e).into());
+        }
+        if created {
+            // A new file's name must survive a crash too.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("cannot sync", dir))?;
+        }
+        self.journal_lines.set(self.journal_lines.get() + 1);
+        Ok(())
     }
 
     /// Whether the state file is there (a missing one with pinned policies is worth a warning).
     pub fn exists(&self) -> bool {
-        self.path.exists()
+        self.path.exists() || self.journal.exists()
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The saved table; empty when nothing was saved yet.
-    pub fn load(&self) -> Result<Vec<PolicyEntry>, StoreError> {
+    /// The saved table; empty when nothing was saved yet. Each path is checked as the config
+    /// file's are (`cgroup::checked_path` under `root`) and comes back in the form it is kept by.
+    pub fn load(&self, root: &Path) -> Result<Vec<StoredPolicy>, StoreError> {
+        let mut table: std::collections::BTreeMap<String, StoredPolicy> = self
+            .load_snapshot(root)?
+            .into_iter()
+            .map(|e| (e.cgroup.clone(), e))
+            .collect();
+        let text = match fs::read_to_string(&self.journal) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_err("cannot read", &self.journal)(e).into()),
+        };
+        let mut lines = 0;
+        for (index, line) in text.split_inclusive('\n').enumerate() {
+            if !line.ends_with('\n') {
+                // A crash in the middle of an append: that change was never reported done.
+                tracing::warn!(journal = %self.journal.display(), "ignoring an incomplete last line");
+                break;
+            }
+            let corrupt = |message: String| StoreError::Corrupt {
+                path: self.journal.clone(),
+                line: index + 1,
+                message,
+            };
+            let change: Change = serde_json::from_str(line).map_err(|e| corrupt(e.to_string()))?;
+            match change {
+                Change::Set(mut entry) => {
+                    entry
+                        .policy()
+                        .validate()
+                        .map_err(|e| corrupt(format!("{}: {e}", entry.cgroup)))?;
+                    let path = cgroup::checked_path(root, &entry.cgroup)
+                        .map_err(|e| corrupt(format!("{}: {e}", entry.cgroup)))?;
+                    entry.cgroup = path.display().to_string();
+                    table.insert(entry.cgroup.clone(), entry);
+                }
+                Change::Unset(cgroup) => {
+                    table.remove(&cgroup);
+                }
+            }
+            lines += 1;
+        }
+        self.journal_lines.set(lines);
+        Ok(table.into_values().collect())
+    }
+
+    fn load_snapshot(&self, root: &Path) -> Result<Vec<StoredPolicy>, StoreError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io_err("cannot read", &self.path)(e).into()),
         };
-        let entries: Vec<PolicyEntry> =
+        let mut entries: Vec<StoredPolicy> =
             serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
                 path: self.path.clone(),
                 line: e.line(),
                 message: e.to_string(),
             })?;
-        for entry in &entries {
-            entry.policy().validate().map_err(|e| StoreError::Corrupt {
+        for entry in &mut entries {
+            let corrupt = |message: String| StoreError::Corrupt {
                 path: self.path.clone(),
                 line: line_of(&text, &entry.cgroup),
-                message: format!("{}: {e}", entry.cgroup),
-            })?;
+                message: format!("{}: {message}", entry.cgroup),
+            };
+            entry
+                .policy()
+                .validate()
+                .map_err(|e| corrupt(e.to_string()))?;
+            let path =
+                cgroup::checked_path(root, &entry.cgroup).map_err(|e| corrupt(e.to_string()))?;
+            entry.cgroup = path.display().to_string();
         }
         Ok(entries)
     }
 
     /// Writes the table to a temporary file, syncs it and renames it over the old one, so that
-    /// a crash leaves either the old table or the new one.
-    pub fn save(&self, entries: &[PolicyEntry]) -> Result<(), StoreError> {
+    /// a crash leaves either the old table or the new one. A failed save (a full disk) leaves
+    /// the old file and no temporary one.
+    pub fn save(&self, entries: &[StoredPolicy]) -> Result<(), StoreError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
         let tmp = self.path.with_extension("json.tmp");
         let mut text = serde_json::to_string_pretty(entries).unwrap_or_else(|_| "[]".into());
         text.push('\n');
-        let mut file = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(io_err("cannot write", &tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io_err("cannot replace", &self.path))?;
+        let written = File::create(&tmp)
+            .map_err(io_err("cannot create", &tmp))
+            .and_then(|mut file| {
+                file.write_all(text.as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .map_err(io_err("cannot write", &tmp))
+            })
+            .and_then(|()| {
+                fs::rename(&tmp, &self.path).map_err(io_err("cannot replace", &self.path))
+            });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e.into());
+        }
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err("cannot sync", dir))?;
+        // The table holds every change now: the journal starts again (replaying it on the new
+        // table would change nothing if this is cut short by a crash).
+        match fs::OpenOptions::new().write(true).open(&self.journal) {
+            Ok(file) => {
+                file.set_len(0)
+                    .and_then(|()| file.sync_all())
+                    .map_err(io_err("cannot truncate", &self.journal))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("cannot open", &self.journal)(e).into()),
+        }
+        self.journal_lines.set(0);
         Ok(())
+    }
+}
+
+/// An exclusive lock on a state directory, held while the daemon runs: two daemons writing one
+/// `policies.json` would overwrite each other's table.
+pub struct StateLock {
+    _dir: File,
+    /// The directory, if this lock created it: removed again on drop while nothing was saved,
+    /// so that a daemon that fails to start leaves nothing behind.
+    created: Option<PathBuf>,
+}
+
+impl StateLock {
+    pub fn acquire(state_dir: &Path) -> Result<StateLock, StoreError> {
+        let created = match fs::create_dir(state_dir) {
+            Ok(()) => Some(state_dir.to_path_buf()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+            Err(_) => {
+                fs::create_dir_all(state_dir).map_err(io_err("cannot create", state_dir))?;
+                Some(state_dir.to_path_buf())
+            }
+        };
+        let lock = |dir: File| {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(dir);
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(StoreError::Busy(state_dir.to_path_buf()));
+            }
+            Err(io_err("cannot lock", state_dir)(err).into())
+        };
+        let result = File::open(state_dir)
+            .map_err(|e| io_err("cannot open", state_dir)(e).into())
+            .and_then(lock);
+        match result {
+            Ok(dir) => Ok(StateLock { _dir: dir, created }),
+            Err(e) => {
+                if let Some(dir) = created {
+                    let _ = fs::remove_dir(dir);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for StateLock {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.created {
+            // Fails, as it should, once the directory holds anything.
+            let _ = fs::remove_dir(dir);
+        }
     }
 }
 
 /// Removes the saved policies and, if nothing else is in it, the state directory.
 pub fn purge(state_dir: &Path) -> Result<(), StoreError> {
     let store = Store::new(state_dir);
-    for path in [store.path.clone(), store.path.with_extension("json.tmp")] {
+    for path in [
+        store.path.clone(),
+        store.path.with_extension("json.tmp"),
+        store.journal.clone(),
+    ] {
         remove_file_if_present(&path)?;
     }
     let _ = fs::remove_dir(state_dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod journal_tests {
+    use super::*;
+
+    fn entry(cgroup: &str, idle: u32) -> StoredPolicy {
+        StoredPolicy::new(
+            cgroup.to_string(),
+            &Policy::on(Some(idle), None, None).expect("valid"),
+            None,
+        )
+    }
+
+    #[test]
+    fn the_journal_is_replayed_over_the_table_and_folded_into_it() {
+        let root = crate::cgroup::find_root().expect("cgroup2 is mounted");
+        let dir = std::env::temp_dir().join(format!("kad-journal-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = Store::new(&dir);
+        let a = root.join("kad-journal-a").display().to_string();
+        let b = root.join("kad-journal-b").display().to_string();
+        store.save(&[entry(&a, 10)]).expect("save");
+        store.record(&Change::Set(entry(&b, 20))).expect("record");
+        store.record(&Change::Set(entry(&a, 11))).expect("record");
+        store.record(&Change::Unset(b.clone())).expect("record");
+        // A crash in the middle of an append leaves a line without its end: ignored.
+        let mut journal = fs::OpenOptions::new()
+            .append(true)
+            .open(&store.journal)
+            .expect("journal");
+        journal.write_all(b"{\"set\":{\"cgr").expect("write");
+        let fresh = Store::new(&dir);
+        let loaded = fresh.load(&root).expect("load");
+        assert_eq!(loaded, vec![entry(&a, 11)]);
+        assert_eq!(fresh.journal_len(), 3);
+        fresh.save(&loaded).expect("fold");
+        assert_eq!(fs::metadata(&fresh.journal).expect("journal").len(), 0);
+        assert_eq!(Store::new(&dir).load(&root).expect("load"), loaded);
+        // A bad line names the journal and its line.
+        fs::write(&fresh.journal, "{\"set\":{\"cgroup\":\"x\"}}\n").expect("write");
+        let msg = Store::new(&dir).load(&root).unwrap_err().to_string();
+        assert!(msg.contains("policies.journal:1:"), "{msg}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
 
 /// The line of the first mention of `needle`, to point the user at a bad entry.
@@ -107,7 +387,6 @@ fn line_of(text: &str, needle: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Policy;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("kad-store-{name}-{}", std::process::id()));
@@ -115,21 +394,61 @@ mod tests {
         dir
     }
 
+    fn root() -> PathBuf {
+        cgroup::find_root()
+            .expect("cgroup2 is mounted (kad needs it)")
+            .canonicalize()
+            .unwrap()
+    }
+
     #[test]
     fn save_then_load_round_trips() {
         let dir = temp_dir("roundtrip");
         let store = Store::new(&dir);
-        assert!(store.load().unwrap().is_empty());
+        let root = root();
+        assert!(store.load(&root).unwrap().is_empty());
+        // Cgroups that do not exist: their policies wait for them.
+        let owner = ExecOwner {
+            pid: 4321,
+            start_time: 99,
+            boot_id: "b".into(),
+        };
         let entries = vec![
-            PolicyEntry::new(
-                "/sys/fs/cgroup/a".into(),
+            StoredPolicy::new(
+                root.join("kad-store-a").display().to_string(),
                 &Policy::on(Some(180), Some(60), Some(20)).unwrap(),
+                None,
             ),
-            PolicyEntry::new("/sys/fs/cgroup/a/b".into(), &Policy::OFF),
+            StoredPolicy::new(
+                root.join("kad-store-a/b").display().to_string(),
+                &Policy::OFF,
+                Some(owner),
+            ),
         ];
         store.save(&entries).unwrap();
-        assert_eq!(store.load().unwrap(), entries);
+        assert_eq!(store.load(&root).unwrap(), entries);
         assert!(!dir.join("policies.json.tmp").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_without_exec_owners_still_load() {
+        let dir = temp_dir("old");
+        let store = Store::new(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = root().join("kad-exec-4000000");
+        fs::write(
+            store.path(),
+            format!(
+                "[{{\"cgroup\": \"{}\", \"mode\": \"on\", \"idle\": 300, \"intvl\": null, \"cnt\": null}}]",
+                path.display()
+            ),
+        )
+        .unwrap();
+        let loaded = store.load(&root()).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].exec_owner, None, "a name is not an owner");
+        assert_eq!(loaded[0].idle, Some(300));
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -137,13 +456,14 @@ mod tests {
     fn corrupt_files_name_the_file_and_line() {
         let dir = temp_dir("corrupt");
         let store = Store::new(&dir);
+        let root = root();
         fs::create_dir_all(&dir).unwrap();
         fs::write(
             store.path(),
             "[\n{\"cgroup\": \"/a\",\n\"mode\": \"on\", \"idle\": x}\n]",
         )
         .unwrap();
-        let msg = store.load().unwrap_err().to_string();
+        let msg = store.load(&root).unwrap_err().to_string();
         assert!(msg.contains("policies.json:3:"), "{msg}");
 
         fs::write(
@@ -151,11 +471,62 @@ mod tests {
             "[\n  {\"cgroup\": \"/a\", \"mode\": \"on\", \"idle\": 0, \"intvl\": null, \"cnt\": null}\n]",
         )
         .unwrap();
-        let msg = store.load().unwrap_err().to_string();
+        let msg = store.load(&root).unwrap_err().to_string();
         assert!(
             msg.contains("policies.json:2:") && msg.contains("--idle"),
             "{msg}"
         );
+
+        // A path through a symbolic link (here to the cgroup2 root) names its entry's line.
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&root, &link).unwrap();
+        let good = root.join("kad-store-c").display().to_string();
+        fs::write(
+            store.path(),
+            format!(
+                "[\n  {{\"cgroup\": \"{good}\", \"mode\": \"off\", \"idle\": null, \"intvl\": null, \"cnt\": null}},\n  {{\"cgroup\": \"{}\", \"mode\": \"off\", \"idle\": null, \"intvl\": null, \"cnt\": null}}\n]",
+                link.display()
+            ),
+        )
+        .unwrap();
+        let msg = store.load(&root).unwrap_err().to_string();
+        assert!(
+            msg.contains("policies.json:3:")
+                && msg.contains("symbolic link")
+                && msg.contains("cgroup2 root"),
+            "{msg}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_save_leaves_the_old_file_and_no_temporary_one() {
+        let dir = temp_dir("failed");
+        let store = Store::new(&dir);
+        // policies.json is a non-empty directory: the rename fails after the write.
+        fs::create_dir_all(store.path().join("x")).unwrap();
+        let err = store.save(&[]).unwrap_err().to_string();
+        assert!(err.contains("cannot replace"), "{err}");
+        assert!(!dir.join("policies.json.tmp").exists(), "tmp removed");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_daemon_per_state_directory() {
+        let dir = temp_dir("lock");
+        let first = StateLock::acquire(&dir).unwrap();
+        assert!(dir.is_dir());
+        let err = StateLock::acquire(&dir).err().expect("second lock refused");
+        assert!(matches!(&err, StoreError::Busy(d) if d == &dir), "{err}");
+        assert!(err.to_string().contains("--state-dir"), "{err}");
+        assert!(dir.is_dir(), "the refused one removed nothing");
+        drop(first);
+        // It made the directory and nothing was saved: it leaves nothing behind.
+        assert!(!dir.exists());
+        let again = StateLock::acquire(&dir).unwrap();
+        Store::new(&dir).save(&[]).unwrap();
+        drop(again);
+        assert!(dir.join("policies.json").exists(), "a used directory stays");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,12 +9,21 @@ use std::{
         unix::ffi::OsStrExt,
     },
     path::PathBuf,
+    sync::{Arc, Mutex},
 };
 
 use tokio::io::unix::AsyncFd;
 
+/// Cloned between the daemon's state, which sets the watches before it answers a request (so
+/// that no event between the reply and a watch can be missed), and the task that reads events.
+#[derive(Clone)]
 pub struct Watcher {
-    fd: AsyncFd<OwnedFd>,
+    fd: Arc<AsyncFd<OwnedFd>>,
+    watches: Arc<Mutex<Watches>>,
+}
+
+#[derive(Default)]
+struct Watches {
     by_dir: HashMap<PathBuf, i32>,
     by_wd: HashMap<i32, PathBuf>,
 }
@@ -30,30 +39,33 @@ impl Watcher {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Watcher {
             // SAFETY: the descriptor is owned by the AsyncFd and closed only when it drops.
-            fd: unsafe { AsyncFd::register(fd)? },
-            by_dir: HashMap::new(),
-            by_wd: HashMap::new(),
+            fd: Arc::new(unsafe { AsyncFd::register(fd)? }),
+            watches: Arc::default(),
         })
     }
 
     /// Watches exactly `dirs` (adding and removing watches as needed). Directories that cannot
-    /// be watched (gone meanwhile) are skipped: their parent's watch reports them.
-    pub fn set(&mut self, dirs: &BTreeSet<PathBuf>) {
-        let stale: Vec<PathBuf> = self
+    /// be watched (gone meanwhile) are skipped: their parent's watch reports them. Returns
+    /// whether a watch was added.
+    pub fn set(&self, dirs: &BTreeSet<PathBuf>) -> bool {
+        let mut added = false;
+        let mut guard = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let w = &mut *guard;
+        let stale: Vec<PathBuf> = w
             .by_dir
             .keys()
             .filter(|d| !dirs.contains(*d))
             .cloned()
             .collect();
         for dir in stale {
-            if let Some(wd) = self.by_dir.remove(&dir) {
-                self.by_wd.remove(&wd);
+            if let Some(wd) = w.by_dir.remove(&dir) {
+                w.by_wd.remove(&wd);
                 // SAFETY: removing a watch of our own descriptor.
                 unsafe { libc::inotify_rm_watch(self.fd.get_ref().as_raw_fd(), wd) };
             }
         }
         for dir in dirs {
-            if self.by_dir.contains_key(dir) {
+            if w.by_dir.contains_key(dir) {
                 continue;
             }
             let Ok(c_dir) = CString::new(dir.as_os_str().as_encoded_bytes()) else {
@@ -65,15 +77,17 @@ impl Watcher {
                 libc::inotify_add_watch(self.fd.get_ref().as_raw_fd(), c_dir.as_ptr(), mask)
             };
             if wd >= 0 {
-                self.by_dir.insert(dir.clone(), wd);
-                self.by_wd.insert(wd, dir.clone());
+                w.by_dir.insert(dir.clone(), wd);
+                w.by_wd.insert(wd, dir.clone());
+                added = true;
             }
         }
+        added
     }
 
     /// Waits for events; returns the paths they concern (the child created or removed, or the
     /// watched directory itself when it went away).
-    pub async fn next(&mut self) -> io::Result<Vec<PathBuf>> {
+    pub async fn next(&self) -> io::Result<Vec<PathBuf>> {
         loop {
             let mut guard = self.fd.readable().await?;
             let mut buf = [0u8; 8192];
@@ -97,7 +111,9 @@ impl Watcher {
         }
     }
 
-    fn parse(&mut self, mut buf: &[u8]) -> Vec<PathBuf> {
+    fn parse(&self, mut buf: &[u8]) -> Vec<PathBuf> {
+        let mut guard = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let w = &mut *guard;
         let mut out = Vec::new();
         // struct inotify_event { int wd; u32 mask, cookie, len; char name[len]; }
         while buf.len() >= 16 {
@@ -107,13 +123,13 @@ impl Watcher {
                 break;
             };
             let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-            if let Some(dir) = self.by_wd.get(&wd) {
+            if let Some(dir) = w.by_wd.get(&wd) {
                 if mask & (libc::IN_DELETE_SELF | libc::IN_IGNORED) != 0 {
                     out.push(dir.clone());
                     if mask & libc::IN_IGNORED != 0 {
                         let dir = dir.clone();
-                        self.by_wd.remove(&wd);
-                        self.by_dir.remove(&dir);
+                        w.by_wd.remove(&wd);
+                        w.by_dir.remove(&dir);
                     }
                 } else if !name.is_empty() {
                     out.push(dir.join(std::ffi::OsStr::from_bytes(name)));

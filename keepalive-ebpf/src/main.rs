@@ -35,9 +35,10 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, SockContext, SockOpsContext, SockoptContext},
 };
+use aya_log_ebpf::info;
 use keepalive_common::{
     Counters, KernelOffsets, PathKey, PolicyValue, SockState, FLAG_ENFORCE, FLAG_ON, MAX_LEVEL,
-    MAX_POLICIES, MAX_SCOPE, OFFSETS_CGROUP, OFFSETS_KILLS, PATH_KEY_LEN,
+    MAX_POLICIES, MAX_SCOPE, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KILLS, PATH_KEY_LEN,
 };
 
 // Not in aya-ebpf's bindings (include/uapi/linux/tcp.h, in.h, errno.h).
@@ -47,6 +48,7 @@ const TCP_KEEPINTVL: i32 = 5;
 const TCP_KEEPCNT: i32 = 6;
 const TCP_USER_TIMEOUT: i32 = 18;
 const ETIMEDOUT: i32 = 110;
+const AF_INET6: u16 = 10;
 
 /// `SockState::_pad` bit: this socket's override was counted already.
 const STATE_OVERRIDDEN: u32 = 1;
@@ -62,6 +64,13 @@ static KAD_OFFSETS: KernelOffsets = KernelOffsets {
     kn_id: 0,
     cgroup_root: 0,
     hierarchy_id: 0,
+    family: 0,
+    daddr: 0,
+    saddr: 0,
+    dport: 0,
+    sport: 0,
+    daddr6: 0,
+    saddr6: 0,
     valid: 0,
 };
 
@@ -358,9 +367,11 @@ fn on_setsockopt(ctx: &SockoptContext) {
 // ---------------------------------------------------------------------------------------------
 // Existing sockets: iter/tcp, run by the daemon in each network namespace.
 
+/// # Safety
+/// Called by the kernel only, with its `struct bpf_iter__tcp` context.
 #[no_mangle]
 #[link_section = "iter/tcp"]
-pub extern "C" fn kad_iter_tcp(ctx: *mut *mut c_void) -> i32 {
+pub unsafe extern "C" fn kad_iter_tcp(ctx: *mut *mut c_void) -> i32 {
     // SAFETY: struct bpf_iter__tcp { bpf_iter_meta *meta; sock_common *sk_common; uid_t uid; }.
     let (meta, sk_common) = unsafe { (*ctx, *ctx.add(1)) };
     if sk_common.is_null() {
@@ -490,9 +501,49 @@ pub fn kad_error_report(ctx: BtfTracePointContext) -> i32 {
     let probes_out: u8 = read_kernel(sk, offs.probes_out);
     let retransmits: u8 = read_kernel(sk, offs.retransmits);
     if sk_err == ETIMEDOUT && probes_out > 0 && retransmits == 0 {
-        bump(state.policy, |c| c.keepalive_kills += 1);
+        let policy = state.policy;
+        bump(policy, |c| c.keepalive_kills += 1);
+        log_kill(&ctx, sk, policy, &offs);
     }
     0
+}
+
+/// One event per kill for the daemon's log (aya-log; off the per-connection path: this runs
+/// only when keepalive gave up on a connection).
+#[inline(always)]
+fn log_kill(ctx: &BtfTracePointContext, sk: *const u8, policy: u64, offs: &KernelOffsets) {
+    if offs.valid & OFFSETS_ADDRS == 0 {
+        info!(ctx, "keepalive kill: policy cgroup {}", policy);
+        return;
+    }
+    let family: u16 = read_kernel(sk, offs.family);
+    let dport = u16::from_be(read_kernel::<u16>(sk, offs.dport));
+    let sport: u16 = read_kernel(sk, offs.sport);
+    if family == AF_INET6 {
+        let daddr: [u8; 16] = read_kernel(sk, offs.daddr6);
+        let saddr: [u8; 16] = read_kernel(sk, offs.saddr6);
+        info!(
+            ctx,
+            "keepalive kill: policy cgroup {} local [{:i}]:{} remote [{:i}]:{}",
+            policy,
+            saddr,
+            sport,
+            daddr,
+            dport
+        );
+    } else {
+        let daddr = u32::from_be(read_kernel::<u32>(sk, offs.daddr));
+        let saddr = u32::from_be(read_kernel::<u32>(sk, offs.saddr));
+        info!(
+            ctx,
+            "keepalive kill: policy cgroup {} local {:i}:{} remote {:i}:{}",
+            policy,
+            saddr,
+            sport,
+            daddr,
+            dport
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ use std::{
 };
 
 use kad_tests::{
-    kad_env, listen, ss_to_port, untouched, wait_for, Daemon, Env, NetnsPair, Process, Report,
-    TestCgroup,
+    busybox, kad_env, listen, ss_to_port, untouched, wait_for, Daemon, Env, NetnsPair, NobodyKad,
+    Process, Report, TestCgroup,
 };
 
 /// `kad exec ARGS` with `envs`, against `daemon`, stdin closed.
@@ -103,35 +103,26 @@ fn exec_takes_values_from_flags_and_libkeepalive_variables() {
     assert!(!report.keepalive);
 
     // The statically linked busybox nc gets it too (checked with ss from outside).
-    if Path::new("/bin/busybox").exists() {
-        let (_server, port) = listen(&env, "127.0.0.1:0", None);
-        let mut command = Command::new(&env.kad);
-        command
-            .args([
-                "exec",
-                "--idle",
-                "240",
-                "--",
-                "/bin/busybox",
-                "nc",
-                "127.0.0.1",
-                &port.to_string(),
-            ])
-            .env("KAD_SOCKET", &daemon.socket);
-        let mut nc = Process::spawn(command, None);
-        let mut seen = String::new();
-        let ok = wait_for(Duration::from_secs(5), || {
-            seen = ss_to_port(port);
-            seen.contains("timer:(keepalive,3min") || seen.contains("timer:(keepalive,4min")
-        });
-        assert!(ok, "busybox nc under kad exec: {seen:?}");
-        let policy = daemon.list()[0]["cgroup"]
-            .as_str()
-            .map(PathBuf::from)
-            .expect("transient policy");
-        assert_eq!(nc.terminate(), Some(143), "SIGTERM passed on to busybox nc");
-        assert!(!policy.exists(), "transient cgroup removed after a signal");
-    }
+    let (_server, port) = listen(&env, "127.0.0.1:0", None);
+    let mut command = Command::new(&env.kad);
+    command
+        .args(["exec", "--idle", "240", "--"])
+        .arg(busybox())
+        .args(["nc", "127.0.0.1", &port.to_string()])
+        .env("KAD_SOCKET", &daemon.socket);
+    let mut nc = Process::spawn(command, None);
+    let mut seen = String::new();
+    let ok = wait_for(Duration::from_secs(5), || {
+        seen = ss_to_port(port);
+        seen.contains("timer:(keepalive,3min") || seen.contains("timer:(keepalive,4min")
+    });
+    assert!(ok, "busybox nc under kad exec: {seen:?}");
+    let policy = daemon.list()[0]["cgroup"]
+        .as_str()
+        .map(PathBuf::from)
+        .expect("transient policy");
+    assert_eq!(nc.terminate(), Some(143), "SIGTERM passed on to busybox nc");
+    assert!(!policy.exists(), "transient cgroup removed after a signal");
 }
 
 #[test]
@@ -316,16 +307,10 @@ fn inspect_shows_the_real_state_of_live_connections() {
     ]);
     let (_server, port) = listen(&env, "127.0.0.1:0", None);
     let client = |cg: &Path| {
-        let mut command = if Path::new("/bin/busybox").exists() {
-            let mut c = Command::new("/bin/busybox");
-            c.args(["nc", "127.0.0.1", &port.to_string()]);
-            c
-        } else {
-            let mut c = Command::new(&env.peer);
-            c.args(["connect", &format!("127.0.0.1:{port}")]);
-            c
-        };
-        command.stderr(Stdio::null());
+        let mut command = Command::new(busybox());
+        command
+            .args(["nc", "127.0.0.1", &port.to_string()])
+            .stderr(Stdio::null());
         Process::spawn(command, Some(cg))
     };
     // The listener accepts one connection: a second listener for the second client.
@@ -335,6 +320,12 @@ fn inspect_shows_the_real_state_of_live_connections() {
     command.args(["connect", &format!("[::1]:{port2}")]);
     let mut without_client = Process::spawn(command, Some(&without.path));
     without_client.report();
+    // A second process in that cgroup, with a connection of its own.
+    let (_server3, port3) = listen(&env, "127.0.0.1:0", None);
+    let mut command = Command::new(&env.peer);
+    command.args(["connect", &format!("127.0.0.1:{port3}")]);
+    let mut neighbour = Process::spawn(command, Some(&without.path));
+    neighbour.report();
 
     let inspect = |args: &[&str]| -> serde_json::Value {
         let mut all = vec!["inspect", "--json"];
@@ -366,11 +357,25 @@ fn inspect_shows_the_real_state_of_live_connections() {
     assert!(left <= 180_000 && left > 170_000, "timer left {left}");
     assert_eq!(c["probes"], 0);
 
+    // --pid N: the cgroup N is in, so its neighbour's connection too (sorted by pid).
     let off = inspect(&["--pid", &without_client.id().to_string()]);
-    assert_eq!(off.as_array().map(Vec::len), Some(1), "{off}");
-    assert_eq!(off[0]["keepalive"], false);
-    assert_eq!(off[0]["remote"], format!("[::1]:{port2}"));
-    assert_eq!(off[0]["idle"], untouched().1);
+    assert_eq!(off.as_array().map(Vec::len), Some(2), "{off}");
+    let mut expected = [
+        (without_client.id(), format!("[::1]:{port2}")),
+        (neighbour.id(), format!("127.0.0.1:{port3}")),
+    ];
+    expected.sort();
+    for (row, (pid, remote)) in expected.iter().enumerate() {
+        assert_eq!(off[row]["pid"], *pid, "{off}");
+        assert_eq!(off[row]["remote"], *remote, "{off}");
+        assert_eq!(off[row]["keepalive"], false);
+        assert_eq!(off[row]["idle"], untouched().1);
+    }
+    assert_eq!(
+        inspect(&["--cgroup", &without.relative()]),
+        off,
+        "the same as naming the cgroup"
+    );
 
     let table = daemon.kad_ok(&["inspect", "--cgroup", with.path.to_str().unwrap()]);
     assert!(
@@ -393,6 +398,13 @@ fn inspect_shows_the_real_state_of_live_connections() {
 #[test]
 fn counters_move_and_a_keepalive_kill_is_counted() {
     let env = kad_env!();
+    if !kad_tests::require_kernel(
+        5,
+        14,
+        "the inet_sk_error_report tracepoint (keepalive kills)",
+    ) {
+        return;
+    }
     if !Path::new("/usr/sbin/ip").exists() && !Path::new("/sbin/ip").exists() {
         panic!("iproute2 missing (cargo xtask test installs it)");
     }
@@ -449,6 +461,17 @@ fn counters_move_and_a_keepalive_kill_is_counted() {
     });
     assert!(killed, "keepalive kill counted: {last}");
     assert_eq!(last["cgroups"][0]["connect"], 3);
+    // And logged by the daemon, with the connection and its policy cgroup (aya-log event).
+    let event = format!(
+        "keepalive kill: policy cgroup {} local 192.0.2.1:",
+        kad_tests::cgroup_id(&cg.path)
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || daemon.log().contains(&event)),
+        "{event:?} in the log: {}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains(&format!("remote 192.0.2.2:{port}")));
     drop(server);
 }
 
@@ -513,4 +536,38 @@ fn metrics_are_served_over_http_and_a_bad_address_fails_cleanly() {
         "{err}"
     );
     assert!(!bpffs.exists() && !other.exists(), "nothing created");
+}
+
+#[test]
+fn inspect_of_someone_elses_process_is_a_permission_error() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "inspect-perm");
+    let (_server, port) = listen(&env, "127.0.0.1:0", None);
+    let mut command = Command::new(&env.peer);
+    command.args(["connect", &format!("127.0.0.1:{port}")]);
+    let mut client = Process::spawn(command, Some(&cg.path));
+    client.report();
+    let pid = client.id().to_string();
+    // Root sees it; user nobody may not read root's sockets: that is what it is told.
+    let rows: serde_json::Value =
+        serde_json::from_str(&daemon.kad_ok(&["inspect", "--json", "--pid", &pid])).unwrap();
+    assert_eq!(rows.as_array().map(Vec::len), Some(1), "{rows}");
+    let nobody = NobodyKad::new(&env);
+    for args in [
+        &["inspect", "--pid", &pid][..],
+        &["inspect", "--cgroup", &cg.relative()],
+    ] {
+        let out = nobody.run(&daemon.socket, args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!(
+                "permission denied reading the sockets of process {pid}"
+            )),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("no process"), "{err}");
+    }
 }

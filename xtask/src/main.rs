@@ -1,5 +1,7 @@
-//! `cargo xtask build|run|test|lint|setup|bench`: installs what is missing, builds, tests.
+//! `cargo xtask build|run|test|test-kernels|lint|setup|bench`: installs what is missing, builds,
+//! tests, measures.
 mod bench;
+mod kernels;
 mod setup;
 
 use std::{
@@ -30,6 +32,11 @@ enum Task {
     },
     /// Set up, build, check formatting and lints, then run every test.
     Test,
+    /// Set up, build, and run the integration tests inside other kernels booted under QEMU.
+    TestKernels {
+        /// Kernel series (Debian's newest of each); default: 5.10 6.1 6.12.
+        versions: Vec<String>,
+    },
     /// rustfmt and clippy (-D warnings) on the workspace and, on its own, the eBPF crate.
     Lint,
     /// Set up, build, and measure what kad costs per connection (a ratio, in one run).
@@ -79,9 +86,13 @@ fn main() -> Result<()> {
                     .env("KAD_BIN", &kad),
             )
         }
+        Task::TestKernels { versions } => {
+            setup::all(setup::Purpose::Test)?;
+            kernels::run_matrix(&root, &versions)
+        }
         Task::Lint => lint(&root),
         Task::Bench => {
-            setup::all(setup::Purpose::Bench)?;
+            setup::all(setup::Purpose::Test)?;
             build(&root)?;
             bench::run(&root)
         }

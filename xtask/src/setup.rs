@@ -15,19 +15,20 @@ const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"
 pub enum Purpose {
     Build,
     Test,
-    /// What the tests need, and clang with libbpf's headers for the bench's C programs.
-    Bench,
 }
 
 pub fn all(purpose: Purpose) -> Result<()> {
     let mut apt = Apt::default();
     nightly_components()?;
     bpf_linker(&mut apt)?;
-    if purpose != Purpose::Build {
-        // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to see attachments;
-        // iproute2 (ss) and file: to check sockets and binaries from outside; systemd: to
-        // verify the unit file.
+    if purpose == Purpose::Test {
+        // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to load another
+        // vendor's program and to read run statistics in the bench; iproute2 (ss) and file: to
+        // check sockets and binaries from outside; systemd: to verify the unit file; clang and
+        // libbpf-dev: to build another vendor's sock_ops program that the tests run beside kad's.
         for (tool, package) in [
+            ("/usr/bin/clang", "clang"),
+            ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
             ("/bin/busybox", "busybox-static"),
             ("/usr/sbin/bpftool", "bpftool"),
             ("/usr/bin/ss", "iproute2"),
@@ -39,11 +40,13 @@ pub fn all(purpose: Purpose) -> Result<()> {
             }
         }
     }
-    if purpose == Purpose::Bench {
-        apt.install(&["clang", "libbpf-dev", "linux-libc-dev"])?;
-    }
     bpffs()?;
     Ok(())
+}
+
+/// Installs those of `packages` that are missing.
+pub fn install(packages: &[&str]) -> Result<()> {
+    Apt::default().install(packages)
 }
 
 fn output_of(command: &mut Command) -> Option<String> {

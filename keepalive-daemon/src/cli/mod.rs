@@ -170,7 +170,7 @@ struct ExecArgs {
 
 #[derive(Debug, Args)]
 struct InspectArgs {
-    /// The processes: of a cgroup (and below), of a unit, or one process.
+    /// The processes of a cgroup (and below): given by path, by unit, or by one of its processes.
     #[command(flatten)]
     target: TargetArgs,
     /// Print JSON instead of a table.
@@ -257,18 +257,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Inspect(args) => {
-            let pids = match args.target.pid {
-                Some(pid) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
-                    anyhow::bail!("no process {pid}")
-                }
-                Some(pid) => vec![pid],
-                None => {
-                    let root = cgroup::find_root()?;
-                    let cg = cgroup::resolve(&root, &args.target.resolve()?)?;
-                    inspect::cgroup_pids(&cg.path)
-                }
+            // --pid N as for every command: the cgroup N is in, and so all of its processes.
+            let root = cgroup::find_root()?;
+            let path = args.target.resolve()?;
+            let cg = match cgroup::resolve(&root, &path) {
+                Err(cgroup::CgroupError::Root(root)) => anyhow::bail!(
+                    "{} is the cgroup2 root, which holds every process of the host: name a cgroup below it",
+                    root.display()
+                ),
+                other => other?,
             };
-            output::connections(&inspect::inspect(&pids)?, args.json)?;
+            output::connections(
+                &inspect::inspect(&inspect::cgroup_pids(&cg.path))?,
+                args.json,
+            )?;
         }
         Command::Stats(flag) => match client::call(&socket, &Request::Stats)? {
             Response::Stats {
@@ -331,44 +333,17 @@ fn run_exec(socket: &std::path::Path, args: ExecArgs) -> anyhow::Result<ExitCode
     let Some((program, program_args)) = args.command.split_first() else {
         anyhow::bail!("missing command: kad exec [OPTIONS] -- CMD [ARGS...]");
     };
-    // Fail before creating anything when there is no daemon (the error says how to start one).
-    client::call(socket, &Request::Status)?;
-    let root = cgroup::find_root()?;
-    // Before any thread exists, so that every thread has them blocked.
-    let signals = exec::block_signals();
-    let transient = exec::TransientCgroup::create(&root)?;
-    let cgroup = transient.path.display().to_string();
-    client::call(
-        socket,
-        &Request::Set {
-            cgroup: cgroup.clone(),
-            policy,
-        },
-    )?;
-    let code = match exec::spawn_in(&transient, program, program_args) {
-        Ok(mut child) => {
-            exec::forward_signals(signals, child.id() as i32, transient.path.clone());
-            let status = child.wait().context("waiting for the command")?;
-            exec::exit_code(status)
-        }
-        Err(e) => {
-            // As a shell: 127 when the command is not found, 126 when it cannot be run.
-            eprintln!("kad: {}: {e}", program.to_string_lossy());
-            if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            }
-        }
-    };
-    // The policy and cgroup go once the command and everything it left behind are gone.
-    while transient.populated() {
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let finished = exec::run(socket, policy, program, program_args)?;
+    if let Some(e) = &finished.spawn_error {
+        eprintln!("kad: {}: {e}", program.to_string_lossy());
     }
-    let unset = client::call(socket, &Request::Unset { cgroup });
-    drop(transient);
-    unset?;
-    Ok(ExitCode::from(code))
+    if let Some(e) = finished.cleanup_error {
+        eprintln!(
+            "kad: warning: the command is done, but its policy could not be removed ({}); the daemon removes it and the cgroup once it runs again",
+            one_line(&anyhow::Error::new(e))
+        );
+    }
+    Ok(ExitCode::from(finished.code))
 }
 
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
@@ -388,16 +363,9 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
 }
 
 fn run_daemon(config: DaemonConfig) -> anyhow::Result<()> {
-    use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
-        // The journal shows escape codes as they are.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Before anything is touched: on an older kernel every connection would fail to be set.
+    crate::sys::check_kernel(&crate::sys::kernel_release())?;
+    crate::logging::init();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -489,10 +457,21 @@ mod tests {
 
     #[test]
     fn socket_defaults_and_overrides() {
-        let cli = parse(&["list"]).unwrap();
-        assert!(
-            cli.socket.as_os_str() == DEFAULT_SOCKET || std::env::var_os("KAD_SOCKET").is_some()
+        use clap::CommandFactory as _;
+        let command = Cli::command();
+        let socket = command
+            .get_arguments()
+            .find(|a| a.get_id() == "socket")
+            .expect("a --socket option");
+        assert_eq!(socket.get_default_values(), [DEFAULT_SOCKET]);
+        assert_eq!(
+            socket.get_env().and_then(|e| e.to_str()),
+            Some("KAD_SOCKET")
         );
+        // This process's environment decides which of the two applies here.
+        let expected = std::env::var_os("KAD_SOCKET")
+            .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from);
+        assert_eq!(parse(&["list"]).unwrap().socket, expected);
         let cli = parse(&["list", "--socket", "/tmp/x.sock"]).unwrap();
         assert_eq!(cli.socket, PathBuf::from("/tmp/x.sock"));
     }

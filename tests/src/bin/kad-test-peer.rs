@@ -6,11 +6,21 @@
 //!   kad-test-peer connect ADDR   connects, reports
 //!   kad-test-peer churn N        opens and closes N loopback connections to itself, prints
 //!                                the mean nanoseconds per connection (for cargo xtask bench)
+//!   kad-test-peer hold SOCKET N  opens N connections to a unix socket and holds them silent;
+//!                                prints "HELD <n> REFUSED <how many got an error at once>"
+//!   kad-test-peer readers SOCKET K   K threads ask SOCKET for `status` in a loop until stdin
+//!                                closes, then prints "READ <replies> <bytes>"
+//!   kad-test-peer request SOCKET LINE  sends LINE, prints the reply
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::net::UnixStream},
     process::ExitCode,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
 };
 
 fn getsockopt(fd: i32, level: i32, name: i32) -> Result<i32, String> {
@@ -81,11 +91,168 @@ fn churn(count: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Holds one connection (both ends in this process) and prints both ends' settings as one
+/// JSON line at start and again for every line read from stdin; exits at EOF.
+fn pair(addr: &str) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let client = TcpStream::connect(local).map_err(|e| format!("connect: {e}"))?;
+    let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    let mut line = String::new();
+    loop {
+        println!(
+            "{{\"client\":{},\"server\":{}}}",
+            report(&client)?,
+            report(&server)?
+        );
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+        line.clear();
+        if std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// As many open files as the hard limit allows: a flood needs more than the usual 1024.
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Connects and accepts in a loop until stdin closes, checking both ends of every connection
+/// for keepalive `idle`; prints "CONNECTIONS MISSES" at the end.
+fn check(idle: i32) -> Result<(), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&done);
+    std::thread::spawn(move || {
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let (mut total, mut misses) = (0u64, 0u64);
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        let client = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        for s in [&client, &server] {
+            let fd = s.as_raw_fd();
+            let on = getsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE)? != 0;
+            if !on || getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)? != idle {
+                misses += 1;
+            }
+        }
+        total += 1;
+    }
+    println!("{total} {misses}");
+    Ok(())
+}
+
+fn wait_for_stdin_eof() {
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+fn hold(socket: &str, count: usize) -> Result<(), String> {
+    raise_nofile();
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let stream =
+            UnixStream::connect(socket).map_err(|e| format!("connect {socket} (#{i}): {e}"))?;
+        held.push(stream);
+    }
+    // Whatever the server refused has its one-line error waiting by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut refused = 0;
+    for stream in &held {
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 512];
+        if let Ok(n) = (&*stream).read(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).contains("too many connections") {
+                refused += 1;
+            }
+        }
+    }
+    println!("HELD {} REFUSED {refused}", held.len());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    wait_for_stdin_eof();
+    Ok(())
+}
+
+fn readers(socket: &str, threads: usize) -> Result<(), String> {
+    let replies = Arc::new(AtomicU64::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    for _ in 0..threads {
+        let (socket, replies, bytes) = (socket.to_string(), replies.clone(), bytes.clone());
+        std::thread::spawn(move || loop {
+            let Ok(mut stream) = UnixStream::connect(&socket) else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            let mut reply = Vec::new();
+            if stream.write_all(b"{\"cmd\":\"status\"}\n").is_ok()
+                && stream.read_to_end(&mut reply).is_ok()
+            {
+                replies.fetch_add(1, Ordering::Relaxed);
+                bytes.fetch_add(reply.len() as u64, Ordering::Relaxed);
+            }
+        });
+    }
+    wait_for_stdin_eof();
+    println!(
+        "READ {} {}",
+        replies.load(Ordering::Relaxed),
+        bytes.load(Ordering::Relaxed)
+    );
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    // The reader threads are still looping: leave without joining them.
+    std::process::exit(0);
+}
+
+fn request(socket: &str, line: &str) -> Result<(), String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect {socket}: {e}"))?;
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| e.to_string())?;
+    print!("{reply}");
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [mode, count] = args.as_slice() {
-        if mode == "churn" {
-            return churn(count.parse().map_err(|e| format!("churn count: {e}"))?);
+    if let [mode, socket, arg] = args.as_slice() {
+        let number = || {
+            arg.parse::<usize>()
+                .map_err(|e| format!("{mode} count: {e}"))
+        };
+        return match mode.as_str() {
+            "hold" => hold(socket, number()?),
+            "readers" => readers(socket, number()?),
+            "request" => request(socket, arg),
+            other => Err(format!("unknown mode {other}")),
+        };
+    }
+    if let [mode, value] = args.as_slice() {
+        match mode.as_str() {
+            "churn" => return churn(value.parse().map_err(|e| format!("churn count: {e}"))?),
+            "pair" => return pair(value),
+            "check" => return check(value.parse().map_err(|e| format!("check idle: {e}"))?),
+            _ => {}
         }
     }
     let [mode, addr] = args.as_slice() else {

@@ -1,0 +1,477 @@
+//! A policy holds for every connection of its cgroups, from the first to the last: connections
+//! that existed before it, cgroups created after it (also at paths that did not exist), other
+//! programs on the same cgroups, daemon restarts and upgrades.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use kad_tests::{
+    kad_env, untouched, wait_for, Daemon, Env, NetnsPair, Process, Report, TestCgroup,
+};
+use serde::Deserialize;
+
+/// (keepalive, idle, intvl, cnt) of one socket.
+type Values = (bool, i64, i64, i64);
+
+#[derive(Deserialize)]
+struct PairReport {
+    client: Report,
+    server: Report,
+}
+
+/// One connection held open by one process (both ends), in `cgroup`, in network namespace
+/// `netns` (None: the test's own).
+struct Pair(Process);
+
+impl Pair {
+    fn open(env: &Env, cgroup: &Path, netns: Option<&str>) -> (Pair, PairReport) {
+        let command = match netns {
+            Some(ns) => NetnsPair::command(ns, &env.peer, &["pair", "127.0.0.1:0"]),
+            None => {
+                let mut c = Command::new(&env.peer);
+                c.args(["pair", "127.0.0.1:0"]);
+                c
+            }
+        };
+        let mut pair = Pair(Process::spawn(command, Some(cgroup)));
+        let first = pair.read();
+        (pair, first)
+    }
+
+    fn read(&mut self) -> PairReport {
+        let line = self.0.line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad pair report {line:?}: {e}"))
+    }
+
+    /// Both ends' (keepalive, idle, intvl, cnt) now.
+    fn now(&mut self) -> (Values, Values) {
+        self.0.write(b"\n");
+        let r = self.read();
+        (r.client.values(), r.server.values())
+    }
+}
+
+#[test]
+fn connections_opened_before_a_policy_get_it_in_every_network_namespace() {
+    let env = kad_env!();
+    if !kad_tests::require_kernel(5, 15, "bpf_setsockopt from iter/tcp (existing connections)") {
+        return;
+    }
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "existing");
+    let app = cg.child("app");
+    let netns = NetnsPair::new();
+    let (mut here, first) = Pair::open(&env, &app, None);
+    let (mut there, first_there) = Pair::open(&env, &app, Some(&netns.a));
+    for r in [first, first_there] {
+        assert_eq!(r.client.values(), untouched());
+        assert_eq!(r.server.values(), untouched());
+    }
+    let app_rel = format!("{}/app", cg.relative());
+    daemon.kad_ok(&[
+        "set", "--cgroup", &app_rel, "--idle", "150", "--intvl", "15", "--cnt", "3",
+    ]);
+    let want = (true, 150, 15, 3);
+    assert_eq!(here.now(), (want, want), "root network namespace");
+    assert_eq!(there.now(), (want, want), "network namespace {}", netns.a);
+    // A change of values reaches them too.
+    daemon.kad_ok(&[
+        "set", "--cgroup", &app_rel, "--idle", "160", "--intvl", "16", "--cnt", "4",
+    ]);
+    let want = (true, 160, 16, 4);
+    assert_eq!(here.now(), (want, want));
+    assert_eq!(there.now(), (want, want));
+    let stats: serde_json::Value =
+        serde_json::from_str(&daemon.kad_ok(&["stats", "--json"])).expect("stats json");
+    let refreshed = stats["cgroups"][0]["refreshed"]
+        .as_u64()
+        .expect("refreshed");
+    assert!(refreshed >= 8, "both rounds counted: {stats}");
+}
+
+#[test]
+fn a_cgroup_created_and_used_at_once_has_the_policy_every_time() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "recreate");
+    let svc = cg.path.join("svc");
+    // Set before the cgroup exists: accepted, and listed as waiting.
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &format!("{}/svc", cg.relative()),
+        "--idle",
+        "222",
+    ]);
+    let status = daemon.kad_ok(&["status"]);
+    assert!(
+        status.contains("waiting for the cgroup to exist"),
+        "{status}"
+    );
+    for round in 0..10 {
+        fs::create_dir(&svc).expect("mkdir svc");
+        // The first connection, right after the mkdir.
+        let (_pair, r) = Pair::open(&env, &svc, None);
+        assert!(r.client.keepalive && r.server.keepalive, "round {round}");
+        assert_eq!(r.client.idle, 222, "round {round}: client");
+        assert_eq!(r.server.idle, 222, "round {round}: server");
+        drop(_pair);
+        kad_tests::remove_cgroup_tree(&svc);
+    }
+    // Deeper: two levels that do not exist yet.
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &format!("{}/later/deep", cg.relative()),
+        "--idle",
+        "333",
+    ]);
+    let deep = cg.child("later/deep");
+    let (_pair, r) = Pair::open(&env, &deep, None);
+    assert_eq!((r.client.idle, r.server.idle), (333, 333));
+}
+
+#[test]
+fn paths_the_policy_cannot_name_are_refused() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    for bad in ["/tmp/kad-not-a-cgroup/x", "/", "a/../../etc"] {
+        let out = daemon.kad(&["set", "--cgroup", bad, "--idle", "5"]);
+        assert!(!out.status.success(), "{bad} accepted");
+    }
+    let out = daemon.kad(&[
+        "set",
+        "--cgroup",
+        &env.root.display().to_string(),
+        "--idle",
+        "5",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing the cgroup2 root"));
+    assert_eq!(daemon.list().as_array().map(Vec::len), Some(0));
+}
+
+/// A C sock_ops program of another vendor, on the same cgroup as kad's anchor, that asks for
+/// state callbacks and counts in map `seen` (key 0) the callbacks whose arguments are a valid
+/// TCP state transition and (key 1) those that are not.
+const OTHER_VENDOR: &str = r#"
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 2); __type(key, __u32); __type(value, __u64); } seen SEC(".maps");
+SEC("sockops")
+int other_vendor(struct bpf_sock_ops *skops) {
+    __u32 op = skops->op;
+    if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+    } else if (op == BPF_SOCK_OPS_STATE_CB) {
+        __u32 old = skops->args[0], new = skops->args[1];
+        __u32 key = (old >= 1 && old <= 12 && new >= 1 && new <= 12 && old != new) ? 0 : 1;
+        __u64 *v = bpf_map_lookup_elem(&seen, &key);
+        if (v) __sync_fetch_and_add(v, 1);
+    }
+    return 1;
+}
+char _license[] SEC("license") = "GPL";
+"#;
+
+/// The other vendor's program, pinned in a directory of its own, removed when dropped.
+struct OtherVendor {
+    dir: PathBuf,
+}
+
+impl OtherVendor {
+    fn attach(cgroup: &Path) -> OtherVendor {
+        let dir = PathBuf::from("/sys/fs/bpf").join(kad_tests::unique("vendor"));
+        fs::create_dir(&dir).expect("mkdir vendor pin dir");
+        let vendor = OtherVendor { dir };
+        let src = vendor.dir.with_extension("c");
+        let src = std::env::temp_dir().join(src.file_name().expect("name"));
+        let obj = src.with_extension("o");
+        fs::write(&src, OTHER_VENDOR).expect("write C source");
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        // asm/types.h lives in the multiarch include directory, which -target bpf does not search.
+        let multiarch = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
+        run(Command::new("clang")
+            .args(["-O2", "-g", "-target", "bpf", &multiarch, "-c"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj));
+        let _ = fs::remove_file(&src);
+        run(Command::new("bpftool")
+            .args(["prog", "load"])
+            .arg(&obj)
+            .arg(vendor.dir.join("prog"))
+            .args(["type", "sockops", "pinmaps"])
+            .arg(&vendor.dir));
+        let _ = fs::remove_file(&obj);
+        run(Command::new("bpftool")
+            .args(["cgroup", "attach"])
+            .arg(cgroup)
+            .args(["sock_ops", "pinned"])
+            .arg(vendor.dir.join("prog"))
+            .arg("multi"));
+        vendor
+    }
+
+    /// (valid, corrupted) state callbacks seen.
+    fn seen(&self) -> (u64, u64) {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(self.dir.join("seen"))
+            .output()
+            .expect("bpftool map dump");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("map json");
+        let value = |k: usize| {
+            let bytes = v[k]["value"].as_array().cloned().unwrap_or_default();
+            bytes.iter().rev().fold(0u64, |acc, b| {
+                let byte = b
+                    .as_str()
+                    .and_then(|s| u8::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+                    .or_else(|| b.as_u64().map(|n| n as u8))
+                    .unwrap_or(0);
+                (acc << 8) | u64::from(byte)
+            })
+        };
+        (value(0), value(1))
+    }
+}
+
+impl Drop for OtherVendor {
+    fn drop(&mut self) {
+        // The cgroup's removal detaches the program; the pins go here.
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn another_vendors_sock_ops_program_sees_true_arguments_and_changes_nothing() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "vendor");
+    let app = cg.child("app");
+    let vendor = OtherVendor::attach(&cg.path);
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &format!("{}/app", cg.relative()),
+        "--idle",
+        "140",
+        "--cnt",
+        "6",
+    ]);
+    for ipv6 in [false, true] {
+        let (server, client) = kad_tests::connect(&env, Some(&app), Some(&app), ipv6);
+        assert_eq!((server.keepalive, server.idle, server.cnt), (true, 140, 6));
+        assert_eq!((client.keepalive, client.idle, client.cnt), (true, 140, 6));
+    }
+    // The connections closed: every state callback carried a real transition.
+    assert!(
+        wait_for(Duration::from_secs(5), || vendor.seen().0 >= 8),
+        "state callbacks seen: {:?}",
+        vendor.seen()
+    );
+    assert_eq!(vendor.seen().1, 0, "callbacks with corrupted arguments");
+}
+
+#[test]
+fn nesting_holds_after_a_restart_with_the_bpffs_path_spelled_differently() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "spelling");
+    let child = cg.child("child");
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "100"]);
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &format!("{}/child", cg.relative()),
+        "--idle",
+        "200",
+    ]);
+    daemon.stop();
+    daemon.bpffs = PathBuf::from(format!("{}/", daemon.bpffs.display()));
+    daemon.restart();
+    let (server, client) = kad_tests::connect(&env, Some(&child), Some(&child), false);
+    assert_eq!((server.idle, client.idle), (200, 200));
+    let (server, client) = kad_tests::connect(&env, Some(&cg.path), Some(&cg.path), false);
+    assert_eq!((server.idle, client.idle), (100, 100));
+}
+
+/// The program id behind a pinned link, from bpftool.
+fn link_prog_id(pin: &Path) -> u64 {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .expect("bpftool link show");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool link show {}: {e}", pin.display()));
+    v["prog_id"].as_u64().expect("prog_id")
+}
+
+#[test]
+fn a_new_daemon_replaces_the_program_behind_its_links_without_a_gap() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "upgrade");
+    let app = cg.child("app");
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &format!("{}/app", cg.relative()),
+        "--idle",
+        "177",
+    ]);
+    let anchor = kad_tests::cgroup_id(&cg.path);
+    let pin = daemon.bpffs.join(format!("anchors/{anchor}/sock_ops"));
+    let before = link_prog_id(&pin);
+    let mut command = Command::new(&env.peer);
+    command.args(["check", "177"]);
+    let mut checker = Process::spawn(command, Some(&app));
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.restart();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = link_prog_id(&pin);
+    assert_ne!(before, after, "the link runs the new daemon's program");
+    let status: serde_json::Value =
+        serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).expect("status json");
+    let program = status["program"].as_str().expect("program tag").to_string();
+    assert_eq!(
+        status["anchors"][0]["program"].as_str(),
+        Some(program.as_str()),
+        "{status}"
+    );
+    // The old program is gone: nothing holds it any more.
+    let old = Command::new("bpftool")
+        .args(["prog", "show", "id", &before.to_string()])
+        .output()
+        .expect("bpftool prog show");
+    assert!(!old.status.success(), "program {before} still loaded");
+    checker.close_stdin();
+    let line = checker.line();
+    let counts: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 2, "checker said {line:?}");
+    assert!(
+        counts[0] > 10,
+        "connections made across the restart: {line}"
+    );
+    assert_eq!(
+        counts[1], 0,
+        "sockets without the policy across the restart: {line}"
+    );
+}
+
+#[test]
+fn a_start_without_enough_file_descriptors_fails_and_removes_nothing() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let cgroups: Vec<TestCgroup> = (0..3)
+        .map(|i| TestCgroup::new(&env, &format!("fds{i}")))
+        .collect();
+    for (i, cg) in cgroups.iter().enumerate() {
+        daemon.kad_ok(&[
+            "set",
+            "--cgroup",
+            &cg.relative(),
+            "--idle",
+            &format!("{}", 150 + i),
+        ]);
+    }
+    let pins = daemon.pinned_links();
+    assert_eq!(pins.len(), 3);
+    daemon.stop();
+    let command = kad_tests::daemon_command(
+        &env.kad,
+        &daemon.socket,
+        &daemon.state_dir,
+        &daemon.bpffs,
+        &daemon.config,
+    );
+    let out = Command::new("prlimit")
+        .arg("--nofile=16:16")
+        .arg("--")
+        .arg(command.get_program())
+        .args(command.get_args())
+        .output()
+        .expect("run prlimit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with 16 descriptors: {err}");
+    assert!(
+        err.contains("os error 24") || err.contains("Too many open files"),
+        "{err}"
+    );
+    // Nothing was removed: the pins hold, and so does enforcement.
+    assert_eq!(daemon.pinned_links(), pins);
+    assert!(daemon.bpffs.join("KAD_POLICY").exists());
+    for (i, cg) in cgroups.iter().enumerate() {
+        let (server, client) = kad_tests::connect(&env, Some(&cg.path), Some(&cg.path), false);
+        assert_eq!((server.idle, client.idle), (150 + i as i64, 150 + i as i64));
+    }
+    daemon.restart();
+    assert_eq!(daemon.list().as_array().map(Vec::len), Some(3));
+    assert_eq!(daemon.pinned_links(), pins);
+}
+
+#[test]
+fn a_policy_map_removed_by_hand_is_refused_not_reported_done() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "gone-map");
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "161"]);
+    fs::remove_file(daemon.bpffs.join("KAD_POLICY")).expect("remove the pinned map");
+    let out = daemon.kad(&["set", "--cgroup", &cg.relative(), "--idle", "162"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kad set reported done: {err}");
+    assert!(
+        err.contains("KAD_POLICY is gone") && err.contains("restart"),
+        "{err}"
+    );
+    // The kernel still holds what was last reported done.
+    let (server, client) = kad_tests::connect(&env, Some(&cg.path), Some(&cg.path), false);
+    assert_eq!((server.idle, client.idle), (161, 161));
+    assert_eq!(daemon.list()[0]["idle"], 161);
+}
+
+#[test]
+fn pinned_policies_missing_from_the_state_file_are_adopted_not_dropped() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "adopt");
+    let child = cg.child("svc");
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &format!("{}/svc", cg.relative()),
+        "--idle",
+        "171",
+    ]);
+    daemon.stop();
+    // The state directory is lost (or --state-dir is wrong): only the pins know the policy.
+    fs::remove_dir_all(&daemon.state_dir).expect("remove the state directory");
+    daemon.restart();
+    assert_eq!(daemon.list()[0]["idle"], 171, "adopted from the pinned map");
+    assert!(
+        daemon.log().contains("missing from the state file"),
+        "{}",
+        daemon.log()
+    );
+    let (server, client) = kad_tests::connect(&env, Some(&child), Some(&child), false);
+    assert_eq!((server.idle, client.idle), (171, 171));
+    // And saved again.
+    let saved = kad_tests::saved_table(&daemon.state_dir).to_string();
+    assert!(saved.contains("171"), "{saved}");
+}

@@ -1,0 +1,446 @@
+//! What no user, fault or typo may do to kad: a cgroup merely named like a `kad exec` one is
+//! never collected, paths through symbolic links are refused, a full disk changes nothing and
+//! leaves no junk, two daemons never share a state directory, `kad exec` keeps its command's
+//! status when the daemon dies.
+use std::{
+    fs,
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use kad_tests::{
+    connect, daemon_command, in_cgroup, kad_attachments, kad_env, unique, untouched, wait_for,
+    Daemon, Env, TempDir, TestCgroup, TmpfsMount,
+};
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts that `out` failed with one line on stderr containing every one of `expected`.
+fn assert_one_line_error(out: &Output, expected: &[&str]) {
+    let err = stderr_of(out);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    for e in expected {
+        assert!(err.contains(e), "expected {e:?} in {err:?}");
+    }
+}
+
+/// `kad exec ARGS` against `daemon`, started in the background with stderr piped, from a test
+/// cgroup of its own: its transient cgroup is made below that one, and goes with it whatever
+/// happens.
+fn spawn_exec(env: &Env, daemon: &Daemon, args: &[&str]) -> (std::process::Child, TestCgroup) {
+    let parent = TestCgroup::new(env, "exec-parent");
+    let mut command = Command::new(&env.kad);
+    command
+        .arg("exec")
+        .args(args)
+        .env("KAD_SOCKET", &daemon.socket)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+    let _procs = in_cgroup(&mut command, &parent.path);
+    let child = command.spawn().expect("run kad exec");
+    (child, parent)
+}
+
+/// Waits for `daemon` to list exactly one policy and returns its cgroup.
+fn the_one_policy(daemon: &Daemon) -> PathBuf {
+    let mut list = serde_json::Value::Null;
+    let one = wait_for(Duration::from_secs(10), || {
+        list = daemon.list();
+        list.as_array().is_some_and(|a| a.len() == 1)
+    });
+    assert!(one, "one policy expected: {list}");
+    PathBuf::from(list[0]["cgroup"].as_str().expect("cgroup path"))
+}
+
+fn idle_in(env: &Env, cg: &Path) -> (bool, i64) {
+    let (_, client) = connect(env, None, Some(cg), false);
+    (client.keepalive, client.idle)
+}
+
+#[test]
+fn a_cgroup_named_like_a_kad_exec_one_is_the_users() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "named");
+    // No process 4000000 exists (pid_max is lower): by name, its `kad exec` would be gone.
+    let named = cg.child("kad-exec-4000000");
+    daemon.kad_ok(&["set", "--cgroup", named.to_str().unwrap(), "--idle", "300"]);
+    let before = daemon.list();
+    for round in 0..2 {
+        // Eight ticks of the daemon's 250 ms loop, checked as they pass.
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(250));
+            assert!(named.is_dir(), "round {round}: the directory is kept");
+            assert_eq!(daemon.list(), before, "round {round}: the policy is kept");
+        }
+        assert_eq!(idle_in(&env, &named), (true, 300), "round {round}");
+        // The same after a restart, from policies.json.
+        daemon.stop();
+        daemon.restart();
+    }
+    // Nor can a `kad exec` request claim it.
+    let request = format!(
+        "{{\"cmd\":\"exec\",\"cgroup\":\"{}\",\"policy\":{{\"mode\":\"on\",\"idle\":5,\"intvl\":null,\"cnt\":null}}}}\n",
+        named.display()
+    );
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    std::io::Write::write_all(&mut stream, request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.contains("\"error\"") && reply.contains("has a policy set with kad set"),
+        "{reply}"
+    );
+    assert_eq!(daemon.list(), before);
+    let state = kad_tests::saved_table(&daemon.state_dir).to_string();
+    assert!(!state.contains("exec_owner"), "{state}");
+}
+
+#[test]
+fn a_killed_kad_exec_is_collected_across_a_restart() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let (mut kad, _parent) = spawn_exec(&env, &daemon, &["--idle", "96", "--", "sleep", "60"]);
+    let cgroup = the_one_policy(&daemon);
+    // The owner is recorded, in the daemon's table and on disk.
+    let saved = kad_tests::saved_table(&daemon.state_dir);
+    assert_eq!(saved[0]["exec_owner"]["pid"], kad.id(), "{saved}");
+
+    // The daemon dies, then kad exec and its command: nobody is left to clean up.
+    daemon.kill();
+    kad.kill().unwrap();
+    kad.wait().unwrap();
+    fs::write(cgroup.join("cgroup.kill"), "1").unwrap();
+    assert!(wait_for(Duration::from_secs(5), || !fs::read_to_string(
+        cgroup.join("cgroup.events")
+    )
+    .unwrap_or_default()
+    .contains("populated 1")));
+    assert!(cgroup.is_dir(), "still there while no daemon runs");
+
+    daemon.restart();
+    assert!(
+        wait_for(Duration::from_secs(10), || !cgroup.exists()
+            && daemon.list() == serde_json::json!([])),
+        "collected after the restart: {} {}",
+        daemon.list(),
+        daemon.log()
+    );
+    let state = kad_tests::saved_table(&daemon.state_dir).to_string();
+    assert!(!state.contains("exec_owner"), "{state}");
+}
+
+#[test]
+fn a_kad_exec_from_another_pid_namespace_is_kept_while_it_runs_then_collected() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    // kad exec is pid 1 of a new PID namespace: its cgroup is named kad-exec-1, and the
+    // daemon's /proc/1 is another process altogether.
+    let parent = TestCgroup::new(&env, "pidns-parent");
+    let mut command = Command::new("unshare");
+    command
+        .args(["--pid", "--fork", "--kill-child"])
+        .arg(&env.kad)
+        .args(["exec", "--idle", "95", "--", "sleep", "60"])
+        .env("KAD_SOCKET", &daemon.socket)
+        .stdin(Stdio::null());
+    let procs = in_cgroup(&mut command, &parent.path);
+    let mut unshare = command.spawn().expect("run unshare (util-linux)");
+    drop(procs);
+    let cgroup = the_one_policy(&daemon);
+    assert_eq!(
+        cgroup.file_name().and_then(|n| n.to_str()),
+        Some("kad-exec-1")
+    );
+    let sleeping = wait_for(Duration::from_secs(5), || {
+        fs::read_to_string(cgroup.join("cgroup.procs")).is_ok_and(|t| !t.trim().is_empty())
+    });
+    assert!(sleeping, "the command runs in its cgroup");
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(cgroup.is_dir(), "kept while its kad exec runs");
+        assert_eq!(daemon.list().as_array().map(Vec::len), Some(1));
+    }
+    // unshare dies, kad exec (the namespace's init) with it, and the sleep with the namespace.
+    unshare.kill().unwrap();
+    unshare.wait().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || !cgroup.exists()
+            && daemon.list() == serde_json::json!([])),
+        "collected once its kad exec is gone: {} {}",
+        daemon.list(),
+        daemon.log()
+    );
+}
+
+#[test]
+fn kad_exec_keeps_the_commands_status_when_the_daemon_dies() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let dir = TempDir::new("exec-go");
+    let go = dir.0.join("go");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; exit 7",
+        go.display()
+    );
+    let (mut kad, _parent) =
+        spawn_exec(&env, &daemon, &["--idle", "94", "--", "sh", "-c", &script]);
+    let cgroup = the_one_policy(&daemon);
+    daemon.kill();
+    fs::write(&go, "").unwrap();
+    let mut status = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        status = kad.try_wait().unwrap();
+        status.is_some()
+    }));
+    let mut err = String::new();
+    kad.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(
+        status.unwrap().code(),
+        Some(7),
+        "the command's status: {err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("warning") && err.contains("could not be removed"),
+        "{err}"
+    );
+    assert!(!cgroup.exists(), "kad exec removed its cgroup itself");
+    // The daemon recorded the run: once back, it removes the policy that is left.
+    daemon.restart();
+    assert!(
+        wait_for(Duration::from_secs(10), || daemon.list()
+            == serde_json::json!([])),
+        "{}",
+        daemon.list()
+    );
+}
+
+/// `kad daemon` with its own socket and these paths, which must refuse to start; returns its
+/// output. Its --bpffs is not on a bpf filesystem: were the check under test gone, the start
+/// would still fail (with another message) before anything is attached, so that a symbolic
+/// link to the cgroup2 root can never lead to an attachment there.
+fn start_refused(env: &Env, dir: &Path, config: &Path, state_dir: &Path) -> Output {
+    let bpffs = dir.join(unique("not-bpffs"));
+    let mut daemon = daemon_command(&env.kad, &dir.join("kad.sock"), state_dir, &bpffs, config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kad daemon");
+    let exited = wait_for(Duration::from_secs(15), || {
+        daemon.try_wait().ok().flatten().is_some()
+    });
+    if !exited {
+        let _ = daemon.kill();
+    }
+    let out = daemon.wait_with_output().expect("wait for kad daemon");
+    assert!(exited, "the daemon started: {}", stderr_of(&out));
+    assert!(
+        !bpffs.exists(),
+        "refused before its bpffs directory was made"
+    );
+    out
+}
+
+#[test]
+fn paths_through_symbolic_links_in_the_config_or_the_state_file_are_refused() {
+    let env = kad_env!();
+    let cg = TestCgroup::new(&env, "linked");
+    let dir = TempDir::new("links");
+    let to_cg = dir.0.join("to-cgroup");
+    std::os::unix::fs::symlink(&cg.path, &to_cg).unwrap();
+    let to_root = dir.0.join("to-root");
+    std::os::unix::fs::symlink(&env.root, &to_root).unwrap();
+    let config = dir.0.join("kad.toml");
+    let state_dir = dir.0.join("state");
+
+    for (link, note) in [(&to_cg, ""), (&to_root, "the cgroup2 root")] {
+        fs::write(
+            &config,
+            format!(
+                "[[policy]]\ncgroup = \"{}\"\nidle = 50\n\n[[policy]]\ncgroup = \"{}\"\nidle = 51\n",
+                cg.relative(),
+                link.display()
+            ),
+        )
+        .unwrap();
+        let out = start_refused(&env, &dir.0, &config, &state_dir);
+        assert_one_line_error(
+            &out,
+            &[
+                &format!("{}:5:", config.display()),
+                "symbolic link",
+                &link.display().to_string(),
+                note,
+            ],
+        );
+    }
+    fs::remove_file(&config).unwrap();
+
+    for (link, note) in [(&to_cg, ""), (&to_root, "the cgroup2 root")] {
+        fs::create_dir_all(&state_dir).unwrap();
+        let state = state_dir.join("policies.json");
+        let text = format!(
+            "[\n  {{\"cgroup\": \"{}\", \"mode\": \"on\", \"idle\": 52, \"intvl\": null, \"cnt\": null}},\n  {{\"cgroup\": \"{}\", \"mode\": \"on\", \"idle\": 53, \"intvl\": null, \"cnt\": null}}\n]\n",
+            cg.path.display(),
+            link.display()
+        );
+        fs::write(&state, &text).unwrap();
+        let out = start_refused(&env, &dir.0, &config, &state_dir);
+        assert_one_line_error(
+            &out,
+            &[
+                &format!("{}:3:", state.display()),
+                "symbolic link",
+                &link.display().to_string(),
+                note,
+            ],
+        );
+        assert_eq!(fs::read_to_string(&state).unwrap(), text, "left as it was");
+    }
+    assert_eq!(kad_attachments(&cg.path), 0, "nothing attached");
+    assert_eq!(kad_attachments(&env.root), 0, "nothing on the root");
+
+    // On reload, the previous config stays. (A link to the cgroup, not the root: this daemon
+    // can attach.)
+    let daemon = Daemon::start(&env);
+    fs::write(
+        &daemon.config,
+        format!("[[policy]]\ncgroup = \"{}\"\nidle = 54\n", cg.relative()),
+    )
+    .unwrap();
+    daemon.kad_ok(&["reload"]);
+    let before = daemon.list();
+    fs::write(
+        &daemon.config,
+        format!("[[policy]]\ncgroup = \"{}\"\nidle = 55\n", to_cg.display()),
+    )
+    .unwrap();
+    let out = daemon.kad(&["reload"]);
+    assert_one_line_error(
+        &out,
+        &[&format!("{}:1:", daemon.config.display()), "symbolic link"],
+    );
+    assert_eq!(daemon.list(), before);
+    assert_eq!(idle_in(&env, &cg.path), (true, 54));
+    assert_eq!(kad_attachments(&env.root), 0, "nothing on the root");
+}
+
+#[test]
+fn a_full_state_disk_refuses_changes_and_leaves_no_junk() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let kept = TestCgroup::new(&env, "full-kept");
+    let refused = TestCgroup::new(&env, "full-refused");
+    daemon.stop();
+    // Dropped before the daemon's guard: unmounted, then the daemon's directory removed.
+    let disk = TmpfsMount::new(&daemon.state_dir, "64k");
+    daemon.restart();
+    daemon.kad_ok(&["set", "--cgroup", &kept.relative(), "--idle", "201"]);
+    let tmp = daemon.state_dir.join("policies.json.tmp");
+    let filler = disk.fill();
+    // A change is one short line appended to the journal: the page the journal already has
+    // may still take a few. Each one that is accepted is saved; the first that finds no room
+    // is refused.
+    let mut refused_out = None;
+    for i in 0..500 {
+        let waiting = format!("{}/w{i}", refused.relative());
+        let out = daemon.kad(&["set", "--cgroup", &waiting, "--idle", "202"]);
+        if !out.status.success() {
+            refused_out = Some((out, waiting));
+            break;
+        }
+    }
+    let (out, waiting) = refused_out.expect("a set on a full disk is refused at last");
+    assert_one_line_error(&out, &["No space left on device"]);
+    let saved = kad_tests::saved_table(&daemon.state_dir);
+    let before = daemon.list();
+    assert_eq!(
+        saved.as_array().map(Vec::len),
+        before.as_array().map(Vec::len)
+    );
+    assert!(
+        !before.to_string().contains(&format!("{waiting}\"")),
+        "{before}"
+    );
+    let out = daemon.kad(&["set", "--cgroup", &refused.relative(), "--idle", "202"]);
+    assert_one_line_error(&out, &["No space left on device"]);
+    assert_eq!(idle_in(&env, &refused.path), (false, untouched().1));
+
+    assert_eq!(
+        kad_tests::saved_table(&daemon.state_dir),
+        saved,
+        "the table is intact"
+    );
+    assert_eq!(daemon.list(), before);
+
+    // unset is refused too once its line finds no room: it is not done unless saved, and the
+    // policy stays in force. (An unset line is shorter than a set line: a few may still fit.)
+    let mut unset_refused = false;
+    for i in 0..500 {
+        let waiting = format!("{}/w{i}", refused.relative());
+        if !before.to_string().contains(&format!("/w{i}\"")) {
+            break;
+        }
+        let out = daemon.kad(&["unset", "--cgroup", &waiting]);
+        if !out.status.success() {
+            assert_one_line_error(&out, &["No space left on device", "the policy stays"]);
+            let list = daemon.list().to_string();
+            assert!(list.contains(&format!("/w{i}\"")), "{list}");
+            assert_eq!(kad_tests::saved_table(&daemon.state_dir).to_string(), list);
+            unset_refused = true;
+            break;
+        }
+    }
+    assert!(unset_refused, "an unset on a full disk is refused at last");
+    let out = daemon.kad(&["unset", "--cgroup", &kept.relative()]);
+    assert_one_line_error(&out, &["No space left on device", "the policy stays"]);
+    assert_eq!(idle_in(&env, &kept.path), (true, 201));
+    for what in ["set", "unset"] {
+        assert!(!tmp.exists(), "after the refused {what}: no temporary file");
+    }
+
+    // With room again, unset works and leaves the file only.
+    fs::remove_file(filler).unwrap();
+    daemon.kad_ok(&["unset", "--cgroup", &kept.relative()]);
+    let list = daemon.list().to_string();
+    assert!(
+        !list.contains(&format!("{}\"", kept.path.display())),
+        "{list}"
+    );
+    assert_eq!(kad_tests::saved_table(&daemon.state_dir).to_string(), list);
+    assert!(!tmp.exists());
+    assert_eq!(idle_in(&env, &kept.path), (false, untouched().1));
+}
+
+#[test]
+fn two_daemons_never_share_a_state_directory() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "shared-state");
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "203"]);
+    let saved = kad_tests::saved_table(&daemon.state_dir);
+    let dir = TempDir::new("second");
+    let out = start_refused(&env, &dir.0, &dir.0.join("none.toml"), &daemon.state_dir);
+    assert_one_line_error(
+        &out,
+        &[
+            "another kad daemon is using the state directory",
+            &daemon.state_dir.display().to_string(),
+            "--state-dir",
+        ],
+    );
+    assert_eq!(kad_tests::saved_table(&daemon.state_dir), saved);
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "204"]);
+    assert_eq!(
+        idle_in(&env, &cg.path),
+        (true, 204),
+        "the first one still works"
+    );
+}
