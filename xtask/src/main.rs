@@ -1,5 +1,5 @@
 //! `cargo xtask build|run|test|test-kernels|lint|setup|bench`: installs what is missing, builds,
-//! tests.
+//! tests, measures.
 mod bench;
 mod kernels;
 mod setup;
@@ -41,6 +41,12 @@ enum Task {
     Lint,
     /// Set up, build, and measure what kad costs per connection (a ratio, in one run).
     Bench,
+    /// The bench's own connection loop, run inside a measured cgroup (internal).
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -90,6 +96,7 @@ fn main() -> Result<()> {
             build(&root)?;
             bench::run(&root)
         }
+        Task::BenchWorker { args } => bench::worker(&args),
     }
 }
 
