@@ -495,8 +495,8 @@ pub fn kad_rmdir(ctx: BtfTracePointContext) -> i32 {
     }
     let id = cgroup_id_of(cgroup, &offs);
     if id != 0 {
-        let _ = KAD_POLICY.remove(&id);
-        let _ = KAD_COUNTERS.remove(&id);
+        let _ = KAD_POLICY.remove(id);
+        let _ = KAD_COUNTERS.remove(id);
     }
     0
 }
