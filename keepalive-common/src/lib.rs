@@ -109,6 +109,8 @@ pub struct KernelOffsets {
     pub cgroup_root: u32,
     /// `cgroup_root.hierarchy_id` (int).
     pub hierarchy_id: u32,
+    /// `kernfs_node.parent` (pointer; `__parent` since 6.15).
+    pub kn_parent: u32,
     /// `sock_common.skc_family` (u16).
     pub family: u32,
     /// `sock_common.skc_daddr` and `skc_rcv_saddr` (IPv4, network order).

@@ -231,7 +231,7 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
         }
         Err(e) => missing.push(format!("keepalive kills: {e}")),
     }
-    let cgroup = (|| -> Result<(u32, u32, u32, u32, u32), BtfError> {
+    let cgroup = (|| -> Result<(u32, u32, u32, u32, u32, u32), BtfError> {
         Ok((
             btf.field_offset("sock", "sk_cgrp_data")?
                 + btf.field_offset("sock_cgroup_data", "cgroup")?,
@@ -239,10 +239,14 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
             btf.field_offset("kernfs_node", "id")?,
             btf.field_offset("cgroup", "root")?,
             btf.field_offset("cgroup_root", "hierarchy_id")?,
+            // Renamed in 6.15.
+            btf.field_offset("kernfs_node", "__parent")
+                .or_else(|_| btf.field_offset("kernfs_node", "parent"))?,
         ))
     })();
     match cgroup {
-        Ok((sk_cgroup, cgroup_kn, kn_id, cgroup_root, hierarchy_id)) => {
+        Ok((sk_cgroup, cgroup_kn, kn_id, cgroup_root, hierarchy_id, kn_parent)) => {
+            offsets.kn_parent = kn_parent;
             offsets.sk_cgroup = sk_cgroup;
             offsets.cgroup_kn = cgroup_kn;
             offsets.kn_id = kn_id;

@@ -3,7 +3,7 @@
 //! daemon is pinned under its bpffs directory:
 //!
 //! - maps `KAD_POLICY` (by cgroup id), `KAD_PATHS` (by path), `KAD_COUNTERS`, `KAD_SOCK`;
-//! - `anchors/<cgroup id>/{sock_create,sock_ops,setsockopt}`: the cgroup links;
+//! - `anchors/<cgroup id>/{sock_ops,setsockopt}`: the cgroup links;
 //! - `tracing/{mkdir,rmdir,error_report}`: the tracepoint links.
 //!
 //! A new daemon adopts the pins and points each cgroup link at its own programs with
@@ -19,7 +19,7 @@ use std::{
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    programs::{BtfTracePoint, CgroupSock, CgroupSockopt, Iter, ProgramFd, SockOps},
+    programs::{BtfTracePoint, CgroupSockopt, Iter, ProgramFd, SockOps},
     Btf, Ebpf, EbpfLoader,
 };
 use keepalive_common::{
@@ -41,6 +41,9 @@ const TRACING_DIR: &str = "tracing";
 const LEGACY_LINKS_DIR: &str = "links";
 const LEGACY_MAPS: [&str; 2] = ["KAD_POLICIES", "KAD_STATS"];
 const DEFAULT_BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// A hook an earlier build of this design attached (cgroup/sock_create): its pin is removed
+/// when the anchor is adopted.
+const RETIRED_HOOK: &str = "sock_create";
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -79,7 +82,7 @@ pub enum EnforcerError {
     Refresh(String),
 }
 
-/// What this kernel lets kad do beyond the core (sock_create and sock_ops); each is `Err`
+/// What this kernel lets kad do beyond the core (sock_ops); each is `Err`
 /// with the reason when it is not available.
 #[derive(Debug, Clone)]
 pub struct Features {
@@ -157,14 +160,6 @@ impl Enforcer {
             .map_err(|e| load_error("kad", &e))?;
 
         let mut programs = HashMap::new();
-        let sock_create: &mut CgroupSock = program(&mut ebpf, "kad_sock_create")?;
-        sock_create
-            .load()
-            .map_err(|e| load_error("sock_create", &e))?;
-        programs.insert(
-            CgroupHook::SockCreate,
-            prog_fd(sock_create.fd(), "sock_create")?,
-        );
         let sock_ops: &mut SockOps = program(&mut ebpf, "kad_sockops")?;
         sock_ops.load().map_err(|e| load_error("sock_ops", &e))?;
         programs.insert(CgroupHook::SockOps, prog_fd(sock_ops.fd(), "sock_ops")?);
@@ -384,7 +379,6 @@ impl Enforcer {
         }
         let pin_dir = self.dir.join(ANCHORS_DIR).join(id.to_string());
         std::fs::create_dir_all(&pin_dir).map_err(|e| attach_error(e.to_string()))?;
-        // Socket creation first: by the time sock_ops runs, the socket has its state.
         for hook in CgroupHook::ALL {
             let Some(prog) = self.programs.get(&hook) else {
                 continue;
@@ -452,6 +446,7 @@ impl Enforcer {
                 continue;
             };
             let pin_dir = entry.path();
+            let _ = std::fs::remove_file(pin_dir.join(RETIRED_HOOK));
             let mut hooks = Vec::new();
             let mut gone = false;
             for hook in CgroupHook::ALL {
@@ -627,6 +622,7 @@ fn remove_anchor_pins(pin_dir: &Path) {
     for hook in CgroupHook::ALL {
         let _ = std::fs::remove_file(pin_dir.join(hook.pin_name()));
     }
+    let _ = std::fs::remove_file(pin_dir.join(RETIRED_HOOK));
     let _ = std::fs::remove_dir(pin_dir);
 }
 
