@@ -684,15 +684,21 @@ impl State {
             policies: self.entries(),
             details: table
                 .iter()
-                .map(|(path, (_, source))| PolicyDetail {
-                    cgroup: path.display().to_string(),
-                    source: match source {
-                        Source::Set => "set",
-                        Source::Config => "config",
+                .map(|(path, (policy, source))| {
+                    let cgroup_id = in_force.get(path).and_then(|e| e.id);
+                    PolicyDetail {
+                        cgroup: path.display().to_string(),
+                        source: match source {
+                            Source::Set => "set",
+                            Source::Config => "config",
+                        }
+                        .to_string(),
+                        cgroup_id,
+                        error: self.kernel.failing(path).cloned(),
+                        enforce: policy.enforce,
+                        overridden: cgroup_id
+                            .map_or(0, |id| self.kernel.enforcer.counters(id).overridden),
                     }
-                    .to_string(),
-                    cgroup_id: in_force.get(path).and_then(|e| e.id),
-                    error: self.kernel.failing(path).cloned(),
                 })
                 .collect(),
             counters: self.stats(),

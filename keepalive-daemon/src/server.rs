@@ -460,7 +460,7 @@ mod tests {
         let count = Arc::clone(&computed);
         let replies = runtime.block_on(async {
             let listener = bind(&path).unwrap();
-            tokio::spawn(serve(listener, LIMITS, move |_| {
+            tokio::spawn(serve(listener, LIMITS, move |_, _| {
                 let n = count.fetch_add(1, Ordering::SeqCst) + 1;
                 async move {
                     // Slow enough that the clients pile up behind it.
