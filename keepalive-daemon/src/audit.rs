@@ -113,10 +113,7 @@ mod tests {
 
     #[test]
     fn counts_each_socket_once_per_cgroup() {
-        let policy = PolicyEntry::new(
-            "/cg/a".into(),
-            &Policy::on(Some(100), None, None).unwrap(),
-        );
+        let policy = PolicyEntry::new("/cg/a".into(), &Policy::on(Some(100), None, None).unwrap());
         let mut rows = vec![
             connection("/cg/a", 10, Some(true), 100),
             connection("/cg/a", 11, Some(true), 15),
@@ -134,7 +131,13 @@ mod tests {
         assert_eq!(summary.len(), 2);
         let a = &summary[0];
         assert_eq!(
-            (a.cgroup.as_str(), a.connections, a.keepalive_off, a.differ, a.unknown),
+            (
+                a.cgroup.as_str(),
+                a.connections,
+                a.keepalive_off,
+                a.differ,
+                a.unknown
+            ),
             ("/cg/a", 3, 0, 1, 1)
         );
         assert_eq!(a.policy.as_ref(), Some(&policy));

@@ -143,7 +143,9 @@ fn parse(
 
 /// A policy error in the config file's words: keys, not command-line flags.
 fn config_message(message: &str) -> String {
-    message.replacen("--user-timeout", "user_timeout", 1).replacen("--", "", 1)
+    message
+        .replacen("--user-timeout", "user_timeout", 1)
+        .replacen("--", "", 1)
 }
 
 fn line_at(text: &str, offset: usize) -> usize {
@@ -201,7 +203,8 @@ idle = 300
 
     #[test]
     fn user_timeout_and_enforce_keys() {
-        let text = "[[policy]]\ncgroup = \"app\"\nidle = 100\nuser_timeout = 90000\nenforce = true\n";
+        let text =
+            "[[policy]]\ncgroup = \"app\"\nidle = 100\nuser_timeout = 90000\nenforce = true\n";
         let policies = parse(text, Path::new(ROOT)).unwrap();
         assert_eq!(
             policies[Path::new("/sys/fs/cgroup/app")],
@@ -249,11 +252,7 @@ idle = 300
                 1,
                 "user_timeout must be a whole number between 1 and 2147483647",
             ),
-            (
-                "[[policy]]\ncgroup = \"a\"\nuser_timeout = -5\n",
-                3,
-                "u32",
-            ),
+            ("[[policy]]\ncgroup = \"a\"\nuser_timeout = -5\n", 3, "u32"),
             (
                 "[[policy]]\ncgroup = \"a\"\noff = true\nenforce = true\n",
                 1,

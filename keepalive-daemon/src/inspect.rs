@@ -181,8 +181,7 @@ pub fn scan(pids: &[u32], skip_unreadable: bool) -> Result<Scan, InspectError> {
                 InspectError::Netns { .. }
                 | InspectError::NoProcess(_)
                 | InspectError::PermissionDenied(_),
-            ) if skip_unreadable =>
-            {
+            ) if skip_unreadable => {
                 let mut pids: Vec<u32> = sockets.iter().map(|s| s.0).collect();
                 pids.dedup();
                 unreadable.extend(pids);

@@ -78,7 +78,11 @@ impl Policy {
     }
 
     /// The same policy with TCP_USER_TIMEOUT and `--enforce`, checked like the rest.
-    pub fn with_extras(self, user_timeout: Option<u32>, enforce: bool) -> Result<Self, PolicyError> {
+    pub fn with_extras(
+        self,
+        user_timeout: Option<u32>,
+        enforce: bool,
+    ) -> Result<Self, PolicyError> {
         let policy = Policy {
             user_timeout,
             enforce,
@@ -309,7 +313,10 @@ mod tests {
             policy.to_string(),
             "on idle=100 intvl=20 cnt=5 user_timeout=4321ms enforced"
         );
-        assert_eq!(plain.to_string(), "on idle=default intvl=default cnt=default");
+        assert_eq!(
+            plain.to_string(),
+            "on idle=default intvl=default cnt=default"
+        );
     }
 
     #[test]

@@ -297,7 +297,10 @@ mod tests {
             .with_extras(Some(9000), true)
             .unwrap();
         let v = serde_json::to_value(PolicyEntry::new("/y".into(), &strict)).unwrap();
-        assert_eq!((v["user_timeout"].clone(), v["enforce"].clone()), (9000.into(), true.into()));
+        assert_eq!(
+            (v["user_timeout"].clone(), v["enforce"].clone()),
+            (9000.into(), true.into())
+        );
         // A reply from a daemon that predates the fields still reads.
         let old: PolicyEntry =
             serde_json::from_str(r#"{"cgroup":"/z","mode":"on","idle":1,"intvl":null,"cnt":null}"#)

@@ -525,7 +525,10 @@ mod tests {
             panic!("not exec")
         };
         let flags = args.values.flags();
-        assert_eq!((flags.user_timeout, flags.enforce), (Some(2_147_483_647), true));
+        assert_eq!(
+            (flags.user_timeout, flags.enforce),
+            (Some(2_147_483_647), true)
+        );
         for bad in ["0", "-5", "abc", "2147483648", "1.5"] {
             let err = parse(&["set", "--cgroup", "app", "--user-timeout", bad]).unwrap_err();
             let line = clap_error_line(&err.render().to_string());

@@ -235,7 +235,10 @@ pub fn audit(audit: &Audit, json: bool) -> anyhow::Result<()> {
             let (differ, policy) = match &row.policy {
                 None => ("-".to_string(), "none".to_string()),
                 Some(p) if p.mode == Mode::Off => ("-".to_string(), format!("{} (off)", p.cgroup)),
-                Some(p) => (row.differ.to_string(), format!("{} ({})", p.cgroup, p.policy())),
+                Some(p) => (
+                    row.differ.to_string(),
+                    format!("{} ({})", p.cgroup, p.policy()),
+                ),
             };
             let unknown = if row.unknown > 0 {
                 format!(" ({} could not be read)", row.unknown)
