@@ -409,9 +409,10 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn shared(
-        limits: Limits,
-    ) -> Arc<Shared<impl Fn(Request, Option<u32>) -> std::future::Ready<Response>>> {
+    /// A request handler that is never called.
+    type Unused = fn(Request, Option<u32>) -> std::future::Ready<Response>;
+
+    fn shared(limits: Limits) -> Arc<Shared<Unused>> {
         Arc::new(Shared {
             handle: |_, _| std::future::ready(Response::error("unused")),
             slots: StdMutex::new(Slots::default()),
