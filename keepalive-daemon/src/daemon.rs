@@ -12,7 +12,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::Mutex,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     cgroup::{self, CgroupError},
@@ -95,7 +95,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     // Pins, links and connections each hold an fd: a low soft limit must not cost policies.
     match sys::raise_nofile_limit() {
-        Ok(limit) => info!("open files limit: {limit}"),
+        // Debug only: a start refused right after must stay one line on stderr.
+        Ok(limit) => debug!("open files limit: {limit}"),
         Err(e) => warn!("cannot raise the open files limit: {e}"),
     }
     let root = cgroup::find_root()?;

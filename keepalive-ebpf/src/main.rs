@@ -218,6 +218,10 @@ fn on_sockops(ctx: &SockOpsContext, op: u32) {
     let cgroup_id = state.policy;
     // An accepted socket whose listener got these values already inherited them.
     let inherited = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && state.applied == policy.generation;
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // A new connection starts uncounted: an override mark it carries is its listener's.
+        state._pad &= !STATE_OVERRIDDEN;
+    }
     let failures = if inherited {
         0
     } else {

@@ -310,6 +310,29 @@ fn a_program_that_turns_keepalive_off_keeps_it_under_enforce_and_is_told_success
     );
 }
 
+#[test]
+fn overrides_on_a_listener_and_on_its_connections_are_each_counted() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "listener-own");
+    set(&daemon, &cg, &[]);
+    // The program sets its own idle on the listener after listen(2) (after kad's), then on
+    // the connection it accepts: two overrides. The connection must not pass for counted
+    // because its listener was.
+    let mut command = Command::new(&env.peer);
+    command.args(["listen-own", "127.0.0.1:0"]);
+    let mut server = Process::spawn(command, Some(&cg.path));
+    let line = server.line();
+    let port = line.trim_start_matches("LISTENING ");
+    let mut command = Command::new(&env.peer);
+    command.args(["connect", &format!("127.0.0.1:{port}")]);
+    let mut client = Process::spawn(command, None);
+    client.report();
+    let report = server.report();
+    assert_eq!((report.keepalive, report.idle), (true, 8), "{report:?}");
+    assert_eq!(overridden(&daemon, &cg.path), 2);
+}
+
 /// `kad exec ARGS` against `daemon`, with libkeepalive's variables cleared and `envs` set.
 fn exec(env: &Env, daemon: &Daemon, envs: &[(&str, &str)], args: &[&str]) -> Output {
     let mut command = Command::new(&env.kad);

@@ -4,6 +4,8 @@
 //!
 //!   kad-test-peer listen ADDR    prints "LISTENING <port>", accepts one connection, reports
 //!   kad-test-peer connect ADDR   connects, reports
+//!   kad-test-peer listen-own ADDR  as listen, but sets its own TCP_KEEPIDLE (7) on the
+//!                                listener after listen(2), and 8 on the accepted socket
 //!   kad-test-peer connect-off ADDR  connects, turns SO_KEEPALIVE off (and TCP_KEEPIDLE to
 //!                                5), reports with "setsockopt": the first failing call's
 //!                                return value, or 0
@@ -63,6 +65,26 @@ fn report(stream: &TcpStream) -> Result<String, String> {
         "local_port": local.port(), "peer_port": peer.port(),
     })
     .to_string())
+}
+
+fn set_int(fd: i32, level: i32, name: i32, value: i32) -> Result<(), String> {
+    // SAFETY: setsockopt with an int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "setsockopt({level}, {name}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
 
 /// What a program that wants no keepalive does after connecting: turns it off. Returns the
@@ -288,12 +310,24 @@ fn run() -> Result<(), String> {
         return Err("usage: kad-test-peer listen|connect ADDR".into());
     };
     let stream = match mode.as_str() {
-        "listen" => {
+        "listen" | "listen-own" => {
             let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+            if mode == "listen-own" {
+                set_int(
+                    listener.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_KEEPIDLE,
+                    7,
+                )?;
+            }
             let port = listener.local_addr().map_err(|e| e.to_string())?.port();
             println!("LISTENING {port}");
             std::io::stdout().flush().map_err(|e| e.to_string())?;
-            listener.accept().map_err(|e| format!("accept: {e}"))?.0
+            let stream = listener.accept().map_err(|e| format!("accept: {e}"))?.0;
+            if mode == "listen-own" {
+                set_int(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 8)?;
+            }
+            stream
         }
         "connect" | "connect-off" => {
             TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?
