@@ -132,20 +132,13 @@ fn parse(
         } else {
             Policy::on(entry.idle, entry.intvl, entry.cnt)
                 .and_then(|p| p.with_extras(entry.user_timeout, entry.enforce))
-                .map_err(|e| fail(config_message(&e.to_string())))?
+                .map_err(|e| fail(e.to_string()))?
         };
         if policies.insert(path.clone(), policy).is_some() {
             return Err(fail(format!("{} has two policies", path.display())));
         }
     }
     Ok(policies)
-}
-
-/// A policy error in the config file's words: keys, not command-line flags.
-fn config_message(message: &str) -> String {
-    message
-        .replacen("--user-timeout", "user_timeout", 1)
-        .replacen("--", "", 1)
 }
 
 fn line_at(text: &str, offset: usize) -> usize {
@@ -250,7 +243,7 @@ idle = 300
             (
                 "[[policy]]\ncgroup = \"a\"\nuser_timeout = 0\n",
                 1,
-                "user_timeout must be a whole number between 1 and 2147483647",
+                "--user-timeout must be a whole number between 1 and 2147483647",
             ),
             ("[[policy]]\ncgroup = \"a\"\nuser_timeout = -5\n", 3, "u32"),
             (

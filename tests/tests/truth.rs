@@ -687,7 +687,7 @@ fn bad_input_is_one_line_and_changes_nothing() {
     .unwrap();
     one_line_error(
         &daemon.kad(&["reload"]),
-        &["kad.toml:1", "user_timeout", "between 1 and 2147483647"],
+        &["kad.toml:1", "--user-timeout", "between 1 and 2147483647"],
     );
     assert_eq!(daemon.list(), before, "nothing changed");
 }
