@@ -98,6 +98,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     // Pins, links and connections each hold an fd: a low soft limit must not cost policies.
     match sys::raise_nofile_limit() {
+        // Debug only: a start refused right after must stay one line on stderr.
         Ok(limit) => tracing::debug!("open files limit: {limit}"),
         Err(e) => warn!("cannot raise the open files limit: {e}"),
     }
@@ -735,15 +736,21 @@ impl State {
             policies: self.entries(),
             details: table
                 .iter()
-                .map(|(path, (_, source))| PolicyDetail {
-                    cgroup: path.display().to_string(),
-                    source: match source {
-                        Source::Set => "set",
-                        Source::Config => "config",
+                .map(|(path, (policy, source))| {
+                    let cgroup_id = in_force.get(path).and_then(|e| e.id);
+                    PolicyDetail {
+                        cgroup: path.display().to_string(),
+                        source: match source {
+                            Source::Set => "set",
+                            Source::Config => "config",
+                        }
+                        .to_string(),
+                        cgroup_id,
+                        error: self.kernel.failing(path).cloned(),
+                        enforce: policy.enforce,
+                        overridden: cgroup_id
+                            .map_or(0, |id| self.kernel.enforcer.counters(id).overridden),
                     }
-                    .to_string(),
-                    cgroup_id: in_force.get(path).and_then(|e| e.id),
-                    error: self.kernel.failing(path).cloned(),
                 })
                 .collect(),
             counters: self.stats(),

@@ -3,6 +3,7 @@
 //! The daemon ([`daemon`]) owns the [`enforcer`] (program instances, the policies map) and the
 //! policy table ([`store`]); the CLI ([`cli`]) talks to it over a unix socket ([`protocol`],
 //! [`client`]); [`server`] serves the control socket.
+pub mod audit;
 pub mod bpfsys;
 pub mod btf;
 pub mod cgroup;

@@ -53,6 +53,11 @@ pub struct StoredPolicy {
     pub idle: Option<u32>,
     pub intvl: Option<u32>,
     pub cnt: Option<u32>,
+    /// TCP_USER_TIMEOUT (ms) and `--enforce`: absent from files written before they existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_timeout: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enforce: bool,
     /// The `kad exec` run whose transient cgroup this is; the daemon removes the policy and
     /// the cgroup once that process and the cgroup's processes are gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,6 +72,8 @@ impl StoredPolicy {
             idle: policy.idle,
             intvl: policy.intvl,
             cnt: policy.cnt,
+            user_timeout: policy.user_timeout,
+            enforce: policy.enforce,
             exec_owner,
         }
     }
@@ -77,6 +84,8 @@ impl StoredPolicy {
             idle: self.idle,
             intvl: self.intvl,
             cnt: self.cnt,
+            user_timeout: self.user_timeout,
+            enforce: self.enforce,
         }
     }
 }
@@ -420,13 +429,24 @@ mod tests {
                 None,
             ),
             StoredPolicy::new(
+                root.join("kad-store-c").display().to_string(),
+                &Policy::on(None, None, Some(3))
+                    .unwrap()
+                    .with_extras(Some(5000), true)
+                    .unwrap(),
+                None,
+            ),
+            StoredPolicy::new(
                 root.join("kad-store-a/b").display().to_string(),
                 &Policy::OFF,
                 Some(owner),
             ),
         ];
         store.save(&entries).unwrap();
-        assert_eq!(store.load(&root).unwrap(), entries);
+        // Loaded in path order.
+        let mut sorted = entries.clone();
+        sorted.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        assert_eq!(store.load(&root).unwrap(), sorted);
         assert!(!dir.join("policies.json.tmp").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -449,6 +469,11 @@ mod tests {
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].exec_owner, None, "a name is not an owner");
         assert_eq!(loaded[0].idle, Some(300));
+        assert_eq!(
+            (loaded[0].user_timeout, loaded[0].enforce),
+            (None, false),
+            "written before TCP_USER_TIMEOUT and --enforce"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -237,6 +237,8 @@ fn on_sockops(ctx: &SockOpsContext, op: u32) {
     if passive {
         // Accepted from a listener that got the policy's current values: it inherited them.
         if let Some(state) = sock_state(sk as *mut c_void, false) {
+            // A new connection starts uncounted: an override mark it carries is its listener's.
+            state._pad &= !STATE_OVERRIDDEN;
             if let Some(policy) = policy_of(state.policy) {
                 if policy.flags & FLAG_ON != 0 && state.applied == policy.generation {
                     bump(state.policy, |c| c.passive += 1);

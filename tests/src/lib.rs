@@ -550,8 +550,14 @@ pub struct Report {
     pub idle: i64,
     pub intvl: i64,
     pub cnt: i64,
+    /// TCP_USER_TIMEOUT in milliseconds (0: not set); absent from programs that do not say.
+    #[serde(default)]
+    pub user_timeout: i64,
     pub local_port: u16,
     pub peer_port: u16,
+    /// `connect-off`: what the program's own setsockopt returned.
+    #[serde(default)]
+    pub setsockopt: Option<i64>,
 }
 
 impl Report {
@@ -1060,6 +1066,83 @@ impl NobodyKad {
                 other => return other.expect("run kad as nobody"),
             }
         }
+    }
+}
+
+/// The Go test peer (tests/go/gopeer.go), built statically with Debian's golang-go into a
+/// directory of its own (binary, build cache and GOPATH), removed when dropped. No network
+/// is used: the program needs only Go's standard library.
+pub struct GoPeer {
+    _dir: TempDir,
+    pub bin: PathBuf,
+}
+
+impl GoPeer {
+    pub fn build() -> GoPeer {
+        let go = ["/usr/bin/go", "/usr/lib/go/bin/go"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .expect("golang-go is missing (cargo xtask test installs it)");
+        let dir = TempDir::new("go");
+        let bin = dir.0.join("gopeer");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("go/gopeer.go");
+        let out = Command::new(go)
+            .arg("build")
+            .arg("-o")
+            .arg(&bin)
+            .arg(&source)
+            .current_dir(&dir.0)
+            .env("CGO_ENABLED", "0")
+            .env("GOCACHE", dir.0.join("cache"))
+            .env("GOPATH", dir.0.join("gopath"))
+            .env("GOFLAGS", "")
+            .env("GOPROXY", "off")
+            .env("GOTOOLCHAIN", "local")
+            .output()
+            .expect("run go build");
+        assert!(
+            out.status.success(),
+            "go build {}: {}",
+            source.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        GoPeer { _dir: dir, bin }
+    }
+
+    /// `gopeer listen ADDR` in `cgroup`; returns it and its port.
+    pub fn listen(&self, addr: &str, cgroup: Option<&Path>) -> (Process, u16) {
+        let mut command = Command::new(&self.bin);
+        command.args(["listen", addr]);
+        let mut server = Process::spawn(command, cgroup);
+        let line = server.line();
+        let port = line
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected Go listener output {line:?}"));
+        (server, port)
+    }
+
+    /// `gopeer connect ADDR` in `cgroup`.
+    pub fn connect(&self, addr: &str, cgroup: Option<&Path>) -> Process {
+        let mut command = Command::new(&self.bin);
+        command.args(["connect", addr]);
+        Process::spawn(command, cgroup)
+    }
+
+    /// A connection from a Go client in `client_cg` to a Go server in `server_cg`, held
+    /// until the processes are dropped; each end's report.
+    pub fn pair(
+        &self,
+        server_cg: Option<&Path>,
+        client_cg: Option<&Path>,
+    ) -> (Process, Report, Process, Report) {
+        let (mut server, port) = self.listen("127.0.0.1:0", server_cg);
+        let mut client = self.connect(&format!("127.0.0.1:{port}"), client_cg);
+        let client_report = client.report();
+        let server_report = server.report();
+        assert_eq!(server_report.peer_port, client_report.local_port);
+        (server, server_report, client, client_report)
     }
 }
 

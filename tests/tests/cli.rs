@@ -51,8 +51,8 @@ fn list_json_has_the_documented_shape() {
     assert_eq!(
         daemon.list(),
         serde_json::json!([
-            {"cgroup": cg.path, "mode": "on", "idle": 180, "intvl": null, "cnt": 20},
-            {"cgroup": off, "mode": "off", "idle": null, "intvl": null, "cnt": null},
+            {"cgroup": cg.path, "mode": "on", "idle": 180, "intvl": null, "cnt": 20, "user_timeout": null, "enforce": false},
+            {"cgroup": off, "mode": "off", "idle": null, "intvl": null, "cnt": null, "user_timeout": null, "enforce": false},
         ])
     );
     let table = daemon.kad_ok(&["list"]);

@@ -25,7 +25,9 @@ pub fn all(purpose: Purpose) -> Result<()> {
         // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to load another
         // vendor's program and to read run statistics in the bench; iproute2 (ss) and file: to
         // check sockets and binaries from outside; systemd: to verify the unit file; clang and
-        // libbpf-dev: to build another vendor's sock_ops program that the tests run beside kad's.
+        // libbpf-dev: to build another vendor's sock_ops program that the tests run beside kad's;
+        // golang-go (a static Go peer is built in the tests) and redis-server: real programs
+        // that set their own keepalive.
         for (tool, package) in [
             ("/usr/bin/clang", "clang"),
             ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
@@ -34,6 +36,8 @@ pub fn all(purpose: Purpose) -> Result<()> {
             ("/usr/bin/ss", "iproute2"),
             ("/usr/bin/file", "file"),
             ("/usr/bin/systemd-analyze", "systemd"),
+            ("/usr/bin/go", "golang-go"),
+            ("/usr/bin/redis-server", "redis-server"),
         ] {
             if !Path::new(tool).exists() {
                 apt.install(&[package])?;
@@ -149,12 +153,17 @@ impl Apt {
         if unsafe { libc::geteuid() } != 0 {
             bail!("missing packages {missing:?}: run as root, or install them with apt-get");
         }
+        // Wait for another apt run (a parallel setup) instead of failing on its lock.
+        let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];
         if !self.updated {
-            run(Command::new("apt-get").args(["update", "-q"]))?;
+            run(Command::new("apt-get")
+                .args(lock_wait)
+                .args(["update", "-q"]))?;
             self.updated = true;
         }
         eprintln!("xtask: installing {}", missing.join(" "));
         run(Command::new("apt-get")
+            .args(lock_wait)
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))
