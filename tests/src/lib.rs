@@ -284,6 +284,20 @@ impl Drop for TestCgroup {
     }
 }
 
+/// SIGKILLs the processes of one cgroup: `cgroup.kill` (5.14+), or each process listed.
+pub fn kill_cgroup(path: &Path) {
+    if fs::write(path.join("cgroup.kill"), "1").is_ok() {
+        return;
+    }
+    for _ in 0..3 {
+        let procs = fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: signalling a process of a cgroup this test made.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Kills the processes of a cgroup tree and removes its directories, deepest first.
 pub fn remove_cgroup_tree(path: &Path) {
     if let Ok(entries) = fs::read_dir(path) {
@@ -293,7 +307,7 @@ pub fn remove_cgroup_tree(path: &Path) {
             }
         }
     }
-    let _ = fs::write(path.join("cgroup.kill"), "1");
+    kill_cgroup(path);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         match fs::remove_dir(path) {
@@ -420,7 +434,8 @@ impl Daemon {
             .spawn()
             .expect("spawn kad daemon");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: under emulation (cargo xtask test-kernels) loading takes seconds.
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             // Ready when it answers: the socket is bound before the policies are applied.
             if self.kad(&["status"]).status.success() {

@@ -115,7 +115,7 @@ fn a_killed_kad_exec_is_collected_across_a_restart() {
     daemon.kill();
     kad.kill().unwrap();
     kad.wait().unwrap();
-    fs::write(cgroup.join("cgroup.kill"), "1").unwrap();
+    kad_tests::kill_cgroup(&cgroup);
     assert!(wait_for(Duration::from_secs(5), || !fs::read_to_string(
         cgroup.join("cgroup.events")
     )
