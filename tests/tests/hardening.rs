@@ -177,8 +177,21 @@ fn the_unit_s_capabilities_run_the_daemon_and_enforce_a_policy() {
     // A soft limit below the hard one, as a default start would give: the daemon raises it.
     let mut wrapper = vec!["prlimit".to_string(), format!("--nofile=1024:{hard}")];
     // Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: the unit lifts it, so does this.
+    // As far as this process may (raising a hard limit takes CAP_SYS_RESOURCE).
     if directive(&text, "LimitMEMLOCK").last().map(String::as_str) == Some("infinity") {
-        wrapper.push("--memlock=unlimited".into());
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the struct we own.
+        if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0 {
+            let hard = if limit.rlim_max == libc::RLIM_INFINITY {
+                "unlimited".to_string()
+            } else {
+                limit.rlim_max.to_string()
+            };
+            wrapper.push(format!("--memlock={hard}:{hard}"));
+        }
     }
     wrapper.push("--".into());
     wrapper.extend(setpriv_args(&names));
