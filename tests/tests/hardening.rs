@@ -183,7 +183,14 @@ fn the_unit_s_capabilities_run_the_daemon_and_enforce_a_policy() {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        // SAFETY: getrlimit fills the struct we own.
+        // With CAP_SYS_RESOURCE (a kernel booted for the matrix) it can be lifted altogether.
+        let infinity = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit/getrlimit on structs we own.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &infinity) };
+        // SAFETY: as above.
         if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0 {
             let hard = if limit.rlim_max == libc::RLIM_INFINITY {
                 "unlimited".to_string()
