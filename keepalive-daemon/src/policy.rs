@@ -1,13 +1,15 @@
 //! A cgroup's keepalive policy, its validation, and its form in the BPF map.
 use std::{fmt, ops::RangeInclusive};
 
-use keepalive_common::{PolicyValue, FLAG_ON};
+use keepalive_common::{PolicyValue, FLAG_ENFORCE, FLAG_ON};
 use serde::{Deserialize, Serialize};
 
 /// TCP_KEEPIDLE and TCP_KEEPINTVL limits, in seconds (MAX_TCP_KEEPIDLE in include/net/tcp.h).
 pub const SECS_RANGE: RangeInclusive<u32> = 1..=32767;
 /// TCP_KEEPCNT limits (MAX_TCP_KEEPCNT).
 pub const CNT_RANGE: RangeInclusive<u32> = 1..=127;
+/// TCP_USER_TIMEOUT limits, in milliseconds (the kernel takes a positive int).
+pub const USER_TIMEOUT_RANGE: RangeInclusive<u32> = 1..=2_147_483_647;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
@@ -19,6 +21,8 @@ pub enum PolicyError {
     },
     #[error("mode 'off' cannot be combined with --idle, --intvl or --cnt")]
     OffWithValues,
+    #[error("mode 'off' cannot be combined with --enforce")]
+    OffWithEnforce,
 }
 
 /// Whether kad turns keepalive on, or leaves sockets alone (an opt-out below a policy).
@@ -36,6 +40,12 @@ pub struct Policy {
     pub idle: Option<u32>,
     pub intvl: Option<u32>,
     pub cnt: Option<u32>,
+    /// TCP_USER_TIMEOUT in milliseconds.
+    #[serde(default)]
+    pub user_timeout: Option<u32>,
+    /// A program's own keepalive `setsockopt` is rewritten to the policy's values.
+    #[serde(default)]
+    pub enforce: bool,
 }
 
 impl Policy {
@@ -44,6 +54,8 @@ impl Policy {
         idle: None,
         intvl: None,
         cnt: None,
+        user_timeout: None,
+        enforce: false,
     };
 
     /// Keepalive on with the given values, each checked against the kernel's limits.
@@ -57,6 +69,8 @@ impl Policy {
             idle,
             intvl,
             cnt,
+            user_timeout: None,
+            enforce: false,
         };
         policy.validate()?;
         Ok(policy)
@@ -65,14 +79,22 @@ impl Policy {
     /// Checks a policy that came from outside (the control socket, the state file).
     pub fn validate(&self) -> Result<(), PolicyError> {
         if self.mode == Mode::Off {
-            if self.idle.is_some() || self.intvl.is_some() || self.cnt.is_some() {
+            if self.idle.is_some()
+                || self.intvl.is_some()
+                || self.cnt.is_some()
+                || self.user_timeout.is_some()
+            {
                 return Err(PolicyError::OffWithValues);
+            }
+            if self.enforce {
+                return Err(PolicyError::OffWithEnforce);
             }
             return Ok(());
         }
         check_range("--idle", self.idle, SECS_RANGE)?;
         check_range("--intvl", self.intvl, SECS_RANGE)?;
         check_range("--cnt", self.cnt, CNT_RANGE)?;
+        check_range("--user-timeout", self.user_timeout, USER_TIMEOUT_RANGE)?;
         Ok(())
     }
 
@@ -81,10 +103,11 @@ impl Policy {
         match self.mode {
             Mode::Off => PolicyValue::default(),
             Mode::On => PolicyValue {
-                flags: FLAG_ON,
                 idle: self.idle.unwrap_or(0),
                 intvl: self.intvl.unwrap_or(0),
                 cnt: self.cnt.unwrap_or(0),
+                user_timeout: self.user_timeout.unwrap_or(0),
+                flags: FLAG_ON | if self.enforce { FLAG_ENFORCE } else { 0 },
                 ..PolicyValue::default()
             },
         }
@@ -103,6 +126,8 @@ impl Policy {
             idle: set(value.idle),
             intvl: set(value.intvl),
             cnt: set(value.cnt),
+            user_timeout: set(value.user_timeout),
+            enforce: value.flags & FLAG_ENFORCE != 0,
         }
     }
 }

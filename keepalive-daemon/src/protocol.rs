@@ -67,6 +67,8 @@ impl PolicyEntry {
             idle: self.idle,
             intvl: self.intvl,
             cnt: self.cnt,
+            user_timeout: None,
+            enforce: false,
         }
     }
 }

@@ -409,9 +409,9 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn shared(
-        limits: Limits,
-    ) -> Arc<Shared<impl Fn(Request, Option<u32>) -> std::future::Ready<Response>>> {
+    type Ready = std::future::Ready<Response>;
+
+    fn shared(limits: Limits) -> Arc<Shared<impl Fn(Request, Option<u32>) -> Ready>> {
         Arc::new(Shared {
             handle: |_, _| std::future::ready(Response::error("unused")),
             slots: StdMutex::new(Slots::default()),
@@ -460,7 +460,7 @@ mod tests {
         let count = Arc::clone(&computed);
         let replies = runtime.block_on(async {
             let listener = bind(&path).unwrap();
-            tokio::spawn(serve(listener, LIMITS, move |_| {
+            tokio::spawn(serve(listener, LIMITS, move |_, _| {
                 let n = count.fetch_add(1, Ordering::SeqCst) + 1;
                 async move {
                     // Slow enough that the clients pile up behind it.

@@ -65,6 +65,8 @@ impl StoredPolicy {
             idle: self.idle,
             intvl: self.intvl,
             cnt: self.cnt,
+            user_timeout: None,
+            enforce: false,
         }
     }
 }
