@@ -3,6 +3,7 @@
 //! The daemon ([`daemon`]) owns the [`enforcer`] (program instances, the policies map) and the
 //! policy table ([`store`]); the CLI ([`cli`]) talks to it over a unix socket ([`protocol`],
 //! [`client`]); [`server`] serves the control socket.
+pub mod annotation;
 pub mod bpfsys;
 pub mod btf;
 pub mod cgroup;
@@ -16,6 +17,7 @@ pub mod inspect;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod oci;
 pub mod pathio;
 pub mod policy;
 pub mod probe;

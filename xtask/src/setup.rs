@@ -25,8 +25,10 @@ pub fn all(purpose: Purpose) -> Result<()> {
         // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to see attachments;
         // iproute2 (ss) and file: to check sockets and binaries from outside; systemd: to
         // verify the unit file; clang and libbpf-dev: to build another vendor's sock_ops
-        // program that the tests run beside kad's.
-        for (tool, package) in [
+        // program that the tests run beside kad's; podman and runc: to run containers with
+        // the OCI hook (runc, since crun refuses hybrid cgroup hosts; asked for in the same
+        // apt-get as podman, or podman's "crun | runc" dependency would bring crun).
+        let missing: Vec<&str> = [
             ("/usr/bin/clang", "clang"),
             ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
             ("/bin/busybox", "busybox-static"),
@@ -34,10 +36,16 @@ pub fn all(purpose: Purpose) -> Result<()> {
             ("/usr/bin/ss", "iproute2"),
             ("/usr/bin/file", "file"),
             ("/usr/bin/systemd-analyze", "systemd"),
-        ] {
-            if !Path::new(tool).exists() {
-                apt.install(&[package])?;
-            }
+            ("/usr/bin/podman", "podman"),
+            ("/usr/sbin/runc", "runc"),
+            ("/usr/bin/nsenter", "util-linux"),
+        ]
+        .into_iter()
+        .filter(|(tool, _)| !Path::new(tool).exists())
+        .map(|(_, package)| package)
+        .collect();
+        if !missing.is_empty() {
+            apt.install(&missing)?;
         }
     }
     bpffs()?;

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     cgroup, client,
     daemon::{self, DaemonConfig},
-    enforcer, exec, inspect,
+    enforcer, exec, inspect, oci,
     policy::{self, Policy, CNT_RANGE, SECS_RANGE},
     probe,
     protocol::{Request, Response},
@@ -56,6 +56,19 @@ enum Command {
     Probe(JsonFlag),
     /// List the established TCP connections of processes with their real keepalive state.
     Inspect(InspectArgs),
+    /// An OCI runtime hook (hooks.d): reads the container's state on stdin and puts its
+    /// kad.dev/keepalive annotation in force (createRuntime) or removes it (poststop).
+    OciHook(OciHookArgs),
+}
+
+#[derive(Debug, Args)]
+struct OciHookArgs {
+    /// createRuntime (or prestart) or poststop; by default from the container's status.
+    #[arg(value_name = "STAGE")]
+    stage: Option<String>,
+    /// Where the hook records, per container, the cgroup it gave a policy.
+    #[arg(long, default_value = oci::DEFAULT_RUN_DIR, value_name = "DIR")]
+    run_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -248,6 +261,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let socket = cli.socket;
     match cli.command {
         Command::Exec(args) => return run_exec(&socket, args),
+        Command::OciHook(args) => oci_hook(&socket, &args)?,
         Command::Probe(flag) => {
             let state = probe::probe().context("cannot open a loopback connection")?;
             if flag.json {
@@ -344,6 +358,18 @@ fn run_exec(socket: &std::path::Path, args: ExecArgs) -> anyhow::Result<ExitCode
         );
     }
     Ok(ExitCode::from(finished.code))
+}
+
+/// `kad oci-hook`: a failure exits non-zero, which makes the runtime refuse to start the
+/// container (at createRuntime) with this message.
+fn oci_hook(socket: &std::path::Path, args: &OciHookArgs) -> anyhow::Result<()> {
+    let state = oci::read_state(std::io::stdin().lock())?;
+    match oci::run(socket, &args.run_dir, args.stage.as_deref(), &state)? {
+        oci::Outcome::Applied { cgroup, policy } => println!("{cgroup}: {policy}"),
+        oci::Outcome::Removed { cgroup } => println!("{cgroup}: policy removed"),
+        oci::Outcome::NotAnnotated | oci::Outcome::NothingToRemove => {}
+    }
+    Ok(())
 }
 
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
