@@ -260,28 +260,9 @@ fn keepalive_secs(line: &str) -> Option<f64> {
 
 /// The container's first connection: a listener and a client on its loopback, both busybox,
 /// both kept open (their stdin never ends).
-const FIRST_CONNECTION: &str = "sleep 1000 | nc -l -p 5000 & \
-     sleep 0.3; until sleep 1000 | nc 127.0.0.1 5000; do sleep 0.1; done";
-
-#[test]
-fn annotated_container_has_the_policy_from_its_first_connection() {
-    let env = kad_env!();
-    if !podman_available() {
-        return;
-    }
-    let daemon = Daemon::start(&env);
-    let mut podman = Podman::new(&env, &daemon.socket);
-    let (name, out) = podman.start(Some("idle=151,intvl=15,cnt=3"), FIRST_CONNECTION);
-    assert!(
-        out.status.success(),
-        "podman run: {}\ndaemon log:\n{}",
-        stderr(&out),
-        daemon.log()
-    );
-    let id = podman.id(&name);
-    let cgroup = podman.cgroup_of(&id);
-    let pid = podman.pid(&name);
-
+/// Both ends of the container's first connection (FIRST_CONNECTION) have idle=151, intvl=15,
+/// cnt=3: as the kernel shows them from the host (ss), and as read on each socket (kad inspect).
+fn assert_first_connection_has_the_policy(daemon: &Daemon, pid: u32) {
     // Both ends, as the kernel shows them from the host.
     let mut lines = Vec::new();
     assert!(
@@ -327,6 +308,32 @@ fn annotated_container_has_the_policy_from_its_first_connection() {
             "{c}"
         );
     }
+}
+
+const FIRST_CONNECTION: &str = "sleep 1000 | nc -l -p 5000 & \
+     sleep 0.3; until sleep 1000 | nc 127.0.0.1 5000; do sleep 0.1; done";
+
+#[test]
+fn annotated_container_has_the_policy_from_its_first_connection() {
+    let env = kad_env!();
+    if !podman_available() {
+        return;
+    }
+    let daemon = Daemon::start(&env);
+    let mut podman = Podman::new(&env, &daemon.socket);
+    let (name, out) = podman.start(Some("idle=151,intvl=15,cnt=3"), FIRST_CONNECTION);
+    assert!(
+        out.status.success(),
+        "podman run: {}\ndaemon log:\n{}",
+        stderr(&out),
+        daemon.log()
+    );
+    let id = podman.id(&name);
+    let cgroup = podman.cgroup_of(&id);
+    let pid = podman.pid(&name);
+
+    assert_first_connection_has_the_policy(&daemon, pid);
+
     let list = daemon.list();
     let entry = list
         .as_array()
@@ -335,6 +342,15 @@ fn annotated_container_has_the_policy_from_its_first_connection() {
         .find(|p| p["cgroup"] == cgroup.display().to_string())
         .unwrap_or_else(|| panic!("no policy for {}: {list}", cgroup.display()));
     assert_eq!(entry["idle"], 151, "{entry}");
+    assert_eq!(podman.records(), 1);
+
+    // A restart: poststop removes the policy, createRuntime puts it back before the new
+    // process's first connection.
+    let out = podman.run(&["restart", "-t", "0", &name]);
+    assert!(out.status.success(), "podman restart: {}", stderr(&out));
+    let new_pid = podman.pid(&name);
+    assert_ne!(new_pid, pid);
+    assert_first_connection_has_the_policy(&daemon, new_pid);
     assert_eq!(podman.records(), 1);
 
     // poststop (podman runs it at stop and again at rm) removes it.
