@@ -262,7 +262,7 @@ fn keepalive_secs(line: &str) -> Option<f64> {
 /// both kept open (their stdin never ends).
 /// Both ends of the container's first connection (FIRST_CONNECTION) have idle=151, intvl=15,
 /// cnt=3: as the kernel shows them from the host (ss), and as read on each socket (kad inspect).
-fn assert_first_connection_has_the_policy(daemon: &Daemon, pid: u32) {
+fn assert_first_connection_has_the_policy(daemon: &Daemon, pid: u32, id: &str) {
     // Both ends, as the kernel shows them from the host.
     let mut lines = Vec::new();
     assert!(
@@ -282,7 +282,8 @@ fn assert_first_connection_has_the_policy(daemon: &Daemon, pid: u32) {
         assert!(left > 130.0 && left <= 151.0, "timer {left} s: {line}");
     }
     // The values themselves, read on each socket.
-    let out = daemon.kad(&["inspect", "--pid", &pid.to_string(), "--json"]);
+    // --container with the short id `podman ps` shows: the same cgroup as the process's.
+    let out = daemon.kad(&["inspect", "--container", &id[..12], "--json"]);
     assert!(out.status.success(), "kad inspect: {}", stderr(&out));
     let connections: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("inspect --json");
@@ -332,7 +333,17 @@ fn annotated_container_has_the_policy_from_its_first_connection() {
     let cgroup = podman.cgroup_of(&id);
     let pid = podman.pid(&name);
 
-    assert_first_connection_has_the_policy(&daemon, pid);
+    assert_first_connection_has_the_policy(&daemon, pid, &id);
+    let stats = daemon.kad_ok(&["stats", "--container", &id[..12], "--json"]);
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats --json");
+    let rows = stats["cgroups"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "{stats}");
+    assert_eq!(rows[0]["cgroup"], cgroup.display().to_string());
+    assert_eq!(
+        (&rows[0]["connect"], &rows[0]["accept"]),
+        (&1.into(), &1.into()),
+        "{stats}"
+    );
 
     let list = daemon.list();
     let entry = list
@@ -350,7 +361,7 @@ fn annotated_container_has_the_policy_from_its_first_connection() {
     assert!(out.status.success(), "podman restart: {}", stderr(&out));
     let new_pid = podman.pid(&name);
     assert_ne!(new_pid, pid);
-    assert_first_connection_has_the_policy(&daemon, new_pid);
+    assert_first_connection_has_the_policy(&daemon, new_pid, &id);
     assert_eq!(podman.records(), 1);
 
     // poststop (podman runs it at stop and again at rm) removes it.

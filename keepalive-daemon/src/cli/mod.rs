@@ -48,7 +48,7 @@ enum Command {
     /// Show the daemon's state: program, kernel, cgroup2 root, policies.
     Status(JsonFlag),
     /// Show what the kernel program counted per policy cgroup.
-    Stats(JsonFlag),
+    Stats(StatsArgs),
     /// Run a command in a transient cgroup with a keepalive policy (libkeepalive's variables
     /// KEEPIDLE, KEEPINTVL, KEEPCNT, KEEPALIVE=off fill in what the flags do not give).
     Exec(ExecArgs),
@@ -100,10 +100,10 @@ struct UninstallArgs {
     purge: bool,
 }
 
-/// Which cgroup: exactly one of --cgroup, --unit, --pid.
+/// Which cgroup: exactly one of --cgroup, --unit, --pid, --container.
 #[derive(Debug, Args)]
 #[group(skip)]
-#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["cgroup", "unit", "pid"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["cgroup", "unit", "pid", "container"])))]
 struct TargetArgs {
     /// A cgroup: an absolute path on the cgroup2 filesystem, or a path relative to its root.
     #[arg(long, value_name = "CG")]
@@ -112,11 +112,15 @@ struct TargetArgs {
     #[arg(long, value_name = "NAME")]
     unit: Option<String>,
     /// The slice of --unit.
-    #[arg(long, value_name = "SLICE", conflicts_with_all = ["cgroup", "pid"])]
+    #[arg(long, value_name = "SLICE", conflicts_with_all = ["cgroup", "pid", "container"])]
     slice: Option<String>,
     /// The cgroup process N is in now (the policy stays with that cgroup's path).
     #[arg(long, value_name = "N")]
     pid: Option<u32>,
+    /// A running container's cgroup, by its id or a unique prefix (podman, docker,
+    /// containerd, CRI-O; cgroupfs or systemd driver).
+    #[arg(long, value_name = "ID")]
+    container: Option<String>,
 }
 
 impl TargetArgs {
@@ -128,10 +132,13 @@ impl TargetArgs {
         if let Some(unit) = &self.unit {
             return Ok(target::unit_path(unit, self.slice.as_deref())?);
         }
+        let root = cgroup::find_root()?;
+        if let Some(id) = &self.container {
+            return Ok(target::container_path(&root, id)?.display().to_string());
+        }
         let pid = self
             .pid
-            .context("one of --cgroup, --unit, --pid is required")?;
-        let root = cgroup::find_root()?;
+            .context("one of --cgroup, --unit, --pid, --container is required")?;
         Ok(target::pid_path(&root, pid)?.display().to_string())
     }
 }
@@ -186,6 +193,16 @@ struct InspectArgs {
     /// The processes of a cgroup (and below): given by path, by unit, or by one of its processes.
     #[command(flatten)]
     target: TargetArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    /// Only the policies of this running container's cgroup (and below), by id or prefix.
+    #[arg(long, value_name = "ID")]
+    container: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -286,11 +303,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args.json,
             )?;
         }
-        Command::Stats(flag) => match client::call(&socket, &Request::Stats)? {
+        Command::Stats(args) => match client::call(&socket, &Request::Stats)? {
             Response::Stats {
-                stats,
+                mut stats,
                 kills_counted,
-            } => output::stats(&stats, kills_counted, flag.json)?,
+            } => {
+                if let Some(id) = &args.container {
+                    let path = target::container_path(&cgroup::find_root()?, id)?;
+                    stats.retain(|row| std::path::Path::new(&row.cgroup).starts_with(&path));
+                }
+                output::stats(&stats, kills_counted, args.json)?
+            }
             other => anyhow::bail!("unexpected reply to stats: {other:?}"),
         },
         Command::Daemon(args) => run_daemon(DaemonConfig {
@@ -415,6 +438,11 @@ mod tests {
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
         assert!(parse(&["set", "--slice", "user.slice", "--cgroup", "a"]).is_err());
         assert!(parse(&["set", "--pid", "abc"]).is_err());
+        assert!(parse(&["unset", "--container", "8d2c46a4"]).is_ok());
+        assert!(parse(&["inspect", "--container", "8d2c46a4", "--json"]).is_ok());
+        assert!(parse(&["set", "--container", "8d2c", "--pid", "1"]).is_err());
+        assert!(parse(&["set", "--container", "8d2c", "--slice", "x.slice"]).is_err());
+        assert!(parse(&["stats", "--container", "8d2c", "--json"]).is_ok());
     }
 
     #[test]
