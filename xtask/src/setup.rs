@@ -39,6 +39,8 @@ pub fn all(purpose: Purpose) -> Result<()> {
             ("/usr/bin/podman", "podman"),
             ("/usr/sbin/runc", "runc"),
             ("/usr/bin/nsenter", "util-linux"),
+            // A venv for kubernetes-validate (PyPI), which checks dist/kubernetes.
+            ("/usr/share/doc/python3-venv", "python3-venv"),
         ]
         .into_iter()
         .filter(|(tool, _)| !Path::new(tool).exists())
@@ -47,6 +49,7 @@ pub fn all(purpose: Purpose) -> Result<()> {
         if !missing.is_empty() {
             apt.install(&missing)?;
         }
+        kubernetes_validate()?;
     }
     bpffs()?;
     Ok(())
@@ -114,6 +117,41 @@ fn bpf_linker(apt: &mut Apt) -> Result<()> {
             // Without it the link looks for libLLVM in /usr/lib64.
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
+}
+
+/// The kubernetes-validate release the manifests are checked with (its schemas are bundled:
+/// it needs no cluster).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// Where `cargo xtask test` keeps kubernetes-validate: a venv of Debian's python3 (pip may not
+/// install into the system's), in the workspace's target directory.
+pub fn kubernetes_validate_bin() -> std::path::PathBuf {
+    crate::workspace_root().join("target/tools/kubernetes-validate/bin/kubernetes-validate")
+}
+
+fn kubernetes_validate() -> Result<()> {
+    let venv = crate::workspace_root().join("target/tools/kubernetes-validate");
+    let marker = venv.join("kad-version");
+    if kubernetes_validate_bin().is_file()
+        && std::fs::read_to_string(&marker).is_ok_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}",
+        venv.display()
+    );
+    let _ = std::fs::remove_dir_all(&venv);
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))?;
+    std::fs::write(&marker, KUBERNETES_VALIDATE_VERSION).context("write the venv's version")
 }
 
 fn bpffs() -> Result<()> {
