@@ -95,7 +95,8 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     // Pins, links and connections each hold an fd: a low soft limit must not cost policies.
     match sys::raise_nofile_limit() {
-        Ok(limit) => info!("open files limit: {limit}"),
+        // Debug: a start refused right after must print one line only.
+        Ok(limit) => tracing::debug!("open files limit: {limit}"),
         Err(e) => warn!("cannot raise the open files limit: {e}"),
     }
     let root = cgroup::find_root()?;
