@@ -48,6 +48,9 @@ pub struct PolicyEntry {
     pub idle: Option<u32>,
     pub intvl: Option<u32>,
     pub cnt: Option<u32>,
+    /// The pod (`namespace/name`) whose annotation this is, for pod policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 impl PolicyEntry {
@@ -58,6 +61,7 @@ impl PolicyEntry {
             idle: policy.idle,
             intvl: policy.intvl,
             cnt: policy.cnt,
+            pod: None,
         }
     }
 
@@ -132,6 +136,9 @@ pub struct StatusReport {
     pub counters: Vec<StatsEntry>,
     /// False when the kernel's BTF lacked what is needed to recognise keepalive kills.
     pub kills_counted: bool,
+    /// The pod watcher; absent when the daemon runs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodsStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +150,24 @@ pub struct PolicyDetail {
     pub cgroup_id: Option<u64>,
     /// Why the policy is not in force, if applying it failed.
     pub error: Option<String>,
+    /// For a pod policy ("pod"): the pod, `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+}
+
+/// The pod watcher, when the daemon runs one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodsStatus {
+    /// "kubernetes (node NAME)" or "events from PATH".
+    pub source: String,
+    /// Whether the last attempt to reach the API server worked.
+    pub connected: bool,
+    /// The last error, while not connected.
+    pub error: Option<String>,
+    /// Pods of this node known to kad.
+    pub pods: usize,
+    /// Pods whose annotation (or namespace's) is invalid, with why: they have no policy.
+    pub invalid: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

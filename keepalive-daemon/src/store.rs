@@ -17,6 +17,9 @@ use crate::{
 };
 
 const FILE_NAME: &str = "policies.json";
+/// Pod policies (`kad daemon --kubernetes`), kept so that they stay known, and enforced,
+/// across a restart while the API server cannot be reached.
+const PODS_FILE_NAME: &str = "pods.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,6 +48,9 @@ pub struct StoredPolicy {
     /// the cgroup once that process and the cgroup's processes are gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_owner: Option<ExecOwner>,
+    /// The pod (`namespace/name`) whose annotation this policy is (pods.json only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 impl StoredPolicy {
@@ -56,6 +62,7 @@ impl StoredPolicy {
             intvl: policy.intvl,
             cnt: policy.cnt,
             exec_owner,
+            pod: None,
         }
     }
 
@@ -79,6 +86,13 @@ impl Store {
     pub fn new(state_dir: &Path) -> Self {
         Store {
             path: state_dir.join(FILE_NAME),
+        }
+    }
+
+    /// The pod policies' file in the state directory.
+    pub fn pods(state_dir: &Path) -> Self {
+        Store {
+            path: state_dir.join(PODS_FILE_NAME),
         }
     }
 

@@ -85,6 +85,22 @@ struct DaemonArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9977); off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Pods' kad.dev/keepalive annotations (or their namespace's) are policies on the pods'
+    /// cgroups: watch this node's pods (kubeconfig from KUBECONFIG, or the service account).
+    #[arg(long, conflicts_with = "pod_events")]
+    kubernetes: bool,
+    /// The node whose pods to watch.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+    /// Read pod events (JSON lines, as the watcher makes them) from a file or FIFO instead.
+    #[arg(long, value_name = "PATH")]
+    pod_events: Option<PathBuf>,
+    /// The kubelet's --cgroup-driver: where pod cgroups are.
+    #[arg(long, value_name = "DRIVER", default_value = "systemd", value_parser = ["systemd", "cgroupfs"])]
+    kubelet_cgroup_driver: String,
+    /// The kubelet's --cgroup-root, relative to the cgroup2 root.
+    #[arg(long, value_name = "PATH", default_value = "/")]
+    kubelet_cgroup_root: String,
 }
 
 #[derive(Debug, Args)]
@@ -316,13 +332,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             other => anyhow::bail!("unexpected reply to stats: {other:?}"),
         },
-        Command::Daemon(args) => run_daemon(DaemonConfig {
-            socket,
-            state_dir: args.state_dir,
-            bpffs: args.bpffs,
-            config: args.config,
-            metrics: args.metrics,
-        })?,
+        Command::Daemon(args) => {
+            let pods = match (args.kubernetes, args.pod_events) {
+                (true, _) => {
+                    let node = args.node_name.filter(|n| !n.trim().is_empty()).context(
+                        "--kubernetes needs the node's name: --node-name NAME or NODE_NAME",
+                    )?;
+                    Some(daemon::PodSource::Kubernetes { node })
+                }
+                (false, Some(path)) => Some(daemon::PodSource::Events(path)),
+                (false, None) => None,
+            };
+            let kubelet_root = &args.kubelet_cgroup_root;
+            if kubelet_root.split('/').any(|c| c == "..") {
+                anyhow::bail!("--kubelet-cgroup-root '{kubelet_root}' contains '..'");
+            }
+            run_daemon(DaemonConfig {
+                socket,
+                state_dir: args.state_dir,
+                bpffs: args.bpffs,
+                config: args.config,
+                metrics: args.metrics,
+                pods,
+                kubelet: crate::pods::KubeletLayout {
+                    systemd: args.kubelet_cgroup_driver == "systemd",
+                    cgroup_root: kubelet_root.trim_matches('/').to_string(),
+                },
+            })?
+        }
         Command::Set(args) => {
             let values = &args.values;
             let policy = if values.off {

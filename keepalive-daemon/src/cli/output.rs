@@ -60,7 +60,22 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
             (None, Some(id)) => format!("in force on cgroup id {id}"),
             (None, None) => "waiting for the cgroup to exist".to_string(),
         };
-        println!("  {} (from {}): {state}", detail.cgroup, detail.source);
+        let source = match &detail.pod {
+            Some(pod) => format!("pod {pod}"),
+            None => detail.source.clone(),
+        };
+        println!("  {} (from {source}): {state}", detail.cgroup);
+    }
+    if let Some(pods) = &report.pods {
+        let state = match (&pods.error, pods.connected) {
+            (_, true) => "connected".to_string(),
+            (Some(e), false) => format!("NOT connected ({e}); the pod policies in force stay"),
+            (None, false) => "NOT connected; the pod policies in force stay".to_string(),
+        };
+        println!("pods:         {}: {state}, {} pods", pods.source, pods.pods);
+        for line in &pods.invalid {
+            println!("  no policy: {line}");
+        }
     }
     if !report.counters.is_empty() {
         println!("counters:");
@@ -85,9 +100,13 @@ fn table(entries: &[PolicyEntry]) -> String {
             Mode::On => "on",
             Mode::Off => "off",
         };
+        let pod = e
+            .pod
+            .as_ref()
+            .map_or_else(String::new, |pod| format!("  (pod {pod})"));
         let _ = writeln!(
             out,
-            "{:<width$}  {mode:<4}  {:<7}  {:<7}  {}",
+            "{:<width$}  {mode:<4}  {:<7}  {:<7}  {}{pod}",
             e.cgroup,
             value(e.idle),
             value(e.intvl),
