@@ -759,12 +759,13 @@ impl State {
     fn on_pod_event(&mut self, event: PodEvent) {
         if let PodEvent::Connection { ok, message } = &event {
             if let Some(status) = &mut self.pods_status {
-                if !ok {
+                // Once per change: the watcher retries with backoff, and says so each time.
+                if !ok && (status.connected || status.error != *message) {
                     warn!(
                         "pod watcher: {}; the pod policies in force stay, retrying",
                         message.as_deref().unwrap_or("disconnected")
                     );
-                } else if !status.connected {
+                } else if *ok && !status.connected {
                     info!("pod watcher: connected");
                 }
                 status.connected = *ok;

@@ -46,11 +46,19 @@ pub async fn run(node: String, events: mpsc::Sender<PodEvent>) {
     let mut merged = std::pin::pin!(stream::select(pods, namespaces));
     let mut connected = None;
     while let Some(item) = merged.next().await {
+        // A (re)start of a list proves nothing yet: only objects or an error do.
         let (ok, message, batch) = match item {
-            Ok(batch) => (true, None, batch),
+            Ok(batch) => (
+                batch
+                    .iter()
+                    .any(|e| !matches!(e, PodEvent::ListStart { .. })),
+                None,
+                batch,
+            ),
             Err(e) => (false, Some(e.to_string()), Vec::new()),
         };
-        if connected != Some(ok) || !ok {
+        let known = ok || message.is_some();
+        if known && (connected != Some(ok) || !ok) {
             connected = Some(ok);
             if events
                 .send(PodEvent::Connection { ok, message })
