@@ -443,10 +443,11 @@ pub fn expand_slice(slice: &str) -> Option<String> {
     Some(path.join("/"))
 }
 
-/// Container ids name the record file: runtimes use hex or names of these characters.
+/// Container ids name the record file (a file name: at most 255 bytes): runtimes use hex or
+/// names of these characters.
 fn check_id(id: &str) -> Result<(), OciError> {
     let ok = !id.is_empty()
-        && id.len() <= 1024
+        && id.len() <= 200
         && !id.starts_with('.')
         && id
             .bytes()
