@@ -109,12 +109,26 @@ pub struct KernelOffsets {
     pub cgroup_root: u32,
     /// `cgroup_root.hierarchy_id` (int).
     pub hierarchy_id: u32,
-    /// Bit 0: the kill fields are valid; bit 1: the cgroup fields are valid.
+    /// `kernfs_node.parent` (pointer; `__parent` since 6.15).
+    pub kn_parent: u32,
+    /// `sock_common.skc_family` (u16).
+    pub family: u32,
+    /// `sock_common.skc_daddr` and `skc_rcv_saddr` (IPv4, network order).
+    pub daddr: u32,
+    pub saddr: u32,
+    /// `sock_common.skc_dport` (network order) and `skc_num` (host order).
+    pub dport: u32,
+    pub sport: u32,
+    /// `sock_common.skc_v6_daddr` and `skc_v6_rcv_saddr`.
+    pub daddr6: u32,
+    pub saddr6: u32,
+    /// Bit 0: the kill fields are valid; bit 1: the cgroup fields; bit 2: the address fields.
     pub valid: u32,
 }
 
 pub const OFFSETS_KILLS: u32 = 1;
 pub const OFFSETS_CGROUP: u32 = 2;
+pub const OFFSETS_ADDRS: u32 = 4;
 
 // SAFETY: plain `repr(C)` integers with no padding.
 #[cfg(feature = "user")]

@@ -17,7 +17,6 @@ const BPF_LINK_CREATE: i64 = 28;
 const BPF_LINK_UPDATE: i64 = 29;
 const BPF_ITER_CREATE: i64 = 33;
 // enum bpf_attach_type (include/uapi/linux/bpf.h).
-const BPF_CGROUP_INET_SOCK_CREATE: u32 = 2;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_SETSOCKOPT: u32 = 22;
 const BPF_TRACE_ITER: u32 = 28;
@@ -25,21 +24,15 @@ const BPF_TRACE_ITER: u32 = 28;
 /// Where a cgroup program is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CgroupHook {
-    SockCreate,
     SockOps,
     SetSockopt,
 }
 
 impl CgroupHook {
-    pub const ALL: [CgroupHook; 3] = [
-        CgroupHook::SockCreate,
-        CgroupHook::SockOps,
-        CgroupHook::SetSockopt,
-    ];
+    pub const ALL: [CgroupHook; 2] = [CgroupHook::SockOps, CgroupHook::SetSockopt];
 
     fn attach_type(self) -> u32 {
         match self {
-            CgroupHook::SockCreate => BPF_CGROUP_INET_SOCK_CREATE,
             CgroupHook::SockOps => BPF_CGROUP_SOCK_OPS,
             CgroupHook::SetSockopt => BPF_CGROUP_SETSOCKOPT,
         }
@@ -48,7 +41,6 @@ impl CgroupHook {
     /// The name of its pin in an anchor's directory.
     pub fn pin_name(self) -> &'static str {
         match self {
-            CgroupHook::SockCreate => "sock_create",
             CgroupHook::SockOps => "sock_ops",
             CgroupHook::SetSockopt => "setsockopt",
         }

@@ -3,7 +3,7 @@
 //! hands them to the program as a read-only global.
 use std::{collections::HashMap, path::Path};
 
-use keepalive_common::{KernelOffsets, OFFSETS_CGROUP, OFFSETS_KILLS};
+use keepalive_common::{KernelOffsets, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KILLS};
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -231,7 +231,7 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
         }
         Err(e) => missing.push(format!("keepalive kills: {e}")),
     }
-    let cgroup = (|| -> Result<(u32, u32, u32, u32, u32), BtfError> {
+    let cgroup = (|| -> Result<(u32, u32, u32, u32, u32, u32), BtfError> {
         Ok((
             btf.field_offset("sock", "sk_cgrp_data")?
                 + btf.field_offset("sock_cgroup_data", "cgroup")?,
@@ -239,10 +239,14 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
             btf.field_offset("kernfs_node", "id")?,
             btf.field_offset("cgroup", "root")?,
             btf.field_offset("cgroup_root", "hierarchy_id")?,
+            // Renamed in 6.15.
+            btf.field_offset("kernfs_node", "__parent")
+                .or_else(|_| btf.field_offset("kernfs_node", "parent"))?,
         ))
     })();
     match cgroup {
-        Ok((sk_cgroup, cgroup_kn, kn_id, cgroup_root, hierarchy_id)) => {
+        Ok((sk_cgroup, cgroup_kn, kn_id, cgroup_root, hierarchy_id, kn_parent)) => {
+            offsets.kn_parent = kn_parent;
             offsets.sk_cgroup = sk_cgroup;
             offsets.cgroup_kn = cgroup_kn;
             offsets.kn_id = kn_id;
@@ -251,6 +255,31 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
             offsets.valid |= OFFSETS_CGROUP;
         }
         Err(e) => missing.push(format!("cgroup fields: {e}")),
+    }
+    let addrs = (|| -> Result<[u32; 7], BtfError> {
+        let f = |field: &str| btf.field_offset("sock_common", field);
+        Ok([
+            f("skc_family")?,
+            f("skc_daddr")?,
+            f("skc_rcv_saddr")?,
+            f("skc_dport")?,
+            f("skc_num")?,
+            f("skc_v6_daddr")?,
+            f("skc_v6_rcv_saddr")?,
+        ])
+    })();
+    match addrs {
+        Ok([family, daddr, saddr, dport, sport, daddr6, saddr6]) => {
+            offsets.family = family;
+            offsets.daddr = daddr;
+            offsets.saddr = saddr;
+            offsets.dport = dport;
+            offsets.sport = sport;
+            offsets.daddr6 = daddr6;
+            offsets.saddr6 = saddr6;
+            offsets.valid |= OFFSETS_ADDRS;
+        }
+        Err(e) => missing.push(format!("connection addresses in kill events: {e}")),
     }
     Ok((offsets, missing))
 }
@@ -278,7 +307,15 @@ mod tests {
         }
         let (offsets, missing) = kernel_offsets().expect("this kernel has BTF");
         assert!(missing.is_empty(), "{missing:?}");
-        assert_eq!(offsets.valid, OFFSETS_KILLS | OFFSETS_CGROUP);
+        assert_eq!(
+            offsets.valid,
+            OFFSETS_KILLS | OFFSETS_CGROUP | OFFSETS_ADDRS
+        );
+        assert_eq!(
+            offsets.saddr,
+            offsets.daddr + 4,
+            "skc_rcv_saddr follows skc_daddr"
+        );
         assert!(offsets.kn_id > 0 && offsets.cgroup_kn > 0 && offsets.sk_cgroup > 0);
         // inet_connection_sock embeds struct sock first: its own fields come after sock's.
         let btf = Btf::from_sys_fs().unwrap();

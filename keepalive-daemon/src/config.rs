@@ -6,6 +6,8 @@
 //! idle = 180
 //! intvl = 60
 //! cnt = 20
+//! user_timeout = 90000           # TCP_USER_TIMEOUT, milliseconds
+//! enforce = true                 # programs' own keepalive setsockopt is rewritten
 //!
 //! [[policy]]
 //! cgroup = "app/batch"
@@ -55,6 +57,9 @@ struct Entry {
     idle: Option<u32>,
     intvl: Option<u32>,
     cnt: Option<u32>,
+    user_timeout: Option<u32>,
+    #[serde(default)]
+    enforce: bool,
 }
 
 /// The policies of the config file at `path`, keyed by absolute cgroup path. A missing file is
@@ -108,14 +113,26 @@ fn parse(
         };
         let path = check(&relative).map_err(|e| fail(e.to_string()))?;
         let policy = if entry.off {
-            if entry.idle.is_some() || entry.intvl.is_some() || entry.cnt.is_some() {
+            if entry.enforce {
                 return Err(fail(
-                    "off = true cannot be combined with idle, intvl or cnt".into(),
+                    "off = true cannot be combined with enforce = true: an opt-out has no values to enforce"
+                        .into(),
+                ));
+            }
+            if entry.idle.is_some()
+                || entry.intvl.is_some()
+                || entry.cnt.is_some()
+                || entry.user_timeout.is_some()
+            {
+                return Err(fail(
+                    "off = true cannot be combined with idle, intvl, cnt or user_timeout".into(),
                 ));
             }
             Policy::OFF
         } else {
-            Policy::on(entry.idle, entry.intvl, entry.cnt).map_err(|e| fail(e.to_string()))?
+            Policy::on(entry.idle, entry.intvl, entry.cnt)
+                .and_then(|p| p.with_extras(entry.user_timeout, entry.enforce))
+                .map_err(|e| fail(e.to_string()))?
         };
         if policies.insert(path.clone(), policy).is_some() {
             return Err(fail(format!("{} has two policies", path.display())));
@@ -178,6 +195,20 @@ idle = 300
     }
 
     #[test]
+    fn user_timeout_and_enforce_keys() {
+        let text =
+            "[[policy]]\ncgroup = \"app\"\nidle = 100\nuser_timeout = 90000\nenforce = true\n";
+        let policies = parse(text, Path::new(ROOT)).unwrap();
+        assert_eq!(
+            policies[Path::new("/sys/fs/cgroup/app")],
+            Policy::on(Some(100), None, None)
+                .unwrap()
+                .with_extras(Some(90000), true)
+                .unwrap()
+        );
+    }
+
+    #[test]
     fn errors_point_at_the_line() {
         let cases = [
             (
@@ -209,6 +240,22 @@ idle = 300
                 "cgroup2 root",
             ),
             ("[[policy]\n", 1, ""),
+            (
+                "[[policy]]\ncgroup = \"a\"\nuser_timeout = 0\n",
+                1,
+                "--user-timeout must be a whole number between 1 and 2147483647",
+            ),
+            ("[[policy]]\ncgroup = \"a\"\nuser_timeout = -5\n", 3, "u32"),
+            (
+                "[[policy]]\ncgroup = \"a\"\noff = true\nenforce = true\n",
+                1,
+                "enforce",
+            ),
+            (
+                "[[policy]]\ncgroup = \"a\"\noff = true\nuser_timeout = 5\n",
+                1,
+                "user_timeout",
+            ),
         ];
         for (text, line, expected) in cases {
             let (offset, message) = parse(text, Path::new(ROOT)).unwrap_err();

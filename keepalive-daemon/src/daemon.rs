@@ -29,7 +29,7 @@ use crate::{
     },
     reconcile::{Reconciler, Source},
     server,
-    store::{StateLock, Store, StoreError, StoredPolicy},
+    store::{Change, StateLock, Store, StoreError, StoredPolicy},
     sys,
     watch::Watcher,
 };
@@ -37,6 +37,9 @@ use crate::{
 /// How often the cgroups of `kad exec` runs are checked for being abandoned (only they: policy
 /// paths are followed through inotify, with no periodic scan).
 const EXEC_COLLECT_INTERVAL: Duration = Duration::from_secs(1);
+/// The state file is rewritten whole once its journal has more lines than this, or than the
+/// table has entries.
+const JOURNAL_COMPACT_MIN: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -125,7 +128,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     // Pins, links and connections each hold an fd: a low soft limit must not cost policies.
     match sys::raise_nofile_limit() {
-        // Debug: a start refused right after must print one line only.
+        // Debug only: a start refused right after must stay one line on stderr.
         Ok(limit) => tracing::debug!("open files limit: {limit}"),
         Err(e) => warn!("cannot raise the open files limit: {e}"),
     }
@@ -202,6 +205,12 @@ async fn run_bound(
         watcher: watcher.clone(),
     };
     state.adopt_pinned(state_file_exists);
+    if state.store.journal_len() > 0 {
+        // Fold the journal into the table now, so that it starts short.
+        if let Err(e) = state.save() {
+            warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+        }
+    }
     state.sync_all();
     // Map entries an earlier run left for cgroups or policies that are gone, and what the
     // first design of kad pinned, once this design's anchors are in place.
@@ -227,6 +236,9 @@ async fn run_bound(
     );
     notify::notify("READY=1");
 
+    if let Some(logger) = state.kernel.enforcer.take_kill_log() {
+        crate::killlog::spawn(logger);
+    }
     let shared = Arc::new(Mutex::new(state));
     if let Some(listener) = metrics_listener {
         info!(
@@ -296,8 +308,16 @@ async fn run_bound(
         }
     }
     notify::notify("STOPPING=1");
-    // Wait for a request in progress; the pins keep every policy enforced after we exit.
-    drop(shared.lock().await);
+    // Wait for a request in progress; the pins keep every policy enforced after we exit. A
+    // clean stop leaves the whole table in policies.json (the journal folded in).
+    {
+        let state = shared.lock().await;
+        if state.store.journal_len() > 0 {
+            if let Err(e) = state.save() {
+                warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+            }
+        }
+    }
     info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
     Ok(())
 }
@@ -426,6 +446,16 @@ impl State {
         table
     }
 
+    /// How many paths have a policy (without building the table).
+    fn policy_count(&self) -> usize {
+        self.set.len()
+            + self
+                .from_config
+                .keys()
+                .filter(|p| !self.set.contains_key(*p))
+                .count()
+    }
+
     fn want(&self, path: &Path) -> Option<(Policy, Source)> {
         if let Some(p) = self.set.get(path) {
             return Some((*p, Source::Set));
@@ -446,7 +476,7 @@ impl State {
         };
         if !self.set.contains_key(&path)
             && !self.from_config.contains_key(&path)
-            && self.effective().len() >= keepalive_common::MAX_POLICIES as usize
+            && self.policy_count() >= keepalive_common::MAX_POLICIES as usize
         {
             return Response::error(EnforcerError::Full.to_string());
         }
@@ -463,7 +493,7 @@ impl State {
             return Response::error(e.to_string());
         }
         // Not saved means not done: put the kernel and the table back as they were.
-        if let Err(e) = self.save() {
+        if let Err(e) = self.persist(&path) {
             undo(self);
             return Response::error(e.to_string());
         }
@@ -494,7 +524,7 @@ impl State {
             return Response::error(format!("no policy for {}", path.display()));
         };
         // A full disk: the policy stays, in force and in the file, and the error says why.
-        if let Err(e) = self.save() {
+        if let Err(e) = self.persist(&path) {
             self.set.insert(path, previous);
             return Response::error(format!("{e}; the policy stays"));
         }
@@ -612,7 +642,6 @@ impl State {
         for path in affected {
             let _ = self.sync_path(&path);
         }
-        self.kernel.drop_stale_ids();
     }
 
     /// Sets the watches the table needs; true if one was added (a directory created before
@@ -840,6 +869,28 @@ impl State {
         self.pods_store.save(&entries)
     }
 
+    /// Makes the table's entry for `path` (or its absence) durable: one journal line, and now
+    /// and then the whole table.
+    fn persist(&self, path: &Path) -> Result<(), StoreError> {
+        let cgroup = path.display().to_string();
+        let change = match self.set.get(path) {
+            Some(policy) => Change::Set(StoredPolicy::new(
+                cgroup,
+                policy,
+                self.exec_owners.get(path).cloned(),
+            )),
+            None => Change::Unset(cgroup),
+        };
+        self.store.record(&change)?;
+        if self.store.journal_len() > JOURNAL_COMPACT_MIN.max(self.set.len()) {
+            // The change is durable already; a failed compaction is tried again later.
+            if let Err(e) = self.save() {
+                warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+            }
+        }
+        Ok(())
+    }
+
     fn save(&self) -> Result<(), StoreError> {
         let entries: Vec<StoredPolicy> = self
             .set
@@ -906,17 +957,23 @@ impl State {
             policies: self.entries(),
             details: table
                 .iter()
-                .map(|(path, (_, source))| PolicyDetail {
-                    cgroup: path.display().to_string(),
-                    source: match source {
-                        Source::Set => "set",
-                        Source::Config => "config",
-                        Source::Pod => "pod",
+                .map(|(path, (policy, source))| {
+                    let cgroup_id = in_force.get(path).and_then(|e| e.id);
+                    PolicyDetail {
+                        cgroup: path.display().to_string(),
+                        source: match source {
+                            Source::Set => "set",
+                            Source::Config => "config",
+                            Source::Pod => "pod",
+                        }
+                        .to_string(),
+                        cgroup_id,
+                        error: self.kernel.failing(path).cloned(),
+                        pod: self.pod_of(path, *source),
+                        enforce: policy.enforce,
+                        overridden: cgroup_id
+                            .map_or(0, |id| self.kernel.enforcer.counters(id).overridden),
                     }
-                    .to_string(),
-                    cgroup_id: in_force.get(path).and_then(|e| e.id),
-                    error: self.kernel.failing(path).cloned(),
-                    pod: self.pod_of(path, *source),
                 })
                 .collect(),
             counters: self.stats(),

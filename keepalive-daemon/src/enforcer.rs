@@ -3,8 +3,8 @@
 //! daemon is pinned under its bpffs directory:
 //!
 //! - maps `KAD_POLICY` (by cgroup id), `KAD_PATHS` (by path), `KAD_COUNTERS`, `KAD_SOCK`;
-//! - `anchors/<cgroup id>/{sock_create,sock_ops,setsockopt}`: the cgroup links;
-//! - `tracing/{mkdir,error_report}`: the tracepoint links.
+//! - `anchors/<cgroup id>/{sock_ops,setsockopt}`: the cgroup links;
+//! - `tracing/{mkdir,rmdir,error_report}`: the tracepoint links.
 //!
 //! A new daemon adopts the pins and points each cgroup link at its own programs with
 //! `BPF_LINK_UPDATE` (no gap); tracepoint links are replaced by new ones (the old and new
@@ -19,7 +19,7 @@ use std::{
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
-    programs::{BtfTracePoint, CgroupSock, CgroupSockopt, Iter, ProgramFd, SockOps},
+    programs::{BtfTracePoint, CgroupSockopt, Iter, ProgramFd, SockOps},
     Btf, Ebpf, EbpfLoader,
 };
 use keepalive_common::{
@@ -41,6 +41,9 @@ const TRACING_DIR: &str = "tracing";
 const LEGACY_LINKS_DIR: &str = "links";
 const LEGACY_MAPS: [&str; 2] = ["KAD_POLICIES", "KAD_STATS"];
 const DEFAULT_BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// A hook an earlier build of this design attached (cgroup/sock_create): its pin is removed
+/// when the anchor is adopted.
+const RETIRED_HOOK: &str = "sock_create";
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -79,7 +82,7 @@ pub enum EnforcerError {
     Refresh(String),
 }
 
-/// What this kernel lets kad do beyond the core (sock_create and sock_ops); each is `Err`
+/// What this kernel lets kad do beyond the core (sock_ops); each is `Err`
 /// with the reason when it is not available.
 #[derive(Debug, Clone)]
 pub struct Features {
@@ -114,6 +117,8 @@ pub struct Enforcer {
     features: Features,
     tag: String,
     generation: u32,
+    /// The kill events of the error-report program, until the daemon takes them.
+    kill_log: Option<aya_log::EbpfLogger<crate::killlog::KillLog>>,
     /// Holds the programs and maps; dropping it would unload nothing pinned.
     _ebpf: Ebpf,
     /// An exclusive flock on `dir`: one daemon per bpffs directory.
@@ -155,14 +160,6 @@ impl Enforcer {
             .map_err(|e| load_error("kad", &e))?;
 
         let mut programs = HashMap::new();
-        let sock_create: &mut CgroupSock = program(&mut ebpf, "kad_sock_create")?;
-        sock_create
-            .load()
-            .map_err(|e| load_error("sock_create", &e))?;
-        programs.insert(
-            CgroupHook::SockCreate,
-            prog_fd(sock_create.fd(), "sock_create")?,
-        );
         let sock_ops: &mut SockOps = program(&mut ebpf, "kad_sockops")?;
         sock_ops.load().map_err(|e| load_error("sock_ops", &e))?;
         programs.insert(CgroupHook::SockOps, prog_fd(sock_ops.fd(), "sock_ops")?);
@@ -215,11 +212,19 @@ impl Enforcer {
             Ok::<(), String>(())
         };
         let mkdir = need_cgroup("new cgroups")
-            .and_then(|()| attach_tp("kad_mkdir", "cgroup_mkdir", "mkdir"));
+            .and_then(|()| attach_tp("kad_mkdir", "cgroup_mkdir", "mkdir"))
+            .and_then(|()| attach_tp("kad_rmdir", "cgroup_rmdir", "rmdir"));
         let kills = if offsets.valid & OFFSETS_KILLS == 0 {
             Err("the kernel's BTF lacks the socket fields".to_string())
         } else {
             attach_tp("kad_error_report", "inet_sk_error_report", "error_report")
+        };
+        let kill_log = if kills.is_ok() {
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::killlog::KillLog::default())
+                .map_err(|e| warn!("keepalive kill events will not be logged: {e}"))
+                .ok()
+        } else {
+            None
         };
         let features = Features {
             existing,
@@ -249,6 +254,7 @@ impl Enforcer {
             features,
             tag,
             generation: 0,
+            kill_log,
             _ebpf: ebpf,
             _lock: lock,
         };
@@ -373,7 +379,6 @@ impl Enforcer {
         }
         let pin_dir = self.dir.join(ANCHORS_DIR).join(id.to_string());
         std::fs::create_dir_all(&pin_dir).map_err(|e| attach_error(e.to_string()))?;
-        // Socket creation first: by the time sock_ops runs, the socket has its state.
         for hook in CgroupHook::ALL {
             let Some(prog) = self.programs.get(&hook) else {
                 continue;
@@ -441,6 +446,7 @@ impl Enforcer {
                 continue;
             };
             let pin_dir = entry.path();
+            let _ = std::fs::remove_file(pin_dir.join(RETIRED_HOOK));
             let mut hooks = Vec::new();
             let mut gone = false;
             for hook in CgroupHook::ALL {
@@ -549,6 +555,11 @@ impl Enforcer {
         total
     }
 
+    /// The kernel's kill events, for the daemon to read (once).
+    pub fn take_kill_log(&mut self) -> Option<aya_log::EbpfLogger<crate::killlog::KillLog>> {
+        self.kill_log.take()
+    }
+
     pub fn features(&self) -> &Features {
         &self.features
     }
@@ -611,6 +622,7 @@ fn remove_anchor_pins(pin_dir: &Path) {
     for hook in CgroupHook::ALL {
         let _ = std::fs::remove_file(pin_dir.join(hook.pin_name()));
     }
+    let _ = std::fs::remove_file(pin_dir.join(RETIRED_HOOK));
     let _ = std::fs::remove_dir(pin_dir);
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cgroup::{self, CgroupError},
     client::{self, ClientError},
-    policy::{self, Policy, CNT_RANGE, SECS_RANGE},
+    policy::{self, Policy, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE},
     protocol::Request,
 };
 
@@ -142,12 +142,14 @@ pub struct Flags {
     pub idle: Option<u32>,
     pub intvl: Option<u32>,
     pub cnt: Option<u32>,
+    pub user_timeout: Option<u32>,
+    pub enforce: bool,
     pub off: bool,
 }
 
 /// The policy for `kad exec`: flags first, then libkeepalive's variables (KEEPIDLE, KEEPINTVL,
-/// KEEPCNT, KEEPALIVE=off). A bad value is an error naming the variable. An empty variable
-/// counts as unset.
+/// KEEPCNT, TCP_USER_TIMEOUT, KEEPALIVE=off). A bad value is an error naming the variable. An
+/// empty variable counts as unset.
 pub fn policy_from(
     flags: Flags,
     env: impl Fn(&str) -> Option<OsString>,
@@ -189,12 +191,16 @@ pub fn policy_from(
         }
     };
     // Read every variable so that a bad one is reported even when a flag overrides it.
-    let (env_idle, env_intvl, env_cnt) = (
+    let (env_idle, env_intvl, env_cnt, env_user_timeout) = (
         number("KEEPIDLE", SECS_RANGE)?,
         number("KEEPINTVL", SECS_RANGE)?,
         number("KEEPCNT", CNT_RANGE)?,
+        number("TCP_USER_TIMEOUT", USER_TIMEOUT_RANGE)?,
     );
     if flags.off {
+        if flags.enforce {
+            return Err(policy::PolicyError::OffWithEnforce.into());
+        }
         return Ok(Policy::OFF);
     }
     if env_off {
@@ -202,10 +208,14 @@ pub fn policy_from(
             ("--idle", flags.idle),
             ("--intvl", flags.intvl),
             ("--cnt", flags.cnt),
+            ("--user-timeout", flags.user_timeout),
         ] {
             if given.is_some() {
                 return Err(ExecError::OffWithValues(name));
             }
+        }
+        if flags.enforce {
+            return Err(ExecError::OffWithValues("--enforce"));
         }
         return Ok(Policy::OFF);
     }
@@ -213,7 +223,8 @@ pub fn policy_from(
         flags.idle.or(env_idle),
         flags.intvl.or(env_intvl),
         flags.cnt.or(env_cnt),
-    )?)
+    )?
+    .with_extras(flags.user_timeout.or(env_user_timeout), flags.enforce)?)
 }
 
 /// A transient cgroup, below the caller's own, removed (when empty) on drop.
@@ -473,6 +484,52 @@ mod tests {
             policy_from(Flags::default(), with_env(&[])).unwrap(),
             Policy::on(None, None, None).unwrap()
         );
+    }
+
+    #[test]
+    fn tcp_user_timeout_comes_from_the_environment_like_libkeepalive() {
+        let env = with_env(&[("TCP_USER_TIMEOUT", "30000"), ("KEEPIDLE", "10")]);
+        assert_eq!(
+            policy_from(Flags::default(), &env).unwrap(),
+            Policy::on(Some(10), None, None)
+                .unwrap()
+                .with_extras(Some(30000), false)
+                .unwrap()
+        );
+        let flags = Flags {
+            user_timeout: Some(500),
+            enforce: true,
+            ..Flags::default()
+        };
+        let policy = policy_from(flags, &env).unwrap();
+        assert_eq!((policy.user_timeout, policy.enforce), (Some(500), true));
+        for bad in ["abc", "0", "-1", "2147483648"] {
+            let err = policy_from(Flags::default(), with_env(&[("TCP_USER_TIMEOUT", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("TCP_USER_TIMEOUT={bad}:"))
+                    && err.contains("between 1 and 2147483647"),
+                "{err}"
+            );
+        }
+        let off_enforced = Flags {
+            off: true,
+            enforce: true,
+            ..Flags::default()
+        };
+        assert!(policy_from(off_enforced, with_env(&[]))
+            .unwrap_err()
+            .to_string()
+            .contains("--enforce"));
+        let enforced = Flags {
+            enforce: true,
+            ..Flags::default()
+        };
+        assert!(policy_from(enforced, with_env(&[("KEEPALIVE", "off")]))
+            .unwrap_err()
+            .to_string()
+            .contains("--enforce"));
     }
 
     #[test]

@@ -1,21 +1,28 @@
 //! `kad inspect`: the established TCP connections of some processes and their real keepalive
 //! state, read from the kernel: `/proc/PID/fd` for the sockets, sock_diag netlink for the
-//! addresses and the keepalive timer, and the socket itself (through `pidfd_getfd`) for the
-//! options in force. Sockets kad did not set are shown just the same.
+//! addresses, the keepalive timer and the socket's cgroup, and the socket itself (through
+//! `pidfd_getfd`) for the options in force. Sockets kad did not set are shown just the same,
+//! and each is compared with the policy in force for its cgroup.
 use std::{
     collections::{BTreeMap, HashMap},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    path::Path,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
 };
 
 use serde::Serialize;
 
-use crate::probe::KeepaliveState;
+use crate::{probe::KeepaliveState, protocol::PolicyEntry};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const TCP_ESTABLISHED: u32 = 1;
+/// `INET_DIAG_CGROUP_ID` (include/uapi/linux/inet_diag.h): the socket's own cgroup, which
+/// decides its policy (kernel 5.10 and later put it in every reply).
+const INET_DIAG_CGROUP_ID: u16 = 21;
 /// `idiag_timer` values (net/ipv4/inet_diag.c).
 const TIMER_NAMES: [&str; 5] = [
     "off",
@@ -61,12 +68,53 @@ pub struct Connection {
     pub idle: Option<i32>,
     pub intvl: Option<i32>,
     pub cnt: Option<i32>,
+    /// TCP_USER_TIMEOUT in milliseconds (0: not set).
+    pub user_timeout: Option<i32>,
     /// The TCP timer running: "keepalive", "retransmit", ... or "off".
     pub timer: String,
     /// Milliseconds until the timer fires.
     pub timer_left_ms: u32,
     /// Keepalive probes sent without an answer (for the keepalive timer).
     pub probes: u8,
+    /// The socket's inode number (one socket shared by several processes is listed for each).
+    pub inode: u64,
+    /// The socket's cgroup (where it was created; an accepted socket has its listener's),
+    /// which decides its policy; the process's own cgroup if the kernel does not say.
+    pub cgroup: Option<String>,
+    /// The policy in force for that cgroup (its own or its nearest ancestor's), if any.
+    pub policy: Option<PolicyEntry>,
+    /// Whether the daemon could be asked which policy is in force.
+    pub policy_known: bool,
+    /// The options whose values differ from that policy's ("keepalive", "idle", "intvl",
+    /// "cnt", "user_timeout"): the program set its own after kad.
+    pub differs: Vec<&'static str>,
+    /// The network namespace (`net:[N]`), to tell apart equal inodes of two namespaces.
+    #[serde(skip)]
+    pub netns: String,
+    /// The socket's cgroup id, as sock_diag reported it.
+    #[serde(skip)]
+    pub cgroup_id: Option<u64>,
+}
+
+impl Connection {
+    /// The socket's options as read, if they could be.
+    pub fn state(&self) -> Option<KeepaliveState> {
+        Some(KeepaliveState {
+            keepalive: self.keepalive?,
+            idle: self.idle?,
+            intvl: self.intvl?,
+            cnt: self.cnt?,
+            user_timeout: self.user_timeout?,
+        })
+    }
+}
+
+/// What a scan of processes found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub connections: Vec<Connection>,
+    /// Processes whose sockets could not be read (permission), when the scan skips them.
+    pub unreadable: Vec<u32>,
 }
 
 /// (pid, fd, socket inode) of a socket a process has open.
@@ -80,10 +128,19 @@ struct DiagRecord {
     timer: u8,
     retrans: u8,
     expires: u32,
+    cgroup_id: Option<u64>,
 }
 
-/// The established TCP connections of `pids`, sorted by pid and fd.
+/// The established TCP connections of `pids`, sorted by pid and fd. A process whose sockets
+/// may not be read is an error.
 pub fn inspect(pids: &[u32]) -> Result<Vec<Connection>, InspectError> {
+    Ok(scan(pids, false)?.connections)
+}
+
+/// As [`inspect`]; with `skip_unreadable`, processes (or network namespaces) that may not be
+/// read are listed in [`Scan::unreadable`] instead of failing the whole scan.
+pub fn scan(pids: &[u32], skip_unreadable: bool) -> Result<Scan, InspectError> {
+    let mut unreadable = Vec::new();
     // Sockets by inode, per network namespace (a dump shows only its own namespace).
     let mut by_netns: BTreeMap<String, (u32, Vec<OpenSocket>)> = BTreeMap::new();
     for &pid in pids {
@@ -91,6 +148,10 @@ pub fn inspect(pids: &[u32]) -> Result<Vec<Connection>, InspectError> {
             Ok(sockets) => sockets,
             // A process that exited meanwhile has no connections left to show.
             Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => continue,
+            Err(InspectError::PermissionDenied(pid)) if skip_unreadable => {
+                unreadable.push(pid);
+                continue;
+            }
             Err(e) => return Err(e),
         };
         let netns = std::fs::read_link(format!("/proc/{pid}/ns/net"))
@@ -110,9 +171,23 @@ pub fn inspect(pids: &[u32]) -> Result<Vec<Connection>, InspectError> {
             continue;
         }
         let records = if netns == own_netns {
-            dump_established()?
+            dump_established()
         } else {
-            dump_in_netns_of(some_pid)?
+            dump_in_netns_of(some_pid)
+        };
+        let records = match records {
+            Ok(records) => records,
+            Err(
+                InspectError::Netns { .. }
+                | InspectError::NoProcess(_)
+                | InspectError::PermissionDenied(_),
+            ) if skip_unreadable => {
+                let mut pids: Vec<u32> = sockets.iter().map(|s| s.0).collect();
+                pids.dedup();
+                unreadable.extend(pids);
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         for (pid, fd, inode) in sockets {
             let Some(record) = records.get(&inode) else {
@@ -131,17 +206,66 @@ pub fn inspect(pids: &[u32]) -> Result<Vec<Connection>, InspectError> {
                 idle: state.map(|s| s.idle),
                 intvl: state.map(|s| s.intvl),
                 cnt: state.map(|s| s.cnt),
+                user_timeout: state.map(|s| s.user_timeout),
                 timer: TIMER_NAMES
                     .get(record.timer as usize)
                     .unwrap_or(&"other")
                     .to_string(),
                 timer_left_ms: record.expires,
                 probes: if record.timer == 2 { record.retrans } else { 0 },
+                inode,
+                cgroup: None, // filled in by `annotate`
+                policy: None,
+                policy_known: false,
+                differs: Vec::new(),
+                netns: netns.clone(),
+                cgroup_id: record.cgroup_id,
             });
         }
     }
     connections.sort_by_key(|c| (c.pid, c.fd));
-    Ok(connections)
+    unreadable.sort_unstable();
+    unreadable.dedup();
+    Ok(Scan {
+        connections,
+        unreadable,
+    })
+}
+
+/// Every cgroup directory of the tree at `root`, by id (its inode number).
+pub fn cgroups_by_id(root: &Path) -> HashMap<u64, PathBuf> {
+    crate::cgroup::subtree(root)
+        .into_iter()
+        .filter_map(|path| Some((std::fs::metadata(&path).ok()?.ino(), path)))
+        .collect()
+}
+
+/// Fills in each connection's cgroup path, the policy in force for it (nearest ancestor with
+/// a policy in `policies`, `--off` included; `None` when the daemon could not be asked), and
+/// the options that differ from that policy.
+pub fn annotate(connections: &mut [Connection], root: &Path, policies: Option<&[PolicyEntry]>) {
+    let ids = cgroups_by_id(root);
+    let by_path: HashMap<&Path, &PolicyEntry> = policies
+        .unwrap_or_default()
+        .iter()
+        .map(|p| (Path::new(&p.cgroup), p))
+        .collect();
+    for c in connections {
+        let socket_cgroup = c.cgroup_id.and_then(|id| ids.get(&id).cloned());
+        // A socket whose cgroup is gone (or a kernel that does not say): the process's.
+        let path = socket_cgroup.or_else(|| crate::target::pid_path(root, c.pid).ok());
+        c.cgroup = path.as_ref().map(|p| p.display().to_string());
+        c.policy_known = policies.is_some();
+        c.policy = path.as_deref().and_then(|path| {
+            path.ancestors()
+                .take_while(|p| p.starts_with(root) && *p != root)
+                .find_map(|p| by_path.get(p).map(|e| (*e).clone()))
+        });
+        c.differs = match (&c.policy, c.state()) {
+            (Some(policy), Some(state)) => policy.policy().differences(&state),
+            _ => Vec::new(),
+        };
+    }
 }
 
 /// (fd, inode) of each socket the process has open.
@@ -347,8 +471,28 @@ fn parse_diag_msg(msg: &[u8]) -> Option<(u64, DiagRecord)> {
         timer: msg[2],
         retrans: msg[3],
         expires: u32_at(52),
+        cgroup_id: attribute(&msg[72..], INET_DIAG_CGROUP_ID)
+            .and_then(|v| v.get(..8)?.try_into().ok())
+            .map(u64::from_ne_bytes),
     };
     Some((u64::from(u32_at(68)), record))
+}
+
+/// The payload of the netlink attribute `kind` among `attrs` (struct rtattr: length, type,
+/// payload, padded to 4 bytes).
+fn attribute(mut attrs: &[u8], kind: u16) -> Option<&[u8]> {
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let this = u16::from_ne_bytes([attrs[2], attrs[3]]);
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if this & 0x3fff == kind {
+            return Some(&attrs[4..len]);
+        }
+        attrs = attrs.get((len + 3) & !3..).unwrap_or_default();
+    }
+    None
 }
 
 /// The processes of a cgroup and every cgroup below it.

@@ -4,6 +4,7 @@
 //! policy table ([`store`]); the CLI ([`cli`]) talks to it over a unix socket ([`protocol`],
 //! [`client`]); [`server`] serves the control socket.
 pub mod annotation;
+pub mod audit;
 pub mod bpfsys;
 pub mod btf;
 pub mod cgroup;
@@ -15,6 +16,7 @@ pub mod enforcer;
 pub mod exec;
 pub mod inspect;
 pub mod kube_watch;
+pub mod killlog;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

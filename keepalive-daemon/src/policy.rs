@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 pub const SECS_RANGE: RangeInclusive<u32> = 1..=32767;
 /// TCP_KEEPCNT limits (MAX_TCP_KEEPCNT).
 pub const CNT_RANGE: RangeInclusive<u32> = 1..=127;
-/// TCP_USER_TIMEOUT limits, in milliseconds (the kernel takes a positive int).
+/// TCP_USER_TIMEOUT limits, in milliseconds: the kernel takes any non-negative int, and 0
+/// means "unset", which a policy says by leaving it out.
 pub const USER_TIMEOUT_RANGE: RangeInclusive<u32> = 1..=2_147_483_647;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,9 +20,9 @@ pub enum PolicyError {
         value: String,
         range: RangeInclusive<u32>,
     },
-    #[error("mode 'off' cannot be combined with --idle, --intvl or --cnt")]
+    #[error("mode 'off' cannot be combined with --idle, --intvl, --cnt or --user-timeout")]
     OffWithValues,
-    #[error("mode 'off' cannot be combined with --enforce")]
+    #[error("--enforce cannot be combined with --off: an opt-out has no values to enforce")]
     OffWithEnforce,
 }
 
@@ -33,14 +34,14 @@ pub enum Mode {
     Off,
 }
 
-/// `None` keeps the kernel default (`net.ipv4.tcp_keepalive_*`).
+/// `None` keeps the kernel default (`net.ipv4.tcp_keepalive_*`, no TCP_USER_TIMEOUT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     pub mode: Mode,
     pub idle: Option<u32>,
     pub intvl: Option<u32>,
     pub cnt: Option<u32>,
-    /// TCP_USER_TIMEOUT in milliseconds.
+    /// TCP_USER_TIMEOUT in milliseconds. Absent in files written before it existed.
     #[serde(default)]
     pub user_timeout: Option<u32>,
     /// A program's own keepalive `setsockopt` is rewritten to the policy's values.
@@ -76,18 +77,33 @@ impl Policy {
         Ok(policy)
     }
 
+    /// The same policy with TCP_USER_TIMEOUT and `--enforce`, checked like the rest.
+    pub fn with_extras(
+        self,
+        user_timeout: Option<u32>,
+        enforce: bool,
+    ) -> Result<Self, PolicyError> {
+        let policy = Policy {
+            user_timeout,
+            enforce,
+            ..self
+        };
+        policy.validate()?;
+        Ok(policy)
+    }
+
     /// Checks a policy that came from outside (the control socket, the state file).
     pub fn validate(&self) -> Result<(), PolicyError> {
         if self.mode == Mode::Off {
+            if self.enforce {
+                return Err(PolicyError::OffWithEnforce);
+            }
             if self.idle.is_some()
                 || self.intvl.is_some()
                 || self.cnt.is_some()
                 || self.user_timeout.is_some()
             {
                 return Err(PolicyError::OffWithValues);
-            }
-            if self.enforce {
-                return Err(PolicyError::OffWithEnforce);
             }
             return Ok(());
         }
@@ -103,11 +119,11 @@ impl Policy {
         match self.mode {
             Mode::Off => PolicyValue::default(),
             Mode::On => PolicyValue {
+                flags: FLAG_ON | if self.enforce { FLAG_ENFORCE } else { 0 },
                 idle: self.idle.unwrap_or(0),
                 intvl: self.intvl.unwrap_or(0),
                 cnt: self.cnt.unwrap_or(0),
                 user_timeout: self.user_timeout.unwrap_or(0),
-                flags: FLAG_ON | if self.enforce { FLAG_ENFORCE } else { 0 },
                 ..PolicyValue::default()
             },
         }
@@ -130,6 +146,30 @@ impl Policy {
             enforce: value.flags & FLAG_ENFORCE != 0,
         }
     }
+
+    /// The options of a socket's state (as `kad inspect` reads it) that differ from what this
+    /// policy sets: none for an opt-out, and none for an option the policy leaves to the
+    /// program. Values that could not be read are not counted as different.
+    pub fn differences(&self, state: &crate::probe::KeepaliveState) -> Vec<&'static str> {
+        let mut differ = Vec::new();
+        if self.mode == Mode::Off {
+            return differ;
+        }
+        if !state.keepalive {
+            differ.push("keepalive");
+        }
+        for (name, wanted, have) in [
+            ("idle", self.idle, state.idle),
+            ("intvl", self.intvl, state.intvl),
+            ("cnt", self.cnt, state.cnt),
+            ("user_timeout", self.user_timeout, state.user_timeout),
+        ] {
+            if wanted.is_some_and(|w| i64::from(w) != i64::from(have)) {
+                differ.push(name);
+            }
+        }
+        differ
+    }
 }
 
 impl fmt::Display for Policy {
@@ -144,7 +184,14 @@ impl fmt::Display for Policy {
             show(self.idle),
             show(self.intvl),
             show(self.cnt)
-        )
+        )?;
+        if let Some(ms) = self.user_timeout {
+            write!(f, " user_timeout={ms}ms")?;
+        }
+        if self.enforce {
+            f.write_str(" enforced")?;
+        }
+        Ok(())
     }
 }
 
@@ -247,5 +294,87 @@ mod tests {
             }
         );
         assert_eq!(Policy::OFF.to_value().flags & FLAG_ON, 0);
+    }
+
+    #[test]
+    fn user_timeout_and_enforce_reach_the_map_value_and_back() {
+        let policy = Policy::on(Some(100), Some(20), Some(5))
+            .unwrap()
+            .with_extras(Some(4321), true)
+            .unwrap();
+        let value = policy.to_value();
+        assert_eq!(value.user_timeout, 4321);
+        assert_eq!(value.flags, FLAG_ON | FLAG_ENFORCE);
+        assert_eq!(Policy::from_value(&value), policy);
+        let plain = Policy::on(None, None, None).unwrap();
+        assert_eq!(plain.to_value().flags, FLAG_ON);
+        assert_eq!(Policy::from_value(&plain.to_value()), plain);
+        assert_eq!(
+            policy.to_string(),
+            "on idle=100 intvl=20 cnt=5 user_timeout=4321ms enforced"
+        );
+        assert_eq!(
+            plain.to_string(),
+            "on idle=default intvl=default cnt=default"
+        );
+    }
+
+    #[test]
+    fn user_timeout_range_and_off_combinations() {
+        let on = Policy::on(None, None, None).unwrap();
+        assert!(on.with_extras(Some(1), false).is_ok());
+        assert!(on.with_extras(Some(2_147_483_647), false).is_ok());
+        let msg = on.with_extras(Some(0), false).unwrap_err().to_string();
+        assert!(
+            msg.contains("--user-timeout") && msg.contains("between 1 and 2147483647"),
+            "{msg}"
+        );
+        assert!(on.with_extras(Some(2_147_483_648), false).is_err());
+        for bad in ["-1", "abc", "2147483648", "", "1e3"] {
+            let msg = parse_value("--user-timeout", bad, USER_TIMEOUT_RANGE)
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("between 1 and 2147483647"), "{bad}: {msg}");
+        }
+        assert_eq!(
+            Policy::OFF.with_extras(None, true),
+            Err(PolicyError::OffWithEnforce)
+        );
+        assert_eq!(
+            Policy::OFF.with_extras(Some(5), false),
+            Err(PolicyError::OffWithValues)
+        );
+    }
+
+    #[test]
+    fn files_without_the_new_fields_still_load() {
+        let old: Policy =
+            serde_json::from_str(r#"{"mode":"on","idle":180,"intvl":null,"cnt":20}"#).unwrap();
+        assert_eq!(old, Policy::on(Some(180), None, Some(20)).unwrap());
+    }
+
+    #[test]
+    fn differences_name_what_the_program_changed() {
+        use crate::probe::KeepaliveState;
+        let go = KeepaliveState {
+            keepalive: true,
+            idle: 15,
+            intvl: 15,
+            cnt: 5,
+            user_timeout: 0,
+        };
+        let policy = Policy::on(Some(100), Some(20), Some(5)).unwrap();
+        assert_eq!(policy.differences(&go), ["idle", "intvl"]);
+        // Options the policy leaves to the program are the program's.
+        let loose = Policy::on(None, None, Some(5)).unwrap();
+        assert!(loose.differences(&go).is_empty());
+        let off = KeepaliveState {
+            keepalive: false,
+            ..go
+        };
+        assert_eq!(loose.differences(&off), ["keepalive"]);
+        assert!(Policy::OFF.differences(&off).is_empty());
+        let timed = loose.with_extras(Some(3000), false).unwrap();
+        assert_eq!(timed.differences(&go), ["user_timeout"]);
     }
 }

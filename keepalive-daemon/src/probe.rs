@@ -14,6 +14,8 @@ pub struct KeepaliveState {
     pub cnt: i32,
     pub idle: i32,
     pub intvl: i32,
+    /// TCP_USER_TIMEOUT in milliseconds (0: not set).
+    pub user_timeout: i32,
 }
 
 impl KeepaliveState {
@@ -24,18 +26,25 @@ impl KeepaliveState {
             cnt: getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT)?,
             idle: getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)?,
             intvl: getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)?,
+            user_timeout: getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT)?,
         })
     }
 
-    /// The classic keepalive test program's output.
+    /// The classic keepalive test program's output, and TCP_USER_TIMEOUT when it is set (a
+    /// line the classic program never printed, so scripts reading it see what they expect).
     pub fn text(&self) -> String {
-        if !self.keepalive {
-            return "SO_KEEPALIVE is OFF\n".into();
+        let mut text = if self.keepalive {
+            format!(
+                "SO_KEEPALIVE is ON\nTCP_KEEPCNT   = {}\nTCP_KEEPIDLE  = {}\nTCP_KEEPINTVL = {}\n",
+                self.cnt, self.idle, self.intvl
+            )
+        } else {
+            "SO_KEEPALIVE is OFF\n".to_string()
+        };
+        if self.user_timeout != 0 {
+            text.push_str(&format!("TCP_USER_TIMEOUT = {} ms\n", self.user_timeout));
         }
-        format!(
-            "SO_KEEPALIVE is ON\nTCP_KEEPCNT   = {}\nTCP_KEEPIDLE  = {}\nTCP_KEEPINTVL = {}\n",
-            self.cnt, self.idle, self.intvl
-        )
+        text
     }
 }
 
@@ -78,6 +87,7 @@ mod tests {
             cnt: 20,
             idle: 180,
             intvl: 60,
+            user_timeout: 0,
         };
         assert_eq!(
             on.text(),
@@ -88,6 +98,13 @@ mod tests {
             ..on
         };
         assert_eq!(off.text(), "SO_KEEPALIVE is OFF\n");
+        let timed = KeepaliveState {
+            user_timeout: 4000,
+            ..on
+        };
+        assert!(timed
+            .text()
+            .ends_with("TCP_KEEPINTVL = 60\nTCP_USER_TIMEOUT = 4000 ms\n"));
     }
 
     fn sysctl(name: &str) -> i32 {
@@ -111,6 +128,7 @@ mod tests {
                 cnt: sysctl("tcp_keepalive_probes"),
                 idle: sysctl("tcp_keepalive_time"),
                 intvl: sysctl("tcp_keepalive_intvl"),
+                user_timeout: 0,
             }
         );
     }
@@ -125,6 +143,7 @@ mod tests {
             (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 321),
             (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 45),
             (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
+            (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 7000),
         ] {
             // SAFETY: setsockopt on a socket we own, with an int of the size given.
             let rc = unsafe {
@@ -145,6 +164,7 @@ mod tests {
                 cnt: 6,
                 idle: 321,
                 intvl: 45,
+                user_timeout: 7000,
             }
         );
         assert!(KeepaliveState::of(-1).is_err());

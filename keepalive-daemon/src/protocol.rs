@@ -48,6 +48,12 @@ pub struct PolicyEntry {
     pub idle: Option<u32>,
     pub intvl: Option<u32>,
     pub cnt: Option<u32>,
+    /// TCP_USER_TIMEOUT in milliseconds (null: not set). Absent from older daemons' replies.
+    #[serde(default)]
+    pub user_timeout: Option<u32>,
+    /// Whether a program's own keepalive `setsockopt` is rewritten to the policy's values.
+    #[serde(default)]
+    pub enforce: bool,
     /// The pod (`namespace/name`) whose annotation this is, for pod policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
@@ -61,6 +67,8 @@ impl PolicyEntry {
             idle: policy.idle,
             intvl: policy.intvl,
             cnt: policy.cnt,
+            user_timeout: policy.user_timeout,
+            enforce: policy.enforce,
             pod: None,
         }
     }
@@ -71,8 +79,8 @@ impl PolicyEntry {
             idle: self.idle,
             intvl: self.intvl,
             cnt: self.cnt,
-            user_timeout: None,
-            enforce: false,
+            user_timeout: self.user_timeout,
+            enforce: self.enforce,
         }
     }
 }
@@ -150,6 +158,14 @@ pub struct PolicyDetail {
     pub cgroup_id: Option<u64>,
     /// Why the policy is not in force, if applying it failed.
     pub error: Option<String>,
+    /// Whether the policy is enforced (programs' own keepalive values are rewritten).
+    #[serde(default)]
+    pub enforce: bool,
+    /// What the kernel counted as overridden for the policy's cgroup: connections whose
+    /// program set its own keepalive after kad (their values won), or, when enforced,
+    /// `setsockopt` calls rewritten to the policy's values.
+    #[serde(default)]
+    pub overridden: u64,
     /// For a pod policy ("pod"): the pod, `namespace/name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
@@ -297,9 +313,23 @@ mod tests {
         let v: serde_json::Value = serde_json::to_value(&entry).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"cgroup": "/sys/fs/cgroup/app", "mode": "on", "idle": 180, "intvl": null, "cnt": null})
+            serde_json::json!({"cgroup": "/sys/fs/cgroup/app", "mode": "on", "idle": 180, "intvl": null, "cnt": null, "user_timeout": null, "enforce": false})
         );
         let off = serde_json::to_value(PolicyEntry::new("/x".into(), &Policy::OFF)).unwrap();
         assert_eq!(off["mode"], "off");
+        let strict = Policy::on(None, None, Some(5))
+            .unwrap()
+            .with_extras(Some(9000), true)
+            .unwrap();
+        let v = serde_json::to_value(PolicyEntry::new("/y".into(), &strict)).unwrap();
+        assert_eq!(
+            (v["user_timeout"].clone(), v["enforce"].clone()),
+            (9000.into(), true.into())
+        );
+        // A reply from a daemon that predates the fields still reads.
+        let old: PolicyEntry =
+            serde_json::from_str(r#"{"cgroup":"/z","mode":"on","idle":1,"intvl":null,"cnt":null}"#)
+                .unwrap();
+        assert_eq!(old.policy(), Policy::on(Some(1), None, None).unwrap());
     }
 }

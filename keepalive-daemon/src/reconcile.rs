@@ -301,16 +301,23 @@ impl Reconciler {
         errors
     }
 
-    /// Removes map entries by cgroup id that no path in force accounts for: what an earlier
-    /// run, or the `mkdir` hook for a cgroup since removed, left behind.
+    /// Removes map entries by cgroup id that no cgroup at a policy path accounts for: what an
+    /// earlier run left behind. Run at start only: afterwards the kernel removes a cgroup's
+    /// entry when the cgroup is removed. The paths are looked at again here, so that an entry
+    /// the `mkdir` hook made for a cgroup created a moment ago is kept.
     pub fn drop_stale_ids(&mut self) -> usize {
-        let keep: HashSet<u64> = self.in_force.values().filter_map(|e| e.id).collect();
+        let live: HashSet<u64> = self
+            .in_force
+            .keys()
+            .filter_map(|path| cgroup::id_of(path).ok())
+            .chain(self.in_force.values().filter_map(|e| e.id))
+            .collect();
         let stale: Vec<u64> = self
             .enforcer
             .policy_ids()
             .into_iter()
             .map(|(id, _)| id)
-            .filter(|id| !keep.contains(id))
+            .filter(|id| !live.contains(id))
             .collect();
         for id in &stale {
             self.enforcer.remove_id(*id);

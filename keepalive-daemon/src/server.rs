@@ -409,11 +409,11 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    type Ready = std::future::Ready<Response>;
+    type Unused = fn(Request, Option<u32>) -> std::future::Ready<Response>;
 
-    fn shared(limits: Limits) -> Arc<Shared<impl Fn(Request, Option<u32>) -> Ready>> {
+    fn shared(limits: Limits) -> Arc<Shared<Unused>> {
         Arc::new(Shared {
-            handle: |_, _| std::future::ready(Response::error("unused")),
+            handle: (|_, _| std::future::ready(Response::error("unused"))) as Unused,
             slots: StdMutex::new(Slots::default()),
             limits,
             replies: Replies::default(),

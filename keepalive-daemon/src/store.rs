@@ -17,9 +17,23 @@ use crate::{
 };
 
 const FILE_NAME: &str = "policies.json";
+/// Changes since `policies.json` was last written, one JSON object per line, each appended and
+/// synced before the change is reported done: a `kad set` costs one small write, not a rewrite
+/// of the whole table. Folded into `policies.json` at start and when it grows long.
+const JOURNAL_NAME: &str = "policies.journal";
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Set(StoredPolicy),
+    Unset(String),
+}
 /// Pod policies (`kad daemon --kubernetes`), kept so that they stay known, and enforced,
 /// across a restart while the API server cannot be reached.
 const PODS_FILE_NAME: &str = "pods.json";
+/// Never written (pod policies are saved whole); named so that `load` finds none.
+const PODS_JOURNAL_NAME: &str = "pods.journal";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -44,6 +58,11 @@ pub struct StoredPolicy {
     pub idle: Option<u32>,
     pub intvl: Option<u32>,
     pub cnt: Option<u32>,
+    /// TCP_USER_TIMEOUT (ms) and `--enforce`: absent from files written before they existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_timeout: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enforce: bool,
     /// The `kad exec` run whose transient cgroup this is; the daemon removes the policy and
     /// the cgroup once that process and the cgroup's processes are gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,6 +80,8 @@ impl StoredPolicy {
             idle: policy.idle,
             intvl: policy.intvl,
             cnt: policy.cnt,
+            user_timeout: policy.user_timeout,
+            enforce: policy.enforce,
             exec_owner,
             pod: None,
         }
@@ -72,33 +93,81 @@ impl StoredPolicy {
             idle: self.idle,
             intvl: self.intvl,
             cnt: self.cnt,
-            user_timeout: None,
-            enforce: false,
+            user_timeout: self.user_timeout,
+            enforce: self.enforce,
         }
     }
 }
 
 pub struct Store {
     path: PathBuf,
+    journal: PathBuf,
+    /// Lines in the journal (what a compaction would fold in).
+    journal_lines: std::cell::Cell<usize>,
 }
 
 impl Store {
     pub fn new(state_dir: &Path) -> Self {
         Store {
             path: state_dir.join(FILE_NAME),
+            journal: state_dir.join(JOURNAL_NAME),
+            journal_lines: std::cell::Cell::new(0),
         }
     }
 
-    /// The pod policies' file in the state directory.
+    /// Lines in the journal since the table was last written whole.
+    pub fn journal_len(&self) -> usize {
+        self.journal_lines.get()
+    }
+
+    /// Appends one change to the journal and syncs it. On failure (a full disk) the journal is
+    /// cut back to where it was, so that no partial line is left.
+    pub fn record(&self, change: &Change) -> Result<(), StoreError> {
+        let dir = self.journal.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+        let mut line = serde_json::to_string(change).unwrap_or_default();
+        line.push('\n');
+        let created = !self.journal.exists();
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.journal)
+            .map_err(io_err("cannot open", &self.journal))?;
+        let before = file
+            .metadata()
+            .map_err(io_err("cannot stat", &self.journal))?
+            .len();
+        let written = file
+            .write_all(line.as_bytes())
+            .and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            let _ = file.set_len(before);
+            let _ = file.sync_data();
+            return Err(io_err("cannot write", &self.journal)(e).into());
+        }
+        if created {
+            // A new file's name must survive a crash too.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("cannot sync", dir))?;
+        }
+        self.journal_lines.set(self.journal_lines.get() + 1);
+        Ok(())
+    }
+
+    /// The pod policies' file in the state directory (written whole, with no journal: it
+    /// changes with pod events, not with each request).
     pub fn pods(state_dir: &Path) -> Self {
         Store {
             path: state_dir.join(PODS_FILE_NAME),
+            journal: state_dir.join(PODS_JOURNAL_NAME),
+            journal_lines: std::cell::Cell::new(0),
         }
     }
 
     /// Whether the state file is there (a missing one with pinned policies is worth a warning).
     pub fn exists(&self) -> bool {
-        self.path.exists()
+        self.path.exists() || self.journal.exists()
     }
 
     pub fn path(&self) -> &Path {
@@ -108,6 +177,51 @@ impl Store {
     /// The saved table; empty when nothing was saved yet. Each path is checked as the config
     /// file's are (`cgroup::checked_path` under `root`) and comes back in the form it is kept by.
     pub fn load(&self, root: &Path) -> Result<Vec<StoredPolicy>, StoreError> {
+        let mut table: std::collections::BTreeMap<String, StoredPolicy> = self
+            .load_snapshot(root)?
+            .into_iter()
+            .map(|e| (e.cgroup.clone(), e))
+            .collect();
+        let text = match fs::read_to_string(&self.journal) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io_err("cannot read", &self.journal)(e).into()),
+        };
+        let mut lines = 0;
+        for (index, line) in text.split_inclusive('\n').enumerate() {
+            if !line.ends_with('\n') {
+                // A crash in the middle of an append: that change was never reported done.
+                tracing::warn!(journal = %self.journal.display(), "ignoring an incomplete last line");
+                break;
+            }
+            let corrupt = |message: String| StoreError::Corrupt {
+                path: self.journal.clone(),
+                line: index + 1,
+                message,
+            };
+            let change: Change = serde_json::from_str(line).map_err(|e| corrupt(e.to_string()))?;
+            match change {
+                Change::Set(mut entry) => {
+                    entry
+                        .policy()
+                        .validate()
+                        .map_err(|e| corrupt(format!("{}: {e}", entry.cgroup)))?;
+                    let path = cgroup::checked_path(root, &entry.cgroup)
+                        .map_err(|e| corrupt(format!("{}: {e}", entry.cgroup)))?;
+                    entry.cgroup = path.display().to_string();
+                    table.insert(entry.cgroup.clone(), entry);
+                }
+                Change::Unset(cgroup) => {
+                    table.remove(&cgroup);
+                }
+            }
+            lines += 1;
+        }
+        self.journal_lines.set(lines);
+        Ok(table.into_values().collect())
+    }
+
+    fn load_snapshot(&self, root: &Path) -> Result<Vec<StoredPolicy>, StoreError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -162,6 +276,18 @@ impl Store {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err("cannot sync", dir))?;
+        // The table holds every change now: the journal starts again (replaying it on the new
+        // table would change nothing if this is cut short by a crash).
+        match fs::OpenOptions::new().write(true).open(&self.journal) {
+            Ok(file) => {
+                file.set_len(0)
+                    .and_then(|()| file.sync_all())
+                    .map_err(io_err("cannot truncate", &self.journal))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("cannot open", &self.journal)(e).into()),
+        }
+        self.journal_lines.set(0);
         Ok(())
     }
 }
@@ -223,11 +349,60 @@ impl Drop for StateLock {
 /// Removes the saved policies and, if nothing else is in it, the state directory.
 pub fn purge(state_dir: &Path) -> Result<(), StoreError> {
     let store = Store::new(state_dir);
-    for path in [store.path.clone(), store.path.with_extension("json.tmp")] {
+    for path in [
+        store.path.clone(),
+        store.path.with_extension("json.tmp"),
+        store.journal.clone(),
+    ] {
         remove_file_if_present(&path)?;
     }
     let _ = fs::remove_dir(state_dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod journal_tests {
+    use super::*;
+
+    fn entry(cgroup: &str, idle: u32) -> StoredPolicy {
+        StoredPolicy::new(
+            cgroup.to_string(),
+            &Policy::on(Some(idle), None, None).expect("valid"),
+            None,
+        )
+    }
+
+    #[test]
+    fn the_journal_is_replayed_over_the_table_and_folded_into_it() {
+        let root = crate::cgroup::find_root().expect("cgroup2 is mounted");
+        let dir = std::env::temp_dir().join(format!("kad-journal-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = Store::new(&dir);
+        let a = root.join("kad-journal-a").display().to_string();
+        let b = root.join("kad-journal-b").display().to_string();
+        store.save(&[entry(&a, 10)]).expect("save");
+        store.record(&Change::Set(entry(&b, 20))).expect("record");
+        store.record(&Change::Set(entry(&a, 11))).expect("record");
+        store.record(&Change::Unset(b.clone())).expect("record");
+        // A crash in the middle of an append leaves a line without its end: ignored.
+        let mut journal = fs::OpenOptions::new()
+            .append(true)
+            .open(&store.journal)
+            .expect("journal");
+        journal.write_all(b"{\"set\":{\"cgr").expect("write");
+        let fresh = Store::new(&dir);
+        let loaded = fresh.load(&root).expect("load");
+        assert_eq!(loaded, vec![entry(&a, 11)]);
+        assert_eq!(fresh.journal_len(), 3);
+        fresh.save(&loaded).expect("fold");
+        assert_eq!(fs::metadata(&fresh.journal).expect("journal").len(), 0);
+        assert_eq!(Store::new(&dir).load(&root).expect("load"), loaded);
+        // A bad line names the journal and its line.
+        fs::write(&fresh.journal, "{\"set\":{\"cgroup\":\"x\"}}\n").expect("write");
+        let msg = Store::new(&dir).load(&root).unwrap_err().to_string();
+        assert!(msg.contains("policies.journal:1:"), "{msg}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
 
 /// The line of the first mention of `needle`, to point the user at a bad entry.
@@ -273,13 +448,24 @@ mod tests {
                 None,
             ),
             StoredPolicy::new(
+                root.join("kad-store-c").display().to_string(),
+                &Policy::on(None, None, Some(3))
+                    .unwrap()
+                    .with_extras(Some(5000), true)
+                    .unwrap(),
+                None,
+            ),
+            StoredPolicy::new(
                 root.join("kad-store-a/b").display().to_string(),
                 &Policy::OFF,
                 Some(owner),
             ),
         ];
         store.save(&entries).unwrap();
-        assert_eq!(store.load(&root).unwrap(), entries);
+        // Loaded in path order.
+        let mut sorted = entries.clone();
+        sorted.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        assert_eq!(store.load(&root).unwrap(), sorted);
         assert!(!dir.join("policies.json.tmp").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -302,6 +488,11 @@ mod tests {
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].exec_owner, None, "a name is not an owner");
         assert_eq!(loaded[0].idle, Some(300));
+        assert_eq!(
+            (loaded[0].user_timeout, loaded[0].enforce),
+            (None, false),
+            "written before TCP_USER_TIMEOUT and --enforce"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

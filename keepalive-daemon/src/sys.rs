@@ -43,3 +43,76 @@ pub fn raise_nofile_limit() -> std::io::Result<u64> {
     }
     Ok(limit.rlim_cur)
 }
+
+/// The oldest kernel kad works on: `bpf_setsockopt` from sock_ops accepts `SO_KEEPALIVE` and
+/// `TCP_KEEPIDLE`/`INTVL`/`CNT` since 5.9.
+pub const MIN_KERNEL: (u32, u32) = (5, 9);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "kernel {release} is too old: kad needs Linux {}.{} or later (for bpf_setsockopt of the \
+         keepalive options from sock_ops)",
+        MIN_KERNEL.0,
+        MIN_KERNEL.1
+    )]
+    TooOld { release: String },
+    #[error("cannot tell the kernel version from its release {release:?}")]
+    Unparsable { release: String },
+}
+
+/// (major, minor) from a release such as `6.1.0-56-amd64` or `5.10.262`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor: String = parts
+        .next()?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Some((major, minor.parse().ok()?))
+}
+
+/// Refuses a kernel older than [`MIN_KERNEL`]: there the program would load and attach, and
+/// then fail to set anything on every connection.
+pub fn check_kernel(release: &str) -> Result<(), KernelError> {
+    match kernel_version(release) {
+        Some(version) if version >= MIN_KERNEL => Ok(()),
+        Some(_) => Err(KernelError::TooOld {
+            release: release.into(),
+        }),
+        None => Err(KernelError::Unparsable {
+            release: release.into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(kernel_version("6.1.0-56-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("6.12.117+deb12-amd64"), Some((6, 12)));
+        assert_eq!(kernel_version("5.10.262"), Some((5, 10)));
+        assert_eq!(kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(kernel_version("2.6.78"), Some((2, 6)));
+        assert_eq!(kernel_version("6"), None);
+        assert_eq!(kernel_version("unknown"), None);
+    }
+
+    #[test]
+    fn minimum() {
+        assert!(check_kernel("5.9.0").is_ok());
+        assert!(check_kernel("5.10.0-46-amd64").is_ok());
+        assert!(check_kernel("6.18.44").is_ok());
+        let err = check_kernel("5.8.18-1-amd64").unwrap_err().to_string();
+        assert!(
+            err.contains("5.8.18-1-amd64") && err.contains("5.9"),
+            "{err}"
+        );
+        assert!(check_kernel("4.19.0").is_err());
+        assert!(check_kernel("unknown").is_err());
+    }
+}

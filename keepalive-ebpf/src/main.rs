@@ -1,11 +1,10 @@
 //! kad's kernel programs. One copy of each is loaded per daemon; the cgroup programs are
 //! attached to a few anchor cgroups (a policy cgroup's parent) and decide per socket from maps:
 //!
-//! - `kad_sock_create` (cgroup/sock_create) runs in the creating task: it finds the nearest
-//!   cgroup with a policy among the socket's cgroup and its ancestors and records it in the
-//!   socket's local storage (copied to the sockets a listener accepts).
-//! - `kad_sockops` (sock_ops) sets the options on a listener (its accepted sockets inherit
-//!   them) and on each established connection that does not have them yet.
+//! - `kad_sockops` (sock_ops) finds the nearest cgroup with a policy among the socket's cgroup
+//!   and its ancestors (from the kernel's structs) and sets the options on a listener (its
+//!   accepted sockets inherit them; the listener's socket storage, copied to each accepted
+//!   socket, says so) and on each established connection that does not have them yet.
 //! - `kad_setsockopt` (cgroup/setsockopt) sees a program's own keepalive options: counted as
 //!   overrides, or rewritten to the policy's values under `--enforce`.
 //! - `kad_iter_tcp` (iter/tcp) gives existing sockets the policy of their cgroup.
@@ -31,13 +30,14 @@ use aya_ebpf::{
         bpf_probe_read_kernel_str_bytes, bpf_seq_write, bpf_setsockopt, bpf_sk_storage_get,
         bpf_skc_to_tcp_sock,
     },
-    macros::{btf_map, btf_tracepoint, cgroup_sock, cgroup_sockopt, map, sock_ops},
+    macros::{btf_map, btf_tracepoint, cgroup_sockopt, map, sock_ops},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
-    programs::{BtfTracePointContext, SockContext, SockOpsContext, SockoptContext},
+    programs::{BtfTracePointContext, SockOpsContext, SockoptContext},
 };
+use aya_log_ebpf::info;
 use keepalive_common::{
     Counters, KernelOffsets, PathKey, PolicyValue, SockState, FLAG_ENFORCE, FLAG_ON, MAX_LEVEL,
-    MAX_POLICIES, MAX_SCOPE, OFFSETS_CGROUP, OFFSETS_KILLS, PATH_KEY_LEN,
+    MAX_POLICIES, MAX_SCOPE, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KILLS, PATH_KEY_LEN,
 };
 
 // Not in aya-ebpf's bindings (include/uapi/linux/tcp.h, in.h, errno.h).
@@ -47,6 +47,10 @@ const TCP_KEEPINTVL: i32 = 5;
 const TCP_KEEPCNT: i32 = 6;
 const TCP_USER_TIMEOUT: i32 = 18;
 const ETIMEDOUT: i32 = 110;
+const AF_INET6: u16 = 10;
+// include/net/tcp_states.h
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_LISTEN: u32 = 10;
 
 /// `SockState::_pad` bit: this socket's override was counted already.
 const STATE_OVERRIDDEN: u32 = 1;
@@ -62,6 +66,14 @@ static KAD_OFFSETS: KernelOffsets = KernelOffsets {
     kn_id: 0,
     cgroup_root: 0,
     hierarchy_id: 0,
+    kn_parent: 0,
+    family: 0,
+    daddr: 0,
+    saddr: 0,
+    dport: 0,
+    sport: 0,
+    daddr6: 0,
+    saddr6: 0,
     valid: 0,
 };
 
@@ -141,34 +153,49 @@ fn offsets() -> KernelOffsets {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Socket creation: which policy decides.
+// Which policy decides for a socket: the nearest of its own cgroup (sk->sk_cgrp_data, fixed when
+// the socket was created; an accepted socket has its listener's) and that cgroup's ancestors
+// that has a policy. Read from the kernel's structs, so no per-socket state has to be made.
 
-#[cgroup_sock(sock_create)]
-pub fn kad_sock_create(ctx: SockContext) -> i32 {
-    // SAFETY: the context is the kernel's bpf_sock; these fields are readable.
-    let protocol = unsafe { (*ctx.sock).protocol };
-    if protocol != IPPROTO_TCP as u32 {
-        return 1;
+/// The deciding policy's cgroup id and value for the socket at `sk` (a BTF-typed pointer).
+#[inline(always)]
+fn deciding_policy(sk: *const u8, offs: &KernelOffsets) -> Option<(u64, PolicyValue)> {
+    // Direct loads through BTF-typed pointers (the JIT makes them fault-safe loads), much
+    // cheaper than bpf_probe_read_kernel; the offsets are constants of the read-only data.
+    let cgroup: *const u8 = load(sk, offs.sk_cgroup);
+    if cgroup.is_null() {
+        return None;
     }
-    let policy = deciding_cgroup();
-    if policy != 0 {
-        if let Some(state) = sock_state(ctx.sock as *mut c_void, true) {
-            state.policy = policy;
+    let mut kn: *const u8 = load(cgroup, offs.cgroup_kn);
+    let mut level = 0;
+    while level < MAX_LEVEL && !kn.is_null() {
+        let id: u64 = load(kn, offs.kn_id);
+        if let Some(policy) = policy_of(id) {
+            return Some((id, policy));
         }
+        kn = load(kn, offs.kn_parent);
+        level += 1;
     }
-    1 // allow the socket
+    None
 }
 
-/// The nearest of the current task's cgroup and its ancestors that has a policy (0: none).
-/// In sock_create the current task's cgroup is the socket's own.
+/// A field of a kernel struct reached through a BTF-typed pointer.
 #[inline(always)]
-fn deciding_cgroup() -> u64 {
+fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: `base` is a pointer the verifier knows the BTF type of; it checks that `offset`
+    // lands on a field of that size, and the JIT turns a fault into a zero.
+    unsafe { read_volatile(base.wrapping_add(offset as usize) as *const T) }
+}
+
+/// The same for the current task's cgroup (cgroup/setsockopt runs in the caller's context).
+#[inline(always)]
+fn deciding_policy_of_task() -> Option<(u64, PolicyValue)> {
     // SAFETY: helpers without pointer arguments.
     let own = unsafe { bpf_get_current_cgroup_id() };
-    if policy_of(own).is_some() {
-        return own; // the common case: the policy names the socket's own cgroup
+    if let Some(policy) = policy_of(own) {
+        return Some((own, policy));
     }
-    let mut best = 0;
+    let mut best = None;
     let mut level = 1;
     while level <= MAX_LEVEL {
         // SAFETY: as above.
@@ -176,8 +203,8 @@ fn deciding_cgroup() -> u64 {
         if id == 0 || id == own {
             break;
         }
-        if policy_of(id).is_some() {
-            best = id;
+        if let Some(policy) = policy_of(id) {
+            best = Some((id, policy));
         }
         level += 1;
     }
@@ -206,36 +233,49 @@ fn on_sockops(ctx: &SockOpsContext, op: u32) {
     if sk.is_null() {
         return;
     }
-    let Some(state) = sock_state(sk as *mut c_void, false) else {
-        return; // no policy decided for this socket
-    };
-    let Some(policy) = policy_of(state.policy) else {
+    let passive = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    if passive {
+        // Accepted from a listener that got the policy's current values: it inherited them.
+        if let Some(state) = sock_state(sk as *mut c_void, false) {
+            // A new connection starts uncounted: an override mark it carries is its listener's.
+            state._pad &= !STATE_OVERRIDDEN;
+            if let Some(policy) = policy_of(state.policy) {
+                if policy.flags & FLAG_ON != 0 && state.applied == policy.generation {
+                    bump(state.policy, |c| c.passive += 1);
+                    return;
+                }
+            }
+        }
+    }
+    let offs = offsets();
+    // SAFETY: the helper returns NULL unless `sk` is a full TCP socket.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
+    if tp.is_null() {
         return;
+    }
+    let Some((cgroup_id, policy)) = deciding_policy(tp, &offs) else {
+        return; // no policy above this socket's cgroup
     };
     if policy.flags & FLAG_ON == 0 {
         return; // opt-out: leave the socket as the application made it
     }
-    let cgroup_id = state.policy;
-    // An accepted socket whose listener got these values already inherited them.
-    let inherited = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && state.applied == policy.generation;
-    let failures = if inherited {
-        0
-    } else {
-        apply(ctx.ops as *mut c_void, &policy)
-    };
-    state.applied = policy.generation;
+    let failures = apply(ctx.ops as *mut c_void, &policy);
     if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        // Remembered on the listener (and copied to each socket it accepts).
+        if let Some(state) = sock_state(sk as *mut c_void, true) {
+            state.policy = cgroup_id;
+            state.applied = policy.generation;
+        }
         if failures != 0 {
             bump(cgroup_id, |c| c.failures += failures);
         }
         return;
     }
-    let active = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
     bump(cgroup_id, |c| {
-        if active {
-            c.active += 1;
-        } else {
+        if passive {
             c.passive += 1;
+        } else {
+            c.active += 1;
         }
         c.failures += failures;
     });
@@ -300,10 +340,7 @@ fn on_setsockopt(ctx: &SockoptContext) {
     if !keepalive_opt || sk.is_null() {
         return;
     }
-    let Some(state) = sock_state(sk as *mut c_void, false) else {
-        return;
-    };
-    let Some(policy) = policy_of(state.policy) else {
+    let Some((cgroup_id, policy)) = deciding_policy_of_task() else {
         return;
     };
     if policy.flags & FLAG_ON == 0 {
@@ -324,7 +361,6 @@ fn on_setsockopt(ctx: &SockoptContext) {
     if wanted == 0 {
         return;
     }
-    let cgroup_id = state.policy;
     if policy.flags & FLAG_ENFORCE != 0 {
         // SAFETY: optval/optval_end delimit the kernel's copy of the value; bounds-checked.
         let (optval, end) = unsafe {
@@ -346,8 +382,18 @@ fn on_setsockopt(ctx: &SockoptContext) {
         }
         return;
     }
-    // Not enforced: the program's value wins. Count the connection once, if kad had set it.
-    if state.applied != 0 && state._pad & STATE_OVERRIDDEN == 0 {
+    // Not enforced: the program's value wins. Counted once per socket that kad had set: a
+    // connection kad configured at establishment, or a listener kad configured.
+    // SAFETY: `state` is readable in the bpf_sock context.
+    let tcp_state = unsafe { (*sk).state };
+    let state = sock_state(sk as *mut c_void, tcp_state == TCP_ESTABLISHED);
+    let Some(state) = state else {
+        return; // before establishment: kad's values come after and win
+    };
+    if tcp_state == TCP_LISTEN && state.applied == 0 {
+        return; // a listener kad has not configured (yet)
+    }
+    if state._pad & STATE_OVERRIDDEN == 0 {
         state._pad |= STATE_OVERRIDDEN;
         bump(cgroup_id, |c| c.overridden += 1);
     }
@@ -471,6 +517,27 @@ pub fn kad_mkdir(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// A cgroup removed: its policy entry and counters go with it, in the kernel, so that nothing
+/// is left for an id that no longer exists (the daemon may learn of the removal much later).
+#[btf_tracepoint(function = "cgroup_rmdir")]
+pub fn kad_rmdir(ctx: BtfTracePointContext) -> i32 {
+    let offs = offsets();
+    if offs.valid & OFFSETS_CGROUP == 0 {
+        return 0;
+    }
+    let cgroup: *const u8 = ctx.arg(0);
+    let root: u64 = read_kernel(cgroup, offs.cgroup_root);
+    if root == 0 || read_kernel::<i32>(root as *const u8, offs.hierarchy_id) != 0 {
+        return 0;
+    }
+    let id = cgroup_id_of(cgroup, &offs);
+    if id != 0 {
+        let _ = KAD_POLICY.remove(id);
+        let _ = KAD_COUNTERS.remove(id);
+    }
+    0
+}
+
 // ---------------------------------------------------------------------------------------------
 // Keepalive kills: the error report of a connection keepalive gave up on.
 
@@ -484,17 +551,62 @@ pub fn kad_error_report(ctx: BtfTracePointContext) -> i32 {
     if sk.is_null() {
         return 0;
     }
-    let Some(state) = sock_state(sk, false) else {
-        return 0;
-    };
     let sk = sk as *const u8;
     let sk_err: i32 = read_kernel(sk, offs.sk_err);
     let probes_out: u8 = read_kernel(sk, offs.probes_out);
     let retransmits: u8 = read_kernel(sk, offs.retransmits);
     if sk_err == ETIMEDOUT && probes_out > 0 && retransmits == 0 {
-        bump(state.policy, |c| c.keepalive_kills += 1);
+        if offs.valid & OFFSETS_CGROUP == 0 {
+            return 0;
+        }
+        let Some((policy, value)) = deciding_policy(sk, &offs) else {
+            return 0;
+        };
+        if value.flags & FLAG_ON == 0 {
+            return 0;
+        }
+        bump(policy, |c| c.keepalive_kills += 1);
+        log_kill(&ctx, sk, policy, &offs);
     }
     0
+}
+
+/// One event per kill for the daemon's log (aya-log; off the per-connection path: this runs
+/// only when keepalive gave up on a connection).
+#[inline(always)]
+fn log_kill(ctx: &BtfTracePointContext, sk: *const u8, policy: u64, offs: &KernelOffsets) {
+    if offs.valid & OFFSETS_ADDRS == 0 {
+        info!(ctx, "keepalive kill: policy cgroup {}", policy);
+        return;
+    }
+    let family: u16 = read_kernel(sk, offs.family);
+    let dport = u16::from_be(read_kernel::<u16>(sk, offs.dport));
+    let sport: u16 = read_kernel(sk, offs.sport);
+    if family == AF_INET6 {
+        let daddr: [u8; 16] = read_kernel(sk, offs.daddr6);
+        let saddr: [u8; 16] = read_kernel(sk, offs.saddr6);
+        info!(
+            ctx,
+            "keepalive kill: policy cgroup {} local [{:i}]:{} remote [{:i}]:{}",
+            policy,
+            saddr,
+            sport,
+            daddr,
+            dport
+        );
+    } else {
+        let daddr = u32::from_be(read_kernel::<u32>(sk, offs.daddr));
+        let saddr = u32::from_be(read_kernel::<u32>(sk, offs.saddr));
+        info!(
+            ctx,
+            "keepalive kill: policy cgroup {} local {:i}:{} remote {:i}:{}",
+            policy,
+            saddr,
+            sport,
+            daddr,
+            dport
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -54,6 +54,13 @@ impl Env {
         if !is_bpffs_mounted() {
             return skip("bpffs is not mounted at /sys/fs/bpf (cargo xtask test mounts it)");
         }
+        if !require_kernel(
+            5,
+            9,
+            "bpf_setsockopt of the keepalive options from sock_ops",
+        ) {
+            return None;
+        }
         let kad = kad_bin();
         if !kad.is_file() {
             return skip(&format!(
@@ -83,8 +90,104 @@ fn skip(reason: &str) -> Option<Env> {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("kernel test cannot run under CI: {reason}");
     }
-    eprintln!("SKIPPED: {reason}");
+    record_skip(reason);
     None
+}
+
+/// Whether the running kernel is at least `major.minor`, which `what` needs. If not, the
+/// caller skips its test, which is said (with the kernel named) and counted. A kernel booted
+/// on purpose by `cargo xtask test-kernels` (`KAD_KERNEL_MATRIX` set) may lack a feature; the
+/// host kernel under `CI=true` may not: there a skip fails the test.
+pub fn require_kernel(major: u32, minor: u32, what: &str) -> bool {
+    let Some(reason) = lacking(&kernel_release(), (major, minor), what) else {
+        return true;
+    };
+    if skip_fails(
+        std::env::var("CI").ok().as_deref(),
+        std::env::var_os("KAD_KERNEL_MATRIX").is_some(),
+    ) {
+        panic!("kernel test cannot run under CI: {reason}");
+    }
+    record_skip(&reason);
+    false
+}
+
+/// False (the test is skipped, said and counted) on a kernel booted by `cargo xtask
+/// test-kernels`: for tests of kad itself rather than of a kernel feature, too slow under
+/// emulation to repeat on every kernel.
+pub fn host_only(what: &str) -> bool {
+    if std::env::var_os("KAD_KERNEL_MATRIX").is_none() {
+        return true;
+    }
+    record_skip(&format!("{what}: run on the host kernel only"));
+    false
+}
+
+/// Why a kernel of `release` cannot run a test that needs `needs` for `what`; `None` if it can.
+fn lacking(release: &str, needs: (u32, u32), what: &str) -> Option<String> {
+    let version = kernel_version(release)
+        .unwrap_or_else(|| panic!("cannot read a version from kernel release {release:?}"));
+    (version < needs).then(|| {
+        format!(
+            "kernel {release} lacks {what} (needs {}.{})",
+            needs.0, needs.1
+        )
+    })
+}
+
+/// A kernel-feature skip is a failure on the host kernel under CI, not on a kernel the matrix
+/// booted on purpose.
+fn skip_fails(ci: Option<&str>, kernel_matrix: bool) -> bool {
+    ci == Some("true") && !kernel_matrix
+}
+
+/// Says that the current test is skipped, and appends it to `KAD_SKIP_LOG` if set (so that a
+/// runner that captures test output can count and show skips).
+fn record_skip(reason: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("(unnamed test)")
+        .to_string();
+    eprintln!("SKIPPED: {reason}");
+    if let Some(log) = std::env::var_os("KAD_SKIP_LOG") {
+        let line = format!("{test}: {reason}\n");
+        // One write(2) of a short line to an O_APPEND file: lines of parallel tests do not mix.
+        let written = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            panic!(
+                "cannot record the skip in {}: {e}",
+                Path::new(&log).display()
+            );
+        }
+    }
+}
+
+/// The kernel release, as `uname -r` prints it.
+pub fn kernel_release() -> String {
+    // SAFETY: uname fills the zeroed struct we own; its fields are NUL-terminated.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut name) } != 0 {
+        panic!("uname: {}", std::io::Error::last_os_error());
+    }
+    unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// (major, minor) of a release such as `6.1.0-56-amd64`.
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor: String = parts
+        .next()?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Some((major, minor.parse().ok()?))
 }
 
 pub fn kad_bin() -> PathBuf {
@@ -181,6 +284,20 @@ impl Drop for TestCgroup {
     }
 }
 
+/// SIGKILLs the processes of one cgroup: `cgroup.kill` (5.14+), or each process listed.
+pub fn kill_cgroup(path: &Path) {
+    if fs::write(path.join("cgroup.kill"), "1").is_ok() {
+        return;
+    }
+    for _ in 0..3 {
+        let procs = fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: signalling a process of a cgroup this test made.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Kills the processes of a cgroup tree and removes its directories, deepest first.
 pub fn remove_cgroup_tree(path: &Path) {
     if let Ok(entries) = fs::read_dir(path) {
@@ -190,7 +307,7 @@ pub fn remove_cgroup_tree(path: &Path) {
             }
         }
     }
-    let _ = fs::write(path.join("cgroup.kill"), "1");
+    kill_cgroup(path);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         match fs::remove_dir(path) {
@@ -317,7 +434,8 @@ impl Daemon {
             .spawn()
             .expect("spawn kad daemon");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: under emulation (cargo xtask test-kernels) loading takes seconds.
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             // Ready when it answers: the socket is bound before the policies are applied.
             if self.kad(&["status"]).status.success() {
@@ -447,8 +565,14 @@ pub struct Report {
     pub idle: i64,
     pub intvl: i64,
     pub cnt: i64,
+    /// TCP_USER_TIMEOUT in milliseconds (0: not set); absent from programs that do not say.
+    #[serde(default)]
+    pub user_timeout: i64,
     pub local_port: u16,
     pub peer_port: u16,
+    /// `connect-off`: what the program's own setsockopt returned.
+    #[serde(default)]
+    pub setsockopt: Option<i64>,
 }
 
 impl Report {
@@ -582,23 +706,112 @@ pub fn connect(
     (server_report, client_report)
 }
 
-/// The kad (sock_ops) programs attached directly to `cgroup`, as bpftool reports them.
+/// `BPF_CGROUP_SOCK_OPS`, the attach type of kad's program (`enum bpf_attach_type`).
+pub const ATTACH_SOCK_OPS: u32 = 3;
+
+/// The kad (sock_ops) programs attached directly to `cgroup`.
 pub fn kad_attachments(cgroup: &Path) -> usize {
-    let out = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cgroup)
-        .output()
-        .expect("run bpftool (cargo xtask test installs it)");
-    assert!(
-        out.status.success(),
-        "bpftool cgroup show {}: {}",
-        cgroup.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("sock_ops") && l.contains("kad_sockops"))
+    cgroup_programs(cgroup, ATTACH_SOCK_OPS)
+        .iter()
+        .filter(|name| *name == "kad_sockops")
         .count()
+}
+
+/// The names of the programs attached directly to `cgroup` for `attach_type`, asked of the
+/// kernel itself (`BPF_PROG_QUERY`). Not through bpftool: Debian 12's bpftool sends a query
+/// field that kernels before 6.0 reject, so its `cgroup show` fails there.
+pub fn cgroup_programs(cgroup: &Path, attach_type: u32) -> Vec<String> {
+    let dir = File::open(cgroup).unwrap_or_else(|e| panic!("open {}: {e}", cgroup.display()));
+    let mut ids = [0u32; 64];
+    // The query fields every kernel since 4.15 knows, and nothing after them.
+    #[repr(C)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    let mut query = Query {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _pad: 0,
+    };
+    bpf(BPF_PROG_QUERY, &mut query)
+        .unwrap_or_else(|e| panic!("BPF_PROG_QUERY on {}: {e}", cgroup.display()));
+    ids[..query.prog_cnt as usize]
+        .iter()
+        .filter_map(|&id| program_name(id))
+        .collect()
+}
+
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+
+/// The name of loaded program `id`; `None` if it went away meanwhile.
+fn program_name(id: u32) -> Option<String> {
+    #[repr(C)]
+    struct GetFd {
+        prog_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let fd = bpf(
+        BPF_PROG_GET_FD_BY_ID,
+        &mut GetFd {
+            prog_id: id,
+            next_id: 0,
+            open_flags: 0,
+        },
+    )
+    .ok()?;
+    // SAFETY: the kernel just gave us this descriptor; the OwnedFd closes it.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // `struct bpf_prog_info` up to its name (offset 64, 16 bytes), as in every kernel since 4.15.
+    let mut info = [0u8; 80];
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        &mut GetInfo {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: info.len() as u32,
+            info: info.as_mut_ptr() as u64,
+        },
+    )
+    .unwrap_or_else(|e| panic!("BPF_OBJ_GET_INFO_BY_FD for program {id}: {e}"));
+    let name = &info[64..80];
+    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Some(String::from_utf8_lossy(&name[..len]).into_owned())
+}
+
+/// The bpf(2) syscall with `attr` (which it may write back into); its result or the error.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i32> {
+    // SAFETY: attr is a live, exclusively borrowed struct of the size passed, laid out as the
+    // kernel's union bpf_attr member for cmd; pointers in it point to buffers we own.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T as *mut libc::c_void,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ret as i32)
 }
 
 /// The inode number of a cgroup directory: its id as BPF sees it.
@@ -620,6 +833,35 @@ pub fn ss_to_port(port: u16) -> String {
         .output()
         .expect("run ss (iproute2)");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The policy table a daemon saved in `state_dir`: `policies.json` with the changes of its
+/// journal (`policies.journal`, one `{"set": {...}}` or `{"unset": "path"}` per line) folded in,
+/// as an array of entries ordered by cgroup.
+pub fn saved_table(state_dir: &Path) -> serde_json::Value {
+    let mut table = std::collections::BTreeMap::new();
+    if let Ok(text) = fs::read_to_string(state_dir.join("policies.json")) {
+        let entries: Vec<serde_json::Value> =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("policies.json: {e}: {text}"));
+        for e in entries {
+            table.insert(e["cgroup"].as_str().unwrap_or_default().to_string(), e);
+        }
+    }
+    if let Ok(text) = fs::read_to_string(state_dir.join("policies.journal")) {
+        for line in text.lines() {
+            let change: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("policies.journal: {e}: {line}"));
+            if let Some(e) = change.get("set") {
+                table.insert(
+                    e["cgroup"].as_str().unwrap_or_default().to_string(),
+                    e.clone(),
+                );
+            } else if let Some(cgroup) = change.get("unset").and_then(|c| c.as_str()) {
+                table.remove(cgroup);
+            }
+        }
+    }
+    serde_json::Value::Array(table.into_values().collect())
 }
 
 /// Polls `check` until it holds or `timeout` passes.
@@ -839,5 +1081,101 @@ impl NobodyKad {
                 other => return other.expect("run kad as nobody"),
             }
         }
+    }
+}
+
+/// The Go test peer (tests/go/gopeer.go), built statically with Debian's golang-go into a
+/// directory of its own (binary, build cache and GOPATH), removed when dropped. No network
+/// is used: the program needs only Go's standard library.
+pub struct GoPeer {
+    _dir: TempDir,
+    pub bin: PathBuf,
+}
+
+impl GoPeer {
+    pub fn build() -> GoPeer {
+        let go = ["/usr/bin/go", "/usr/lib/go/bin/go"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .expect("golang-go is missing (cargo xtask test installs it)");
+        let dir = TempDir::new("go");
+        let bin = dir.0.join("gopeer");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("go/gopeer.go");
+        let out = Command::new(go)
+            .arg("build")
+            .arg("-o")
+            .arg(&bin)
+            .arg(&source)
+            .current_dir(&dir.0)
+            .env("CGO_ENABLED", "0")
+            .env("GOCACHE", dir.0.join("cache"))
+            .env("GOPATH", dir.0.join("gopath"))
+            .env("GOFLAGS", "")
+            .env("GOPROXY", "off")
+            .env("GOTOOLCHAIN", "local")
+            .output()
+            .expect("run go build");
+        assert!(
+            out.status.success(),
+            "go build {}: {}",
+            source.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        GoPeer { _dir: dir, bin }
+    }
+
+    /// `gopeer listen ADDR` in `cgroup`; returns it and its port.
+    pub fn listen(&self, addr: &str, cgroup: Option<&Path>) -> (Process, u16) {
+        let mut command = Command::new(&self.bin);
+        command.args(["listen", addr]);
+        let mut server = Process::spawn(command, cgroup);
+        let line = server.line();
+        let port = line
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected Go listener output {line:?}"));
+        (server, port)
+    }
+
+    /// `gopeer connect ADDR` in `cgroup`.
+    pub fn connect(&self, addr: &str, cgroup: Option<&Path>) -> Process {
+        let mut command = Command::new(&self.bin);
+        command.args(["connect", addr]);
+        Process::spawn(command, cgroup)
+    }
+
+    /// A connection from a Go client in `client_cg` to a Go server in `server_cg`, held
+    /// until the processes are dropped; each end's report.
+    pub fn pair(
+        &self,
+        server_cg: Option<&Path>,
+        client_cg: Option<&Path>,
+    ) -> (Process, Report, Process, Report) {
+        let (mut server, port) = self.listen("127.0.0.1:0", server_cg);
+        let mut client = self.connect(&format!("127.0.0.1:{port}"), client_cg);
+        let client_report = client.report();
+        let server_report = server.report();
+        assert_eq!(server_report.peer_port, client_report.local_port);
+        (server, server_report, client, client_report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_skip_names_the_kernel_and_fails_only_on_the_host_under_ci() {
+        assert_eq!(
+            lacking("5.10.0-46-amd64", (5, 15), "iter/tcp bpf_setsockopt").as_deref(),
+            Some("kernel 5.10.0-46-amd64 lacks iter/tcp bpf_setsockopt (needs 5.15)")
+        );
+        assert_eq!(lacking("6.1.0-56-amd64", (5, 15), "x"), None);
+        assert_eq!(lacking("5.15.0", (5, 15), "x"), None);
+        assert!(skip_fails(Some("true"), false));
+        assert!(!skip_fails(Some("true"), true));
+        assert!(!skip_fails(None, false));
+        assert!(!skip_fails(Some("false"), false));
     }
 }

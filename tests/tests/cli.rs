@@ -51,8 +51,8 @@ fn list_json_has_the_documented_shape() {
     assert_eq!(
         daemon.list(),
         serde_json::json!([
-            {"cgroup": cg.path, "mode": "on", "idle": 180, "intvl": null, "cnt": 20},
-            {"cgroup": off, "mode": "off", "idle": null, "intvl": null, "cnt": null},
+            {"cgroup": cg.path, "mode": "on", "idle": 180, "intvl": null, "cnt": 20, "user_timeout": null, "enforce": false},
+            {"cgroup": off, "mode": "off", "idle": null, "intvl": null, "cnt": null, "user_timeout": null, "enforce": false},
         ])
     );
     let table = daemon.kad_ok(&["list"]);
@@ -396,4 +396,42 @@ fn policies_survive_a_daemon_restart_and_a_daemon_refuses_a_busy_directory() {
     assert_eq!(connect(&env, None, Some(&cg.path), false).1.idle, 321);
     daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "123"]);
     assert_eq!(connect(&env, None, Some(&cg.path), false).1.idle, 123);
+}
+
+/// A kernel older than 5.9 is refused at start with one line naming it, before anything is
+/// touched. The UNAME26 personality makes uname(2) report this kernel as 2.6.x to the daemon
+/// alone (what `setarch --uname-2.6` does), so the refusal runs on any kernel.
+#[test]
+fn the_daemon_refuses_a_kernel_older_than_5_9() {
+    let env = kad_env!();
+    let dir = TempDir::new("old-kernel");
+    let bpffs = std::path::PathBuf::from("/sys/fs/bpf").join(unique("old-kernel"));
+    let socket = dir.0.join("kad.sock");
+    let state = dir.0.join("state");
+    let mut command = daemon_command(&env.kad, &socket, &state, &bpffs, &dir.0.join("kad.toml"));
+    const UNAME26: libc::c_ulong = 0x0020000;
+    // SAFETY: only personality(2) runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::personality(UNAME26) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().expect("run kad daemon");
+    let created = bpffs.exists();
+    let _ = std::fs::remove_dir_all(&bpffs);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "started on 2.6: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    assert!(
+        err.contains("kernel 2.6.") && err.contains("too old") && err.contains("5.9"),
+        "{err}"
+    );
+    assert!(!created, "bpffs directory created");
+    assert!(
+        !socket.exists() && !state.exists(),
+        "socket or state created"
+    );
 }

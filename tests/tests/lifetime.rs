@@ -57,6 +57,9 @@ impl Pair {
 #[test]
 fn connections_opened_before_a_policy_get_it_in_every_network_namespace() {
     let env = kad_env!();
+    if !kad_tests::require_kernel(5, 15, "bpf_setsockopt from iter/tcp (existing connections)") {
+        return;
+    }
     let daemon = Daemon::start(&env);
     let cg = TestCgroup::new(&env, "existing");
     let app = cg.child("app");
@@ -370,4 +373,105 @@ fn a_new_daemon_replaces_the_program_behind_its_links_without_a_gap() {
         counts[1], 0,
         "sockets without the policy across the restart: {line}"
     );
+}
+
+#[test]
+fn a_start_without_enough_file_descriptors_fails_and_removes_nothing() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let cgroups: Vec<TestCgroup> = (0..3)
+        .map(|i| TestCgroup::new(&env, &format!("fds{i}")))
+        .collect();
+    for (i, cg) in cgroups.iter().enumerate() {
+        daemon.kad_ok(&[
+            "set",
+            "--cgroup",
+            &cg.relative(),
+            "--idle",
+            &format!("{}", 150 + i),
+        ]);
+    }
+    let pins = daemon.pinned_links();
+    assert_eq!(pins.len(), 3);
+    daemon.stop();
+    let command = kad_tests::daemon_command(
+        &env.kad,
+        &daemon.socket,
+        &daemon.state_dir,
+        &daemon.bpffs,
+        &daemon.config,
+    );
+    let out = Command::new("prlimit")
+        .arg("--nofile=16:16")
+        .arg("--")
+        .arg(command.get_program())
+        .args(command.get_args())
+        .output()
+        .expect("run prlimit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with 16 descriptors: {err}");
+    assert!(
+        err.contains("os error 24") || err.contains("Too many open files"),
+        "{err}"
+    );
+    // Nothing was removed: the pins hold, and so does enforcement.
+    assert_eq!(daemon.pinned_links(), pins);
+    assert!(daemon.bpffs.join("KAD_POLICY").exists());
+    for (i, cg) in cgroups.iter().enumerate() {
+        let (server, client) = kad_tests::connect(&env, Some(&cg.path), Some(&cg.path), false);
+        assert_eq!((server.idle, client.idle), (150 + i as i64, 150 + i as i64));
+    }
+    daemon.restart();
+    assert_eq!(daemon.list().as_array().map(Vec::len), Some(3));
+    assert_eq!(daemon.pinned_links(), pins);
+}
+
+#[test]
+fn a_policy_map_removed_by_hand_is_refused_not_reported_done() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "gone-map");
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "161"]);
+    fs::remove_file(daemon.bpffs.join("KAD_POLICY")).expect("remove the pinned map");
+    let out = daemon.kad(&["set", "--cgroup", &cg.relative(), "--idle", "162"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kad set reported done: {err}");
+    assert!(
+        err.contains("KAD_POLICY is gone") && err.contains("restart"),
+        "{err}"
+    );
+    // The kernel still holds what was last reported done.
+    let (server, client) = kad_tests::connect(&env, Some(&cg.path), Some(&cg.path), false);
+    assert_eq!((server.idle, client.idle), (161, 161));
+    assert_eq!(daemon.list()[0]["idle"], 161);
+}
+
+#[test]
+fn pinned_policies_missing_from_the_state_file_are_adopted_not_dropped() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "adopt");
+    let child = cg.child("svc");
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &format!("{}/svc", cg.relative()),
+        "--idle",
+        "171",
+    ]);
+    daemon.stop();
+    // The state directory is lost (or --state-dir is wrong): only the pins know the policy.
+    fs::remove_dir_all(&daemon.state_dir).expect("remove the state directory");
+    daemon.restart();
+    assert_eq!(daemon.list()[0]["idle"], 171, "adopted from the pinned map");
+    assert!(
+        daemon.log().contains("missing from the state file"),
+        "{}",
+        daemon.log()
+    );
+    let (server, client) = kad_tests::connect(&env, Some(&child), Some(&child), false);
+    assert_eq!((server.idle, client.idle), (171, 171));
+    // And saved again.
+    let saved = kad_tests::saved_table(&daemon.state_dir).to_string();
+    assert!(saved.contains("171"), "{saved}");
 }

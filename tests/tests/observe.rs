@@ -398,6 +398,13 @@ fn inspect_shows_the_real_state_of_live_connections() {
 #[test]
 fn counters_move_and_a_keepalive_kill_is_counted() {
     let env = kad_env!();
+    if !kad_tests::require_kernel(
+        5,
+        14,
+        "the inet_sk_error_report tracepoint (keepalive kills)",
+    ) {
+        return;
+    }
     if !Path::new("/usr/sbin/ip").exists() && !Path::new("/sbin/ip").exists() {
         panic!("iproute2 missing (cargo xtask test installs it)");
     }
@@ -454,6 +461,17 @@ fn counters_move_and_a_keepalive_kill_is_counted() {
     });
     assert!(killed, "keepalive kill counted: {last}");
     assert_eq!(last["cgroups"][0]["connect"], 3);
+    // And logged by the daemon, with the connection and its policy cgroup (aya-log event).
+    let event = format!(
+        "keepalive kill: policy cgroup {} local 192.0.2.1:",
+        kad_tests::cgroup_id(&cg.path)
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || daemon.log().contains(&event)),
+        "{event:?} in the log: {}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains(&format!("remote 192.0.2.2:{port}")));
     drop(server);
 }
 

@@ -97,7 +97,7 @@ fn a_cgroup_named_like_a_kad_exec_one_is_the_users() {
         "{reply}"
     );
     assert_eq!(daemon.list(), before);
-    let state = fs::read_to_string(daemon.state_dir.join("policies.json")).unwrap();
+    let state = kad_tests::saved_table(&daemon.state_dir).to_string();
     assert!(!state.contains("exec_owner"), "{state}");
 }
 
@@ -108,15 +108,14 @@ fn a_killed_kad_exec_is_collected_across_a_restart() {
     let (mut kad, _parent) = spawn_exec(&env, &daemon, &["--idle", "96", "--", "sleep", "60"]);
     let cgroup = the_one_policy(&daemon);
     // The owner is recorded, in the daemon's table and on disk.
-    let state = fs::read_to_string(daemon.state_dir.join("policies.json")).unwrap();
-    let saved: serde_json::Value = serde_json::from_str(&state).unwrap();
-    assert_eq!(saved[0]["exec_owner"]["pid"], kad.id(), "{state}");
+    let saved = kad_tests::saved_table(&daemon.state_dir);
+    assert_eq!(saved[0]["exec_owner"]["pid"], kad.id(), "{saved}");
 
     // The daemon dies, then kad exec and its command: nobody is left to clean up.
     daemon.kill();
     kad.kill().unwrap();
     kad.wait().unwrap();
-    fs::write(cgroup.join("cgroup.kill"), "1").unwrap();
+    kad_tests::kill_cgroup(&cgroup);
     assert!(wait_for(Duration::from_secs(5), || !fs::read_to_string(
         cgroup.join("cgroup.events")
     )
@@ -132,7 +131,7 @@ fn a_killed_kad_exec_is_collected_across_a_restart() {
         daemon.list(),
         daemon.log()
     );
-    let state = fs::read_to_string(daemon.state_dir.join("policies.json")).unwrap();
+    let state = kad_tests::saved_table(&daemon.state_dir).to_string();
     assert!(!state.contains("exec_owner"), "{state}");
 }
 
@@ -333,6 +332,21 @@ fn paths_through_symbolic_links_in_the_config_or_the_state_file_are_refused() {
     assert_eq!(kad_attachments(&env.root), 0, "nothing on the root");
 }
 
+/// The cgroups of a policy table (from `kad list --json` or the state file), in order.
+fn cgroups(table: &serde_json::Value) -> Vec<String> {
+    let mut paths: Vec<String> = table
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .filter_map(|e| e["cgroup"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    paths.sort();
+    paths
+}
+
 #[test]
 fn a_full_state_disk_refuses_changes_and_leaves_no_junk() {
     let env = kad_env!();
@@ -344,34 +358,84 @@ fn a_full_state_disk_refuses_changes_and_leaves_no_junk() {
     let disk = TmpfsMount::new(&daemon.state_dir, "64k");
     daemon.restart();
     daemon.kad_ok(&["set", "--cgroup", &kept.relative(), "--idle", "201"]);
-    let state = daemon.state_dir.join("policies.json");
     let tmp = daemon.state_dir.join("policies.json.tmp");
-    let saved = fs::read_to_string(&state).unwrap();
-    let before = daemon.list();
     let filler = disk.fill();
-
+    // A change is one short line appended to the journal: the page the journal already has
+    // may still take a few. Each one that is accepted is saved; the first that finds no room
+    // is refused.
+    let mut refused_out = None;
+    for i in 0..500 {
+        let waiting = format!("{}/w{i}", refused.relative());
+        let out = daemon.kad(&["set", "--cgroup", &waiting, "--idle", "202"]);
+        if !out.status.success() {
+            refused_out = Some((out, waiting));
+            break;
+        }
+    }
+    let (out, waiting) = refused_out.expect("a set on a full disk is refused at last");
+    assert_one_line_error(&out, &["No space left on device"]);
+    let saved = kad_tests::saved_table(&daemon.state_dir);
+    let before = daemon.list();
+    assert_eq!(
+        saved.as_array().map(Vec::len),
+        before.as_array().map(Vec::len)
+    );
+    assert!(
+        !before.to_string().contains(&format!("{waiting}\"")),
+        "{before}"
+    );
     let out = daemon.kad(&["set", "--cgroup", &refused.relative(), "--idle", "202"]);
     assert_one_line_error(&out, &["No space left on device"]);
     assert_eq!(idle_in(&env, &refused.path), (false, untouched().1));
 
-    // unset is refused too: it is not done unless saved, and the policy stays in force.
+    assert_eq!(
+        kad_tests::saved_table(&daemon.state_dir),
+        saved,
+        "the table is intact"
+    );
+    assert_eq!(daemon.list(), before);
+
+    // unset is refused too once its line finds no room: it is not done unless saved, and the
+    // policy stays in force. (An unset line is shorter than a set line: a few may still fit.)
+    let mut unset_refused = false;
+    for i in 0..500 {
+        let waiting = format!("{}/w{i}", refused.relative());
+        if !before.to_string().contains(&format!("/w{i}\"")) {
+            break;
+        }
+        let out = daemon.kad(&["unset", "--cgroup", &waiting]);
+        if !out.status.success() {
+            assert_one_line_error(&out, &["No space left on device", "the policy stays"]);
+            let list = daemon.list().to_string();
+            assert!(list.contains(&format!("/w{i}\"")), "{list}");
+            assert_eq!(
+                cgroups(&kad_tests::saved_table(&daemon.state_dir)),
+                cgroups(&daemon.list())
+            );
+            unset_refused = true;
+            break;
+        }
+    }
+    assert!(unset_refused, "an unset on a full disk is refused at last");
     let out = daemon.kad(&["unset", "--cgroup", &kept.relative()]);
     assert_one_line_error(&out, &["No space left on device", "the policy stays"]);
     assert_eq!(idle_in(&env, &kept.path), (true, 201));
     for what in ["set", "unset"] {
         assert!(!tmp.exists(), "after the refused {what}: no temporary file");
     }
-    assert_eq!(
-        fs::read_to_string(&state).unwrap(),
-        saved,
-        "the table is intact"
-    );
-    assert_eq!(daemon.list(), before);
 
     // With room again, unset works and leaves the file only.
     fs::remove_file(filler).unwrap();
     daemon.kad_ok(&["unset", "--cgroup", &kept.relative()]);
-    assert_eq!(daemon.list(), serde_json::json!([]));
+    let list = daemon.list().to_string();
+    assert!(
+        !list.contains(&format!("{}\"", kept.path.display())),
+        "{list}"
+    );
+    assert_eq!(
+        cgroups(&kad_tests::saved_table(&daemon.state_dir)),
+        cgroups(&daemon.list())
+    );
     assert!(!tmp.exists());
     assert_eq!(idle_in(&env, &kept.path), (false, untouched().1));
 }
@@ -382,7 +446,7 @@ fn two_daemons_never_share_a_state_directory() {
     let daemon = Daemon::start(&env);
     let cg = TestCgroup::new(&env, "shared-state");
     daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "203"]);
-    let saved = fs::read_to_string(daemon.state_dir.join("policies.json")).unwrap();
+    let saved = kad_tests::saved_table(&daemon.state_dir);
     let dir = TempDir::new("second");
     let out = start_refused(&env, &dir.0, &dir.0.join("none.toml"), &daemon.state_dir);
     assert_one_line_error(
@@ -393,10 +457,7 @@ fn two_daemons_never_share_a_state_directory() {
             "--state-dir",
         ],
     );
-    assert_eq!(
-        fs::read_to_string(daemon.state_dir.join("policies.json")).unwrap(),
-        saved
-    );
+    assert_eq!(kad_tests::saved_table(&daemon.state_dir), saved);
     daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "204"]);
     assert_eq!(
         idle_in(&env, &cg.path),

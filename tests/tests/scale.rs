@@ -21,6 +21,9 @@ fn request(socket: &Path, line: &str) -> serde_json::Value {
 fn ten_thousand_policies_are_set_listed_enforced_and_removed() {
     const N: usize = 10_000;
     let env = kad_env!();
+    if !kad_tests::host_only("10,000 policies (a test of kad's scale, not of a kernel feature)") {
+        return;
+    }
     let daemon = Daemon::start(&env);
     let top = TestCgroup::new(&env, "scale");
     let path = |i: usize| top.path.join(format!("p{i}"));
@@ -57,4 +60,39 @@ fn ten_thousand_policies_are_set_listed_enforced_and_removed() {
     assert_eq!(status["map_entries"], 0, "{}", status["map_entries"]);
     assert_eq!(status["attachments"], 0);
     assert!(daemon.pinned_links().is_empty());
+}
+
+#[test]
+fn the_policy_limit_is_named_when_reached() {
+    let env = kad_env!();
+    if !kad_tests::host_only("65,536 policies (a test of kad's limit, not of a kernel feature)") {
+        return;
+    }
+    let daemon = Daemon::start(&env);
+    let top = TestCgroup::new(&env, "limit");
+    let max = 65_536;
+    let set = |i: usize| {
+        request(
+            &daemon.socket,
+            &serde_json::json!({"cmd": "set", "cgroup": top.path.join(format!("p{i}")),
+                "policy": {"mode": "on", "idle": 100, "intvl": null, "cnt": null}})
+            .to_string(),
+        )
+    };
+    for i in 0..max {
+        let reply = set(i);
+        assert_eq!(reply["reply"], "done", "policy {i}: {reply}");
+    }
+    let reply = set(max);
+    assert_eq!(reply["reply"], "error", "{reply}");
+    let message = reply["message"].as_str().unwrap_or_default();
+    assert!(message.contains("at most 65536"), "{message}");
+    // A change to a policy that exists is still fine at the limit.
+    let reply = request(
+        &daemon.socket,
+        &serde_json::json!({"cmd": "set", "cgroup": top.path.join("p7"),
+            "policy": {"mode": "on", "idle": 200, "intvl": null, "cnt": null}})
+        .to_string(),
+    );
+    assert_eq!(reply["reply"], "done", "{reply}");
 }

@@ -90,6 +90,8 @@ fn a_reboot_rebuilds_everything_from_the_state_directory() {
     daemon.kill();
     // A reboot empties bpffs: removing the pins detaches the programs.
     fs::remove_dir_all(&daemon.bpffs).expect("remove the pins");
+    // The kernel releases a link whose last pin is gone from a work queue: shortly after.
+    wait_for(Duration::from_secs(3), || kad_attachments(&cg.path) == 0);
     assert_eq!(
         idle_in(&env, &cg.path),
         (false, untouched().1),
@@ -313,7 +315,11 @@ fn uninstall_leaves_nothing_behind() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(kad_attachments(&cg.path), 0);
+    // The kernel releases a link whose last pin is removed from a work queue: shortly after.
+    assert!(
+        wait_for(Duration::from_secs(3), || kad_attachments(&cg.path) == 0),
+        "detached"
+    );
     assert_eq!(kad_attachments(&child), 0);
     assert!(!daemon.bpffs.exists(), "pins removed");
     assert!(

@@ -1,5 +1,7 @@
-//! `cargo xtask build|run|test|lint|setup`: installs what is missing, builds, tests.
+//! `cargo xtask build|run|test|test-kernels|lint|setup|bench`: installs what is missing, builds,
+//! tests, measures.
 mod bench;
+mod kernels;
 mod setup;
 
 use std::{
@@ -30,10 +32,21 @@ enum Task {
     },
     /// Set up, build, check formatting and lints, then run every test.
     Test,
+    /// Set up, build, and run the integration tests inside other kernels booted under QEMU.
+    TestKernels {
+        /// Kernel series (Debian's newest of each); default: 5.10 6.1 6.12.
+        versions: Vec<String>,
+    },
     /// rustfmt and clippy (-D warnings) on the workspace and, on its own, the eBPF crate.
     Lint,
     /// Set up, build, and measure what kad costs per connection (a ratio, in one run).
     Bench,
+    /// The bench's own connection loop, run inside a measured cgroup (internal).
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -74,12 +87,17 @@ fn main() -> Result<()> {
                     .env("KAD_KUBERNETES_VALIDATE", setup::kubernetes_validate_bin()),
             )
         }
+        Task::TestKernels { versions } => {
+            setup::all(setup::Purpose::Test)?;
+            kernels::run_matrix(&root, &versions)
+        }
         Task::Lint => lint(&root),
         Task::Bench => {
             setup::all(setup::Purpose::Test)?;
             build(&root)?;
             bench::run(&root)
         }
+        Task::BenchWorker { args } => bench::worker(&args),
     }
 }
 

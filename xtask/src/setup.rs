@@ -22,12 +22,15 @@ pub fn all(purpose: Purpose) -> Result<()> {
     nightly_components()?;
     bpf_linker(&mut apt)?;
     if purpose == Purpose::Test {
-        // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to see attachments;
-        // iproute2 (ss) and file: to check sockets and binaries from outside; systemd: to
-        // verify the unit file; clang and libbpf-dev: to build another vendor's sock_ops
-        // program that the tests run beside kad's; podman and runc: to run containers with
-        // the OCI hook (runc, since crun refuses hybrid cgroup hosts; asked for in the same
-        // apt-get as podman, or podman's "crun | runc" dependency would bring crun).
+        // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to load another
+        // vendor's program and to read run statistics in the bench; iproute2 (ss) and file: to
+        // check sockets and binaries from outside; systemd: to verify the unit file; clang and
+        // libbpf-dev: to build another vendor's sock_ops program that the tests run beside kad's;
+        // golang-go (a static Go peer is built in the tests) and redis-server: real programs
+        // that set their own keepalive; podman and runc: to run containers with the OCI hook
+        // (runc, since crun refuses hybrid cgroup hosts; asked for in the same apt-get as
+        // podman, or podman's "crun | runc" dependency would bring crun); python3-venv: a venv
+        // for kubernetes-validate (PyPI), which checks dist/kubernetes.
         let missing: Vec<&str> = [
             ("/usr/bin/clang", "clang"),
             ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
@@ -36,10 +39,11 @@ pub fn all(purpose: Purpose) -> Result<()> {
             ("/usr/bin/ss", "iproute2"),
             ("/usr/bin/file", "file"),
             ("/usr/bin/systemd-analyze", "systemd"),
+            ("/usr/bin/go", "golang-go"),
+            ("/usr/bin/redis-server", "redis-server"),
             ("/usr/bin/podman", "podman"),
             ("/usr/sbin/runc", "runc"),
             ("/usr/bin/nsenter", "util-linux"),
-            // A venv for kubernetes-validate (PyPI), which checks dist/kubernetes.
             ("/usr/share/doc/python3-venv", "python3-venv"),
         ]
         .into_iter()
@@ -53,6 +57,11 @@ pub fn all(purpose: Purpose) -> Result<()> {
     }
     bpffs()?;
     Ok(())
+}
+
+/// Installs those of `packages` that are missing.
+pub fn install(packages: &[&str]) -> Result<()> {
+    Apt::default().install(packages)
 }
 
 fn output_of(command: &mut Command) -> Option<String> {
@@ -190,12 +199,17 @@ impl Apt {
         if unsafe { libc::geteuid() } != 0 {
             bail!("missing packages {missing:?}: run as root, or install them with apt-get");
         }
+        // Wait for another apt run (a parallel setup) instead of failing on its lock.
+        let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];
         if !self.updated {
-            run(Command::new("apt-get").args(["update", "-q"]))?;
+            run(Command::new("apt-get")
+                .args(lock_wait)
+                .args(["update", "-q"]))?;
             self.updated = true;
         }
         eprintln!("xtask: installing {}", missing.join(" "));
         run(Command::new("apt-get")
+            .args(lock_wait)
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))

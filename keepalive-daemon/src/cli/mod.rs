@@ -7,10 +7,10 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    cgroup, client,
+    audit, cgroup, client,
     daemon::{self, DaemonConfig},
     enforcer, exec, inspect, oci,
-    policy::{self, Policy, CNT_RANGE, SECS_RANGE},
+    policy::{self, Policy, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE},
     probe,
     protocol::{Request, Response},
     store, target,
@@ -50,12 +50,17 @@ enum Command {
     /// Show what the kernel program counted per policy cgroup.
     Stats(StatsArgs),
     /// Run a command in a transient cgroup with a keepalive policy (libkeepalive's variables
-    /// KEEPIDLE, KEEPINTVL, KEEPCNT, KEEPALIVE=off fill in what the flags do not give).
+    /// KEEPIDLE, KEEPINTVL, KEEPCNT, TCP_USER_TIMEOUT, KEEPALIVE=off fill in what the flags do
+    /// not give).
     Exec(ExecArgs),
     /// Open a TCP connection from here and print the keepalive settings it got.
     Probe(JsonFlag),
-    /// List the established TCP connections of processes with their real keepalive state.
+    /// List the established TCP connections of processes with their real keepalive state,
+    /// marking those that differ from the policy in force.
     Inspect(InspectArgs),
+    /// Per cgroup with established TCP connections: how many have keepalive off, how many
+    /// differ from the policy in force, and which policy applies (read from the kernel).
+    Audit(AuditArgs),
     /// An OCI runtime hook (hooks.d): reads the container's state on stdin and puts its
     /// kad.dev/keepalive annotation in force (createRuntime) or removes it (poststop).
     OciHook(OciHookArgs),
@@ -176,11 +181,20 @@ struct ValueArgs {
     /// Seconds between probes (TCP_KEEPINTVL, 1..32767).
     #[arg(long, value_name = "SECS", value_parser = parse_intvl, allow_negative_numbers = true)]
     intvl: Option<u32>,
-    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT, 1..127).
+    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT, 1..127; ignored by
+    /// the kernel when --user-timeout is set).
     #[arg(long, value_name = "N", value_parser = parse_cnt, allow_negative_numbers = true)]
     cnt: Option<u32>,
+    /// Milliseconds unacknowledged data or unanswered probes may last before the connection
+    /// is dropped (TCP_USER_TIMEOUT, 1..2147483647).
+    #[arg(long, value_name = "MS", value_parser = parse_user_timeout, allow_negative_numbers = true)]
+    user_timeout: Option<u32>,
+    /// The policy wins: a program's own setsockopt of these options is rewritten to the
+    /// policy's values (and succeeds).
+    #[arg(long)]
+    enforce: bool,
     /// Opt out: leave sockets as the application made them, even under a policy cgroup.
-    #[arg(long, conflicts_with_all = ["idle", "intvl", "cnt"])]
+    #[arg(long, conflicts_with_all = ["idle", "intvl", "cnt", "user_timeout", "enforce"])]
     off: bool,
 }
 
@@ -190,6 +204,8 @@ impl ValueArgs {
             idle: self.idle,
             intvl: self.intvl,
             cnt: self.cnt,
+            user_timeout: self.user_timeout,
+            enforce: self.enforce,
             off: self.off,
         }
     }
@@ -225,6 +241,16 @@ struct StatsArgs {
 }
 
 #[derive(Debug, Args)]
+struct AuditArgs {
+    /// Only this cgroup and the cgroups below it (default: the whole cgroup2 tree).
+    #[arg(long, value_name = "CG")]
+    cgroup: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 struct JsonFlag {
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -239,6 +265,9 @@ fn parse_intvl(text: &str) -> Result<u32, policy::PolicyError> {
 }
 fn parse_cnt(text: &str) -> Result<u32, policy::PolicyError> {
     policy::parse_value("--cnt", text, CNT_RANGE)
+}
+fn parse_user_timeout(text: &str) -> Result<u32, policy::PolicyError> {
+    policy::parse_value("--user-timeout", text, USER_TIMEOUT_RANGE)
 }
 
 /// Parses the command line and runs it. Errors are one line on stderr.
@@ -314,10 +343,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ),
                 other => other?,
             };
-            output::connections(
-                &inspect::inspect(&inspect::cgroup_pids(&cg.path))?,
-                args.json,
-            )?;
+            let mut connections = inspect::inspect(&inspect::cgroup_pids(&cg.path))?;
+            // Which policy is in force is the daemon's to say; the values are the kernel's,
+            // shown without it too.
+            let policies = match client::call(&socket, &Request::List) {
+                Ok(Response::Policies { policies }) => Some(policies),
+                Ok(other) => anyhow::bail!("unexpected reply to list: {other:?}"),
+                Err(e) => {
+                    eprintln!(
+                        "kad: warning: cannot ask the daemon which policies are in force ({}): connections are not compared with them",
+                        one_line(&anyhow::Error::new(e))
+                    );
+                    None
+                }
+            };
+            inspect::annotate(&mut connections, &root, policies.as_deref());
+            output::connections(&connections, args.json)?;
+        }
+        Command::Audit(args) => {
+            let root = cgroup::find_root()?;
+            let top = match &args.cgroup {
+                None => root.clone(),
+                Some(input) => match cgroup::resolve(&root, input) {
+                    // The root is the default: naming it is allowed here, nothing is set.
+                    Err(cgroup::CgroupError::Root(root)) => root,
+                    other => other?.path,
+                },
+            };
+            let policies = match client::call(&socket, &Request::List)
+                .context("kad audit compares connections with the daemon's policies")?
+            {
+                Response::Policies { policies } => policies,
+                other => anyhow::bail!("unexpected reply to list: {other:?}"),
+            };
+            output::audit(&audit::audit(&root, &top, &policies)?, args.json)?;
         }
         Command::Stats(args) => match client::call(&socket, &Request::Stats)? {
             Response::Stats {
@@ -366,6 +425,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Policy::OFF
             } else {
                 Policy::on(values.idle, values.intvl, values.cnt)?
+                    .with_extras(values.user_timeout, values.enforce)?
             };
             let request = Request::Set {
                 cgroup: args.target.resolve()?,
@@ -449,6 +509,8 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
 }
 
 fn run_daemon(config: DaemonConfig) -> anyhow::Result<()> {
+    // Before anything is touched: on an older kernel every connection would fail to be set.
+    crate::sys::check_kernel(&crate::sys::kernel_release())?;
     crate::logging::init();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -519,6 +581,55 @@ mod tests {
         let err = parse(&["set", "--cgroup", "app", "--off", "--idle", "5"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
         assert!(parse(&["set", "--cgroup", "app", "--off"]).is_ok());
+        for (extra, name) in [
+            (&["--enforce"][..], "--enforce"),
+            (&["--user-timeout", "5"], "--user-timeout"),
+        ] {
+            for command in ["set", "exec"] {
+                let mut args = vec![command];
+                if command == "set" {
+                    args.extend(["--cgroup", "app"]);
+                }
+                args.push("--off");
+                args.extend(extra);
+                if command == "exec" {
+                    args.extend(["--", "true"]);
+                }
+                let err = parse(&args).unwrap_err();
+                assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+                let line = clap_error_line(&err.render().to_string());
+                assert!(line.contains("--off") && line.contains(name), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn user_timeout_and_enforce_flags() {
+        let cli = parse(&[
+            "exec",
+            "--user-timeout",
+            "2147483647",
+            "--enforce",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        let Command::Exec(args) = cli.command else {
+            panic!("not exec")
+        };
+        let flags = args.values.flags();
+        assert_eq!(
+            (flags.user_timeout, flags.enforce),
+            (Some(2_147_483_647), true)
+        );
+        for bad in ["0", "-5", "abc", "2147483648", "1.5"] {
+            let err = parse(&["set", "--cgroup", "app", "--user-timeout", bad]).unwrap_err();
+            let line = clap_error_line(&err.render().to_string());
+            assert!(
+                line.contains("--user-timeout") && line.contains("between 1 and 2147483647"),
+                "{bad}: {line}"
+            );
+        }
     }
 
     #[test]

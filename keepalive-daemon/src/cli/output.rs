@@ -1,7 +1,8 @@
-//! How `kad list` and `kad status` print.
-use std::fmt::Write as _;
+//! How `kad list`, `kad status`, `kad inspect` and `kad audit` print.
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
+    audit::Audit,
     inspect::{format_ms, Connection},
     policy::Mode,
     protocol::{PolicyEntry, StatsEntry, StatusReport},
@@ -55,11 +56,21 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
         print!("{}", table(&report.policies));
     }
     for detail in &report.details {
-        let state = match (&detail.error, detail.cgroup_id) {
+        let mut state = match (&detail.error, detail.cgroup_id) {
             (Some(error), _) => format!("not in force: {error}"),
             (None, Some(id)) => format!("in force on cgroup id {id}"),
             (None, None) => "waiting for the cgroup to exist".to_string(),
         };
+        match (detail.enforce, detail.overridden) {
+            (true, 0) => state.push_str("; enforced, no program has set its own values"),
+            (true, n) => state.push_str(&format!(
+                "; enforced: {n} setsockopt calls of programs rewritten to the policy's values"
+            )),
+            (false, 0) => {}
+            (false, n) => state.push_str(&format!(
+                "; {n} connections overridden: their program set its own keepalive after kad and its values won (kad inspect shows them; --enforce makes the policy win)"
+            )),
+        }
         let source = match &detail.pod {
             Some(pod) => format!("pod {pod}"),
             None => detail.source.clone(),
@@ -89,7 +100,10 @@ fn table(entries: &[PolicyEntry]) -> String {
         return "no policies\n".into();
     }
     let width = width(entries, 6, |e| e.cgroup.len());
-    let mut out = format!("{:<width$}  MODE  IDLE     INTVL    CNT\n", "CGROUP");
+    let mut out = format!(
+        "{:<width$}  MODE  IDLE     INTVL    CNT      USER-TIMEOUT  ENFORCE\n",
+        "CGROUP"
+    );
     for e in entries {
         let value = |v: Option<u32>| match (e.mode, v) {
             (Mode::Off, _) => "-".to_string(),
@@ -104,13 +118,22 @@ fn table(entries: &[PolicyEntry]) -> String {
             .pod
             .as_ref()
             .map_or_else(String::new, |pod| format!("  (pod {pod})"));
+        let user_timeout = match (e.mode, e.user_timeout) {
+            (Mode::On, Some(ms)) => format!("{ms}ms"),
+            _ => "-".to_string(),
+        };
+        let enforce = match (e.mode, e.enforce) {
+            (Mode::Off, _) => "-",
+            (Mode::On, true) => "yes",
+            (Mode::On, false) => "no",
+        };
         let _ = writeln!(
             out,
-            "{:<width$}  {mode:<4}  {:<7}  {:<7}  {}{pod}",
+            "{:<width$}  {mode:<4}  {:<7}  {:<7}  {:<7}  {user_timeout:<12}  {enforce}{pod}",
             e.cgroup,
             value(e.idle),
             value(e.intvl),
-            value(e.cnt)
+            value(e.cnt),
         );
     }
     out
@@ -157,31 +180,100 @@ pub fn connections(connections: &[Connection], json: bool) -> anyhow::Result<()>
     let local_w = width(connections, 5, |c| c.local.len());
     let remote_w = width(connections, 6, |c| c.remote.len());
     println!(
-        "{:<7} {:<15} {:<4} {:<local_w$} {:<remote_w$} KEEPALIVE IDLE  INTVL CNT  TIMER",
+        "{:<7} {:<15} {:<4} {:<local_w$} {:<remote_w$} KEEPALIVE IDLE   INTVL  CNT  USER-TIMEOUT TIMER                  POLICY",
         "PID", "COMMAND", "FD", "LOCAL", "REMOTE"
     );
+    let mut in_force: BTreeMap<&str, &PolicyEntry> = BTreeMap::new();
+    let mut differing = 0;
     for c in connections {
-        let show = |v: Option<i32>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
+        // A value that differs from the policy's is marked with '*'.
+        let mark = |name: &str| if c.differs.contains(&name) { "*" } else { "" };
+        let show = |v: Option<i32>, name: &str| {
+            v.map_or_else(|| "?".to_string(), |v| format!("{v}{}", mark(name)))
+        };
         let keepalive = match c.keepalive {
-            Some(true) => "on",
-            Some(false) => "off",
-            None => "?",
+            Some(true) => "on".to_string(),
+            Some(false) => format!("off{}", mark("keepalive")),
+            None => "?".to_string(),
         };
         let timer = match c.timer.as_str() {
             "off" => "-".to_string(),
             "keepalive" => format!("keepalive,{},{}", format_ms(c.timer_left_ms), c.probes),
             other => format!("{other},{}", format_ms(c.timer_left_ms)),
         };
+        let policy = match (&c.policy, c.policy_known) {
+            (_, false) => "?".to_string(),
+            (None, true) => "none".to_string(),
+            (Some(p), true) => {
+                in_force.insert(&p.cgroup, p);
+                p.cgroup.clone()
+            }
+        };
+        if !c.differs.is_empty() {
+            differing += 1;
+        }
         println!(
-            "{:<7} {:<15} {:<4} {:<local_w$} {:<remote_w$} {keepalive:<9} {:<5} {:<5} {:<4} {timer}",
+            "{:<7} {:<15} {:<4} {:<local_w$} {:<remote_w$} {keepalive:<9} {:<6} {:<6} {:<4} {:<12} {timer:<22} {policy}",
             c.pid,
             c.command,
             c.fd,
             c.local,
             c.remote,
-            show(c.idle),
-            show(c.intvl),
-            show(c.cnt)
+            show(c.idle, "idle"),
+            show(c.intvl, "intvl"),
+            show(c.cnt, "cnt"),
+            show(c.user_timeout, "user_timeout"),
+        );
+    }
+    for (cgroup, entry) in &in_force {
+        println!("policy {cgroup}: {}", entry.policy());
+    }
+    if differing > 0 {
+        println!(
+            "* {differing} of {} connections differ from the policy in force: their program set its own values after kad (counted as OVERRIDDEN by kad stats; --enforce makes the policy win)",
+            connections.len()
+        );
+    }
+    Ok(())
+}
+
+pub fn audit(audit: &Audit, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(audit)?);
+        return Ok(());
+    }
+    if audit.cgroups.is_empty() {
+        println!("no established TCP connections");
+    } else {
+        let width = width(&audit.cgroups, 6, |r| r.cgroup.len());
+        println!(
+            "{:<width$}  CONNECTIONS  KEEPALIVE-OFF  DIFFERING  POLICY",
+            "CGROUP"
+        );
+        for row in &audit.cgroups {
+            let (differ, policy) = match &row.policy {
+                None => ("-".to_string(), "none".to_string()),
+                Some(p) if p.mode == Mode::Off => ("-".to_string(), format!("{} (off)", p.cgroup)),
+                Some(p) => (
+                    row.differ.to_string(),
+                    format!("{} ({})", p.cgroup, p.policy()),
+                ),
+            };
+            let unknown = if row.unknown > 0 {
+                format!(" ({} could not be read)", row.unknown)
+            } else {
+                String::new()
+            };
+            println!(
+                "{:<width$}  {:<11}  {:<13}  {differ:<9}  {policy}{unknown}",
+                row.cgroup, row.connections, row.keepalive_off
+            );
+        }
+    }
+    if !audit.unreadable_processes.is_empty() {
+        println!(
+            "{} processes whose sockets this user may not read were left out (run as root)",
+            audit.unreadable_processes.len()
         );
     }
     Ok(())

@@ -4,6 +4,11 @@
 //!
 //!   kad-test-peer listen ADDR    prints "LISTENING <port>", accepts one connection, reports
 //!   kad-test-peer connect ADDR   connects, reports
+//!   kad-test-peer listen-own ADDR  as listen, but sets its own TCP_KEEPIDLE (7) on the
+//!                                listener after listen(2), and 8 on the accepted socket
+//!   kad-test-peer connect-off ADDR  connects, turns SO_KEEPALIVE off (and TCP_KEEPIDLE to
+//!                                5), reports with "setsockopt": the first failing call's
+//!                                return value, or 0
 //!   kad-test-peer churn N        opens and closes N loopback connections to itself, prints
 //!                                the mean nanoseconds per connection (for cargo xtask bench)
 //!   kad-test-peer hold SOCKET N  opens N connections to a unix socket and holds them silent;
@@ -51,13 +56,59 @@ fn report(stream: &TcpStream) -> Result<String, String> {
     let idle = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)?;
     let intvl = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)?;
     let cnt = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT)?;
+    let user_timeout = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT)?;
     let local = stream.local_addr().map_err(|e| e.to_string())?;
     let peer = stream.peer_addr().map_err(|e| e.to_string())?;
     Ok(serde_json::json!({
         "keepalive": keepalive, "idle": idle, "intvl": intvl, "cnt": cnt,
+        "user_timeout": user_timeout,
         "local_port": local.port(), "peer_port": peer.port(),
     })
     .to_string())
+}
+
+fn set_int(fd: i32, level: i32, name: i32, value: i32) -> Result<(), String> {
+    // SAFETY: setsockopt with an int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "setsockopt({level}, {name}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// What a program that wants no keepalive does after connecting: turns it off. Returns the
+/// first failing setsockopt's return value, or 0.
+fn turn_keepalive_off(stream: &TcpStream) -> i32 {
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5),
+    ] {
+        // SAFETY: setsockopt on a socket we own, with an int of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                level,
+                name,
+                (&value as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return rc;
+        }
+    }
+    0
 }
 
 /// Both ends of every connection live in this process, so both run the cgroup's programs.
@@ -259,17 +310,39 @@ fn run() -> Result<(), String> {
         return Err("usage: kad-test-peer listen|connect ADDR".into());
     };
     let stream = match mode.as_str() {
-        "listen" => {
+        "listen" | "listen-own" => {
             let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+            if mode == "listen-own" {
+                set_int(
+                    listener.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_KEEPIDLE,
+                    7,
+                )?;
+            }
             let port = listener.local_addr().map_err(|e| e.to_string())?.port();
             println!("LISTENING {port}");
             std::io::stdout().flush().map_err(|e| e.to_string())?;
-            listener.accept().map_err(|e| format!("accept: {e}"))?.0
+            let stream = listener.accept().map_err(|e| format!("accept: {e}"))?.0;
+            if mode == "listen-own" {
+                set_int(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 8)?;
+            }
+            stream
         }
-        "connect" => TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?,
+        "connect" | "connect-off" => {
+            TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?
+        }
         other => return Err(format!("unknown mode {other}")),
     };
-    println!("{}", report(&stream)?);
+    if mode == "connect-off" {
+        let rc = turn_keepalive_off(&stream);
+        let mut report: serde_json::Value =
+            serde_json::from_str(&report(&stream)?).map_err(|e| e.to_string())?;
+        report["setsockopt"] = rc.into();
+        println!("{report}");
+    } else {
+        println!("{}", report(&stream)?);
+    }
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     // Hold the connection until the test closes our stdin.
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
