@@ -19,12 +19,13 @@ use crate::{
     config::{self as config_file, ConfigError},
     enforcer::{self, Enforcer, EnforcerError},
     exec::{self, ExecOwner},
-    metrics, notify,
+    kube_watch, metrics, notify,
     pathio::{io_err, PathIoError},
+    pods::{KubeletLayout, PodEvent, PodTable},
     policy::Policy,
     protocol::{
-        AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, Request, Response, StatsEntry,
-        StatusReport,
+        AnchorEntry, FeatureEntry, PodsStatus, PolicyDetail, PolicyEntry, Request, Response,
+        StatsEntry, StatusReport,
     },
     reconcile::{Reconciler, Source},
     server,
@@ -48,6 +49,28 @@ pub struct DaemonConfig {
     pub config: PathBuf,
     /// Where to serve Prometheus metrics (`/metrics`); off when None.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where pod events come from, if pod annotations are policies.
+    pub pods: Option<PodSource>,
+    /// Where the kubelet puts pod cgroups.
+    pub kubelet: KubeletLayout,
+}
+
+/// The source of pod events.
+#[derive(Debug, Clone)]
+pub enum PodSource {
+    /// The API server (kube-rs), watching the pods of this node.
+    Kubernetes { node: String },
+    /// JSON lines ([`PodEvent`]) read from a file or FIFO: another watcher, or a replay.
+    Events(PathBuf),
+}
+
+impl PodSource {
+    fn describe(&self) -> String {
+        match self {
+            PodSource::Kubernetes { node } => format!("kubernetes (node {node})"),
+            PodSource::Events(path) => format!("events from {}", path.display()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +107,13 @@ struct State {
     exec_owners: BTreeMap<PathBuf, ExecOwner>,
     /// Policies of the config file, by path.
     from_config: BTreeMap<PathBuf, Policy>,
+    /// Policies of pods' annotations, by path, with the pod (`namespace/name`); saved in
+    /// pods.json. `kad set` on the same path wins; they win over the config file.
+    from_pods: BTreeMap<PathBuf, (Policy, String)>,
+    pod_table: PodTable,
+    pods_store: Store,
+    /// The watcher's state for `kad status`, when there is one.
+    pods_status: Option<PodsStatus>,
     /// The kernel side: map entries, anchors, watched directories, refreshes.
     kernel: Reconciler,
     /// inotify on the directories the policies need watched, set before a request is answered.
@@ -140,6 +170,23 @@ async fn run_bound(
         .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
         .collect();
     let from_config = config_file::load(&config.config, &root)?;
+    let pods_store = Store::pods(&config.state_dir);
+    // Kept (and enforced) until the watcher's first full list says otherwise.
+    let from_pods = pods_store
+        .load(&root)?
+        .into_iter()
+        .map(|e| {
+            let pod = e.pod.clone().unwrap_or_default();
+            (PathBuf::from(&e.cgroup), (e.policy(), pod))
+        })
+        .collect();
+    let pods_status = config.pods.as_ref().map(|source| PodsStatus {
+        source: source.describe(),
+        connected: false,
+        error: Some("not connected yet".into()),
+        pods: 0,
+        invalid: Vec::new(),
+    });
     let state_file_exists = store.exists();
     let enforcer = open_enforcer(&config.bpffs)?;
     let watcher = Watcher::new().map_err(io_err("cannot start", "inotify"))?;
@@ -151,6 +198,10 @@ async fn run_bound(
         set,
         exec_owners,
         from_config,
+        from_pods,
+        pod_table: PodTable::default(),
+        pods_store,
+        pods_status,
         watcher: watcher.clone(),
     };
     state.adopt_pinned(state_file_exists);
@@ -210,6 +261,17 @@ async fn run_bound(
             async move { shared.lock().await.handle(request, pid) }
         }
     }));
+    let (pods_tx, mut pod_events) = tokio::sync::mpsc::channel::<PodEvent>(256);
+    match config.pods.clone() {
+        Some(PodSource::Kubernetes { node }) => {
+            info!(node = %node, "watching the node's pods");
+            tokio::spawn(kube_watch::run(node, pods_tx));
+        }
+        Some(PodSource::Events(path)) => {
+            tokio::spawn(read_pod_events(path, pods_tx));
+        }
+        None => drop(pods_tx),
+    }
     let mut tick = tokio::time::interval(EXEC_COLLECT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // inotify: cgroups created or removed at (or on the way to) policy paths. The kernel's
@@ -234,6 +296,7 @@ async fn run_bound(
         tokio::select! {
             _ = tick.tick() => shared.lock().await.collect_abandoned(),
             Some(paths) = events.recv() => shared.lock().await.on_cgroup_events(&paths),
+            Some(event) = pod_events.recv() => shared.lock().await.on_pod_event(event),
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", config.config.display());
                 if let Response::Error { message } = shared.lock().await.reload() {
@@ -257,6 +320,60 @@ async fn run_bound(
     }
     info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
     Ok(())
+}
+
+/// `--pod-events PATH`: one JSON [`PodEvent`] per line. A FIFO is opened for reading and
+/// writing, so that writers may come and go; a bad line is logged and skipped.
+async fn read_pod_events(path: PathBuf, events: tokio::sync::mpsc::Sender<PodEvent>) {
+    use tokio::io::AsyncBufReadExt as _;
+    let is_fifo = std::fs::metadata(&path)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
+        .unwrap_or(false);
+    let reader: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if is_fifo {
+        match tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(&path)
+        {
+            Ok(pipe) => Box::new(pipe),
+            Err(e) => {
+                error!("cannot open the pod events {}: {e}", path.display());
+                return;
+            }
+        }
+    } else {
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => Box::new(file),
+            Err(e) => {
+                error!("cannot open the pod events {}: {e}", path.display());
+                return;
+            }
+        }
+    };
+    let _ = events
+        .send(PodEvent::Connection {
+            ok: true,
+            message: None,
+        })
+        .await;
+    let mut lines = tokio::io::BufReader::new(reader).lines();
+    loop {
+        match lines.next_line().await {
+            Ok(Some(line)) if line.trim().is_empty() => {}
+            Ok(Some(line)) => match serde_json::from_str::<PodEvent>(&line) {
+                Ok(event) => {
+                    if events.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!("pod events {}: bad line: {e}", path.display()),
+            },
+            Ok(None) => return,
+            Err(e) => {
+                error!("pod events {}: {e}", path.display());
+                return;
+            }
+        }
+    }
 }
 
 /// Opens the enforcer, mapping its errors for the daemon.
@@ -320,6 +437,9 @@ impl State {
             .iter()
             .map(|(path, policy)| (path.clone(), (*policy, Source::Config)))
             .collect();
+        for (path, (policy, _)) in &self.from_pods {
+            table.insert(path.clone(), (*policy, Source::Pod));
+        }
         for (path, policy) in &self.set {
             table.insert(path.clone(), (*policy, Source::Set));
         }
@@ -339,6 +459,9 @@ impl State {
     fn want(&self, path: &Path) -> Option<(Policy, Source)> {
         if let Some(p) = self.set.get(path) {
             return Some((*p, Source::Set));
+        }
+        if let Some((p, _)) = self.from_pods.get(path) {
+            return Some((*p, Source::Pod));
         }
         self.from_config.get(path).map(|p| (*p, Source::Config))
     }
@@ -536,7 +659,10 @@ impl State {
             let Some(path) = enforcer::key_path(&self.root, &key) else {
                 continue;
             };
-            if self.set.contains_key(&path) || self.from_config.contains_key(&path) {
+            if self.set.contains_key(&path)
+                || self.from_config.contains_key(&path)
+                || self.from_pods.contains_key(&path)
+            {
                 continue;
             }
             if value.flags & keepalive_common::FLAG_CONFIG != 0 {
@@ -644,8 +770,103 @@ impl State {
     fn entries(&self) -> Vec<PolicyEntry> {
         self.effective()
             .iter()
-            .map(|(path, (policy, _))| PolicyEntry::new(path.display().to_string(), policy))
+            .map(|(path, (policy, source))| PolicyEntry {
+                pod: self.pod_of(path, *source),
+                ..PolicyEntry::new(path.display().to_string(), policy)
+            })
             .collect()
+    }
+
+    fn pod_of(&self, path: &Path, source: Source) -> Option<String> {
+        (source == Source::Pod)
+            .then(|| self.from_pods.get(path).map(|(_, pod)| pod.clone()))
+            .flatten()
+    }
+
+    /// One event from the pod watcher: the pods' policies are worked out again and the
+    /// paths whose policy changed are brought in line.
+    fn on_pod_event(&mut self, event: PodEvent) {
+        if let PodEvent::Connection { ok, message } = &event {
+            if let Some(status) = &mut self.pods_status {
+                // Once per change: the watcher retries with backoff, and says so each time.
+                if !ok && (status.connected || status.error != *message) {
+                    warn!(
+                        "pod watcher: {}; the pod policies in force stay, retrying",
+                        message.as_deref().unwrap_or("disconnected")
+                    );
+                } else if *ok && !status.connected {
+                    info!("pod watcher: connected");
+                }
+                status.connected = *ok;
+                status.error = if *ok { None } else { message.clone() };
+            }
+            return;
+        }
+        if !self.pod_table.apply(event) {
+            return;
+        }
+        let mut wanted = BTreeMap::new();
+        let mut invalid = Vec::new();
+        for (relative, w) in self.pod_table.wanted(&self.config.kubelet) {
+            match w.policy {
+                Ok(policy) => match cgroup::policy_path(&self.root, &relative) {
+                    Ok(path) => {
+                        wanted.insert(path, (policy, w.pod));
+                    }
+                    Err(e) => invalid.push(format!("{}: {e}", w.pod)),
+                },
+                Err(e) => invalid.push(format!("{}: {e}", w.pod)),
+            }
+        }
+        if let Some(status) = &mut self.pods_status {
+            for line in invalid.iter().filter(|l| !status.invalid.contains(l)) {
+                warn!("pod without a policy: {line}");
+            }
+            status.pods = self.pod_table.pods();
+            status.invalid = invalid;
+        }
+        if wanted == self.from_pods {
+            return;
+        }
+        let changed: BTreeSet<PathBuf> = wanted
+            .iter()
+            .filter(|(path, w)| self.from_pods.get(*path) != Some(*w))
+            .map(|(path, _)| path.clone())
+            .chain(
+                self.from_pods
+                    .keys()
+                    .filter(|path| !wanted.contains_key(*path))
+                    .cloned(),
+            )
+            .collect();
+        self.from_pods = wanted;
+        for path in &changed {
+            match self.from_pods.get(path) {
+                Some((policy, pod)) => {
+                    info!(cgroup = ?path.display().to_string(), pod = %pod, %policy, "pod policy")
+                }
+                None => info!(cgroup = ?path.display().to_string(), "pod policy removed"),
+            }
+            if let Err(e) = self.sync_path(path) {
+                error!(cgroup = ?path.display().to_string(), "{e}");
+            }
+        }
+        self.kernel.drop_stale_ids();
+        if let Err(e) = self.save_pods() {
+            error!("cannot save the pod policies: {e}");
+        }
+    }
+
+    fn save_pods(&self) -> Result<(), StoreError> {
+        let entries: Vec<StoredPolicy> = self
+            .from_pods
+            .iter()
+            .map(|(path, (policy, pod))| StoredPolicy {
+                pod: Some(pod.clone()),
+                ..StoredPolicy::new(path.display().to_string(), policy, None)
+            })
+            .collect();
+        self.pods_store.save(&entries)
     }
 
     /// Makes the table's entry for `path` (or its absence) durable: one journal line, and now
@@ -743,10 +964,12 @@ impl State {
                         source: match source {
                             Source::Set => "set",
                             Source::Config => "config",
+                            Source::Pod => "pod",
                         }
                         .to_string(),
                         cgroup_id,
                         error: self.kernel.failing(path).cloned(),
+                        pod: self.pod_of(path, *source),
                         enforce: policy.enforce,
                         overridden: cgroup_id
                             .map_or(0, |id| self.kernel.enforcer.counters(id).overridden),
@@ -755,6 +978,7 @@ impl State {
                 .collect(),
             counters: self.stats(),
             kills_counted: self.kernel.enforcer.counts_kills(),
+            pods: self.pods_status.clone(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! The daemon ([`daemon`]) owns the [`enforcer`] (program instances, the policies map) and the
 //! policy table ([`store`]); the CLI ([`cli`]) talks to it over a unix socket ([`protocol`],
 //! [`client`]); [`server`] serves the control socket.
+pub mod annotation;
 pub mod audit;
 pub mod bpfsys;
 pub mod btf;
@@ -14,11 +15,14 @@ pub mod daemon;
 pub mod enforcer;
 pub mod exec;
 pub mod inspect;
+pub mod kube_watch;
 pub mod killlog;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod oci;
 pub mod pathio;
+pub mod pods;
 pub mod policy;
 pub mod probe;
 pub mod protocol;

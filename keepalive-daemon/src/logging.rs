@@ -28,7 +28,9 @@ pub fn init() {
         .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // kube-rs logs each failed attempt of the pod watcher at error level; the
+                // daemon says it once per change, with the cause.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client=off")),
         )
         .with_writer(OneLine)
         .init();

@@ -54,6 +54,9 @@ pub struct PolicyEntry {
     /// Whether a program's own keepalive `setsockopt` is rewritten to the policy's values.
     #[serde(default)]
     pub enforce: bool,
+    /// The pod (`namespace/name`) whose annotation this is, for pod policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 impl PolicyEntry {
@@ -66,6 +69,7 @@ impl PolicyEntry {
             cnt: policy.cnt,
             user_timeout: policy.user_timeout,
             enforce: policy.enforce,
+            pod: None,
         }
     }
 
@@ -140,6 +144,9 @@ pub struct StatusReport {
     pub counters: Vec<StatsEntry>,
     /// False when the kernel's BTF lacked what is needed to recognise keepalive kills.
     pub kills_counted: bool,
+    /// The pod watcher; absent when the daemon runs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodsStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +166,24 @@ pub struct PolicyDetail {
     /// `setsockopt` calls rewritten to the policy's values.
     #[serde(default)]
     pub overridden: u64,
+    /// For a pod policy ("pod"): the pod, `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+}
+
+/// The pod watcher, when the daemon runs one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodsStatus {
+    /// "kubernetes (node NAME)" or "events from PATH".
+    pub source: String,
+    /// Whether the last attempt to reach the API server worked.
+    pub connected: bool,
+    /// The last error, while not connected.
+    pub error: Option<String>,
+    /// Pods of this node known to kad.
+    pub pods: usize,
+    /// Pods whose annotation (or namespace's) is invalid, with why: they have no policy.
+    pub invalid: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -30,6 +30,8 @@ pub enum Source {
     Set,
     /// The config file.
     Config,
+    /// A pod's (or its namespace's) annotation, from the pod watcher.
+    Pod,
 }
 
 /// What the kernel holds for one policy path.

@@ -29,6 +29,11 @@ pub enum Change {
     Set(StoredPolicy),
     Unset(String),
 }
+/// Pod policies (`kad daemon --kubernetes`), kept so that they stay known, and enforced,
+/// across a restart while the API server cannot be reached.
+const PODS_FILE_NAME: &str = "pods.json";
+/// Never written (pod policies are saved whole); named so that `load` finds none.
+const PODS_JOURNAL_NAME: &str = "pods.journal";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,6 +67,9 @@ pub struct StoredPolicy {
     /// the cgroup once that process and the cgroup's processes are gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_owner: Option<ExecOwner>,
+    /// The pod (`namespace/name`) whose annotation this policy is (pods.json only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 impl StoredPolicy {
@@ -75,6 +83,7 @@ impl StoredPolicy {
             user_timeout: policy.user_timeout,
             enforce: policy.enforce,
             exec_owner,
+            pod: None,
         }
     }
 
@@ -144,6 +153,16 @@ impl Store {
         }
         self.journal_lines.set(self.journal_lines.get() + 1);
         Ok(())
+    }
+
+    /// The pod policies' file in the state directory (written whole, with no journal: it
+    /// changes with pod events, not with each request).
+    pub fn pods(state_dir: &Path) -> Self {
+        Store {
+            path: state_dir.join(PODS_FILE_NAME),
+            journal: state_dir.join(PODS_JOURNAL_NAME),
+            journal_lines: std::cell::Cell::new(0),
+        }
     }
 
     /// Whether the state file is there (a missing one with pinned policies is worth a warning).

@@ -17,6 +17,95 @@ pub enum TargetError {
     },
     #[error("process {0} has no cgroup v2 membership in /proc/{0}/cgroup")]
     NoCgroup2(u32),
+    #[error("invalid container id '{0}': give the container's id or a prefix of it (hex), e.g. from `podman ps` or `docker ps`, not its name")]
+    BadContainerId(String),
+    #[error("no running container with an id starting with '{id}' under {root} (a stopped container has no cgroup)")]
+    NoContainer { id: String, root: PathBuf },
+    #[error("the id prefix '{id}' matches {count} containers ({examples}): give more of the id")]
+    AmbiguousContainer {
+        id: String,
+        count: usize,
+        examples: String,
+    },
+}
+
+/// The most cgroup directories a container lookup reads (a host has a few thousand).
+const MAX_CGROUP_DIRS: usize = 500_000;
+
+/// The cgroup of a running container, from its id or a unique prefix of it, under `root`.
+///
+/// Runtimes name a container's cgroup after its 64-hex id, by cgroup driver:
+/// - podman: `libpod-ID` (cgroupfs, below `--cgroup-parent`), `libpod-ID.scope` (systemd);
+/// - docker: `docker/ID` (cgroupfs), `docker-ID.scope` (systemd);
+/// - containerd: `ID` (cgroupfs, below the pod's cgroup or the namespace),
+///   `cri-containerd-ID.scope` (systemd);
+/// - CRI-O: `crio-ID` (cgroupfs), `crio-ID.scope` (systemd).
+///
+/// Monitors (`libpod-conmon-ID.scope`, `crio-conmon-ID.scope`) are not the container.
+pub fn container_path(root: &Path, id: &str) -> Result<PathBuf, TargetError> {
+    let id = id.trim();
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TargetError::BadContainerId(id.chars().take(80).collect()));
+    }
+    let id = id.to_ascii_lowercase();
+    let mut found: Vec<(String, PathBuf)> = Vec::new();
+    let mut queue = std::collections::VecDeque::from([root.to_path_buf()]);
+    let mut seen = 0;
+    while let Some(dir) = queue.pop_front() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            seen += 1;
+            if seen > MAX_CGROUP_DIRS {
+                break;
+            }
+            let path = entry.path();
+            let name = entry.file_name();
+            match name.to_str().and_then(container_id_of) {
+                // Below a container's cgroup are its own cgroups, not other containers.
+                Some(found_id) if found_id.starts_with(&id) => {
+                    found.push((found_id.to_string(), path))
+                }
+                Some(_) => {}
+                None => queue.push_back(path),
+            }
+        }
+    }
+    match found.len() {
+        0 => Err(TargetError::NoContainer {
+            id,
+            root: root.to_path_buf(),
+        }),
+        1 => Ok(found.remove(0).1),
+        count => {
+            found.sort();
+            let examples = found
+                .iter()
+                .take(3)
+                .map(|(_, path)| path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            Err(TargetError::AmbiguousContainer {
+                id,
+                count,
+                examples,
+            })
+        }
+    }
+}
+
+/// The container id a cgroup directory's name carries, if it is a container's cgroup.
+pub fn container_id_of(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".scope").unwrap_or(name);
+    let id = ["libpod-", "docker-", "cri-containerd-", "crio-"]
+        .iter()
+        .find_map(|prefix| stem.strip_prefix(prefix))
+        .unwrap_or(stem);
+    (id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(id)
 }
 
 /// The cgroup path (relative to the cgroup2 root) systemd gives `unit` in `slice`
@@ -91,6 +180,38 @@ mod tests {
         }
         assert!(unit_path("x", Some("../etc")).is_err());
         assert!(unit_path("x", Some("")).is_err());
+    }
+
+    #[test]
+    fn container_cgroup_names() {
+        let id = "8d2c46a4838bdc0bba93a66adc9c1aa38ceb04e3cd55daafe93e8ce991cd6618";
+        for name in [
+            format!("libpod-{id}"),
+            format!("libpod-{id}.scope"),
+            format!("docker-{id}.scope"),
+            id.to_string(),
+            format!("cri-containerd-{id}.scope"),
+            format!("crio-{id}"),
+            format!("crio-{id}.scope"),
+        ] {
+            assert_eq!(container_id_of(&name), Some(id), "{name}");
+        }
+        for name in [
+            format!("libpod-conmon-{id}.scope"),
+            format!("crio-conmon-{id}.scope"),
+            "system.slice".to_string(),
+            format!("kubepods-besteffort-pod{}.slice", &id[..32]),
+            id[..63].to_string(),
+            id.to_uppercase(),
+        ] {
+            assert_eq!(container_id_of(&name), None, "{name}");
+        }
+        for bad in ["", "my-container", "abc/def", &format!("{id}0")] {
+            assert!(matches!(
+                container_path(Path::new("/nonexistent"), bad),
+                Err(TargetError::BadContainerId(_))
+            ));
+        }
     }
 
     #[test]

@@ -83,7 +83,8 @@ fn main() -> Result<()> {
                         "--exclude",
                         "keepalive-ebpf",
                     ])
-                    .env("KAD_BIN", &kad),
+                    .env("KAD_BIN", &kad)
+                    .env("KAD_KUBERNETES_VALIDATE", setup::kubernetes_validate_bin()),
             )
         }
         Task::TestKernels { versions } => {
@@ -100,7 +101,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")

@@ -27,8 +27,11 @@ pub fn all(purpose: Purpose) -> Result<()> {
         // check sockets and binaries from outside; systemd: to verify the unit file; clang and
         // libbpf-dev: to build another vendor's sock_ops program that the tests run beside kad's;
         // golang-go (a static Go peer is built in the tests) and redis-server: real programs
-        // that set their own keepalive.
-        for (tool, package) in [
+        // that set their own keepalive; podman and runc: to run containers with the OCI hook
+        // (runc, since crun refuses hybrid cgroup hosts; asked for in the same apt-get as
+        // podman, or podman's "crun | runc" dependency would bring crun); python3-venv: a venv
+        // for kubernetes-validate (PyPI), which checks dist/kubernetes.
+        let missing: Vec<&str> = [
             ("/usr/bin/clang", "clang"),
             ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
             ("/bin/busybox", "busybox-static"),
@@ -38,11 +41,19 @@ pub fn all(purpose: Purpose) -> Result<()> {
             ("/usr/bin/systemd-analyze", "systemd"),
             ("/usr/bin/go", "golang-go"),
             ("/usr/bin/redis-server", "redis-server"),
-        ] {
-            if !Path::new(tool).exists() {
-                apt.install(&[package])?;
-            }
+            ("/usr/bin/podman", "podman"),
+            ("/usr/sbin/runc", "runc"),
+            ("/usr/bin/nsenter", "util-linux"),
+            ("/usr/share/doc/python3-venv", "python3-venv"),
+        ]
+        .into_iter()
+        .filter(|(tool, _)| !Path::new(tool).exists())
+        .map(|(_, package)| package)
+        .collect();
+        if !missing.is_empty() {
+            apt.install(&missing)?;
         }
+        kubernetes_validate()?;
     }
     bpffs()?;
     Ok(())
@@ -115,6 +126,41 @@ fn bpf_linker(apt: &mut Apt) -> Result<()> {
             // Without it the link looks for libLLVM in /usr/lib64.
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
+}
+
+/// The kubernetes-validate release the manifests are checked with (its schemas are bundled:
+/// it needs no cluster).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// Where `cargo xtask test` keeps kubernetes-validate: a venv of Debian's python3 (pip may not
+/// install into the system's), in the workspace's target directory.
+pub fn kubernetes_validate_bin() -> std::path::PathBuf {
+    crate::workspace_root().join("target/tools/kubernetes-validate/bin/kubernetes-validate")
+}
+
+fn kubernetes_validate() -> Result<()> {
+    let venv = crate::workspace_root().join("target/tools/kubernetes-validate");
+    let marker = venv.join("kad-version");
+    if kubernetes_validate_bin().is_file()
+        && std::fs::read_to_string(&marker).is_ok_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}",
+        venv.display()
+    );
+    let _ = std::fs::remove_dir_all(&venv);
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+    ]))?;
+    std::fs::write(&marker, KUBERNETES_VALIDATE_VERSION).context("write the venv's version")
 }
 
 fn bpffs() -> Result<()> {

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     audit, cgroup, client,
     daemon::{self, DaemonConfig},
-    enforcer, exec, inspect,
+    enforcer, exec, inspect, oci,
     policy::{self, Policy, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE},
     probe,
     protocol::{Request, Response},
@@ -48,7 +48,7 @@ enum Command {
     /// Show the daemon's state: program, kernel, cgroup2 root, policies.
     Status(JsonFlag),
     /// Show what the kernel program counted per policy cgroup.
-    Stats(JsonFlag),
+    Stats(StatsArgs),
     /// Run a command in a transient cgroup with a keepalive policy (libkeepalive's variables
     /// KEEPIDLE, KEEPINTVL, KEEPCNT, TCP_USER_TIMEOUT, KEEPALIVE=off fill in what the flags do
     /// not give).
@@ -61,6 +61,19 @@ enum Command {
     /// Per cgroup with established TCP connections: how many have keepalive off, how many
     /// differ from the policy in force, and which policy applies (read from the kernel).
     Audit(AuditArgs),
+    /// An OCI runtime hook (hooks.d): reads the container's state on stdin and puts its
+    /// kad.dev/keepalive annotation in force (createRuntime) or removes it (poststop).
+    OciHook(OciHookArgs),
+}
+
+#[derive(Debug, Args)]
+struct OciHookArgs {
+    /// createRuntime (or prestart) or poststop; by default from the container's status.
+    #[arg(value_name = "STAGE")]
+    stage: Option<String>,
+    /// Where the hook records, per container, the cgroup it gave a policy.
+    #[arg(long, default_value = oci::DEFAULT_RUN_DIR, value_name = "DIR")]
+    run_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +90,22 @@ struct DaemonArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9977); off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// Pods' kad.dev/keepalive annotations (or their namespace's) are policies on the pods'
+    /// cgroups: watch this node's pods (kubeconfig from KUBECONFIG, or the service account).
+    #[arg(long, conflicts_with = "pod_events")]
+    kubernetes: bool,
+    /// The node whose pods to watch.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+    /// Read pod events (JSON lines, as the watcher makes them) from a file or FIFO instead.
+    #[arg(long, value_name = "PATH")]
+    pod_events: Option<PathBuf>,
+    /// The kubelet's --cgroup-driver: where pod cgroups are.
+    #[arg(long, value_name = "DRIVER", default_value = "systemd", value_parser = ["systemd", "cgroupfs"])]
+    kubelet_cgroup_driver: String,
+    /// The kubelet's --cgroup-root, relative to the cgroup2 root.
+    #[arg(long, value_name = "PATH", default_value = "/")]
+    kubelet_cgroup_root: String,
 }
 
 #[derive(Debug, Args)]
@@ -92,10 +121,10 @@ struct UninstallArgs {
     purge: bool,
 }
 
-/// Which cgroup: exactly one of --cgroup, --unit, --pid.
+/// Which cgroup: exactly one of --cgroup, --unit, --pid, --container.
 #[derive(Debug, Args)]
 #[group(skip)]
-#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["cgroup", "unit", "pid"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["cgroup", "unit", "pid", "container"])))]
 struct TargetArgs {
     /// A cgroup: an absolute path on the cgroup2 filesystem, or a path relative to its root.
     #[arg(long, value_name = "CG")]
@@ -104,11 +133,15 @@ struct TargetArgs {
     #[arg(long, value_name = "NAME")]
     unit: Option<String>,
     /// The slice of --unit.
-    #[arg(long, value_name = "SLICE", conflicts_with_all = ["cgroup", "pid"])]
+    #[arg(long, value_name = "SLICE", conflicts_with_all = ["cgroup", "pid", "container"])]
     slice: Option<String>,
     /// The cgroup process N is in now (the policy stays with that cgroup's path).
     #[arg(long, value_name = "N")]
     pid: Option<u32>,
+    /// A running container's cgroup, by its id or a unique prefix (podman, docker,
+    /// containerd, CRI-O; cgroupfs or systemd driver).
+    #[arg(long, value_name = "ID")]
+    container: Option<String>,
 }
 
 impl TargetArgs {
@@ -120,10 +153,13 @@ impl TargetArgs {
         if let Some(unit) = &self.unit {
             return Ok(target::unit_path(unit, self.slice.as_deref())?);
         }
+        let root = cgroup::find_root()?;
+        if let Some(id) = &self.container {
+            return Ok(target::container_path(&root, id)?.display().to_string());
+        }
         let pid = self
             .pid
-            .context("one of --cgroup, --unit, --pid is required")?;
-        let root = cgroup::find_root()?;
+            .context("one of --cgroup, --unit, --pid, --container is required")?;
         Ok(target::pid_path(&root, pid)?.display().to_string())
     }
 }
@@ -189,6 +225,16 @@ struct InspectArgs {
     /// The processes of a cgroup (and below): given by path, by unit, or by one of its processes.
     #[command(flatten)]
     target: TargetArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    /// Only the policies of this running container's cgroup (and below), by id or prefix.
+    #[arg(long, value_name = "ID")]
+    container: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -277,6 +323,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let socket = cli.socket;
     match cli.command {
         Command::Exec(args) => return run_exec(&socket, args),
+        Command::OciHook(args) => oci_hook(&socket, &args)?,
         Command::Probe(flag) => {
             let state = probe::probe().context("cannot open a loopback connection")?;
             if flag.json {
@@ -331,20 +378,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             output::audit(&audit::audit(&root, &top, &policies)?, args.json)?;
         }
-        Command::Stats(flag) => match client::call(&socket, &Request::Stats)? {
+        Command::Stats(args) => match client::call(&socket, &Request::Stats)? {
             Response::Stats {
-                stats,
+                mut stats,
                 kills_counted,
-            } => output::stats(&stats, kills_counted, flag.json)?,
+            } => {
+                if let Some(id) = &args.container {
+                    let path = target::container_path(&cgroup::find_root()?, id)?;
+                    stats.retain(|row| std::path::Path::new(&row.cgroup).starts_with(&path));
+                }
+                output::stats(&stats, kills_counted, args.json)?
+            }
             other => anyhow::bail!("unexpected reply to stats: {other:?}"),
         },
-        Command::Daemon(args) => run_daemon(DaemonConfig {
-            socket,
-            state_dir: args.state_dir,
-            bpffs: args.bpffs,
-            config: args.config,
-            metrics: args.metrics,
-        })?,
+        Command::Daemon(args) => {
+            let pods = match (args.kubernetes, args.pod_events) {
+                (true, _) => {
+                    let node = args.node_name.filter(|n| !n.trim().is_empty()).context(
+                        "--kubernetes needs the node's name: --node-name NAME or NODE_NAME",
+                    )?;
+                    Some(daemon::PodSource::Kubernetes { node })
+                }
+                (false, Some(path)) => Some(daemon::PodSource::Events(path)),
+                (false, None) => None,
+            };
+            let kubelet_root = &args.kubelet_cgroup_root;
+            if kubelet_root.split('/').any(|c| c == "..") {
+                anyhow::bail!("--kubelet-cgroup-root '{kubelet_root}' contains '..'");
+            }
+            run_daemon(DaemonConfig {
+                socket,
+                state_dir: args.state_dir,
+                bpffs: args.bpffs,
+                config: args.config,
+                metrics: args.metrics,
+                pods,
+                kubelet: crate::pods::KubeletLayout {
+                    systemd: args.kubelet_cgroup_driver == "systemd",
+                    cgroup_root: kubelet_root.trim_matches('/').to_string(),
+                },
+            })?
+        }
         Command::Set(args) => {
             let values = &args.values;
             let policy = if values.off {
@@ -406,6 +480,18 @@ fn run_exec(socket: &std::path::Path, args: ExecArgs) -> anyhow::Result<ExitCode
     Ok(ExitCode::from(finished.code))
 }
 
+/// `kad oci-hook`: a failure exits non-zero, which makes the runtime refuse to start the
+/// container (at createRuntime) with this message.
+fn oci_hook(socket: &std::path::Path, args: &OciHookArgs) -> anyhow::Result<()> {
+    let state = oci::read_state(std::io::stdin().lock())?;
+    match oci::run(socket, &args.run_dir, args.stage.as_deref(), &state)? {
+        oci::Outcome::Applied { cgroup, policy } => println!("{cgroup}: {policy}"),
+        oci::Outcome::Removed { cgroup } => println!("{cgroup}: policy removed"),
+        oci::Outcome::NotAnnotated | oci::Outcome::NothingToRemove => {}
+    }
+    Ok(())
+}
+
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     if !crate::sys::is_root() {
         anyhow::bail!("kad uninstall must run as root");
@@ -451,6 +537,11 @@ mod tests {
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
         assert!(parse(&["set", "--slice", "user.slice", "--cgroup", "a"]).is_err());
         assert!(parse(&["set", "--pid", "abc"]).is_err());
+        assert!(parse(&["unset", "--container", "8d2c46a4"]).is_ok());
+        assert!(parse(&["inspect", "--container", "8d2c46a4", "--json"]).is_ok());
+        assert!(parse(&["set", "--container", "8d2c", "--pid", "1"]).is_err());
+        assert!(parse(&["set", "--container", "8d2c", "--slice", "x.slice"]).is_err());
+        assert!(parse(&["stats", "--container", "8d2c", "--json"]).is_ok());
     }
 
     #[test]

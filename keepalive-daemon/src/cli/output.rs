@@ -71,7 +71,22 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
                 "; {n} connections overridden: their program set its own keepalive after kad and its values won (kad inspect shows them; --enforce makes the policy win)"
             )),
         }
-        println!("  {} (from {}): {state}", detail.cgroup, detail.source);
+        let source = match &detail.pod {
+            Some(pod) => format!("pod {pod}"),
+            None => detail.source.clone(),
+        };
+        println!("  {} (from {source}): {state}", detail.cgroup);
+    }
+    if let Some(pods) = &report.pods {
+        let state = match (&pods.error, pods.connected) {
+            (_, true) => "connected".to_string(),
+            (Some(e), false) => format!("NOT connected ({e}); the pod policies in force stay"),
+            (None, false) => "NOT connected; the pod policies in force stay".to_string(),
+        };
+        println!("pods:         {}: {state}, {} pods", pods.source, pods.pods);
+        for line in &pods.invalid {
+            println!("  no policy: {line}");
+        }
     }
     if !report.counters.is_empty() {
         println!("counters:");
@@ -99,6 +114,10 @@ fn table(entries: &[PolicyEntry]) -> String {
             Mode::On => "on",
             Mode::Off => "off",
         };
+        let pod = e
+            .pod
+            .as_ref()
+            .map_or_else(String::new, |pod| format!("  (pod {pod})"));
         let user_timeout = match (e.mode, e.user_timeout) {
             (Mode::On, Some(ms)) => format!("{ms}ms"),
             _ => "-".to_string(),
@@ -110,7 +129,7 @@ fn table(entries: &[PolicyEntry]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<width$}  {mode:<4}  {:<7}  {:<7}  {:<7}  {user_timeout:<12}  {enforce}",
+            "{:<width$}  {mode:<4}  {:<7}  {:<7}  {:<7}  {user_timeout:<12}  {enforce}{pod}",
             e.cgroup,
             value(e.idle),
             value(e.intvl),

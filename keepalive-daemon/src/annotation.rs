@@ -1,0 +1,176 @@
+//! The `kad.dev/keepalive` annotation of a container or pod: a policy in the CLI's words,
+//! `idle=180,intvl=60,cnt=20` with optional `user-timeout=MS` and `enforce`, or `off`.
+//! Checked as the CLI checks its flags (same ranges), with errors that name the annotation.
+use crate::policy::{self, Policy, PolicyError, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE};
+
+/// The annotation's key, the same for containers (OCI) and pods.
+pub const KEY: &str = "kad.dev/keepalive";
+
+/// Values longer than this are refused before they are parsed (a real one is a few dozen bytes).
+const MAX_LEN: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnnotationError {
+    #[error("annotation {KEY}={value:?}: {problem}")]
+    Invalid { value: String, problem: String },
+}
+
+fn invalid(value: &str, problem: impl Into<String>) -> AnnotationError {
+    // Shown in a runtime's error and in logs: keep it printable and short.
+    let mut shown: String = value.chars().take(80).collect();
+    if shown.len() < value.len() {
+        shown.push_str("...");
+    }
+    AnnotationError::Invalid {
+        value: shown,
+        problem: problem.into(),
+    }
+}
+
+/// Parses an annotation's value into a policy.
+///
+/// `off` alone is the opt-out; otherwise a comma-separated list of `idle=S`, `intvl=S`, `cnt=N`,
+/// `user-timeout=MS`, `enforce`, each at most once; `on` alone keeps the kernel's defaults.
+pub fn parse(value: &str) -> Result<Policy, AnnotationError> {
+    if value.len() > MAX_LEN {
+        return Err(invalid(value, format!("longer than {MAX_LEN} bytes")));
+    }
+    let items: Vec<&str> = value.split(',').map(str::trim).collect();
+    if items.iter().all(|item| item.is_empty()) {
+        return Err(invalid(
+            value,
+            "empty: give idle=S,intvl=S,cnt=N (user-timeout=MS, enforce optional), on, or off",
+        ));
+    }
+    if items == ["off"] {
+        return Ok(Policy::OFF);
+    }
+    let mut policy = Policy {
+        mode: policy::Mode::On,
+        ..Policy::OFF
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    for item in items {
+        let (key, text) = match item.split_once('=') {
+            Some((key, text)) => (key.trim(), Some(text)),
+            None => (item, None),
+        };
+        if key.is_empty() {
+            return Err(invalid(
+                value,
+                "an empty item (two commas, or a comma at an end)",
+            ));
+        }
+        if seen.contains(&key) {
+            return Err(invalid(value, format!("{key} is given twice")));
+        }
+        seen.push(key);
+        let range_error = |e: PolicyError| invalid(value, e.to_string());
+        match (key, text) {
+            ("idle", Some(text)) => {
+                policy.idle = Some(policy::parse_value("idle", text, SECS_RANGE).map_err(range_error)?)
+            }
+            ("intvl", Some(text)) => {
+                policy.intvl =
+                    Some(policy::parse_value("intvl", text, SECS_RANGE).map_err(range_error)?)
+            }
+            ("cnt", Some(text)) => {
+                policy.cnt = Some(policy::parse_value("cnt", text, CNT_RANGE).map_err(range_error)?)
+            }
+            ("user-timeout", Some(text)) => {
+                policy.user_timeout = Some(
+                    policy::parse_value("user-timeout", text, USER_TIMEOUT_RANGE)
+                        .map_err(range_error)?,
+                )
+            }
+            ("enforce", None) => policy.enforce = true,
+            ("on", None) => {}
+            ("off", None) => {
+                return Err(invalid(
+                    value,
+                    "off cannot be combined with values or enforce: give off alone",
+                ))
+            }
+            ("enforce" | "on", Some(_)) => {
+                return Err(invalid(value, format!("{key} takes no value")))
+            }
+            ("idle" | "intvl" | "cnt" | "user-timeout", None) => {
+                return Err(invalid(value, format!("{key} needs a value ({key}=N)")))
+            }
+            _ => {
+                return Err(invalid(
+                    value,
+                    format!(
+                        "unknown item '{}': allowed are idle=S, intvl=S, cnt=N, user-timeout=MS, enforce, on, off",
+                        key.chars().take(32).collect::<String>()
+                    ),
+                ))
+            }
+        }
+    }
+    policy
+        .validate()
+        .map_err(|e| invalid(value, e.to_string()))?;
+    Ok(policy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Mode;
+
+    #[test]
+    fn the_clis_words() {
+        let p = parse("idle=180,intvl=60,cnt=20").unwrap();
+        assert_eq!(
+            (p.mode, p.idle, p.intvl, p.cnt, p.user_timeout, p.enforce),
+            (Mode::On, Some(180), Some(60), Some(20), None, false)
+        );
+        let p = parse(" idle=5 , user-timeout=30000,enforce").unwrap();
+        assert_eq!(
+            (p.idle, p.intvl, p.cnt, p.user_timeout, p.enforce),
+            (Some(5), None, None, Some(30000), true)
+        );
+        assert_eq!(parse("off").unwrap(), Policy::OFF);
+        let on = parse("on").unwrap();
+        assert_eq!((on.mode, on.idle, on.enforce), (Mode::On, None, false));
+        assert!(parse("user-timeout=2147483647").is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_annotation_and_the_range() {
+        for (value, expected) in [
+            ("idle=0", "between 1 and 32767"),
+            ("intvl=32768", "between 1 and 32767"),
+            ("cnt=128", "between 1 and 127"),
+            ("cnt=-1", "between 1 and 127"),
+            ("idle=1.5", "between 1 and 32767"),
+            ("user-timeout=0", "between 1 and 2147483647"),
+            ("user-timeout=2147483648", "between 1 and 2147483647"),
+            ("idle=", "between 1 and 32767"),
+            ("idle", "needs a value"),
+            ("enforce=1", "takes no value"),
+            ("idle=5,idle=6", "given twice"),
+            ("idle=5,,cnt=3", "empty item"),
+            ("idle=5,", "empty item"),
+            ("", "empty"),
+            (" , ", "empty"),
+            ("off,idle=5", "off alone"),
+            ("off,enforce", "off alone"),
+            ("keepidle=5", "unknown item 'keepidle'"),
+            ("idle=5;cnt=3", "between 1 and 32767"),
+        ] {
+            let message = parse(value).unwrap_err().to_string();
+            assert!(
+                message.starts_with("annotation kad.dev/keepalive="),
+                "{value}: {message}"
+            );
+            assert!(message.contains(expected), "{value}: {message}");
+        }
+        let long = "idle=5,".repeat(100);
+        assert!(parse(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("longer than"));
+    }
+}

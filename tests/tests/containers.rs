@@ -1,0 +1,456 @@
+//! Containers: podman with runc (Debian's, installed by `cargo xtask test`) runs the hook of
+//! dist/oci-hooks.d/kad.json, pointed at the test's kad binary and daemon. Each test uses its own
+//! podman storage (--root, --runroot, --tmpdir in a temp dir) and a --cgroup-parent that is a
+//! test cgroup, so the host's podman state and the cgroup2 root are never touched.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use kad_tests::{
+    busybox, kad_env, remove_cgroup_tree, unique, wait_for, Daemon, Env, TempDir, TestCgroup,
+};
+
+const ANNOTATION: &str = "kad.dev/keepalive";
+
+/// podman with storage of its own, the hooks directory of the test, and runc.
+struct Podman {
+    dir: TempDir,
+    rootfs: PathBuf,
+    hooks: PathBuf,
+    run_dir: PathBuf,
+    parent: TestCgroup,
+    containers: Vec<String>,
+}
+
+fn podman_available() -> bool {
+    let found = ["/usr/bin/podman", "/usr/sbin/runc"]
+        .iter()
+        .all(|p| Path::new(p).is_file());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "podman and runc are missing under CI (cargo xtask setup installs them)"
+        );
+        eprintln!("SKIPPED: podman or runc is missing (cargo xtask test installs them)");
+    }
+    found
+}
+
+impl Podman {
+    /// A podman whose hooks directory holds the shipped hook, run as `env.kad` against `socket`.
+    fn new(env: &Env, socket: &Path) -> Podman {
+        let dir = TempDir::new("podman");
+        let rootfs = dir.0.join("rootfs");
+        let bin = rootfs.join("bin");
+        fs::create_dir_all(&bin).expect("mkdir rootfs/bin");
+        // busybox-static and a relative link per applet: the container needs nothing else.
+        fs::copy(busybox(), bin.join("busybox")).expect("copy busybox");
+        let list = Command::new(busybox())
+            .arg("--list")
+            .output()
+            .expect("busybox --list");
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            if applet != "busybox" && !applet.contains('/') {
+                std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("link applet");
+            }
+        }
+        let hooks = dir.0.join("hooks.d");
+        fs::create_dir_all(&hooks).expect("mkdir hooks.d");
+        let run_dir = dir.0.join("hook-records");
+        write_hook(&hooks, env, socket, &run_dir);
+        Podman {
+            rootfs,
+            hooks,
+            run_dir,
+            parent: TestCgroup::new(env, "podman"),
+            containers: Vec::new(),
+            dir,
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new("podman");
+        command
+            .arg("--root")
+            .arg(self.dir.0.join("storage"))
+            .arg("--runroot")
+            .arg(self.dir.0.join("run"))
+            .arg("--tmpdir")
+            .arg(self.dir.0.join("tmp"))
+            .arg("--hooks-dir")
+            .arg(&self.hooks)
+            .args([
+                "--runtime",
+                "runc",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "file",
+                "--storage-driver",
+                "vfs",
+                "--log-level",
+                "error",
+            ])
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("run podman")
+    }
+
+    /// `podman run -d` of `script` in a container with the annotation `value`.
+    /// A new container name, removed by the guard.
+    fn name(&mut self) -> String {
+        let name = unique("ctr");
+        self.containers.push(name.clone());
+        name
+    }
+
+    fn start(&mut self, annotation: Option<&str>, script: &str) -> (String, Output) {
+        let name = self.name();
+        let parent = format!("/{}", self.parent.relative());
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--network",
+            "none",
+            // Root here lacks CAP_SYS_RESOURCE: podman's default limits could not be set.
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "--cgroup-parent",
+            &parent,
+        ];
+        // Quoted: podman's --annotation splits an unquoted value at its commas.
+        let annotation = annotation.map(|v| format!("\"{ANNOTATION}={v}\""));
+        if let Some(a) = &annotation {
+            args.extend(["--annotation", a]);
+        }
+        let rootfs = self.rootfs.display().to_string();
+        // --rootfs is a flag: the rootfs takes the image's place, options go before it.
+        args.extend(["--rootfs", &rootfs, "/bin/sh", "-c", script]);
+        let out = self.run(&args);
+        (name, out)
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        let out = self.run(&["inspect", "--format", "{{.State.Pid}}", name]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("podman inspect {name}: {text:?} {}", stderr(&out)))
+    }
+
+    fn id(&self, name: &str) -> String {
+        let out = self.run(&["inspect", "--format", "{{.Id}}", name]);
+        assert!(out.status.success(), "podman inspect: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The container's cgroup as podman's cgroupfs driver makes it.
+    fn cgroup_of(&self, id: &str) -> PathBuf {
+        self.parent.path.join(format!("libpod-{id}"))
+    }
+
+    fn records(&self) -> usize {
+        fs::read_dir(&self.run_dir).map_or(0, |d| d.count())
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        for name in &self.containers {
+            let _ = self.run(&["rm", "-f", "-t", "0", name]);
+        }
+        // runc also makes the parent in each cgroup v1 hierarchy of a hybrid host.
+        let relative = self.parent.relative();
+        for v1 in cgroup_v1_mounts() {
+            let path = v1.join(&relative);
+            if path.exists() {
+                remove_cgroup_tree(&path);
+            }
+        }
+    }
+}
+
+fn cgroup_v1_mounts() -> Vec<PathBuf> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let point = mount.split_whitespace().nth(4)?;
+            (fs.split_whitespace().next()? == "cgroup").then(|| PathBuf::from(point))
+        })
+        .collect()
+}
+
+/// The shipped hooks.d file, with the test's kad binary, socket and record directory.
+fn write_hook(hooks: &Path, env: &Env, socket: &Path, run_dir: &Path) {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/oci-hooks.d/kad.json");
+    let text = fs::read_to_string(&shipped).expect("read dist/oci-hooks.d/kad.json");
+    let mut hook: serde_json::Value = serde_json::from_str(&text).expect("kad.json is JSON");
+    hook["hook"]["path"] = env.kad.display().to_string().into();
+    let args = hook["hook"]["args"]
+        .as_array_mut()
+        .expect("kad.json has hook.args");
+    args.extend(
+        [
+            "--socket".to_string(),
+            socket.display().to_string(),
+            "--run-dir".to_string(),
+            run_dir.display().to_string(),
+        ]
+        .map(Into::into),
+    );
+    fs::write(hooks.join("kad.json"), hook.to_string()).expect("write hook");
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `ss -tnoH state established` in the network namespace of `pid`.
+fn ss_in(pid: u32) -> String {
+    let out = Command::new("nsenter")
+        .args([
+            "-t",
+            &pid.to_string(),
+            "-n",
+            "ss",
+            "-tnoH",
+            "state",
+            "established",
+        ])
+        .output()
+        .expect("run nsenter ss");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Seconds left on a keepalive timer in an `ss -o` line, e.g. `timer:(keepalive,2min30sec,0)`.
+fn keepalive_secs(line: &str) -> Option<f64> {
+    let timer = line.split("timer:(keepalive,").nth(1)?.split(',').next()?;
+    let mut secs = 0.0;
+    let mut number = String::new();
+    let mut rest = timer;
+    while !rest.is_empty() {
+        let c = rest.chars().next()?;
+        if c.is_ascii_digit() || c == '.' {
+            number.push(c);
+            rest = &rest[1..];
+            continue;
+        }
+        let value: f64 = number.parse().ok()?;
+        number.clear();
+        let (unit, factor) = [("min", 60.0), ("sec", 1.0), ("ms", 0.001)]
+            .into_iter()
+            .find(|(u, _)| rest.starts_with(u))?;
+        secs += value * factor;
+        rest = &rest[unit.len()..];
+    }
+    Some(secs)
+}
+
+/// The container's first connection: a listener and a client on its loopback, both busybox,
+/// both kept open (their stdin never ends).
+/// Both ends of the container's first connection (FIRST_CONNECTION) have idle=151, intvl=15,
+/// cnt=3: as the kernel shows them from the host (ss), and as read on each socket (kad inspect).
+fn assert_first_connection_has_the_policy(daemon: &Daemon, pid: u32, id: &str) {
+    // Both ends, as the kernel shows them from the host.
+    let mut lines = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            lines = ss_in(pid)
+                .lines()
+                .filter(|l| l.contains(":5000"))
+                .map(str::to_string)
+                .collect();
+            lines.len() == 2
+        }),
+        "the container's connection did not show up: {lines:?}"
+    );
+    for line in &lines {
+        let left = keepalive_secs(line).unwrap_or_else(|| panic!("no keepalive timer on {line:?}"));
+        // idle=151: a timer armed with the policy, not the kernel's 7200 s.
+        assert!(left > 130.0 && left <= 151.0, "timer {left} s: {line}");
+    }
+    // The values themselves, read on each socket.
+    // --container with the short id `podman ps` shows: the same cgroup as the process's.
+    let out = daemon.kad(&["inspect", "--container", &id[..12], "--json"]);
+    assert!(out.status.success(), "kad inspect: {}", stderr(&out));
+    let connections: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("inspect --json");
+    let ours: Vec<_> = connections
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|c| {
+            c["local"].as_str().is_some_and(|a| a.ends_with(":5000"))
+                || c["remote"].as_str().is_some_and(|a| a.ends_with(":5000"))
+        })
+        .collect();
+    assert_eq!(ours.len(), 2, "{connections}");
+    for c in ours {
+        assert_eq!(
+            (&c["keepalive"], &c["idle"], &c["intvl"], &c["cnt"]),
+            (
+                &serde_json::json!(true),
+                &serde_json::json!(151),
+                &serde_json::json!(15),
+                &serde_json::json!(3)
+            ),
+            "{c}"
+        );
+    }
+}
+
+const FIRST_CONNECTION: &str = "sleep 1000 | nc -l -p 5000 & \
+     sleep 0.3; until sleep 1000 | nc 127.0.0.1 5000; do sleep 0.1; done";
+
+#[test]
+fn annotated_container_has_the_policy_from_its_first_connection() {
+    let env = kad_env!();
+    if !podman_available() {
+        return;
+    }
+    let daemon = Daemon::start(&env);
+    let mut podman = Podman::new(&env, &daemon.socket);
+    let (name, out) = podman.start(Some("idle=151,intvl=15,cnt=3"), FIRST_CONNECTION);
+    assert!(
+        out.status.success(),
+        "podman run: {}\ndaemon log:\n{}",
+        stderr(&out),
+        daemon.log()
+    );
+    let id = podman.id(&name);
+    let cgroup = podman.cgroup_of(&id);
+    let pid = podman.pid(&name);
+
+    assert_first_connection_has_the_policy(&daemon, pid, &id);
+    let stats = daemon.kad_ok(&["stats", "--container", &id[..12], "--json"]);
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats --json");
+    let rows = stats["cgroups"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "{stats}");
+    assert_eq!(rows[0]["cgroup"], cgroup.display().to_string());
+    assert_eq!(
+        (&rows[0]["connect"], &rows[0]["accept"]),
+        (&1.into(), &1.into()),
+        "{stats}"
+    );
+
+    let list = daemon.list();
+    let entry = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|p| p["cgroup"] == cgroup.display().to_string())
+        .unwrap_or_else(|| panic!("no policy for {}: {list}", cgroup.display()));
+    assert_eq!(entry["idle"], 151, "{entry}");
+    assert_eq!(podman.records(), 1);
+
+    // A restart: poststop removes the policy, createRuntime puts it back before the new
+    // process's first connection.
+    let out = podman.run(&["restart", "-t", "0", &name]);
+    assert!(out.status.success(), "podman restart: {}", stderr(&out));
+    let new_pid = podman.pid(&name);
+    assert_ne!(new_pid, pid);
+    assert_first_connection_has_the_policy(&daemon, new_pid, &id);
+    assert_eq!(podman.records(), 1);
+
+    // poststop (podman runs it at stop and again at rm) removes it.
+    let out = podman.run(&["rm", "-f", "-t", "0", &name]);
+    assert!(out.status.success(), "podman rm: {}", stderr(&out));
+    assert!(!cgroup.exists());
+    let list = daemon.list();
+    assert!(
+        !list.to_string().contains(&id),
+        "policy left after podman rm: {list}\n{}",
+        daemon.log()
+    );
+    assert_eq!(podman.records(), 0);
+}
+
+#[test]
+fn a_bad_annotation_stops_the_start_with_the_message() {
+    let env = kad_env!();
+    if !podman_available() {
+        return;
+    }
+    let daemon = Daemon::start(&env);
+    let mut podman = Podman::new(&env, &daemon.socket);
+    let (name, out) = podman.start(Some("idle=0,cnt=3"), "sleep 1000");
+    assert!(
+        !out.status.success(),
+        "a bad annotation started the container"
+    );
+    let message = stderr(&out);
+    assert!(message.contains("kad.dev/keepalive"), "{message}");
+    assert!(message.contains("between 1 and 32767"), "{message}");
+    let state = podman.run(&["inspect", "--format", "{{.State.Status}}", &name]);
+    let state = String::from_utf8_lossy(&state.stdout);
+    assert_ne!(state.trim(), "running");
+    assert_eq!(daemon.list(), serde_json::json!([]));
+    assert_eq!(podman.records(), 0);
+
+    // Unquoted, podman splits the value at its commas: refused rather than run with idle only.
+    let unquoted = format!("{ANNOTATION}=idle=151,intvl=15,cnt=3");
+    let split_name = podman.name();
+    let parent = format!("/{}", podman.parent.relative());
+    let rootfs = podman.rootfs.display().to_string();
+    let out = podman.run(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        "--cgroup-parent",
+        &parent,
+        "--annotation",
+        &unquoted,
+        "--name",
+        &split_name,
+        "--rootfs",
+        &rootfs,
+        "/bin/sleep",
+        "1000",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a split annotation started the container"
+    );
+    let message = stderr(&out);
+    assert!(message.contains("split at its commas"), "{message}");
+    assert_eq!(daemon.list(), serde_json::json!([]));
+
+    // A container without the annotation does not run the hook at all.
+    let (plain, out) = podman.start(None, "sleep 1000");
+    assert!(out.status.success(), "podman run: {}", stderr(&out));
+    assert!(podman.pid(&plain) > 0);
+    assert_eq!(daemon.list(), serde_json::json!([]));
+}
+
+#[test]
+fn without_the_daemon_the_container_does_not_start() {
+    let env = kad_env!();
+    if !podman_available() {
+        return;
+    }
+    let nowhere = TempDir::new("no-daemon");
+    let mut podman = Podman::new(&env, &nowhere.0.join("kad.sock"));
+    let (_, out) = podman.start(Some("idle=60"), "sleep 1000");
+    assert!(!out.status.success(), "started without a daemon");
+    let message = stderr(&out);
+    assert!(message.contains("kad daemon is not running"), "{message}");
+    assert!(message.contains("start it with"), "{message}");
+    assert_eq!(podman.records(), 0);
+}
