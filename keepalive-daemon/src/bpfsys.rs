@@ -186,12 +186,3 @@ pub fn prog_tag_of(prog: BorrowedFd) -> io::Result<String> {
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
     Ok(info[8..16].iter().map(|b| format!("{b:02x}")).collect())
 }
-
-/// Errors that say nothing about the pin itself (a lack of resources): never a reason to
-/// remove one.
-pub fn is_transient(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::EINTR)
-    )
-}
