@@ -8,8 +8,11 @@ pub const POLICIES_MAP: &str = "KAD_POLICY";
 pub const PATHS_MAP: &str = "KAD_PATHS";
 /// Per-CPU [`Counters`], keyed by policy cgroup id.
 pub const STATS_MAP: &str = "KAD_COUNTERS";
-/// Per-socket [`SockState`] (socket local storage, copied to accepted sockets).
-pub const SOCK_MAP: &str = "KAD_SOCK";
+/// Per-socket marks (socket local storage, `u32` of `MARK_*` bits), made only for a socket
+/// whose program set a keepalive option itself.
+pub const SOCK_MAP: &str = "KAD_MARKS";
+/// The socket's override was counted already.
+pub const MARK_OVERRIDDEN: u32 = 1;
 /// The cgroups one refresh of existing connections covers: cgroup id -> deciding policy id
 /// (0: none). Filled by the daemon for the length of one iterator run.
 pub const SCOPE_MAP: &str = "KAD_SCOPE";
@@ -56,18 +59,6 @@ pub struct PolicyValue {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PathKey {
     pub bytes: [u8; PATH_KEY_LEN],
-}
-
-/// What kad knows of one socket.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockState {
-    /// The policy cgroup that decides for this socket (the nearest one with a policy when it
-    /// was created, or set by a refresh).
-    pub policy: u64,
-    /// The generation of the values this socket (or the listener it was accepted from) got.
-    pub applied: u32,
-    pub _pad: u32,
 }
 
 /// What the programs counted for one policy cgroup (summed over CPUs by the daemon).
@@ -122,13 +113,23 @@ pub struct KernelOffsets {
     /// `sock_common.skc_v6_daddr` and `skc_v6_rcv_saddr`.
     pub daddr6: u32,
     pub saddr6: u32,
-    /// Bit 0: the kill fields are valid; bit 1: the cgroup fields; bit 2: the address fields.
+    /// `tcp_sock.keepalive_time` and `keepalive_intvl` (u32, jiffies), `keepalive_probes`
+    /// (u8), `sock.sk_flags` (unsigned long; `SOCK_KEEPOPEN` is its bit 3) and
+    /// `inet_connection_sock.icsk_user_timeout` (u32, ms): what a socket holds already.
+    pub keepalive_time: u32,
+    pub keepalive_intvl: u32,
+    pub keepalive_probes: u32,
+    pub sk_flags: u32,
+    pub user_timeout: u32,
+    /// Bit 0: the kill fields are valid; bit 1: the cgroup fields; bit 2: the address fields;
+    /// bit 3: the keepalive fields.
     pub valid: u32,
 }
 
 pub const OFFSETS_KILLS: u32 = 1;
 pub const OFFSETS_CGROUP: u32 = 2;
 pub const OFFSETS_ADDRS: u32 = 4;
+pub const OFFSETS_KEEPALIVE: u32 = 8;
 
 // SAFETY: plain `repr(C)` integers with no padding.
 #[cfg(feature = "user")]
@@ -142,6 +143,3 @@ unsafe impl aya::Pod for KernelOffsets {}
 // SAFETY: as above (a byte array).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PathKey {}
-// SAFETY: as above (explicit padding field).
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for SockState {}

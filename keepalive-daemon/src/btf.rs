@@ -3,7 +3,9 @@
 //! hands them to the program as a read-only global.
 use std::{collections::HashMap, path::Path};
 
-use keepalive_common::{KernelOffsets, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KILLS};
+use keepalive_common::{
+    KernelOffsets, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KEEPALIVE, OFFSETS_KILLS,
+};
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -281,6 +283,30 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
         }
         Err(e) => missing.push(format!("connection addresses in kill events: {e}")),
     }
+    // tcp_sock starts with sock, so these are offsets from the same pointer.
+    let keepalive = (|| -> Result<[u32; 5], BtfError> {
+        Ok([
+            btf.field_offset("tcp_sock", "keepalive_time")?,
+            btf.field_offset("tcp_sock", "keepalive_intvl")?,
+            btf.field_offset("tcp_sock", "keepalive_probes")?,
+            // Moved into sock_common (which struct sock starts with) in 6.x.
+            btf.field_offset("sock", "sk_flags")
+                .or_else(|_| btf.field_offset("sock_common", "skc_flags"))?,
+            btf.field_offset("inet_connection_sock", "icsk_user_timeout")?,
+        ])
+    })();
+    match keepalive {
+        Ok([time, intvl, probes, flags, user_timeout]) => {
+            offsets.keepalive_time = time;
+            offsets.keepalive_intvl = intvl;
+            offsets.keepalive_probes = probes;
+            offsets.sk_flags = flags;
+            offsets.user_timeout = user_timeout;
+            offsets.valid |= OFFSETS_KEEPALIVE;
+        }
+        // Every socket then gets the options, whether it has them or not.
+        Err(e) => missing.push(format!("sockets' own keepalive values: {e}")),
+    }
     Ok((offsets, missing))
 }
 
@@ -309,7 +335,7 @@ mod tests {
         assert!(missing.is_empty(), "{missing:?}");
         assert_eq!(
             offsets.valid,
-            OFFSETS_KILLS | OFFSETS_CGROUP | OFFSETS_ADDRS
+            OFFSETS_KILLS | OFFSETS_CGROUP | OFFSETS_ADDRS | OFFSETS_KEEPALIVE
         );
         assert_eq!(
             offsets.saddr,

@@ -37,9 +37,10 @@ use crate::{
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kad-sockops"));
 const ANCHORS_DIR: &str = "anchors";
 const TRACING_DIR: &str = "tracing";
-/// What the first design pinned: one link per policy cgroup, and its maps.
+/// What the first design pinned: one link per policy cgroup, and its maps; and the per-socket
+/// state an earlier build of this design kept on every socket (`KAD_SOCK`).
 const LEGACY_LINKS_DIR: &str = "links";
-const LEGACY_MAPS: [&str; 2] = ["KAD_POLICIES", "KAD_STATS"];
+const LEGACY_MAPS: [&str; 3] = ["KAD_POLICIES", "KAD_STATS", "KAD_SOCK"];
 const DEFAULT_BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// A hook an earlier build of this design attached (cgroup/sock_create): its pin is removed
 /// when the anchor is adopted.

@@ -2,9 +2,9 @@
 //! attached to a few anchor cgroups (a policy cgroup's parent) and decide per socket from maps:
 //!
 //! - `kad_sockops` (sock_ops) finds the nearest cgroup with a policy among the socket's cgroup
-//!   and its ancestors (from the kernel's structs) and sets the options on a listener (its
-//!   accepted sockets inherit them; the listener's socket storage, copied to each accepted
-//!   socket, says so) and on each established connection that does not have them yet.
+//!   and its ancestors (from the kernel's structs) and sets the options on a listener and on
+//!   each established connection that does not hold them already (an accepted socket inherits
+//!   its listener's: the socket's own fields say so, and no per-socket state is made).
 //! - `kad_setsockopt` (cgroup/setsockopt) sees a program's own keepalive options: counted as
 //!   overrides, or rewritten to the policy's values under `--enforce`.
 //! - `kad_iter_tcp` (iter/tcp) gives existing sockets the policy of their cgroup.
@@ -21,7 +21,7 @@ use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
         BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, SOL_SOCKET, SO_KEEPALIVE,
     },
@@ -31,13 +31,14 @@ use aya_ebpf::{
         bpf_skc_to_tcp_sock,
     },
     macros::{btf_map, btf_tracepoint, cgroup_sockopt, map, sock_ops},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::info;
 use keepalive_common::{
-    Counters, KernelOffsets, PathKey, PolicyValue, SockState, FLAG_ENFORCE, FLAG_ON, MAX_LEVEL,
-    MAX_POLICIES, MAX_SCOPE, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KILLS, PATH_KEY_LEN,
+    Counters, KernelOffsets, PathKey, PolicyValue, FLAG_ENFORCE, FLAG_ON, MARK_OVERRIDDEN,
+    MAX_LEVEL, MAX_POLICIES, MAX_SCOPE, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KEEPALIVE,
+    OFFSETS_KILLS, PATH_KEY_LEN,
 };
 
 // Not in aya-ebpf's bindings (include/uapi/linux/tcp.h, in.h, errno.h).
@@ -51,9 +52,9 @@ const AF_INET6: u16 = 10;
 // include/net/tcp_states.h
 const TCP_ESTABLISHED: u32 = 1;
 const TCP_LISTEN: u32 = 10;
-
-/// `SockState::_pad` bit: this socket's override was counted already.
-const STATE_OVERRIDDEN: u32 = 1;
+/// `enum sock_flags` (include/net/sock.h): SOCK_KEEPOPEN has been bit 3 of `sk_flags` since
+/// Linux 2.6; it is not in the BTF offsets because BTF holds no enum-to-bit layout to check.
+const SOCK_KEEPOPEN: u64 = 1 << 3;
 
 /// Offsets found in the kernel's BTF by the daemon (see `KernelOffsets`).
 #[no_mangle]
@@ -74,6 +75,11 @@ static KAD_OFFSETS: KernelOffsets = KernelOffsets {
     sport: 0,
     daddr6: 0,
     saddr6: 0,
+    keepalive_time: 0,
+    keepalive_intvl: 0,
+    keepalive_probes: 0,
+    sk_flags: 0,
+    user_timeout: 0,
     valid: 0,
 };
 
@@ -93,23 +99,30 @@ static KAD_SCOPE: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SCOPE, 0);
 #[map]
 static KAD_SCRATCH: PerCpuArray<PathKey> = PerCpuArray::with_max_entries(1, 0);
 
-/// A socket local storage map whose values are copied to accepted sockets (`BPF_F_CLONE`).
-/// aya-ebpf's own `SkStorage` has no way to ask for that flag, so the BTF definition is here,
-/// laid out as libbpf and aya expect (`type`, `key`, `value`, `max_entries`, `map_flags`).
+/// The kernel's HZ, learnt from the first socket this program set TCP_KEEPIDLE or
+/// TCP_KEEPINTVL on (the kernel stores seconds * HZ); 0 until then. With it a socket's own
+/// `keepalive_time` can be compared with a policy's seconds.
+#[map]
+static KAD_HZ: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Socket local storage for the sockets whose program set a keepalive option itself (a
+/// `MARK_*` bit set). aya-ebpf's own `SkStorage` takes no map flags, so the BTF definition is
+/// here, laid out as libbpf and aya expect (`type`, `key`, `value`, `max_entries`,
+/// `map_flags`). Not copied to accepted sockets: a new connection starts unmarked.
 #[repr(C)]
 pub struct SockStorage {
     r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
     key: *const i32,
-    value: *const SockState,
+    value: *const u32,
     max_entries: *const [i32; 0],
-    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
 }
 
 // SAFETY: placeholder pointers patched by the loader, never dereferenced.
 unsafe impl Sync for SockStorage {}
 
 #[btf_map]
-static KAD_SOCK: SockStorage = SockStorage {
+static KAD_MARKS: SockStorage = SockStorage {
     r#type: core::ptr::null(),
     key: core::ptr::null(),
     value: core::ptr::null(),
@@ -117,9 +130,9 @@ static KAD_SOCK: SockStorage = SockStorage {
     map_flags: core::ptr::null(),
 };
 
-/// The socket's kad state; with `create`, a zeroed one is made if it has none.
+/// The socket's marks; with `create`, zeroed ones are made if it has none.
 #[inline(always)]
-fn sock_state(sk: *mut c_void, create: bool) -> Option<&'static mut SockState> {
+fn sock_marks(sk: *mut c_void, create: bool) -> Option<&'static mut u32> {
     let flags = if create {
         BPF_SK_STORAGE_GET_F_CREATE as u64
     } else {
@@ -129,12 +142,12 @@ fn sock_state(sk: *mut c_void, create: bool) -> Option<&'static mut SockState> {
     // the socket's value or NULL.
     let state = unsafe {
         bpf_sk_storage_get(
-            &KAD_SOCK as *const SockStorage as *mut c_void,
+            &KAD_MARKS as *const SockStorage as *mut c_void,
             sk,
             core::ptr::null_mut(),
             flags,
         )
-    } as *mut SockState;
+    } as *mut u32;
     // SAFETY: a live storage value of this type, owned by the socket.
     unsafe { state.as_mut() }
 }
@@ -233,20 +246,6 @@ fn on_sockops(ctx: &SockOpsContext, op: u32) {
     if sk.is_null() {
         return;
     }
-    let passive = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
-    if passive {
-        // Accepted from a listener that got the policy's current values: it inherited them.
-        if let Some(state) = sock_state(sk as *mut c_void, false) {
-            // A new connection starts uncounted: an override mark it carries is its listener's.
-            state._pad &= !STATE_OVERRIDDEN;
-            if let Some(policy) = policy_of(state.policy) {
-                if policy.flags & FLAG_ON != 0 && state.applied == policy.generation {
-                    bump(state.policy, |c| c.passive += 1);
-                    return;
-                }
-            }
-        }
-    }
     let offs = offsets();
     // SAFETY: the helper returns NULL unless `sk` is a full TCP socket.
     let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) } as *const u8;
@@ -259,18 +258,23 @@ fn on_sockops(ctx: &SockOpsContext, op: u32) {
     if policy.flags & FLAG_ON == 0 {
         return; // opt-out: leave the socket as the application made it
     }
-    let failures = apply(ctx.ops as *mut c_void, &policy);
+    // An accepted socket inherits its listener's options, which kad set (at listen, or in a
+    // refresh since): then nothing is left to do. Checked on the socket itself, so a listener
+    // a program changed afterwards, or one from before the policy, is no shortcut.
+    let failures = if holds(tp, &policy, &offs) {
+        0
+    } else {
+        let failures = apply(ctx.ops as *mut c_void, &policy);
+        learn_hz(tp, &policy, &offs);
+        failures
+    };
     if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
-        // Remembered on the listener (and copied to each socket it accepts).
-        if let Some(state) = sock_state(sk as *mut c_void, true) {
-            state.policy = cgroup_id;
-            state.applied = policy.generation;
-        }
         if failures != 0 {
             bump(cgroup_id, |c| c.failures += failures);
         }
         return;
     }
+    let passive = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
     bump(cgroup_id, |c| {
         if passive {
             c.passive += 1;
@@ -281,11 +285,68 @@ fn on_sockops(ctx: &SockOpsContext, op: u32) {
     });
 }
 
+/// Whether the socket at `tp` (a BTF `tcp_sock`) holds the policy's values already: keepalive
+/// on, and each option the policy names at its value.
+#[inline(always)]
+fn holds(tp: *const u8, policy: &PolicyValue, offs: &KernelOffsets) -> bool {
+    if offs.valid & OFFSETS_KEEPALIVE == 0 {
+        return false;
+    }
+    let flags: u64 = load(tp, offs.sk_flags);
+    if flags & SOCK_KEEPOPEN == 0 {
+        return false;
+    }
+    if policy.cnt != 0 && u32::from(load::<u8>(tp, offs.keepalive_probes)) != policy.cnt {
+        return false;
+    }
+    if policy.user_timeout != 0 && load::<u32>(tp, offs.user_timeout) != policy.user_timeout {
+        return false;
+    }
+    if policy.idle == 0 && policy.intvl == 0 {
+        return true;
+    }
+    let hz = hz();
+    if hz == 0 {
+        return false; // not learnt yet: set them
+    }
+    (policy.idle == 0 || load::<u32>(tp, offs.keepalive_time) == policy.idle * hz)
+        && (policy.intvl == 0 || load::<u32>(tp, offs.keepalive_intvl) == policy.intvl * hz)
+}
+
+#[inline(always)]
+fn hz() -> u32 {
+    KAD_HZ.get(0).copied().unwrap_or(0)
+}
+
+/// After kad set TCP_KEEPIDLE (or TCP_KEEPINTVL) on `tp`: the kernel stored seconds * HZ.
+#[inline(always)]
+fn learn_hz(tp: *const u8, policy: &PolicyValue, offs: &KernelOffsets) {
+    if offs.valid & OFFSETS_KEEPALIVE == 0 || hz() != 0 {
+        return;
+    }
+    let (raw, seconds) = if policy.idle != 0 {
+        (load::<u32>(tp, offs.keepalive_time), policy.idle)
+    } else if policy.intvl != 0 {
+        (load::<u32>(tp, offs.keepalive_intvl), policy.intvl)
+    } else {
+        return;
+    };
+    // Only an exact multiple: a refused option leaves the program's (or no) value there.
+    if raw == 0 || raw % seconds != 0 {
+        return;
+    }
+    if let Some(slot) = KAD_HZ.get_ptr_mut(0) {
+        // SAFETY: the array's only value; every writer stores the same number.
+        unsafe { *slot = raw / seconds };
+    }
+}
+
 /// Sets the policy's options on a socket (`target` is what `bpf_setsockopt` takes in the
 /// calling program type); returns how many the kernel refused.
 #[inline(always)]
 fn apply(target: *mut c_void, policy: &PolicyValue) -> u64 {
-    let mut failures = set_opt(target, SOL_SOCKET as i32, SO_KEEPALIVE as i32, 1);
+    // SO_KEEPALIVE last: the times set before it arm no timer, SO_KEEPALIVE arms it once.
+    let mut failures = 0;
     if policy.idle != 0 {
         failures += set_opt(target, IPPROTO_TCP, TCP_KEEPIDLE, policy.idle);
     }
@@ -298,7 +359,7 @@ fn apply(target: *mut c_void, policy: &PolicyValue) -> u64 {
     if policy.user_timeout != 0 {
         failures += set_opt(target, IPPROTO_TCP, TCP_USER_TIMEOUT, policy.user_timeout);
     }
-    failures
+    failures + set_opt(target, SOL_SOCKET as i32, SO_KEEPALIVE as i32, 1)
 }
 
 /// Sets one option; returns 1 if the kernel refused it (counted), 0 otherwise.
@@ -382,23 +443,23 @@ fn on_setsockopt(ctx: &SockoptContext) {
         }
         return;
     }
-    // Not enforced: the program's value wins. Counted once per socket that kad had set: a
-    // connection kad configured at establishment, or a listener kad configured.
+    // Not enforced: the program's value wins. Counted once per socket that kad had set: an
+    // established connection or a listener (kad set both when they came to be, or in a refresh).
+    // Before that, kad's values come after the program's and win. A listener's accepted
+    // sockets inherit the program's value; kad gives them the policy at establishment, as
+    // they no longer hold it.
     // SAFETY: `state` is readable in the bpf_sock context.
     let tcp_state = unsafe { (*sk).state };
-    let state = sock_state(sk as *mut c_void, tcp_state == TCP_ESTABLISHED);
-    let Some(state) = state else {
-        return; // before establishment: kad's values come after and win
-    };
-    if tcp_state == TCP_LISTEN && state.applied == 0 {
-        return; // a listener kad has not configured (yet)
+    if tcp_state != TCP_ESTABLISHED && tcp_state != TCP_LISTEN {
+        return;
     }
-    if state._pad & STATE_OVERRIDDEN == 0 {
-        state._pad |= STATE_OVERRIDDEN;
+    let Some(marks) = sock_marks(sk as *mut c_void, true) else {
+        return;
+    };
+    if *marks & MARK_OVERRIDDEN == 0 {
+        *marks |= MARK_OVERRIDDEN;
         bump(cgroup_id, |c| c.overridden += 1);
     }
-    // A listener's accepted sockets must get the policy again at establishment.
-    state.applied = 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -428,10 +489,6 @@ pub unsafe extern "C" fn kad_iter_tcp(ctx: *mut *mut c_void) -> i32 {
     let Some(policy_id) = (unsafe { KAD_SCOPE.get(cgroup_id) }).copied() else {
         return 0; // not a cgroup this refresh covers
     };
-    let Some(state) = sock_state(tp, true) else {
-        return 0;
-    };
-    state.policy = policy_id;
     let Some(policy) = policy_of(policy_id) else {
         return 0;
     };
@@ -439,7 +496,6 @@ pub unsafe extern "C" fn kad_iter_tcp(ctx: *mut *mut c_void) -> i32 {
         return 0;
     }
     let failures = apply(tp, &policy);
-    state.applied = policy.generation;
     bump(policy_id, |c| {
         c.refreshed += 1;
         c.failures += failures;

@@ -40,7 +40,12 @@ enum Task {
     /// rustfmt and clippy (-D warnings) on the workspace and, on its own, the eBPF crate.
     Lint,
     /// Set up, build, and measure what kad costs per connection (a ratio, in one run).
-    Bench,
+    Bench {
+        /// Only part 1 (cost per socket against the C programs): quick, for working on the
+        /// eBPF program.
+        #[arg(long)]
+        floor_only: bool,
+    },
     /// The bench's own connection loop, run inside a measured cgroup (internal).
     #[command(hide = true)]
     BenchWorker {
@@ -92,10 +97,10 @@ fn main() -> Result<()> {
             kernels::run_matrix(&root, &versions)
         }
         Task::Lint => lint(&root),
-        Task::Bench => {
+        Task::Bench { floor_only } => {
             setup::all(setup::Purpose::Test)?;
             build(&root)?;
-            bench::run(&root)
+            bench::run(&root, floor_only)
         }
         Task::BenchWorker { args } => bench::worker(&args),
     }
