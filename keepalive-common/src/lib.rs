@@ -6,8 +6,9 @@ pub const POLICIES_MAP: &str = "KAD_POLICY";
 /// Policies by path (relative to the cgroup2 root, as [`PathKey`]): the program that runs
 /// inside `mkdir` puts a new cgroup's policy in force from here, before any process joins it.
 pub const PATHS_MAP: &str = "KAD_PATHS";
-/// Per-CPU [`Counters`], keyed by policy cgroup id.
-pub const STATS_MAP: &str = "KAD_COUNTERS";
+/// Per-CPU [`Counters`], an array indexed by a policy's [`PolicyValue::slot`]: counting costs
+/// no hash lookup on the connection path.
+pub const STATS_MAP: &str = "KAD_COUNTS";
 /// Per-socket marks (socket local storage, `u32` of `MARK_*` bits), made only for a socket
 /// whose program set a keepalive option itself.
 pub const SOCK_MAP: &str = "KAD_MARKS";
@@ -36,6 +37,8 @@ pub const FLAG_ON: u32 = 1;
 pub const FLAG_CONFIG: u32 = 2;
 /// `--enforce`: a program's own keepalive `setsockopt` is rewritten to the policy's values.
 pub const FLAG_ENFORCE: u32 = 4;
+/// [`PolicyValue::slot`] is the policy's counters slot (values an older kad wrote have none).
+pub const FLAG_SLOT: u32 = 8;
 
 /// One cgroup's policy as the kernel programs see it. A value of 0 means "not set": the socket
 /// keeps the kernel default (`net.ipv4.tcp_keepalive_*`), which is valid since 0 is outside
@@ -49,14 +52,14 @@ pub struct PolicyValue {
     pub cnt: u32,
     /// TCP_USER_TIMEOUT in milliseconds, 0 when not set.
     pub user_timeout: u32,
-    /// Changes whenever the values change: a socket that inherited the values of this
-    /// generation from its listener needs nothing more.
-    pub generation: u32,
+    /// The index of the policy's [`Counters`] in [`STATS_MAP`] (with [`FLAG_SLOT`]), one per
+    /// policy path: a cgroup re-created at the path counts on.
+    pub slot: u32,
 }
 
 /// A cgroup path relative to the cgroup2 root ("/a/b"), NUL-padded: the key of [`PATHS_MAP`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PathKey {
     pub bytes: [u8; PATH_KEY_LEN],
 }

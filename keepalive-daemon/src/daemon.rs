@@ -405,9 +405,9 @@ impl State {
         self.kernel
             .in_force()
             .iter()
-            .filter_map(|(path, e)| Some((path, e.id?)))
-            .map(|(path, id)| {
-                let c = self.kernel.enforcer.counters(id);
+            .filter(|(_, e)| e.id.is_some())
+            .map(|(path, e)| {
+                let c = self.kernel.enforcer.counters(e.slot);
                 StatsEntry {
                     cgroup: path.display().to_string(),
                     connect: c.active,
@@ -958,7 +958,8 @@ impl State {
             details: table
                 .iter()
                 .map(|(path, (policy, source))| {
-                    let cgroup_id = in_force.get(path).and_then(|e| e.id);
+                    let entry = in_force.get(path).filter(|e| e.id.is_some());
+                    let cgroup_id = entry.and_then(|e| e.id);
                     PolicyDetail {
                         cgroup: path.display().to_string(),
                         source: match source {
@@ -971,8 +972,8 @@ impl State {
                         error: self.kernel.failing(path).cloned(),
                         pod: self.pod_of(path, *source),
                         enforce: policy.enforce,
-                        overridden: cgroup_id
-                            .map_or(0, |id| self.kernel.enforcer.counters(id).overridden),
+                        overridden: entry
+                            .map_or(0, |e| self.kernel.enforcer.counters(e.slot).overridden),
                     }
                 })
                 .collect(),

@@ -2,7 +2,7 @@
 //! to anchor cgroups, and refreshes existing connections. Everything that must outlive the
 //! daemon is pinned under its bpffs directory:
 //!
-//! - maps `KAD_POLICY` (by cgroup id), `KAD_PATHS` (by path), `KAD_COUNTERS`, `KAD_SOCK`;
+//! - maps `KAD_POLICY` (by cgroup id), `KAD_PATHS` (by path), `KAD_COUNTS` (by slot), `KAD_MARKS`;
 //! - `anchors/<cgroup id>/{sock_ops,setsockopt}`: the cgroup links;
 //! - `tracing/{mkdir,rmdir,error_report}`: the tracepoint links.
 //!
@@ -18,29 +18,32 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{BtfTracePoint, CgroupSockopt, Iter, ProgramFd, SockOps},
     Btf, Ebpf, EbpfLoader,
 };
 use keepalive_common::{
-    Counters, KernelOffsets, PathKey, PolicyValue, MAX_POLICIES, OFFSETS_CGROUP, OFFSETS_GLOBAL,
-    OFFSETS_KILLS, PATHS_MAP, PATH_KEY_LEN, POLICIES_MAP, SCOPE_MAP, SOCK_MAP, STATS_MAP,
+    Counters, KernelOffsets, PathKey, PolicyValue, FLAG_SLOT, MAX_POLICIES, OFFSETS_CGROUP,
+    OFFSETS_GLOBAL, OFFSETS_KILLS, PATHS_MAP, PATH_KEY_LEN, POLICIES_MAP, SCOPE_MAP, SOCK_MAP,
+    STATS_MAP,
 };
 use tracing::{info, warn};
 
 use crate::{
     bpfsys::{self, CgroupHook},
     pathio::{io_err, remove_file_if_present, PathIoError},
+    slots::{Assigned, Slots},
 };
 
 /// The programs embedded at build time (see build.rs).
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kad-sockops"));
 const ANCHORS_DIR: &str = "anchors";
 const TRACING_DIR: &str = "tracing";
-/// What the first design pinned: one link per policy cgroup, and its maps; and the per-socket
-/// state an earlier build of this design kept on every socket (`KAD_SOCK`).
+/// What the first design pinned: one link per policy cgroup, and its maps; and what earlier
+/// builds of this design pinned: per-socket state (`KAD_SOCK`), counters by cgroup id
+/// (`KAD_COUNTERS`, now an array by slot).
 const LEGACY_LINKS_DIR: &str = "links";
-const LEGACY_MAPS: [&str; 3] = ["KAD_POLICIES", "KAD_STATS", "KAD_SOCK"];
+const LEGACY_MAPS: [&str; 4] = ["KAD_POLICIES", "KAD_STATS", "KAD_SOCK", "KAD_COUNTERS"];
 const DEFAULT_BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// A hook an earlier build of this design attached (cgroup/sock_create): its pin is removed
 /// when the anchor is adopted.
@@ -108,7 +111,7 @@ pub struct Enforcer {
     dir: PathBuf,
     policies: BpfHashMap<MapData, u64, PolicyValue>,
     paths: BpfHashMap<MapData, PathKey, PolicyValue>,
-    stats: PerCpuHashMap<MapData, u64, Counters>,
+    stats: PerCpuArray<MapData, Counters>,
     scope: BpfHashMap<MapData, u64, u64>,
     programs: HashMap<CgroupHook, ProgramFd>,
     anchors: BTreeMap<u64, Anchor>,
@@ -117,7 +120,8 @@ pub struct Enforcer {
     _tracing: Vec<OwnedFd>,
     features: Features,
     tag: String,
-    generation: u32,
+    /// Which counters slot each policy path counts in.
+    slots: Slots,
     /// The kill events of the error-report program, until the daemon takes them.
     kill_log: Option<aya_log::EbpfLogger<crate::killlog::KillLog>>,
     /// Holds the programs and maps; dropping it would unload nothing pinned.
@@ -238,7 +242,7 @@ impl Enforcer {
             .map_err(|e| map_error(POLICIES_MAP, e))?;
         let paths = BpfHashMap::try_from(take_map(&mut ebpf, PATHS_MAP)?)
             .map_err(|e| map_error(PATHS_MAP, e))?;
-        let stats = PerCpuHashMap::try_from(take_map(&mut ebpf, STATS_MAP)?)
+        let stats = PerCpuArray::try_from(take_map(&mut ebpf, STATS_MAP)?)
             .map_err(|e| map_error(STATS_MAP, e))?;
         let scope = BpfHashMap::try_from(take_map(&mut ebpf, SCOPE_MAP)?)
             .map_err(|e| map_error(SCOPE_MAP, e))?;
@@ -254,36 +258,39 @@ impl Enforcer {
             _tracing: tracing,
             features,
             tag,
-            generation: 0,
+            slots: Slots::from_pinned(&[]),
             kill_log,
             _ebpf: ebpf,
             _lock: lock,
         };
-        enforcer.generation = enforcer
-            .pinned_paths()
-            .iter()
-            .map(|(_, v)| v.generation)
-            .max()
-            .unwrap_or(0);
+        enforcer.slots = Slots::from_pinned(&enforcer.pinned_paths());
         enforcer.adopt_anchors()?;
         Ok(enforcer)
     }
 
-    /// A generation no value in the maps has yet.
-    pub fn next_generation(&mut self) -> u32 {
-        self.generation = self.generation.wrapping_add(1).max(1);
-        self.generation
-    }
-
     /// Puts a policy in force for a path and, if the cgroup exists, for its id. The path
-    /// entry lets the kernel apply it to a cgroup created there later, inside `mkdir`.
+    /// entry lets the kernel apply it to a cgroup created there later, inside `mkdir`. The
+    /// value counts in the path's counters slot; returns that slot.
     pub fn put(
         &mut self,
         key: &PathKey,
         id: Option<u64>,
-        value: PolicyValue,
-    ) -> Result<(), EnforcerError> {
+        mut value: PolicyValue,
+    ) -> Result<u32, EnforcerError> {
         self.check_pins()?;
+        let slot = match self.slots.assign(key).ok_or(EnforcerError::Full)? {
+            Assigned::Kept(slot) => slot,
+            Assigned::New(slot) => {
+                // Another path may have counted here before.
+                if let Err(e) = self.zero_counters(slot) {
+                    self.slots.release(key);
+                    return Err(e);
+                }
+                slot
+            }
+        };
+        value.slot = slot;
+        value.flags |= FLAG_SLOT;
         self.paths
             .insert(key, value, 0)
             .map_err(|e| full_or(PATHS_MAP, e))?;
@@ -292,18 +299,35 @@ impl Enforcer {
                 .insert(id, value, 0)
                 .map_err(|e| full_or(POLICIES_MAP, e))?;
         }
-        Ok(())
+        Ok(slot)
     }
 
-    /// Forgets a path's policy (its cgroup's entry is removed with `remove_id`).
+    fn zero_counters(&mut self, slot: u32) -> Result<(), EnforcerError> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| EnforcerError::Map {
+            map: STATS_MAP,
+            message: format!("{what}: {e}"),
+        })?;
+        let zeros = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| {
+            EnforcerError::Map {
+                map: STATS_MAP,
+                message: e.to_string(),
+            }
+        })?;
+        self.stats
+            .set(slot, zeros, 0)
+            .map_err(|e| map_error(STATS_MAP, e))
+    }
+
+    /// Forgets a path's policy (its cgroup's entry is removed with `remove_id`); its counters
+    /// slot is free for another path.
     pub fn remove_path(&mut self, key: &PathKey) {
         let _ = self.paths.remove(key);
+        self.slots.release(key);
     }
 
-    /// Forgets the policy and counters of a cgroup id. Unknown ids are fine.
+    /// Forgets the policy of a cgroup id. Unknown ids are fine.
     pub fn remove_id(&mut self, id: u64) {
         let _ = self.policies.remove(&id);
-        let _ = self.stats.remove(&id);
     }
 
     /// The cgroup ids that have a policy entry (some may have been put there by `mkdir`).
@@ -540,10 +564,10 @@ impl Enforcer {
         }
     }
 
-    /// The counters of a policy cgroup, summed over CPUs; zero before its first connection.
-    pub fn counters(&self, cgroup_id: u64) -> Counters {
+    /// The counters of a policy (by its slot, see `put`), summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Counters {
         let mut total = Counters::default();
-        if let Ok(per_cpu) = self.stats.get(&cgroup_id, 0) {
+        if let Ok(per_cpu) = self.stats.get(&slot, 0) {
             for c in per_cpu.iter() {
                 total.active += c.active;
                 total.passive += c.passive;

@@ -28,6 +28,7 @@ pub mod probe;
 pub mod protocol;
 pub mod reconcile;
 pub mod server;
+pub mod slots;
 pub mod store;
 pub mod sys;
 pub mod target;

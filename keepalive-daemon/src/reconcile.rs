@@ -41,7 +41,8 @@ pub struct InForce {
     pub id: Option<u64>,
     pub policy: Policy,
     pub source: Source,
-    pub generation: u32,
+    /// Where its counters are (see `slots`).
+    pub slot: u32,
     anchor: Option<PathBuf>,
     watch: PathBuf,
 }
@@ -141,18 +142,14 @@ impl Reconciler {
         let same_values = have
             .as_ref()
             .is_some_and(|h| h.policy == policy && h.source == source);
-        let generation = match &have {
-            Some(h) if same_values => h.generation,
-            _ => self.enforcer.next_generation(),
-        };
-        let value = to_value(&policy, source, generation);
+        let value = to_value(&policy, source);
         let old_id = have.as_ref().and_then(|h| h.id);
         if same_values && old_id == current {
             // Nothing new for the kernel; the anchor and watch may have moved.
             self.place(path, have.as_ref());
             return Ok(false);
         }
-        self.enforcer.put(&key, current, value)?;
+        let slot = self.enforcer.put(&key, current, value)?;
         if let Some(old) = old_id.filter(|old| Some(*old) != current) {
             self.enforcer.remove_id(old);
             if current.is_some() {
@@ -165,7 +162,7 @@ impl Reconciler {
             id: current,
             policy,
             source,
-            generation,
+            slot,
             anchor: None,
             watch: PathBuf::new(),
         };
@@ -382,13 +379,12 @@ impl Reconciler {
     }
 }
 
-/// The kernel's form of a policy.
-pub fn to_value(policy: &Policy, source: Source, generation: u32) -> PolicyValue {
+/// The kernel's form of a policy (the enforcer adds its counters slot).
+pub fn to_value(policy: &Policy, source: Source) -> PolicyValue {
     let mut value = policy.to_value();
     if source == Source::Config {
         value.flags |= FLAG_CONFIG;
     }
-    value.generation = generation;
     value
 }
 

@@ -21,9 +21,9 @@ use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
-        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, SOL_SOCKET, SO_KEEPALIVE,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, SOL_SOCKET, SO_KEEPALIVE,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_probe_read_kernel,
@@ -31,14 +31,14 @@ use aya_ebpf::{
         bpf_skc_to_tcp_sock,
     },
     macros::{btf_map, btf_tracepoint, cgroup_sockopt, map, sock_ops},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{BtfTracePointContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::info;
 use keepalive_common::{
-    Counters, KernelOffsets, PathKey, PolicyValue, FLAG_ENFORCE, FLAG_ON, MARK_OVERRIDDEN,
-    MAX_LEVEL, MAX_POLICIES, MAX_SCOPE, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KEEPALIVE,
-    OFFSETS_KILLS, PATH_KEY_LEN,
+    Counters, KernelOffsets, PathKey, PolicyValue, FLAG_ENFORCE, FLAG_ON, FLAG_SLOT,
+    MARK_OVERRIDDEN, MAX_LEVEL, MAX_POLICIES, MAX_SCOPE, OFFSETS_ADDRS, OFFSETS_CGROUP,
+    OFFSETS_KEEPALIVE, OFFSETS_KILLS, PATH_KEY_LEN,
 };
 
 // Not in aya-ebpf's bindings (include/uapi/linux/tcp.h, in.h, errno.h).
@@ -90,8 +90,7 @@ static KAD_POLICY: HashMap<u64, PolicyValue> = HashMap::with_max_entries(MAX_POL
 static KAD_PATHS: HashMap<PathKey, PolicyValue> = HashMap::with_max_entries(MAX_POLICIES, 0);
 
 #[map]
-static KAD_COUNTERS: PerCpuHashMap<u64, Counters> =
-    PerCpuHashMap::with_max_entries(MAX_POLICIES, 0);
+static KAD_COUNTS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_POLICIES, 0);
 
 #[map]
 static KAD_SCOPE: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SCOPE, 0);
@@ -252,7 +251,7 @@ fn on_sockops(ctx: &SockOpsContext, op: u32) {
     if tp.is_null() {
         return;
     }
-    let Some((cgroup_id, policy)) = deciding_policy(tp, &offs) else {
+    let Some((_, policy)) = deciding_policy(tp, &offs) else {
         return; // no policy above this socket's cgroup
     };
     if policy.flags & FLAG_ON == 0 {
@@ -270,12 +269,12 @@ fn on_sockops(ctx: &SockOpsContext, op: u32) {
     };
     if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
         if failures != 0 {
-            bump(cgroup_id, |c| c.failures += failures);
+            bump(&policy, |c| c.failures += failures);
         }
         return;
     }
     let passive = op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
-    bump(cgroup_id, |c| {
+    bump(&policy, |c| {
         if passive {
             c.passive += 1;
         } else {
@@ -401,7 +400,7 @@ fn on_setsockopt(ctx: &SockoptContext) {
     if !keepalive_opt || sk.is_null() {
         return;
     }
-    let Some((cgroup_id, policy)) = deciding_policy_of_task() else {
+    let Some((_, policy)) = deciding_policy_of_task() else {
         return;
     };
     if policy.flags & FLAG_ON == 0 {
@@ -439,7 +438,7 @@ fn on_setsockopt(ctx: &SockoptContext) {
         if current != wanted as i32 {
             // SAFETY: as above.
             unsafe { *value = wanted as i32 };
-            bump(cgroup_id, |c| c.overridden += 1);
+            bump(&policy, |c| c.overridden += 1);
         }
         return;
     }
@@ -458,7 +457,7 @@ fn on_setsockopt(ctx: &SockoptContext) {
     };
     if *marks & MARK_OVERRIDDEN == 0 {
         *marks |= MARK_OVERRIDDEN;
-        bump(cgroup_id, |c| c.overridden += 1);
+        bump(&policy, |c| c.overridden += 1);
     }
 }
 
@@ -496,7 +495,7 @@ pub unsafe extern "C" fn kad_iter_tcp(ctx: *mut *mut c_void) -> i32 {
         return 0;
     }
     let failures = apply(tp, &policy);
-    bump(policy_id, |c| {
+    bump(&policy, |c| {
         c.refreshed += 1;
         c.failures += failures;
     });
@@ -589,7 +588,6 @@ pub fn kad_rmdir(ctx: BtfTracePointContext) -> i32 {
     let id = cgroup_id_of(cgroup, &offs);
     if id != 0 {
         let _ = KAD_POLICY.remove(id);
-        let _ = KAD_COUNTERS.remove(id);
     }
     0
 }
@@ -621,7 +619,7 @@ pub fn kad_error_report(ctx: BtfTracePointContext) -> i32 {
         if value.flags & FLAG_ON == 0 {
             return 0;
         }
-        bump(policy, |c| c.keepalive_kills += 1);
+        bump(&value, |c| c.keepalive_kills += 1);
         log_kill(&ctx, sk, policy, &offs);
     }
     0
@@ -674,25 +672,15 @@ fn read_kernel<T: Default + Copy>(base: *const u8, offset: u32) -> T {
         .unwrap_or_default()
 }
 
-/// Adds to a policy cgroup's counters on this CPU, creating them on first use.
+/// Adds to a policy's counters on this CPU (an array slot: no lookup by key, nothing made).
 #[inline(always)]
-fn bump(cgroup_id: u64, update: impl Fn(&mut Counters)) {
-    if let Some(counters) = KAD_COUNTERS.get_ptr_mut(cgroup_id) {
+fn bump(policy: &PolicyValue, update: impl Fn(&mut Counters)) {
+    if policy.flags & FLAG_SLOT == 0 {
+        return; // a value an older kad wrote: counted once the daemon rewrites it
+    }
+    if let Some(counters) = KAD_COUNTS.get_ptr_mut(policy.slot) {
         // SAFETY: a per-CPU value: nothing else writes it while this program runs on this CPU.
         update(unsafe { &mut *counters });
-        return;
-    }
-    let mut counters = Counters::default();
-    update(&mut counters);
-    if KAD_COUNTERS
-        .insert(cgroup_id, counters, BPF_NOEXIST as u64)
-        .is_err()
-    {
-        // Another CPU created the entry first: add to ours.
-        if let Some(counters) = KAD_COUNTERS.get_ptr_mut(cgroup_id) {
-            // SAFETY: as above.
-            update(unsafe { &mut *counters });
-        }
     }
 }
 

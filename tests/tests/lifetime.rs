@@ -134,6 +134,89 @@ fn a_cgroup_created_and_used_at_once_has_the_policy_every_time() {
     assert_eq!((r.client.idle, r.server.idle), (333, 333));
 }
 
+/// (connect, accept) counted for `cgroup` by `kad stats`; None without a row (no cgroup).
+fn sides(daemon: &Daemon, cgroup: &Path) -> Option<(u64, u64)> {
+    let stats: serde_json::Value =
+        serde_json::from_str(&daemon.kad_ok(&["stats", "--json"])).expect("stats json");
+    let row = stats["cgroups"]
+        .as_array()
+        .expect("stats rows")
+        .iter()
+        .find(|r| r["cgroup"] == *cgroup.to_string_lossy())?
+        .clone();
+    Some((
+        row["connect"].as_u64().expect("connect"),
+        row["accept"].as_u64().expect("accept"),
+    ))
+}
+
+#[test]
+fn counters_belong_to_the_policy_path_across_re_creation_and_restarts() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "counted");
+    let svc = cg.path.join("svc");
+    let rel = format!("{}/svc", cg.relative());
+    daemon.kad_ok(&["set", "--cgroup", &rel, "--idle", "222"]);
+    for round in 0..3 {
+        fs::create_dir(&svc).expect("mkdir svc");
+        let (pair, r) = Pair::open(&env, &svc, None);
+        assert_eq!((r.client.idle, r.server.idle), (222, 222), "round {round}");
+        // The daemon shows the row once it has seen the new cgroup (inotify).
+        let want = Some((round + 1, round + 1));
+        wait_for(Duration::from_secs(5), || sides(&daemon, &svc) == want);
+        assert_eq!(sides(&daemon, &svc), want, "round {round}");
+        drop(pair);
+        kad_tests::remove_cgroup_tree(&svc);
+    }
+    // Gone with its cgroup from `kad stats`, back with the next one, still counting.
+    assert!(
+        wait_for(Duration::from_secs(5), || sides(&daemon, &svc).is_none()),
+        "a row for a removed cgroup"
+    );
+    fs::create_dir(&svc).expect("mkdir svc");
+    assert!(
+        wait_for(Duration::from_secs(5), || sides(&daemon, &svc).is_some()),
+        "no row for the re-created cgroup"
+    );
+    assert_eq!(sides(&daemon, &svc), Some((3, 3)));
+    daemon.stop();
+    daemon.restart();
+    assert_eq!(sides(&daemon, &svc), Some((3, 3)), "kept across a restart");
+    // A new policy on the path starts from zero.
+    daemon.kad_ok(&["unset", "--cgroup", &rel]);
+    daemon.kad_ok(&["set", "--cgroup", &rel, "--idle", "223"]);
+    assert_eq!(sides(&daemon, &svc), Some((0, 0)));
+    let (_pair, r) = Pair::open(&env, &svc, None);
+    assert_eq!((r.client.idle, r.server.idle), (223, 223));
+    assert_eq!(sides(&daemon, &svc), Some((1, 1)));
+}
+
+#[test]
+fn an_accepted_socket_gets_the_policy_its_listener_no_longer_holds() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "lost");
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "140"]);
+    // The program sets idle 7 on its listener after kad did (and it wins there); the socket
+    // it accepts inherits 7, which is not the policy: kad sets it at establishment.
+    let mut command = Command::new(&env.peer);
+    command.args(["listen-own-listener", "127.0.0.1:0"]);
+    let mut server = Process::spawn(command, Some(&cg.path));
+    let line = server.line();
+    let port = line.trim_start_matches("LISTENING ");
+    let mut command = Command::new(&env.peer);
+    command.args(["connect", &format!("127.0.0.1:{port}")]);
+    let mut client = Process::spawn(command, None);
+    client.report();
+    let report = server.report();
+    assert_eq!((report.keepalive, report.idle), (true, 140), "{report:?}");
+    // And one whose listener holds the policy inherits it, counted like any other.
+    let (server, _) = kad_tests::connect(&env, Some(&cg.path), None, false);
+    assert_eq!((server.keepalive, server.idle), (true, 140));
+    assert_eq!(sides(&daemon, &cg.path), Some((0, 2)));
+}
+
 #[test]
 fn paths_the_policy_cannot_name_are_refused() {
     let env = kad_env!();

@@ -1084,7 +1084,7 @@ fn goal(what: &str, value: f64, target: &str, met: bool) {
 /// one of those maps (other daemons on the machine load programs with the same names).
 fn kad_programs(bpffs: &Path) -> Result<BTreeMap<u64, String>> {
     let mut maps = HashSet::new();
-    for map in ["KAD_POLICY", "KAD_PATHS", "KAD_COUNTERS", "KAD_MARKS"] {
+    for map in ["KAD_POLICY", "KAD_PATHS", "KAD_COUNTS", "KAD_MARKS"] {
         let info = bpftool(&["map", "show", "pinned", &bpffs.join(map).to_string_lossy()])?;
         maps.insert(info["id"].as_u64().context("map id")?);
     }

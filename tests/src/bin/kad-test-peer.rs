@@ -6,6 +6,8 @@
 //!   kad-test-peer connect ADDR   connects, reports
 //!   kad-test-peer listen-own ADDR  as listen, but sets its own TCP_KEEPIDLE (7) on the
 //!                                listener after listen(2), and 8 on the accepted socket
+//!   kad-test-peer listen-own-listener ADDR  as listen-own, but leaves the accepted socket
+//!                                as it comes
 //!   kad-test-peer connect-off ADDR  connects, turns SO_KEEPALIVE off (and TCP_KEEPIDLE to
 //!                                5), reports with "setsockopt": the first failing call's
 //!                                return value, or 0
@@ -310,9 +312,9 @@ fn run() -> Result<(), String> {
         return Err("usage: kad-test-peer listen|connect ADDR".into());
     };
     let stream = match mode.as_str() {
-        "listen" | "listen-own" => {
+        "listen" | "listen-own" | "listen-own-listener" => {
             let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
-            if mode == "listen-own" {
+            if mode != "listen" {
                 set_int(
                     listener.as_raw_fd(),
                     libc::IPPROTO_TCP,
