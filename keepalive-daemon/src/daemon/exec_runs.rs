@@ -51,7 +51,8 @@ impl State {
     /// Removes the transient cgroups (and policies) of `kad exec` runs that were killed before
     /// they could do it themselves, once their processes are gone. Only paths recorded as a
     /// `kad exec`'s: a cgroup merely named like one is the user's.
-    pub(super) fn collect_abandoned(&mut self) {
+    /// Returns whether anything was collected.
+    pub(super) fn collect_abandoned(&mut self) -> bool {
         let abandoned: Vec<PathBuf> = self
             .exec_owners
             .iter()
@@ -61,7 +62,7 @@ impl State {
             .map(|(path, _)| path.clone())
             .collect();
         if abandoned.is_empty() {
-            return;
+            return false;
         }
         for path in &abandoned {
             self.exec_owners.remove(path);
@@ -84,5 +85,6 @@ impl State {
         if let Err(e) = self.save() {
             error!("cannot save after removing abandoned kad exec policies: {e}");
         }
+        true
     }
 }

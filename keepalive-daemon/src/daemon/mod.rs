@@ -1,18 +1,17 @@
 //! `kad daemon`: owns the enforcer and the policy table, and serves the control socket.
-use std::{
-    io,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+//!
+//! One thread (`kad-state`, [`actor`]) owns the kernel and disk state and takes commands; the
+//! async side (control socket, `/metrics`, signals, inotify, pod events, ticks) only sends them,
+//! and answers reads from the snapshot the thread publishes after each command.
+use std::{io, path::PathBuf, time::Duration};
 
 use tokio::{
     net::UnixListener,
     signal::unix::{signal, SignalKind},
-    sync::Mutex,
 };
 use tracing::{error, info, warn};
 
+mod actor;
 mod exec_runs;
 mod pod_policies;
 mod report;
@@ -21,20 +20,19 @@ mod state;
 mod sync;
 mod table;
 
+use actor::Command;
 use pod_policies::read_pod_events;
-use state::State;
 
 use crate::{
     cgroup::{self, CgroupError},
-    config::{self as config_file, ConfigError},
-    enforcer::{Enforcer, EnforcerError},
+    config::ConfigError,
+    enforcer::EnforcerError,
     kube_watch, metrics, notify,
     pathio::{io_err, PathIoError},
-    pods::{KubeletLayout, PodEvent, PodTable},
-    protocol::{PodsStatus, Response},
-    reconcile::Reconciler,
+    pods::{KubeletLayout, PodEvent},
+    protocol::Response,
     server,
-    store::{StateLock, Store, StoreError},
+    store::{StateLock, StoreError},
     sys,
     watch::Watcher,
 };
@@ -96,6 +94,10 @@ pub enum DaemonError {
     SocketInUse(PathBuf),
     #[error(transparent)]
     Io(#[from] PathIoError),
+    #[error("cannot start the state thread: {0}")]
+    Thread(io::Error),
+    #[error("the state thread stopped unexpectedly (see the log above)")]
+    StateThread,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Enforcement outlives it: links and the map stay
@@ -136,107 +138,33 @@ async fn run_bound(
 ) -> Result<(), DaemonError> {
     // One daemon per state directory, held until we exit.
     let _state_lock = StateLock::acquire(&config.state_dir)?;
-    let store = Store::new(&config.state_dir);
-    // Read both files first: a corrupt one stops us before anything is touched.
-    let saved = store.load(&root)?;
-    let exec_owners = saved
-        .iter()
-        .filter_map(|e| Some((PathBuf::from(&e.cgroup), e.exec_owner.clone()?)))
-        .collect();
-    let set = saved
-        .into_iter()
-        .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
-        .collect();
-    let from_config = config_file::load(&config.config, &root)?;
-    let pods_store = Store::pods(&config.state_dir);
-    // Kept (and enforced) until the watcher's first full list says otherwise.
-    let from_pods = pods_store
-        .load(&root)?
-        .into_iter()
-        .map(|e| {
-            let pod = e.pod.clone().unwrap_or_default();
-            (PathBuf::from(&e.cgroup), (e.policy(), pod))
-        })
-        .collect();
-    let pods_status = config.pods.as_ref().map(|source| PodsStatus {
-        source: source.describe(),
-        connected: false,
-        error: Some("not connected yet".into()),
-        pods: 0,
-        invalid: Vec::new(),
-    });
-    let state_file_exists = store.exists();
-    let enforcer = open_enforcer(&config.bpffs)?;
+    // Registered with this runtime, which reads its events; the state thread sets its watches.
     let watcher = Watcher::new().map_err(io_err("cannot start", "inotify"))?;
-    let mut state = State {
-        config: config.clone(),
-        kernel: Reconciler::new(root.clone(), enforcer),
-        root,
-        store,
-        set,
-        exec_owners,
-        from_config,
-        from_pods,
-        pod_table: PodTable::default(),
-        pods_store,
-        pods_status,
-        watcher: watcher.clone(),
-    };
-    state.adopt_pinned(state_file_exists);
-    if state.store.journal_len() > 0 {
-        // Fold the journal into the table now, so that it starts short.
-        if let Err(e) = state.save() {
-            warn!("cannot rewrite the state file (the journal keeps every change): {e}");
-        }
-    }
-    state.sync_all();
-    // Map entries an earlier run left for cgroups or policies that are gone, and what the
-    // first design of kad pinned, once this design's anchors are in place.
-    state.kernel.drop_stale_ids();
-    let retired = state.kernel.enforcer.retire_legacy();
-    if retired > 0 {
-        info!(links = retired, "replaced the links of an older kad");
-    }
-    state.refresh_all();
-    for (what, feature) in state.features() {
-        if let Err(reason) = feature {
-            warn!("{what}: not available on this kernel ({reason})");
-        }
-    }
-    info!(
-        socket = %config.socket.display(),
-        bpffs = %config.bpffs.display(),
-        cgroup_root = %state.root.display(),
-        policies = state.effective().len(),
-        anchors = state.kernel.enforcer.attachments(),
-        program = state.kernel.enforcer.program_tag(),
-        "kad daemon ready"
-    );
+    // The start runs on the state thread, which owns the kernel and disk state from then on.
+    let (state, kill_log) = actor::start(config.clone(), root, watcher.clone()).await?;
     notify::notify("READY=1");
 
-    if let Some(logger) = state.kernel.enforcer.take_kill_log() {
+    if let Some(logger) = kill_log {
         crate::killlog::spawn(logger);
     }
-    let shared = Arc::new(Mutex::new(state));
     if let Some(listener) = metrics_listener {
         info!(
             "serving metrics on http://{}/metrics",
             config.metrics.map(|a| a.to_string()).unwrap_or_default()
         );
-        let shared = Arc::clone(&shared);
+        let state = state.clone();
         tokio::spawn(metrics::serve(listener, metrics::LIMITS, move || {
-            let shared = Arc::clone(&shared);
-            async move { shared.lock().await.metrics() }
+            std::future::ready(state.metrics())
         }));
     }
     let mut term = signal(SignalKind::terminate()).map_err(io_err("cannot catch", "SIGTERM"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("cannot catch", "SIGINT"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("cannot catch", "SIGHUP"))?;
     tokio::spawn(server::serve(listener, server::LIMITS, {
-        let shared = Arc::clone(&shared);
+        let state = state.clone();
         move |request, pid| {
-            let shared = Arc::clone(&shared);
-            async move { shared.lock().await.handle(request, pid) }
+            let state = state.clone();
+            async move { state.handle(request, pid).await }
         }
     }));
     let (pods_tx, mut pod_events) = tokio::sync::mpsc::channel::<PodEvent>(256);
@@ -250,57 +178,62 @@ async fn run_bound(
         }
         None => drop(pods_tx),
     }
-    let mut tick = tokio::time::interval(EXEC_COLLECT_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::spawn({
+        let state = state.clone();
+        async move {
+            while let Some(event) = pod_events.recv().await {
+                state.send(Command::PodEvent(event)).await;
+            }
+        }
+    });
+    tokio::spawn({
+        let state = state.clone();
+        async move {
+            let mut tick = tokio::time::interval(EXEC_COLLECT_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                state.nudge(Command::CollectAbandoned);
+            }
+        }
+    });
     // inotify: cgroups created or removed at (or on the way to) policy paths. The kernel's
     // mkdir hook already gave a new cgroup its policy; the daemon records it and cleans up.
-    let (events_tx, mut events) = tokio::sync::mpsc::channel::<Vec<PathBuf>>(64);
-    tokio::spawn(async move {
-        loop {
-            match watcher.next().await {
-                Ok(paths) => {
-                    if events_tx.send(paths).await.is_err() {
+    tokio::spawn({
+        let state = state.clone();
+        async move {
+            loop {
+                match watcher.next().await {
+                    Ok(paths) => state.send(Command::CgroupEvents(paths)).await,
+                    Err(e) => {
+                        error!("inotify: {e}");
                         break;
                     }
-                }
-                Err(e) => {
-                    error!("inotify: {e}");
-                    break;
                 }
             }
         }
     });
     loop {
         tokio::select! {
-            _ = tick.tick() => shared.lock().await.collect_abandoned(),
-            Some(paths) = events.recv() => shared.lock().await.on_cgroup_events(&paths),
-            Some(event) = pod_events.recv() => shared.lock().await.on_pod_event(event),
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", config.config.display());
-                if let Response::Error { message } = shared.lock().await.reload() {
-                    error!("reload failed, keeping the previous config: {message}");
-                }
+                let state = state.clone();
+                tokio::spawn(async move {
+                    if let Response::Error { message } = state.ask(|reply| Command::Reload { reply }).await {
+                        error!("reload failed, keeping the previous config: {message}");
+                    }
+                });
             }
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
+            _ = state.stopped() => return Err(DaemonError::StateThread),
         }
     }
     notify::notify("STOPPING=1");
-    // Wait for a request in progress; the pins keep every policy enforced after we exit. A
-    // clean stop leaves the whole table in policies.json (the journal folded in).
-    {
-        let state = shared.lock().await;
-        if state.store.journal_len() > 0 {
-            if let Err(e) = state.save() {
-                warn!("cannot rewrite the state file (the journal keeps every change): {e}");
-            }
-        }
-    }
+    // The state thread finishes the commands before this one (a change in progress is not
+    // lost); the pins keep every policy enforced after we exit. A clean stop leaves the whole
+    // table in policies.json (the journal folded in).
+    state.stop().await;
     info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
     Ok(())
-}
-
-/// Opens the enforcer, mapping its errors for the daemon.
-fn open_enforcer(bpffs: &Path) -> Result<Enforcer, DaemonError> {
-    Ok(Enforcer::open(bpffs)?)
 }

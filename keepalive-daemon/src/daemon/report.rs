@@ -1,23 +1,37 @@
-//! What `kad status`, `kad stats` and `/metrics` report.
+//! What `kad list`, `kad status`, `kad stats` and `/metrics` report: a snapshot of the state,
+//! published by the state thread after each command, with the counters and map entries the
+//! kernel changes on its own read at request time.
 use super::state::State;
 use crate::{
+    enforcer::Reader,
     metrics,
-    protocol::{AnchorEntry, FeatureEntry, PolicyDetail, StatsEntry, StatusReport},
+    protocol::{AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, StatsEntry, StatusReport},
     reconcile::Source,
     sys,
 };
 
-impl State {
+/// What the readers need of the state, as it was after the last command.
+pub(super) struct Snapshot {
+    /// The status report without what is read at request time (map entries, counters,
+    /// overridden counts).
+    status: StatusReport,
+    /// Policies in force with a cgroup, by path: whose counters there are.
+    ids: Vec<(String, u64)>,
+}
+
+impl Snapshot {
+    pub(super) fn policies(&self) -> Vec<PolicyEntry> {
+        self.status.policies.clone()
+    }
+
     /// Counters of every policy whose cgroup exists (a policy waiting for its cgroup has none).
-    pub(super) fn stats(&self) -> Vec<StatsEntry> {
-        self.kernel
-            .in_force()
+    pub(super) fn stats(&self, reader: &Reader) -> Vec<StatsEntry> {
+        self.ids
             .iter()
-            .filter_map(|(path, e)| Some((path, e.id?)))
-            .map(|(path, id)| {
-                let c = self.kernel.enforcer.counters(id);
+            .map(|(cgroup, id)| {
+                let c = reader.counters(*id);
                 StatsEntry {
-                    cgroup: path.display().to_string(),
+                    cgroup: cgroup.clone(),
                     connect: c.active,
                     accept: c.passive,
                     setsockopt_failures: c.failures,
@@ -29,15 +43,33 @@ impl State {
             .collect()
     }
 
-    /// The Prometheus exposition served at /metrics.
-    pub(super) fn metrics(&self) -> String {
-        metrics::render(
-            &self.stats(),
-            self.effective().len(),
-            self.kernel.enforcer.attachments(),
-        )
+    pub(super) fn kills_counted(&self) -> bool {
+        self.status.kills_counted
     }
 
+    pub(super) fn status(&self, reader: &Reader) -> StatusReport {
+        let mut status = self.status.clone();
+        status.map_entries = reader.map_entries();
+        for detail in &mut status.details {
+            detail.overridden = detail
+                .cgroup_id
+                .map_or(0, |id| reader.counters(id).overridden);
+        }
+        status.counters = self.stats(reader);
+        status
+    }
+
+    /// The Prometheus exposition served at /metrics.
+    pub(super) fn metrics(&self, reader: &Reader) -> String {
+        metrics::render(
+            &self.stats(reader),
+            self.status.policies.len(),
+            self.status.attachments,
+        )
+    }
+}
+
+impl State {
     pub(super) fn features(&self) -> [(&'static str, Result<(), String>); 4] {
         let f = self.kernel.enforcer.features();
         [
@@ -57,10 +89,10 @@ impl State {
         ]
     }
 
-    pub(super) fn status(&self) -> StatusReport {
+    pub(super) fn snapshot(&self) -> Snapshot {
         let table = self.effective();
         let in_force = self.kernel.in_force();
-        StatusReport {
+        let status = StatusReport {
             program_loaded: true,
             program: self.kernel.enforcer.program_tag().to_string(),
             kernel: sys::kernel_release(),
@@ -69,7 +101,8 @@ impl State {
             state_dir: self.config.state_dir.display().to_string(),
             config: self.config.config.display().to_string(),
             attachments: self.kernel.enforcer.attachments(),
-            map_entries: self.kernel.enforcer.map_entries(),
+            // Read at request time: the kernel's mkdir/rmdir hooks change them.
+            map_entries: 0,
             anchors: self
                 .kernel
                 .enforcer
@@ -106,14 +139,18 @@ impl State {
                         error: self.kernel.failing(path).cloned(),
                         pod: self.pod_of(path, *source),
                         enforce: policy.enforce,
-                        overridden: cgroup_id
-                            .map_or(0, |id| self.kernel.enforcer.counters(id).overridden),
+                        overridden: 0,
                     }
                 })
                 .collect(),
-            counters: self.stats(),
+            counters: Vec::new(),
             kills_counted: self.kernel.enforcer.counts_kills(),
             pods: self.pods_status.clone(),
-        }
+        };
+        let ids = in_force
+            .iter()
+            .filter_map(|(path, e)| Some((path.display().to_string(), e.id?)))
+            .collect();
+        Snapshot { status, ids }
     }
 }

@@ -1,16 +1,13 @@
-//! The daemon's state: the policy tables, the store and the kernel side, with the dispatch
-//! of requests to the roles below.
+//! The daemon's state: the policy tables, the store and the kernel side, and the start that
+//! builds it. Only the state thread ([`super::actor`]) holds it.
 use std::{collections::BTreeMap, path::PathBuf};
 
-use super::DaemonConfig;
+use tracing::{info, warn};
+
+use super::{DaemonConfig, DaemonError};
 use crate::{
-    exec::ExecOwner,
-    pods::PodTable,
-    policy::Policy,
-    protocol::{PodsStatus, Request, Response},
-    reconcile::Reconciler,
-    store::Store,
-    watch::Watcher,
+    config as config_file, enforcer::Enforcer, exec::ExecOwner, pods::PodTable, policy::Policy,
+    protocol::PodsStatus, reconcile::Reconciler, store::Store, watch::Watcher,
 };
 
 pub(super) struct State {
@@ -37,21 +34,88 @@ pub(super) struct State {
 }
 
 impl State {
-    /// `peer` is the asking process's pid, if the kernel told it.
-    pub(super) fn handle(&mut self, request: Request, peer: Option<u32>) -> Response {
-        match request {
-            Request::Set { cgroup, policy } => self.set(&cgroup, policy),
-            Request::Exec { cgroup, policy } => self.exec(&cgroup, policy, peer),
-            Request::Unset { cgroup } => self.unset(&cgroup),
-            Request::Reload => self.reload(),
-            Request::List => Response::Policies {
-                policies: self.entries(),
-            },
-            Request::Status => Response::Status(Box::new(self.status())),
-            Request::Stats => Response::Stats {
-                stats: self.stats(),
-                kills_counted: self.kernel.enforcer.counts_kills(),
-            },
+    /// Loads the saved tables and the config file, opens the kernel side and brings it in line
+    /// with them: the daemon's start, run by the thread that owns the state from then on.
+    pub(super) fn start(
+        config: DaemonConfig,
+        root: PathBuf,
+        watcher: Watcher,
+    ) -> Result<State, DaemonError> {
+        let store = Store::new(&config.state_dir);
+        // Read both files first: a corrupt one stops us before anything is touched.
+        let saved = store.load(&root)?;
+        let exec_owners = saved
+            .iter()
+            .filter_map(|e| Some((PathBuf::from(&e.cgroup), e.exec_owner.clone()?)))
+            .collect();
+        let set = saved
+            .into_iter()
+            .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
+            .collect();
+        let from_config = config_file::load(&config.config, &root)?;
+        let pods_store = Store::pods(&config.state_dir);
+        // Kept (and enforced) until the watcher's first full list says otherwise.
+        let from_pods = pods_store
+            .load(&root)?
+            .into_iter()
+            .map(|e| {
+                let pod = e.pod.clone().unwrap_or_default();
+                (PathBuf::from(&e.cgroup), (e.policy(), pod))
+            })
+            .collect();
+        let pods_status = config.pods.as_ref().map(|source| PodsStatus {
+            source: source.describe(),
+            connected: false,
+            error: Some("not connected yet".into()),
+            pods: 0,
+            invalid: Vec::new(),
+        });
+        let state_file_exists = store.exists();
+        let enforcer = Enforcer::open(&config.bpffs)?;
+        let mut state = State {
+            config: config.clone(),
+            kernel: Reconciler::new(root.clone(), enforcer),
+            root,
+            store,
+            set,
+            exec_owners,
+            from_config,
+            from_pods,
+            pod_table: PodTable::default(),
+            pods_store,
+            pods_status,
+            watcher,
+        };
+        state.adopt_pinned(state_file_exists);
+        if state.store.journal_len() > 0 {
+            // Fold the journal into the table now, so that it starts short.
+            if let Err(e) = state.save() {
+                warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+            }
         }
+        state.sync_all();
+        // Map entries an earlier run left for cgroups or policies that are gone, and what the
+        // first design of kad pinned, once this design's anchors are in place.
+        state.kernel.drop_stale_ids();
+        let retired = state.kernel.enforcer.retire_legacy();
+        if retired > 0 {
+            info!(links = retired, "replaced the links of an older kad");
+        }
+        state.refresh_all();
+        for (what, feature) in state.features() {
+            if let Err(reason) = feature {
+                warn!("{what}: not available on this kernel ({reason})");
+            }
+        }
+        info!(
+            socket = %config.socket.display(),
+            bpffs = %config.bpffs.display(),
+            cgroup_root = %state.root.display(),
+            policies = state.effective().len(),
+            anchors = state.kernel.enforcer.attachments(),
+            program = state.kernel.enforcer.program_tag(),
+            "kad daemon ready"
+        );
+        Ok(state)
     }
 }
