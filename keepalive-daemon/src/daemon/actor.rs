@@ -102,70 +102,71 @@ pub(super) async fn start(
     ))
 }
 
-/// The thread's loop: one command at a time, then the snapshot, then the reply (so that a
-/// client reading after its change sees it).
+/// Commands run before their replies go out together (after one snapshot).
+const BATCH: usize = 64;
+
+/// The thread's loop: the commands queued (up to `BATCH`) one at a time, then one snapshot,
+/// then their replies (so that a client reading after its change sees it). Building the
+/// snapshot costs in proportion to the table: once per batch, not per command.
 fn run(
     mut state: State,
     mut queue: mpsc::Receiver<Command>,
     publish: watch::Sender<Arc<Snapshot>>,
 ) {
-    let replied = |state: &State, reply: Reply, response: Response| {
-        publish.send_replace(Arc::new(state.snapshot()));
-        let _ = reply.send(response);
-    };
-    while let Some(command) = queue.blocking_recv() {
-        match command {
-            Command::Set {
-                cgroup,
-                policy,
-                reply,
-            } => {
-                let response = state.set(&cgroup, policy);
-                replied(&state, reply, response);
-            }
-            Command::Exec {
-                cgroup,
-                policy,
-                peer,
-                reply,
-            } => {
-                let response = state.exec(&cgroup, policy, peer);
-                replied(&state, reply, response);
-            }
-            Command::Unset { cgroup, reply } => {
-                let response = state.unset(&cgroup);
-                replied(&state, reply, response);
-            }
-            Command::Reload { reply } => {
-                let response = state.reload();
-                replied(&state, reply, response);
-            }
-            Command::CgroupEvents(paths) => {
-                state.on_cgroup_events(&paths);
-                publish.send_replace(Arc::new(state.snapshot()));
-            }
-            Command::PodEvent(event) => {
-                state.on_pod_event(event);
-                publish.send_replace(Arc::new(state.snapshot()));
-            }
-            Command::CollectAbandoned => {
-                if state.collect_abandoned() {
-                    publish.send_replace(Arc::new(state.snapshot()));
+    while let Some(first) = queue.blocking_recv() {
+        let mut replies = Vec::new();
+        let mut changed = false;
+        let mut stop = None;
+        let mut next = Some(first);
+        while let Some(command) = next.take() {
+            match command {
+                Command::Set {
+                    cgroup,
+                    policy,
+                    reply,
+                } => replies.push((reply, state.set(&cgroup, policy))),
+                Command::Exec {
+                    cgroup,
+                    policy,
+                    peer,
+                    reply,
+                } => replies.push((reply, state.exec(&cgroup, policy, peer))),
+                Command::Unset { cgroup, reply } => replies.push((reply, state.unset(&cgroup))),
+                Command::Reload { reply } => replies.push((reply, state.reload())),
+                Command::CgroupEvents(paths) => {
+                    state.on_cgroup_events(&paths);
+                    changed = true;
+                }
+                Command::PodEvent(event) => {
+                    state.on_pod_event(event);
+                    changed = true;
+                }
+                Command::CollectAbandoned => changed |= state.collect_abandoned(),
+                Command::Stop { done } => {
+                    stop = Some(done);
+                    break;
                 }
             }
-            Command::Stop { done } => {
-                // A clean stop leaves the whole table in policies.json.
-                if state.store.journal_len() > 0 {
-                    if let Err(e) = state.save() {
-                        warn!(
-                            "cannot rewrite the state file (the journal keeps every change): {e}"
-                        );
-                    }
-                }
-                drop(state);
-                let _ = done.send(());
-                return;
+            if replies.len() < BATCH {
+                next = queue.try_recv().ok();
             }
+        }
+        if changed || !replies.is_empty() {
+            publish.send_replace(Arc::new(state.snapshot()));
+        }
+        for (reply, response) in replies {
+            let _ = reply.send(response);
+        }
+        if let Some(done) = stop {
+            // A clean stop leaves the whole table in policies.json.
+            if state.store.journal_len() > 0 {
+                if let Err(e) = state.save() {
+                    warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+                }
+            }
+            drop(state);
+            let _ = done.send(());
+            return;
         }
     }
 }

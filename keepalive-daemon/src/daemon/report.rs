@@ -92,6 +92,7 @@ impl State {
     pub(super) fn snapshot(&self) -> Snapshot {
         let table = self.effective();
         let in_force = self.kernel.in_force();
+        let mut in_force_rows = in_force.iter().peekable();
         let status = StatusReport {
             program_loaded: true,
             program: self.kernel.enforcer.program_tag().to_string(),
@@ -122,11 +123,22 @@ impl State {
                     reason: f.err(),
                 })
                 .collect(),
-            policies: self.entries(),
+            policies: table
+                .iter()
+                .map(|(path, (policy, source))| PolicyEntry {
+                    pod: self.pod_of(path, *source),
+                    ..PolicyEntry::new(path.display().to_string(), policy)
+                })
+                .collect(),
             details: table
                 .iter()
                 .map(|(path, (policy, source))| {
-                    let cgroup_id = in_force.get(path).and_then(|e| e.id);
+                    // Both are sorted by path: walked together, without a lookup per row.
+                    while in_force_rows.next_if(|(p, _)| *p < path).is_some() {}
+                    let cgroup_id = in_force_rows
+                        .peek()
+                        .filter(|(p, _)| *p == path)
+                        .and_then(|(_, e)| e.id);
                     PolicyDetail {
                         cgroup: path.display().to_string(),
                         source: match source {

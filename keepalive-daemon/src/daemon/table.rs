@@ -13,25 +13,44 @@ use crate::{
     config as config_file,
     enforcer::EnforcerError,
     policy::Policy,
-    protocol::{PolicyEntry, Response},
+    protocol::Response,
     reconcile::Source,
 };
 
 impl State {
     /// Policies by path: the config file's, overridden by those set with `kad set`.
+    /// Pods' annotations win over the config file.
     pub(super) fn effective(&self) -> BTreeMap<PathBuf, (Policy, Source)> {
-        let mut table: BTreeMap<PathBuf, (Policy, Source)> = self
+        // Built in one pass over sorted rows rather than by inserts: it is rebuilt after every
+        // command (for the snapshot), and comparing paths is what costs.
+        let mut rows: Vec<(&PathBuf, (Policy, Source))> = self
             .from_config
             .iter()
-            .map(|(path, policy)| (path.clone(), (*policy, Source::Config)))
+            .map(|(path, policy)| (path, (*policy, Source::Config)))
+            .chain(
+                self.from_pods
+                    .iter()
+                    .map(|(path, (policy, _))| (path, (*policy, Source::Pod))),
+            )
+            .chain(
+                self.set
+                    .iter()
+                    .map(|(path, policy)| (path, (*policy, Source::Set))),
+            )
             .collect();
-        for (path, (policy, _)) in &self.from_pods {
-            table.insert(path.clone(), (*policy, Source::Pod));
-        }
-        for (path, policy) in &self.set {
-            table.insert(path.clone(), (*policy, Source::Set));
+        // Stable: of rows for one path, the one that wins stays last.
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        let mut table: Vec<(&PathBuf, (Policy, Source))> = Vec::with_capacity(rows.len());
+        for (path, want) in rows {
+            match table.last_mut() {
+                Some((last, w)) if *last == path => *w = want,
+                _ => table.push((path, want)),
+            }
         }
         table
+            .into_iter()
+            .map(|(path, want)| (path.clone(), want))
+            .collect()
     }
 
     /// How many paths have a policy (without building the table).
@@ -52,16 +71,6 @@ impl State {
             return Some((*p, Source::Pod));
         }
         self.from_config.get(path).map(|p| (*p, Source::Config))
-    }
-
-    pub(super) fn entries(&self) -> Vec<PolicyEntry> {
-        self.effective()
-            .iter()
-            .map(|(path, (policy, source))| PolicyEntry {
-                pod: self.pod_of(path, *source),
-                ..PolicyEntry::new(path.display().to_string(), policy)
-            })
-            .collect()
     }
 
     pub(super) fn pod_of(&self, path: &Path, source: Source) -> Option<String> {
