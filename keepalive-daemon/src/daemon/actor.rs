@@ -1,7 +1,7 @@
 //! The state thread: the one owner of the kernel and disk state. It runs the daemon's start,
 //! then one command at a time (verifier loads, fsyncs, cgroupfs walks and refreshes happen
-//! here, never on the async runtime), and after each publishes a [`Snapshot`] that reads are
-//! answered from without waiting for it.
+//! here, never on the async runtime), and after each batch publishes a [`Snapshot`] that reads
+//! are answered from without waiting for it.
 use std::{path::PathBuf, sync::Arc};
 
 use tokio::sync::{mpsc, oneshot, watch};

@@ -1,8 +1,8 @@
 //! `kad daemon`: owns the enforcer and the policy table, and serves the control socket.
 //!
-//! One thread (`kad-state`, [`actor`]) owns the kernel and disk state and takes commands; the
+//! One thread (`kad-state`, `actor.rs`) owns the kernel and disk state and takes commands; the
 //! async side (control socket, `/metrics`, signals, inotify, pod events, ticks) only sends them,
-//! and answers reads from the snapshot the thread publishes after each command.
+//! and answers reads from the snapshot the thread publishes after its commands.
 use std::{io, path::PathBuf, time::Duration};
 
 use tokio::{
