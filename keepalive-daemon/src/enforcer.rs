@@ -18,7 +18,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray, PerCpuValues},
     programs::{BtfTracePoint, CgroupSockopt, Iter, ProgramFd, SockOps},
     Btf, Ebpf, EbpfLoader,
 };
@@ -107,12 +107,77 @@ struct Anchor {
     pins: PathBuf,
 }
 
+/// A read-only handle on what the kernel changes by itself (counters, and the entries the
+/// `mkdir`/`rmdir` hooks add and remove), on descriptors of its own: it answers reads from any
+/// thread while the [`Enforcer`] is busy.
+pub struct Reader {
+    policies: BpfHashMap<MapData, u64, PolicyValue>,
+    stats: PerCpuArray<MapData, Counters>,
+}
+
+impl Reader {
+    fn of(
+        policies: &BpfHashMap<MapData, u64, PolicyValue>,
+        stats: &PerCpuArray<MapData, Counters>,
+    ) -> Result<Reader, EnforcerError> {
+        Ok(Reader {
+            policies: BpfHashMap::try_from(aya::maps::Map::HashMap(dup_map(
+                policies.map(),
+                POLICIES_MAP,
+            )?))
+            .map_err(|e| map_error(POLICIES_MAP, e))?,
+            stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(dup_map(
+                stats.map(),
+                STATS_MAP,
+            )?))
+            .map_err(|e| map_error(STATS_MAP, e))?,
+        })
+    }
+
+    /// The counters of a policy (by its slot), summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Counters {
+        let mut total = Counters::default();
+        if let Ok(per_cpu) = self.stats.get(&slot, 0) {
+            for c in per_cpu.iter() {
+                total.active += c.active;
+                total.passive += c.passive;
+                total.failures += c.failures;
+                total.keepalive_kills += c.keepalive_kills;
+                total.refreshed += c.refreshed;
+                total.overridden += c.overridden;
+            }
+        }
+        total
+    }
+
+    /// Policy entries by cgroup id, for `status`.
+    pub fn map_entries(&self) -> usize {
+        self.policies.keys().filter(Result::is_ok).count()
+    }
+}
+
+/// The same map on a descriptor of its own.
+fn dup_map(map: &MapData, name: &'static str) -> Result<MapData, EnforcerError> {
+    let fd = map
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| EnforcerError::Map {
+            map: name,
+            message: e.to_string(),
+        })?;
+    MapData::from_fd(fd).map_err(|e| map_error(name, e))
+}
+
 pub struct Enforcer {
     dir: PathBuf,
     policies: BpfHashMap<MapData, u64, PolicyValue>,
     paths: BpfHashMap<MapData, PathKey, PolicyValue>,
     stats: PerCpuArray<MapData, Counters>,
     scope: BpfHashMap<MapData, u64, u64>,
+    /// Counters and entries by id are read through it only, so that the daemon's readers and
+    /// the enforcer cannot disagree.
+    reader: std::sync::Arc<Reader>,
     programs: HashMap<CgroupHook, ProgramFd>,
     anchors: BTreeMap<u64, Anchor>,
     iter_link: Option<OwnedFd>,
@@ -246,12 +311,14 @@ impl Enforcer {
             .map_err(|e| map_error(STATS_MAP, e))?;
         let scope = BpfHashMap::try_from(take_map(&mut ebpf, SCOPE_MAP)?)
             .map_err(|e| map_error(SCOPE_MAP, e))?;
+        let reader = std::sync::Arc::new(Reader::of(&policies, &stats)?);
         let mut enforcer = Enforcer {
             dir: dir.to_path_buf(),
             policies,
             paths,
             stats,
             scope,
+            reader,
             programs,
             anchors: BTreeMap::new(),
             iter_link,
@@ -566,18 +633,12 @@ impl Enforcer {
 
     /// The counters of a policy (by its slot, see `put`), summed over CPUs.
     pub fn counters(&self, slot: u32) -> Counters {
-        let mut total = Counters::default();
-        if let Ok(per_cpu) = self.stats.get(&slot, 0) {
-            for c in per_cpu.iter() {
-                total.active += c.active;
-                total.passive += c.passive;
-                total.failures += c.failures;
-                total.keepalive_kills += c.keepalive_kills;
-                total.refreshed += c.refreshed;
-                total.overridden += c.overridden;
-            }
-        }
-        total
+        self.reader.counters(slot)
+    }
+
+    /// A read-only handle for other threads.
+    pub fn reader(&self) -> std::sync::Arc<Reader> {
+        std::sync::Arc::clone(&self.reader)
     }
 
     /// The kernel's kill events, for the daemon to read (once).
@@ -619,7 +680,7 @@ impl Enforcer {
 
     /// Policy entries by cgroup id, for `status`.
     pub fn map_entries(&self) -> usize {
-        self.policies.keys().filter(Result::is_ok).count()
+        self.reader.map_entries()
     }
 }
 

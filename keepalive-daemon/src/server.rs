@@ -271,7 +271,7 @@ impl ByteBudget {
 }
 
 /// Non-root readers get at most this many computations of each reply per second between
-/// them: a status of thousands of policies takes milliseconds under the state lock.
+/// them: a status of thousands of policies takes milliseconds to build.
 const UNPRIVILEGED_READ_INTERVAL: Duration = Duration::from_millis(250);
 
 impl<F, Fut> Shared<F>

@@ -44,6 +44,9 @@ const DEPTH: usize = 8;
 /// `kad set` runs of the CLI (a process each) timed at 10,000 policies.
 const CLI_SETS: usize = 21;
 const EXISTING: usize = 100_000;
+/// Clients looping `set` while `list` is timed, and how many `list`s are timed.
+const WRITERS: usize = 20;
+const LIST_SAMPLES: usize = 200;
 
 /// The policy kad and the anchor program apply in parts 1 and 2.
 const IDLE: u32 = 180;
@@ -499,10 +502,70 @@ impl Bench {
             "< 5",
             cli_median < 5.0,
         );
+        let (list_median, list_p99, sets) = self.list_under_writes(&scale)?;
+        println!(
+            "   `list` of {policies} policies while {WRITERS} clients loop `set`: median {:.2} ms, \
+             p99 {:.2} ms ({sets} sets meanwhile)",
+            ms(list_median),
+            ms(list_p99)
+        );
 
         println!();
         self.existing()?;
         Ok(())
+    }
+
+    /// `list` latencies (median, p99) while `WRITERS` clients loop `set` on the scale policies
+    /// (alternating two values, so each is a change), and the sets made meanwhile: reads are
+    /// answered from the daemon's snapshot, not behind the changes.
+    fn list_under_writes(&self, scale: &Path) -> Result<(Duration, Duration, usize)> {
+        let stop = AtomicBool::new(false);
+        let sets = std::sync::atomic::AtomicUsize::new(0);
+        let mut latencies = Vec::with_capacity(LIST_SAMPLES);
+        std::thread::scope(|s| -> Result<()> {
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|w| {
+                    let (stop, sets) = (&stop, &sets);
+                    s.spawn(move || -> Result<()> {
+                        let mut i = 0;
+                        while !stop.load(Ordering::Relaxed) {
+                            let path =
+                                scale.join(format!("p{:05}", (w * 500 + i) % SCALE_POLICIES));
+                            let idle = IDLE + 1 + (i as u32 % 2);
+                            self.set(&path, (idle, INTVL, CNT))?;
+                            sets.fetch_add(1, Ordering::Relaxed);
+                            i += 1;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            let timed = (|| -> Result<()> {
+                // The writers get going first.
+                std::thread::sleep(Duration::from_millis(200));
+                for _ in 0..LIST_SAMPLES {
+                    check_interrupted()?;
+                    let began = Instant::now();
+                    self.policy_count()?;
+                    latencies.push(began.elapsed());
+                }
+                Ok(())
+            })();
+            stop.store(true, Ordering::Relaxed);
+            for writer in writers {
+                writer
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a set client panicked"))??;
+            }
+            timed
+        })?;
+        latencies.sort_unstable();
+        let p99 = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+        Ok((
+            median_duration(&mut latencies),
+            p99,
+            sets.load(Ordering::Relaxed),
+        ))
     }
 
     /// After a failure: whether the daemon is still there, and the end of its log.

@@ -1,0 +1,245 @@
+//! The state thread: the one owner of the kernel and disk state. It runs the daemon's start,
+//! then one command at a time (verifier loads, fsyncs, cgroupfs walks and refreshes happen
+//! here, never on the async runtime), and after each command publishes a [`Snapshot`] that reads
+//! are answered from without waiting for it.
+use std::{path::PathBuf, sync::Arc};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::warn;
+
+use super::{report::Snapshot, state::State, DaemonConfig, DaemonError};
+use crate::{
+    enforcer::Reader,
+    killlog::KillLog,
+    pods::PodEvent,
+    policy::Policy,
+    protocol::{Request, Response},
+    watch::Watcher,
+};
+
+/// Commands waiting for the state thread; senders wait (in their own tasks) when it is full.
+const QUEUE: usize = 64;
+
+type Reply = oneshot::Sender<Response>;
+type KillLogger = aya_log::EbpfLogger<KillLog>;
+
+pub(super) enum Command {
+    Set {
+        cgroup: String,
+        policy: Policy,
+        reply: Reply,
+    },
+    /// `peer` is the asking process's pid, if the kernel told it.
+    Exec {
+        cgroup: String,
+        policy: Policy,
+        peer: Option<u32>,
+        reply: Reply,
+    },
+    Unset {
+        cgroup: String,
+        reply: Reply,
+    },
+    Reload {
+        reply: Reply,
+    },
+    /// Cgroups were created or removed at these paths (from inotify).
+    CgroupEvents(Vec<PathBuf>),
+    PodEvent(PodEvent),
+    /// Look for `kad exec` runs that are gone.
+    CollectAbandoned,
+    /// Fold the journal into the state file and stop; the commands queued before it are done
+    /// first.
+    Stop {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The async side's handle on the state thread: commands go to it, reads come from the last
+/// snapshot it published and, for what the kernel changes on its own, from the maps.
+#[derive(Clone)]
+pub(super) struct StateHandle {
+    commands: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    reader: Arc<Reader>,
+}
+
+/// Starts the state thread and waits for the daemon's start to be done there. Returns the
+/// handle and the kernel's kill events, for the runtime to read.
+pub(super) async fn start(
+    config: DaemonConfig,
+    root: PathBuf,
+    watcher: Watcher,
+) -> Result<(StateHandle, Option<KillLogger>), DaemonError> {
+    let (ready_tx, ready) = oneshot::channel();
+    let (commands, queue) = mpsc::channel(QUEUE);
+    std::thread::Builder::new()
+        .name("kad-state".into())
+        .spawn(move || {
+            let mut state = match State::start(config, root, watcher) {
+                Ok(state) => state,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let kill_log = state.kernel.enforcer.take_kill_log();
+            let reader = state.kernel.enforcer.reader();
+            let (publish, snapshot) = watch::channel(Arc::new(state.snapshot()));
+            if ready_tx.send(Ok((snapshot, reader, kill_log))).is_ok() {
+                run(state, queue, publish);
+            }
+        })
+        .map_err(DaemonError::Thread)?;
+    let (snapshot, reader, kill_log) = ready.await.map_err(|_| DaemonError::StateThread)??;
+    Ok((
+        StateHandle {
+            commands,
+            snapshot,
+            reader,
+        },
+        kill_log,
+    ))
+}
+
+/// The thread's loop: one command at a time; after each, the snapshot, then the reply (so that
+/// a client reading after its change sees it). A snapshot rebuilds only the rows the command
+/// touched.
+fn run(
+    mut state: State,
+    mut queue: mpsc::Receiver<Command>,
+    publish: watch::Sender<Arc<Snapshot>>,
+) {
+    while let Some(command) = queue.blocking_recv() {
+        let (reply, response) = match command {
+            Command::Set {
+                cgroup,
+                policy,
+                reply,
+            } => (Some(reply), Some(state.set(&cgroup, policy))),
+            Command::Exec {
+                cgroup,
+                policy,
+                peer,
+                reply,
+            } => (Some(reply), Some(state.exec(&cgroup, policy, peer))),
+            Command::Unset { cgroup, reply } => (Some(reply), Some(state.unset(&cgroup))),
+            Command::Reload { reply } => (Some(reply), Some(state.reload())),
+            Command::CgroupEvents(paths) => {
+                state.on_cgroup_events(&paths);
+                (None, None)
+            }
+            Command::PodEvent(event) => {
+                state.on_pod_event(event);
+                (None, None)
+            }
+            Command::CollectAbandoned => {
+                if !state.collect_abandoned() {
+                    continue; // nothing changed
+                }
+                (None, None)
+            }
+            Command::Stop { done } => {
+                // A clean stop leaves the whole table in policies.json.
+                if state.store.journal_len() > 0 {
+                    if let Err(e) = state.save() {
+                        warn!(
+                            "cannot rewrite the state file (the journal keeps every change): {e}"
+                        );
+                    }
+                }
+                drop(state);
+                let _ = done.send(());
+                return;
+            }
+        };
+        publish.send_replace(Arc::new(state.snapshot()));
+        if let (Some(reply), Some(response)) = (reply, response) {
+            let _ = reply.send(response);
+        }
+    }
+}
+
+impl StateHandle {
+    /// Answers a request: reads from the snapshot, changes through the state thread.
+    pub(super) async fn handle(&self, request: Request, peer: Option<u32>) -> Response {
+        match request {
+            Request::Set { cgroup, policy } => {
+                self.ask(|reply| Command::Set {
+                    cgroup,
+                    policy,
+                    reply,
+                })
+                .await
+            }
+            Request::Exec { cgroup, policy } => {
+                self.ask(|reply| Command::Exec {
+                    cgroup,
+                    policy,
+                    peer,
+                    reply,
+                })
+                .await
+            }
+            Request::Unset { cgroup } => self.ask(|reply| Command::Unset { cgroup, reply }).await,
+            Request::Reload => self.ask(|reply| Command::Reload { reply }).await,
+            Request::List => Response::Policies {
+                policies: self.snapshot().policies(),
+            },
+            Request::Status => Response::Status(Box::new(self.snapshot().status(&self.reader))),
+            Request::Stats => {
+                let snapshot = self.snapshot();
+                Response::Stats {
+                    stats: snapshot.stats(&self.reader),
+                    kills_counted: snapshot.kills_counted(),
+                }
+            }
+        }
+    }
+
+    /// The Prometheus exposition served at /metrics.
+    pub(super) fn metrics(&self) -> String {
+        self.snapshot().metrics(&self.reader)
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.snapshot.borrow())
+    }
+
+    /// Sends a command and waits for its reply.
+    pub(super) async fn ask(&self, command: impl FnOnce(Reply) -> Command) -> Response {
+        let (reply, response) = oneshot::channel();
+        if self.commands.send(command(reply)).await.is_err() {
+            return stopping();
+        }
+        response.await.unwrap_or_else(|_| stopping())
+    }
+
+    /// Sends a command that has no reply, waiting while the queue is full.
+    pub(super) async fn send(&self, command: Command) {
+        let _ = self.commands.send(command).await;
+    }
+
+    /// Sends a command unless the queue is full: for a periodic nudge, which the next one
+    /// replaces.
+    pub(super) fn nudge(&self, command: Command) {
+        let _ = self.commands.try_send(command);
+    }
+
+    /// Resolves when the state thread is gone (a clean stop, or a panic).
+    pub(super) async fn stopped(&self) {
+        self.commands.closed().await
+    }
+
+    /// Stops the state thread once the commands queued before are done.
+    pub(super) async fn stop(&self) {
+        let (done, stopped) = oneshot::channel();
+        if self.commands.send(Command::Stop { done }).await.is_ok() {
+            let _ = stopped.await;
+        }
+    }
+}
+
+fn stopping() -> Response {
+    Response::error("the daemon is stopping: try again once it is back")
+}

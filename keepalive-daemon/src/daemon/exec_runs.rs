@@ -1,0 +1,90 @@
+//! The policies of `kad exec` runs: recorded with their owner, collected once it is gone.
+use std::{io, path::PathBuf};
+
+use tracing::{error, info, warn};
+
+use super::state::State;
+use crate::{
+    cgroup,
+    exec::{self, ExecOwner},
+    policy::Policy,
+    protocol::Response,
+};
+
+impl State {
+    /// `kad exec`: a policy for the caller's transient cgroup, recorded as owned by the caller
+    /// so that it is collected if the caller dies first. Only a cgroup kad recorded this way is
+    /// ever removed by the daemon.
+    pub(super) fn exec(&mut self, input: &str, policy: Policy, peer: Option<u32>) -> Response {
+        let Some(pid) = peer.filter(|&pid| pid != 0) else {
+            return Response::error(
+                "kad exec: the kernel did not say which process is asking (its PID namespace is not below the daemon's)",
+            );
+        };
+        let owner = match ExecOwner::of(pid) {
+            Ok(owner) => owner,
+            Err(e) => {
+                return Response::error(format!("kad exec: cannot identify process {pid}: {e}"))
+            }
+        };
+        let path = match cgroup::resolve(&self.root, input) {
+            Ok(cgroup) => cgroup.path,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        if self.set.contains_key(&path) && !self.exec_owners.contains_key(&path) {
+            return Response::error(format!(
+                "{} has a policy set with kad set: kad exec needs a cgroup of its own",
+                path.display()
+            ));
+        }
+        let previous = self.exec_owners.insert(path.clone(), owner);
+        let reply = self.set(input, policy);
+        if let Response::Error { .. } = reply {
+            match previous {
+                Some(owner) => self.exec_owners.insert(path, owner),
+                None => self.exec_owners.remove(&path),
+            };
+        }
+        reply
+    }
+
+    /// Removes the transient cgroups (and policies) of `kad exec` runs that were killed before
+    /// they could do it themselves, once their processes are gone. Only paths recorded as a
+    /// `kad exec`'s: a cgroup merely named like one is the user's.
+    /// Returns whether anything was collected.
+    pub(super) fn collect_abandoned(&mut self) -> bool {
+        let abandoned: Vec<PathBuf> = self
+            .exec_owners
+            .iter()
+            .filter(|(path, owner)| {
+                !self.set.contains_key(*path) || exec::is_abandoned(path, owner)
+            })
+            .map(|(path, _)| path.clone())
+            .collect();
+        if abandoned.is_empty() {
+            return false;
+        }
+        for path in &abandoned {
+            self.exec_owners.remove(path);
+            if self.set.remove(path).is_none() {
+                continue;
+            }
+            let _ = self.sync_path(path);
+            match std::fs::remove_dir(path) {
+                Ok(()) => {
+                    info!(cgroup = ?path.display().to_string(), "removed an abandoned kad exec cgroup")
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    info!(cgroup = ?path.display().to_string(), "removed the policy of an abandoned kad exec")
+                }
+                Err(e) => {
+                    warn!(cgroup = ?path.display().to_string(), "cannot remove an abandoned kad exec cgroup: {e}")
+                }
+            }
+        }
+        if let Err(e) = self.save() {
+            error!("cannot save after removing abandoned kad exec policies: {e}");
+        }
+        true
+    }
+}

@@ -1,0 +1,239 @@
+//! `kad daemon`: owns the enforcer and the policy table, and serves the control socket.
+//!
+//! One thread (`kad-state`, `actor.rs`) owns the kernel and disk state and takes commands; the
+//! async side (control socket, `/metrics`, signals, inotify, pod events, ticks) only sends them,
+//! and answers reads from the snapshot the thread publishes after its commands.
+use std::{io, path::PathBuf, time::Duration};
+
+use tokio::{
+    net::UnixListener,
+    signal::unix::{signal, SignalKind},
+};
+use tracing::{error, info, warn};
+
+mod actor;
+mod exec_runs;
+mod pod_policies;
+mod report;
+mod saving;
+mod state;
+mod sync;
+mod table;
+
+use actor::Command;
+use pod_policies::read_pod_events;
+
+use crate::{
+    cgroup::{self, CgroupError},
+    config::ConfigError,
+    enforcer::EnforcerError,
+    kube_watch, metrics, notify,
+    pathio::{io_err, PathIoError},
+    pods::{KubeletLayout, PodEvent},
+    protocol::Response,
+    server,
+    store::{StateLock, StoreError},
+    sys,
+    watch::Watcher,
+};
+
+/// How often the cgroups of `kad exec` runs are checked for being abandoned (only they: policy
+/// paths are followed through inotify, with no periodic scan).
+const EXEC_COLLECT_INTERVAL: Duration = Duration::from_secs(1);
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs: PathBuf,
+    pub config: PathBuf,
+    /// Where to serve Prometheus metrics (`/metrics`); off when None.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Where pod events come from, if pod annotations are policies.
+    pub pods: Option<PodSource>,
+    /// Where the kubelet puts pod cgroups.
+    pub kubelet: KubeletLayout,
+}
+
+/// The source of pod events.
+#[derive(Debug, Clone)]
+pub enum PodSource {
+    /// The API server (kube-rs), watching the pods of this node.
+    Kubernetes { node: String },
+    /// JSON lines ([`PodEvent`]) read from a file or FIFO: another watcher, or a replay.
+    Events(PathBuf),
+}
+
+impl PodSource {
+    pub(super) fn describe(&self) -> String {
+        match self {
+            PodSource::Kubernetes { node } => format!("kubernetes (node {node})"),
+            PodSource::Events(path) => format!("events from {}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("kad daemon must run as root (it loads BPF programs)")]
+    NotRoot,
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Enforcer(#[from] EnforcerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("another kad daemon is already serving {0}")]
+    SocketInUse(PathBuf),
+    #[error(transparent)]
+    Io(#[from] PathIoError),
+    #[error("cannot start the state thread: {0}")]
+    Thread(io::Error),
+    #[error("the state thread stopped unexpectedly (see the log above)")]
+    StateThread,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. Enforcement outlives it: links and the map stay
+/// pinned, and the next start adopts them.
+pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+    if !sys::is_root() {
+        return Err(DaemonError::NotRoot);
+    }
+    // Pins, links and connections each hold an fd: a low soft limit must not cost policies.
+    match sys::raise_nofile_limit() {
+        // Debug only: a start refused right after must stay one line on stderr.
+        Ok(limit) => tracing::debug!("open files limit: {limit}"),
+        Err(e) => warn!("cannot raise the open files limit: {e}"),
+    }
+    let root = cgroup::find_root()?;
+    // Bind first: a bad address fails the start before anything is touched.
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
+    // Bound early, so that a live daemon on the socket stops us before anything is touched;
+    // clients that connect meanwhile wait until we serve.
+    let listener = server::bind(&config.socket)?;
+    let result = run_bound(config.clone(), root, listener, metrics_listener).await;
+    let _ = std::fs::remove_file(&config.socket);
+    result
+}
+
+async fn run_bound(
+    config: DaemonConfig,
+    root: PathBuf,
+    listener: UnixListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+) -> Result<(), DaemonError> {
+    // One daemon per state directory, held until we exit.
+    let _state_lock = StateLock::acquire(&config.state_dir)?;
+    // Registered with this runtime, which reads its events; the state thread sets its watches.
+    let watcher = Watcher::new().map_err(io_err("cannot start", "inotify"))?;
+    // The start runs on the state thread, which owns the kernel and disk state from then on.
+    let (state, kill_log) = actor::start(config.clone(), root, watcher.clone()).await?;
+    notify::notify("READY=1");
+
+    if let Some(logger) = kill_log {
+        crate::killlog::spawn(logger);
+    }
+    if let Some(listener) = metrics_listener {
+        info!(
+            "serving metrics on http://{}/metrics",
+            config.metrics.map(|a| a.to_string()).unwrap_or_default()
+        );
+        let state = state.clone();
+        tokio::spawn(metrics::serve(listener, metrics::LIMITS, move || {
+            std::future::ready(state.metrics())
+        }));
+    }
+    let mut term = signal(SignalKind::terminate()).map_err(io_err("cannot catch", "SIGTERM"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io_err("cannot catch", "SIGINT"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(io_err("cannot catch", "SIGHUP"))?;
+    tokio::spawn(server::serve(listener, server::LIMITS, {
+        let state = state.clone();
+        move |request, pid| {
+            let state = state.clone();
+            async move { state.handle(request, pid).await }
+        }
+    }));
+    let (pods_tx, mut pod_events) = tokio::sync::mpsc::channel::<PodEvent>(256);
+    match config.pods.clone() {
+        Some(PodSource::Kubernetes { node }) => {
+            info!(node = %node, "watching the node's pods");
+            tokio::spawn(kube_watch::run(node, pods_tx));
+        }
+        Some(PodSource::Events(path)) => {
+            tokio::spawn(read_pod_events(path, pods_tx));
+        }
+        None => drop(pods_tx),
+    }
+    tokio::spawn({
+        let state = state.clone();
+        async move {
+            while let Some(event) = pod_events.recv().await {
+                state.send(Command::PodEvent(event)).await;
+            }
+        }
+    });
+    tokio::spawn({
+        let state = state.clone();
+        async move {
+            let mut tick = tokio::time::interval(EXEC_COLLECT_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                state.nudge(Command::CollectAbandoned);
+            }
+        }
+    });
+    // inotify: cgroups created or removed at (or on the way to) policy paths. The kernel's
+    // mkdir hook already gave a new cgroup its policy; the daemon records it and cleans up.
+    tokio::spawn({
+        let state = state.clone();
+        async move {
+            loop {
+                match watcher.next().await {
+                    Ok(paths) => state.send(Command::CgroupEvents(paths)).await,
+                    Err(e) => {
+                        error!("inotify: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading {}", config.config.display());
+                let state = state.clone();
+                tokio::spawn(async move {
+                    if let Response::Error { message } = state.ask(|reply| Command::Reload { reply }).await {
+                        error!("reload failed, keeping the previous config: {message}");
+                    }
+                });
+            }
+            _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { info!("SIGINT: stopping"); break; }
+            _ = state.stopped() => return Err(DaemonError::StateThread),
+        }
+    }
+    notify::notify("STOPPING=1");
+    // The state thread finishes the commands before this one (a change in progress is not
+    // lost); the pins keep every policy enforced after we exit. A clean stop leaves the whole
+    // table in policies.json (the journal folded in).
+    state.stop().await;
+    info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
+    Ok(())
+}

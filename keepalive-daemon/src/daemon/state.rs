@@ -1,0 +1,124 @@
+//! The daemon's state: the policy tables, the store and the kernel side, and the start that
+//! builds it. Only the state thread ([`super::actor`]) holds it.
+use std::{collections::BTreeMap, path::PathBuf};
+
+use tracing::{info, warn};
+
+use super::{report::Rows, DaemonConfig, DaemonError};
+use crate::{
+    config as config_file, enforcer::Enforcer, exec::ExecOwner, pods::PodTable, policy::Policy,
+    protocol::PodsStatus, reconcile::Reconciler, store::Store, watch::Watcher,
+};
+
+pub(super) struct State {
+    pub(super) config: DaemonConfig,
+    pub(super) root: PathBuf,
+    pub(super) store: Store,
+    /// Policies set with `kad set` (and `kad exec`), by path; what the state file holds.
+    pub(super) set: BTreeMap<PathBuf, Policy>,
+    /// The `kad exec` run that owns each of the paths in `set` that are its transient cgroups.
+    pub(super) exec_owners: BTreeMap<PathBuf, ExecOwner>,
+    /// Policies of the config file, by path.
+    pub(super) from_config: BTreeMap<PathBuf, Policy>,
+    /// Policies of pods' annotations, by path, with the pod (`namespace/name`); saved in
+    /// pods.json. `kad set` on the same path wins; they win over the config file.
+    pub(super) from_pods: BTreeMap<PathBuf, (Policy, String)>,
+    pub(super) pod_table: PodTable,
+    pub(super) pods_store: Store,
+    /// The watcher's state for `kad status`, when there is one.
+    pub(super) pods_status: Option<PodsStatus>,
+    /// The kernel side: map entries, anchors, watched directories, refreshes.
+    pub(super) kernel: Reconciler,
+    /// inotify on the directories the policies need watched, set before a request is answered.
+    pub(super) watcher: Watcher,
+    /// What the readers are shown, per policy path (see `report`).
+    pub(super) rows: Rows,
+}
+
+impl State {
+    /// Loads the saved tables and the config file, opens the kernel side and brings it in line
+    /// with them: the daemon's start, run by the thread that owns the state from then on.
+    pub(super) fn start(
+        config: DaemonConfig,
+        root: PathBuf,
+        watcher: Watcher,
+    ) -> Result<State, DaemonError> {
+        let store = Store::new(&config.state_dir);
+        // Read both files first: a corrupt one stops us before anything is touched.
+        let saved = store.load(&root)?;
+        let exec_owners = saved
+            .iter()
+            .filter_map(|e| Some((PathBuf::from(&e.cgroup), e.exec_owner.clone()?)))
+            .collect();
+        let set = saved
+            .into_iter()
+            .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
+            .collect();
+        let from_config = config_file::load(&config.config, &root)?;
+        let pods_store = Store::pods(&config.state_dir);
+        // Kept (and enforced) until the watcher's first full list says otherwise.
+        let from_pods = pods_store
+            .load(&root)?
+            .into_iter()
+            .map(|e| {
+                let pod = e.pod.clone().unwrap_or_default();
+                (PathBuf::from(&e.cgroup), (e.policy(), pod))
+            })
+            .collect();
+        let pods_status = config.pods.as_ref().map(|source| PodsStatus {
+            source: source.describe(),
+            connected: false,
+            error: Some("not connected yet".into()),
+            pods: 0,
+            invalid: Vec::new(),
+        });
+        let state_file_exists = store.exists();
+        let enforcer = Enforcer::open(&config.bpffs)?;
+        let mut state = State {
+            config: config.clone(),
+            kernel: Reconciler::new(root.clone(), enforcer),
+            root,
+            store,
+            set,
+            exec_owners,
+            from_config,
+            from_pods,
+            pod_table: PodTable::default(),
+            pods_store,
+            pods_status,
+            watcher,
+            rows: Rows::default(),
+        };
+        state.adopt_pinned(state_file_exists);
+        if state.store.journal_len() > 0 {
+            // Fold the journal into the table now, so that it starts short.
+            if let Err(e) = state.save() {
+                warn!("cannot rewrite the state file (the journal keeps every change): {e}");
+            }
+        }
+        state.sync_all();
+        // Map entries an earlier run left for cgroups or policies that are gone, and what the
+        // first design of kad pinned, once this design's anchors are in place.
+        state.kernel.drop_stale_ids();
+        let retired = state.kernel.enforcer.retire_legacy();
+        if retired > 0 {
+            info!(links = retired, "replaced the links of an older kad");
+        }
+        state.refresh_all();
+        for (what, feature) in state.features() {
+            if let Err(reason) = feature {
+                warn!("{what}: not available on this kernel ({reason})");
+            }
+        }
+        info!(
+            socket = %config.socket.display(),
+            bpffs = %config.bpffs.display(),
+            cgroup_root = %state.root.display(),
+            policies = state.effective().len(),
+            anchors = state.kernel.enforcer.attachments(),
+            program = state.kernel.enforcer.program_tag(),
+            "kad daemon ready"
+        );
+        Ok(state)
+    }
+}

@@ -1,0 +1,176 @@
+//! The policy tables and how they merge: `kad set` (and `kad exec`) wins over pods' annotations,
+//! which win over the config file.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
+
+use tracing::{error, info};
+
+use super::state::State;
+use crate::{
+    cgroup::{self, CgroupError},
+    config as config_file,
+    enforcer::EnforcerError,
+    policy::Policy,
+    protocol::Response,
+    reconcile::Source,
+};
+
+impl State {
+    /// Policies by path: the config file's, overridden by those set with `kad set`.
+    /// Pods' annotations win over the config file.
+    pub(super) fn effective(&self) -> BTreeMap<PathBuf, (Policy, Source)> {
+        // Built in one pass over sorted rows rather than by inserts: it is rebuilt after every
+        // command (for the snapshot), and comparing paths is what costs.
+        let mut rows: Vec<(&PathBuf, (Policy, Source))> = self
+            .from_config
+            .iter()
+            .map(|(path, policy)| (path, (*policy, Source::Config)))
+            .chain(
+                self.from_pods
+                    .iter()
+                    .map(|(path, (policy, _))| (path, (*policy, Source::Pod))),
+            )
+            .chain(
+                self.set
+                    .iter()
+                    .map(|(path, policy)| (path, (*policy, Source::Set))),
+            )
+            .collect();
+        // Stable: of rows for one path, the one that wins stays last.
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        let mut table: Vec<(&PathBuf, (Policy, Source))> = Vec::with_capacity(rows.len());
+        for (path, want) in rows {
+            match table.last_mut() {
+                Some((last, w)) if *last == path => *w = want,
+                _ => table.push((path, want)),
+            }
+        }
+        table
+            .into_iter()
+            .map(|(path, want)| (path.clone(), want))
+            .collect()
+    }
+
+    /// How many paths have a policy (without building the table).
+    pub(super) fn policy_count(&self) -> usize {
+        self.set.len()
+            + self
+                .from_config
+                .keys()
+                .filter(|p| !self.set.contains_key(*p))
+                .count()
+    }
+
+    pub(super) fn want(&self, path: &Path) -> Option<(Policy, Source)> {
+        if let Some(p) = self.set.get(path) {
+            return Some((*p, Source::Set));
+        }
+        if let Some((p, _)) = self.from_pods.get(path) {
+            return Some((*p, Source::Pod));
+        }
+        self.from_config.get(path).map(|p| (*p, Source::Config))
+    }
+
+    pub(super) fn pod_of(&self, path: &Path, source: Source) -> Option<String> {
+        (source == Source::Pod)
+            .then(|| self.from_pods.get(path).map(|(_, pod)| pod.clone()))
+            .flatten()
+    }
+
+    pub(super) fn set(&mut self, input: &str, policy: Policy) -> Response {
+        if let Err(e) = policy.validate() {
+            return Response::error(e.to_string());
+        }
+        let path = match cgroup::policy_path(&self.root, input) {
+            Ok(path) => path,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        if !self.set.contains_key(&path)
+            && !self.from_config.contains_key(&path)
+            && self.policy_count() >= keepalive_common::MAX_POLICIES as usize
+        {
+            return Response::error(EnforcerError::Full.to_string());
+        }
+        let previous = self.set.insert(path.clone(), policy);
+        let undo = |state: &mut State| {
+            match previous {
+                Some(p) => state.set.insert(path.clone(), p),
+                None => state.set.remove(&path),
+            };
+            let _ = state.sync_path(&path);
+        };
+        if let Err(e) = self.sync_path(&path) {
+            undo(self);
+            return Response::error(e.to_string());
+        }
+        // Not saved means not done: put the kernel and the table back as they were.
+        if let Err(e) = self.persist(&path) {
+            undo(self);
+            return Response::error(e.to_string());
+        }
+        info!(cgroup = ?path.display().to_string(), %policy, waiting = !path.is_dir(), "policy set");
+        Response::Done {
+            cgroup: path.display().to_string(),
+        }
+    }
+
+    pub(super) fn unset(&mut self, input: &str) -> Response {
+        // A cgroup that is gone can still have its policy removed, by the path it had.
+        let path = match cgroup::policy_path(&self.root, input) {
+            Ok(path) => path,
+            Err(CgroupError::NotFound(_)) => match cgroup::lexical_path(&self.root, input) {
+                Ok(path) => path,
+                Err(e) => return Response::error(e.to_string()),
+            },
+            Err(e) => return Response::error(e.to_string()),
+        };
+        let Some(previous) = self.set.remove(&path) else {
+            if self.from_config.contains_key(&path) {
+                return Response::error(format!(
+                    "the policy for {} comes from {}: remove it there and run `kad reload`",
+                    path.display(),
+                    self.config.config.display()
+                ));
+            }
+            return Response::error(format!("no policy for {}", path.display()));
+        };
+        // A full disk: the policy stays, in force and in the file, and the error says why.
+        if let Err(e) = self.persist(&path) {
+            self.set.insert(path, previous);
+            return Response::error(format!("{e}; the policy stays"));
+        }
+        self.exec_owners.remove(&path);
+        if let Err(e) = self.sync_path(&path) {
+            // The config file's policy for this path could not be put back in force.
+            error!(cgroup = ?path.display().to_string(), "{e}");
+        }
+        info!(cgroup = ?path.display().to_string(), "policy removed");
+        Response::Done {
+            cgroup: path.display().to_string(),
+        }
+    }
+
+    /// Re-reads the config file; on error the previous config stays in force.
+    pub(super) fn reload(&mut self) -> Response {
+        match config_file::load(&self.config.config, &self.root) {
+            Ok(from_config) => {
+                let before: BTreeSet<PathBuf> = self.from_config.keys().cloned().collect();
+                self.from_config = from_config;
+                let paths: BTreeSet<PathBuf> = before
+                    .into_iter()
+                    .chain(self.from_config.keys().cloned())
+                    .collect();
+                for path in paths {
+                    let _ = self.sync_path(&path);
+                }
+                info!(config = %self.config.config.display(), policies = self.from_config.len(), "config reloaded");
+                Response::Reloaded {
+                    policies: self.from_config.len(),
+                }
+            }
+            Err(e) => Response::error(e.to_string()),
+        }
+    }
+}
