@@ -7,7 +7,7 @@ use std::{
     future::Future,
     os::unix::fs::PermissionsExt,
     path::Path,
-    sync::{Arc, Mutex as StdMutex},
+    sync::{Arc, Mutex as StdMutex, Weak},
     time::{Duration, Instant},
 };
 
@@ -220,8 +220,10 @@ impl<F> Drop for Slot<F> {
     }
 }
 
-/// The last encoded reply to a read request, with the time its computation began.
-type Cached = Mutex<Option<(Instant, Arc<[u8]>)>>;
+/// The last encoded reply to a read request, with the time its computation began. Held
+/// weakly: it lives while a client is still being sent it, and its megabytes (a status of
+/// thousands of policies) are not kept once nobody is.
+type Cached = Mutex<Option<(Instant, Weak<[u8]>)>>;
 
 /// Read replies (list, status, stats) shared by the clients waiting for them. A client is
 /// given a reply whose computation began after its request arrived, so it sees nothing older
@@ -269,6 +271,9 @@ impl ByteBudget {
         self.tokens -= bytes as f64;
     }
 }
+
+/// A reply this large (a status of a few thousand policies) is followed by a trim of the heap.
+const BIG_REPLY: usize = 1 << 20;
 
 /// Non-root readers get at most this many computations of each reply per second between
 /// them: a status of thousands of policies takes milliseconds to build.
@@ -336,7 +341,9 @@ where
         let mut cached = cache.lock().await;
         if let Some((began, reply)) = cached.as_ref() {
             if *began >= arrived {
-                return Arc::clone(reply);
+                if let Some(reply) = reply.upgrade() {
+                    return reply;
+                }
             }
             if uid != 0 {
                 // Those arriving during the pause share what follows it.
@@ -346,7 +353,11 @@ where
         let began = Instant::now();
         // Shared replies (list, status, stats) do not depend on who asked.
         let reply: Arc<[u8]> = protocol::encode(&(self.handle)(request, None).await).into();
-        *cached = Some((began, Arc::clone(&reply)));
+        if reply.len() > BIG_REPLY {
+            // Building it left as many small allocations freed, scattered over the heap.
+            crate::sys::release_free_memory();
+        }
+        *cached = Some((began, Arc::downgrade(&reply)));
         reply
     }
 

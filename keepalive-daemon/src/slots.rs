@@ -7,12 +7,24 @@ use std::collections::HashMap;
 
 use keepalive_common::{PathKey, PolicyValue, FLAG_SLOT, MAX_POLICIES};
 
+/// A path key without its NUL padding: a key is 256 bytes, most paths a few dozen.
+type Path = Box<[u8]>;
+
+fn path(key: &PathKey) -> Path {
+    let len = key
+        .bytes
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(key.bytes.len());
+    key.bytes[..len].into()
+}
+
 #[derive(Debug)]
 pub struct Slots {
     /// Slots in use, by path.
-    by_path: HashMap<PathKey, u32>,
+    by_path: HashMap<Path, u32>,
     /// Slots an earlier run gave out, by path, until the path's policy is put again.
-    earlier: HashMap<PathKey, u32>,
+    earlier: HashMap<Path, u32>,
     /// Whether each slot is taken (by `by_path` or `earlier`).
     taken: Vec<bool>,
     /// Where the search for a free slot starts.
@@ -42,7 +54,7 @@ impl Slots {
             let slot = value.slot as usize;
             if value.flags & FLAG_SLOT != 0 && slot < slots.taken.len() && !slots.taken[slot] {
                 slots.taken[slot] = true;
-                slots.earlier.insert(*key, value.slot);
+                slots.earlier.insert(path(key), value.slot);
             }
         }
         slots
@@ -50,11 +62,12 @@ impl Slots {
 
     /// The slot of `key`'s policy; None when every slot is taken.
     pub fn assign(&mut self, key: &PathKey) -> Option<Assigned> {
-        if let Some(&slot) = self.by_path.get(key) {
+        let key = path(key);
+        if let Some(&slot) = self.by_path.get(&key) {
             return Some(Assigned::Kept(slot));
         }
-        if let Some(slot) = self.earlier.remove(key) {
-            self.by_path.insert(*key, slot);
+        if let Some(slot) = self.earlier.remove(&key) {
+            self.by_path.insert(key, slot);
             return Some(Assigned::Kept(slot));
         }
         let len = self.taken.len();
@@ -64,16 +77,17 @@ impl Slots {
         self.taken[slot] = true;
         self.cursor = (slot + 1) % len;
         let slot = slot as u32;
-        self.by_path.insert(*key, slot);
+        self.by_path.insert(key, slot);
         Some(Assigned::New(slot))
     }
 
     /// `key`'s policy is gone: its slot is free for another path.
     pub fn release(&mut self, key: &PathKey) {
+        let key = path(key);
         let slot = self
             .by_path
-            .remove(key)
-            .or_else(|| self.earlier.remove(key));
+            .remove(&key)
+            .or_else(|| self.earlier.remove(&key));
         if let Some(slot) = slot {
             self.taken[slot as usize] = false;
         }
@@ -81,7 +95,7 @@ impl Slots {
 
     /// The slot `key`'s policy counts in, if it has one.
     pub fn of(&self, key: &PathKey) -> Option<u32> {
-        self.by_path.get(key).copied()
+        self.by_path.get(&path(key)).copied()
     }
 }
 

@@ -87,6 +87,28 @@ pub fn check_kernel(release: &str) -> Result<(), KernelError> {
     }
 }
 
+/// Keeps the big, short-lived buffers (a reply of megabytes for thousands of policies) out of
+/// the heap: glibc raises its mmap threshold after each such buffer is freed, and the heap it
+/// then uses for them stays resident. A fixed threshold maps and unmaps them.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: a documented parameter and value; mallopt takes the allocator's own locks.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
+/// Gives the allocator's free pages back to the kernel: after the start, whose parsing of the
+/// kernel's BTF and of the programs (megabytes, freed at once) happens on the state thread,
+/// whose heap glibc does not trim by itself, and after building a big reply.
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: no arguments to check; glibc walks its own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

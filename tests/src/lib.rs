@@ -1161,6 +1161,26 @@ impl GoPeer {
     }
 }
 
+/// A loopback address with a port free at the time of the call (for `--metrics`).
+pub fn free_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let port = listener.local_addr().expect("local address").port();
+    format!("127.0.0.1:{port}")
+}
+
+/// One `GET /metrics` against `addr`: the whole response, status line first.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("set a read timeout");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send the request");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

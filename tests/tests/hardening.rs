@@ -3,7 +3,6 @@
 //! root answered, accept errors back off, and no text reaching the log can forge a line.
 use std::{
     fs,
-    io::Write as _,
     net::TcpStream,
     path::Path,
     process::{Command, Stdio},
@@ -11,8 +10,8 @@ use std::{
 };
 
 use kad_tests::{
-    cgroup_id, connect, daemon_command, kad_env, wait_for, Daemon, Env, Process, TempDir,
-    TestCgroup,
+    cgroup_id, connect, daemon_command, free_port, kad_env, scrape, wait_for, Daemon, Env, Process,
+    TempDir, TestCgroup,
 };
 
 /// Capability numbers, as in linux/capability.h (index = number).
@@ -519,22 +518,6 @@ fn starts_with_timestamp(line: &str) -> bool {
             13 | 16 => *c == b':',
             _ => c.is_ascii_digit(),
         })
-}
-
-fn free_port() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
-}
-
-fn scrape(addr: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    let _ = std::io::Read::read_to_string(&mut stream, &mut response);
-    response
 }
 
 #[test]

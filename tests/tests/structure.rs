@@ -7,8 +7,7 @@
 //! blocks in the kernel until the lease is given up (or `fs.lease-break-time`, 45 s by default).
 use std::{
     fs::File,
-    io::{Read, Write},
-    net::TcpStream,
+    io::Read,
     os::fd::AsRawFd,
     path::Path,
     process::{Child, Command, Stdio},
@@ -16,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kad_tests::{connect, kad_env, Daemon, Env, TestCgroup};
+use kad_tests::{connect, free_port, kad_env, scrape, Daemon, Env, TestCgroup};
 
 /// How long the test holds a change; well under the kernel's lease-break time.
 const HELD: Duration = Duration::from_secs(2);
@@ -46,22 +45,6 @@ impl Lease {
         );
         Lease(file)
     }
-}
-
-fn free_port() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
-}
-
-fn scrape(addr: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response
 }
 
 /// `kad set --cgroup CG --idle IDLE`, started and left running.

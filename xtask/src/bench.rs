@@ -370,6 +370,12 @@ impl Bench {
             ">= 0.97",
             rate_ratio >= 0.97,
         );
+        // What keepalive itself costs a connection (timers armed and removed), whoever sets it.
+        println!(
+            "   (connection rate anchor / empty: {:.3}; kad / anchor: {:.3})",
+            paired(&e.conn_rounds, &a.conn_rounds),
+            paired(&a.conn_rounds, &k.conn_rounds)
+        );
         let (rss1, fds1) = (self.rss_kb()?, self.fds()?);
         if floor_only {
             return Ok(());

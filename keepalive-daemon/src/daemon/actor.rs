@@ -83,6 +83,7 @@ pub(super) async fn start(
                     return;
                 }
             };
+            crate::sys::release_free_memory();
             let kill_log = state.kernel.enforcer.take_kill_log();
             let reader = state.kernel.enforcer.reader();
             let (publish, snapshot) = watch::channel(Arc::new(state.snapshot()));

@@ -106,6 +106,7 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     if !sys::is_root() {
         return Err(DaemonError::NotRoot);
     }
+    sys::tune_allocator();
     // Pins, links and connections each hold an fd: a low soft limit must not cost policies.
     match sys::raise_nofile_limit() {
         // Debug only: a start refused right after must stay one line on stderr.

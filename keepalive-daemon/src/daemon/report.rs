@@ -15,18 +15,36 @@ use super::state::State;
 use crate::{
     enforcer::Reader,
     metrics,
+    policy::Policy,
     protocol::{AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, StatsEntry, StatusReport},
     reconcile::Source,
     sys,
 };
 
-/// One policy path as the readers see it.
+/// One policy path as the readers see it (the path is its key). Kept small: the replies'
+/// strings are made at request time, not held for every path.
 pub(super) struct Row {
-    entry: PolicyEntry,
-    /// Without `overridden`, read at request time.
-    detail: PolicyDetail,
-    /// The policy's counters slot while its cgroup exists (a waiting policy has no counters).
-    slot: Option<u32>,
+    policy: Policy,
+    source: Source,
+    /// The pod, for a pod policy.
+    pod: Option<String>,
+    /// The cgroup at the path, and the policy's counters slot, while the cgroup exists.
+    in_force: Option<(u64, u32)>,
+    /// Why the policy is not in force, if applying it failed.
+    error: Option<String>,
+}
+
+impl Row {
+    fn entry(&self, path: &Path) -> PolicyEntry {
+        PolicyEntry {
+            pod: self.pod.clone(),
+            ..PolicyEntry::new(path.display().to_string(), &self.policy)
+        }
+    }
+
+    fn slot(&self) -> Option<u32> {
+        self.in_force.map(|(_, slot)| slot)
+    }
 }
 
 /// The rows kept by the state thread, and the paths whose rows are out of date.
@@ -62,18 +80,18 @@ pub(super) struct Snapshot {
 
 impl Snapshot {
     pub(super) fn policies(&self) -> Vec<PolicyEntry> {
-        self.rows.values().map(|r| r.entry.clone()).collect()
+        self.rows.iter().map(|(path, r)| r.entry(path)).collect()
     }
 
     /// Counters of every policy whose cgroup exists (a policy waiting for its cgroup has none).
     pub(super) fn stats(&self, reader: &Reader) -> Vec<StatsEntry> {
         self.rows
-            .values()
-            .filter_map(|r| Some((r, r.slot?)))
-            .map(|(r, slot)| {
+            .iter()
+            .filter_map(|(path, r)| Some((path, r.slot()?)))
+            .map(|(path, slot)| {
                 let c = reader.counters(slot);
                 StatsEntry {
-                    cgroup: r.entry.cgroup.clone(),
+                    cgroup: path.display().to_string(),
                     connect: c.active,
                     accept: c.passive,
                     setsockopt_failures: c.failures,
@@ -95,10 +113,20 @@ impl Snapshot {
         status.policies = self.policies();
         status.details = self
             .rows
-            .values()
-            .map(|r| PolicyDetail {
-                overridden: r.slot.map_or(0, |slot| reader.counters(slot).overridden),
-                ..r.detail.clone()
+            .iter()
+            .map(|(path, r)| PolicyDetail {
+                cgroup: path.display().to_string(),
+                source: match r.source {
+                    Source::Set => "set",
+                    Source::Config => "config",
+                    Source::Pod => "pod",
+                }
+                .to_string(),
+                cgroup_id: r.in_force.map(|(id, _)| id),
+                error: r.error.clone(),
+                pod: r.pod.clone(),
+                enforce: r.policy.enforce,
+                overridden: r.slot().map_or(0, |slot| reader.counters(slot).overridden),
             })
             .collect();
         status.counters = self.stats(reader);
@@ -165,29 +193,16 @@ impl State {
     /// The row of a path in the table; None when it has no policy.
     fn row(&self, path: &Path) -> Option<Row> {
         let (policy, source) = self.want(path)?;
-        let in_force = self.kernel.in_force().get(path).filter(|e| e.id.is_some());
-        let pod = self.pod_of(path, source);
-        let cgroup = path.display().to_string();
         Some(Row {
-            detail: PolicyDetail {
-                cgroup: cgroup.clone(),
-                source: match source {
-                    Source::Set => "set",
-                    Source::Config => "config",
-                    Source::Pod => "pod",
-                }
-                .to_string(),
-                cgroup_id: in_force.and_then(|e| e.id),
-                error: self.kernel.failing(path).cloned(),
-                pod: pod.clone(),
-                enforce: policy.enforce,
-                overridden: 0,
-            },
-            entry: PolicyEntry {
-                pod,
-                ..PolicyEntry::new(cgroup, &policy)
-            },
-            slot: in_force.map(|e| e.slot),
+            policy,
+            source,
+            pod: self.pod_of(path, source),
+            in_force: self
+                .kernel
+                .in_force()
+                .get(path)
+                .and_then(|e| Some((e.id?, e.slot))),
+            error: self.kernel.failing(path).cloned(),
         })
     }
 
