@@ -30,6 +30,12 @@ pub const MAX_SCOPE: u32 = 262_144;
 pub const PATH_KEY_LEN: usize = 256;
 /// The deepest cgroup level the socket-creation program walks up from.
 pub const MAX_LEVEL: u32 = 32;
+/// Capacity of the decision cache (cgroups without a policy of their own, by id; least
+/// recently used first out).
+pub const MAX_DECISIONS: u32 = 65_536;
+/// The epoch that validates the decision cache (`KAD_DECIDE`): an array of one `u64` the
+/// daemon moves after every change of [`POLICIES_MAP`].
+pub const EPOCH_MAP: &str = "KAD_EPOCH";
 
 /// Keepalive is turned on; without it the cgroup is an opt-out and sockets are left alone.
 pub const FLAG_ON: u32 = 1;
@@ -55,6 +61,15 @@ pub struct PolicyValue {
     /// The index of the policy's [`Counters`] in [`STATS_MAP`] (with [`FLAG_SLOT`]), one per
     /// policy path: a cgroup re-created at the path counts on.
     pub slot: u32,
+}
+
+/// Which cgroup decides for a cgroup without a policy of its own (0: none), as found at
+/// `epoch`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub policy: u64,
+    pub epoch: u64,
 }
 
 /// A cgroup path relative to the cgroup2 root ("/a/b"), NUL-padded: the key of [`PATHS_MAP`].

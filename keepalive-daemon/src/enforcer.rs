@@ -18,16 +18,16 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData, PerCpuArray, PerCpuValues},
     programs::{BtfTracePoint, CgroupSockopt, Iter, ProgramFd, SockOps},
     Btf, Ebpf, EbpfLoader,
 };
 use keepalive_common::{
-    Counters, KernelOffsets, PathKey, PolicyValue, FLAG_SLOT, MAX_POLICIES, OFFSETS_CGROUP,
-    OFFSETS_GLOBAL, OFFSETS_KILLS, PATHS_MAP, PATH_KEY_LEN, POLICIES_MAP, SCOPE_MAP, SOCK_MAP,
-    STATS_MAP,
+    Counters, KernelOffsets, PathKey, PolicyValue, EPOCH_MAP, FLAG_SLOT, MAX_POLICIES,
+    OFFSETS_CGROUP, OFFSETS_GLOBAL, OFFSETS_KILLS, PATHS_MAP, PATH_KEY_LEN, POLICIES_MAP,
+    SCOPE_MAP, SOCK_MAP, STATS_MAP,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     bpfsys::{self, CgroupHook},
@@ -175,6 +175,10 @@ pub struct Enforcer {
     paths: BpfHashMap<MapData, PathKey, PolicyValue>,
     stats: PerCpuArray<MapData, Counters>,
     scope: BpfHashMap<MapData, u64, u64>,
+    /// Moved after every change of `policies`: the programs' remembered decisions (which
+    /// ancestor decides for a cgroup without a policy) hold only within one epoch.
+    epoch: Array<MapData, u64>,
+    epoch_value: u64,
     /// Counters and entries by id are read through it only, so that the daemon's readers and
     /// the enforcer cannot disagree.
     reader: std::sync::Arc<Reader>,
@@ -311,6 +315,8 @@ impl Enforcer {
             .map_err(|e| map_error(STATS_MAP, e))?;
         let scope = BpfHashMap::try_from(take_map(&mut ebpf, SCOPE_MAP)?)
             .map_err(|e| map_error(SCOPE_MAP, e))?;
+        let epoch = Array::try_from(take_map(&mut ebpf, EPOCH_MAP)?)
+            .map_err(|e| map_error(EPOCH_MAP, e))?;
         let reader = std::sync::Arc::new(Reader::of(&policies, &stats)?);
         let mut enforcer = Enforcer {
             dir: dir.to_path_buf(),
@@ -318,6 +324,8 @@ impl Enforcer {
             paths,
             stats,
             scope,
+            epoch,
+            epoch_value: 0,
             reader,
             programs,
             anchors: BTreeMap::new(),
@@ -365,8 +373,17 @@ impl Enforcer {
             self.policies
                 .insert(id, value, 0)
                 .map_err(|e| full_or(POLICIES_MAP, e))?;
+            self.next_epoch()?;
         }
         Ok(slot)
+    }
+
+    /// After a change of `policies`: the decisions the programs remembered are void.
+    fn next_epoch(&mut self) -> Result<(), EnforcerError> {
+        self.epoch_value += 1;
+        self.epoch
+            .set(0, self.epoch_value, 0)
+            .map_err(|e| map_error(EPOCH_MAP, e))
     }
 
     fn zero_counters(&mut self, slot: u32) -> Result<(), EnforcerError> {
@@ -394,7 +411,12 @@ impl Enforcer {
 
     /// Forgets the policy of a cgroup id. Unknown ids are fine.
     pub fn remove_id(&mut self, id: u64) {
-        let _ = self.policies.remove(&id);
+        if self.policies.remove(&id).is_ok() {
+            if let Err(e) = self.next_epoch() {
+                // Cannot happen short of a broken map; the cgroups below may decide by it.
+                error!("{e}: cgroups below {id} may still follow its removed policy");
+            }
+        }
     }
 
     /// The cgroup ids that have a policy entry (some may have been put there by `mkdir`).

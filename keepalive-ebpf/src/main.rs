@@ -21,9 +21,9 @@ use core::{ffi::c_void, mem::size_of, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, SOL_SOCKET, SO_KEEPALIVE,
+        bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, SOL_SOCKET, SO_KEEPALIVE,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_probe_read_kernel,
@@ -31,14 +31,14 @@ use aya_ebpf::{
         bpf_skc_to_tcp_sock,
     },
     macros::{btf_map, btf_tracepoint, cgroup_sockopt, map, sock_ops},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{BtfTracePointContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::info;
 use keepalive_common::{
-    Counters, KernelOffsets, PathKey, PolicyValue, FLAG_ENFORCE, FLAG_ON, FLAG_SLOT,
-    MARK_OVERRIDDEN, MAX_LEVEL, MAX_POLICIES, MAX_SCOPE, OFFSETS_ADDRS, OFFSETS_CGROUP,
-    OFFSETS_KEEPALIVE, OFFSETS_KILLS, PATH_KEY_LEN,
+    Counters, Decision, KernelOffsets, PathKey, PolicyValue, FLAG_ENFORCE, FLAG_ON, FLAG_SLOT,
+    MARK_OVERRIDDEN, MAX_DECISIONS, MAX_LEVEL, MAX_POLICIES, MAX_SCOPE, OFFSETS_ADDRS,
+    OFFSETS_CGROUP, OFFSETS_KEEPALIVE, OFFSETS_KILLS, PATH_KEY_LEN,
 };
 
 // Not in aya-ebpf's bindings (include/uapi/linux/tcp.h, in.h, errno.h).
@@ -97,6 +97,20 @@ static KAD_SCOPE: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SCOPE, 0);
 
 #[map]
 static KAD_SCRATCH: PerCpuArray<PathKey> = PerCpuArray::with_max_entries(1, 0);
+
+/// Decisions remembered for cgroups without a policy of their own: which ancestor decides
+/// (0: none), valid while [`KAD_EPOCH`] has not moved. Saves the walk up the tree, so that a
+/// socket deep below its policy, or below none, costs what one next to it does. Per-CPU LRU
+/// lists: no lock shared between CPUs when a decision is added.
+#[map]
+static KAD_DECIDE: LruHashMap<u64, Decision> =
+    LruHashMap::with_max_entries(MAX_DECISIONS, BPF_F_NO_COMMON_LRU);
+
+/// Moved by the daemon after every change of the policies by cgroup id. A new cgroup's entry
+/// (made inside `mkdir`) does not move it: a new id has no remembered decision, nor any
+/// descendant that could.
+#[map]
+static KAD_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
 /// The kernel's HZ, learnt from the first socket this program set TCP_KEEPIDLE or
 /// TCP_KEEPINTVL on (the kernel stores seconds * HZ); 0 until then. With it a socket's own
@@ -178,8 +192,41 @@ fn deciding_policy(sk: *const u8, offs: &KernelOffsets) -> Option<(u64, PolicyVa
     if cgroup.is_null() {
         return None;
     }
-    let mut kn: *const u8 = load(cgroup, offs.cgroup_kn);
-    let mut level = 0;
+    let kn: *const u8 = load(cgroup, offs.cgroup_kn);
+    if kn.is_null() {
+        return None;
+    }
+    let own: u64 = load(kn, offs.kn_id);
+    if let Some(policy) = policy_of(own) {
+        return Some((own, policy));
+    }
+    // Read before the walk: a change the daemon makes meanwhile moves it after the maps, so
+    // what this walk finds is remembered under an epoch that is already past.
+    let epoch = KAD_EPOCH.get(0).copied().unwrap_or(0);
+    // SAFETY: plain data, copied out.
+    if let Some(d) = unsafe { KAD_DECIDE.get(&own) }.copied() {
+        if d.epoch == epoch {
+            if d.policy == 0 {
+                return None;
+            }
+            if let Some(policy) = policy_of(d.policy) {
+                return Some((d.policy, policy));
+            }
+        }
+    }
+    let found = walk_up(load(kn, offs.kn_parent), offs);
+    let decision = Decision {
+        policy: found.map_or(0, |(id, _)| id),
+        epoch,
+    };
+    let _ = KAD_DECIDE.insert(&own, &decision, 0);
+    found
+}
+
+/// The nearest cgroup with a policy from `kn` (a `kernfs_node`) up.
+#[inline(always)]
+fn walk_up(mut kn: *const u8, offs: &KernelOffsets) -> Option<(u64, PolicyValue)> {
+    let mut level = 1;
     while level < MAX_LEVEL && !kn.is_null() {
         let id: u64 = load(kn, offs.kn_id);
         if let Some(policy) = policy_of(id) {

@@ -218,6 +218,55 @@ fn an_accepted_socket_gets_the_policy_its_listener_no_longer_holds() {
 }
 
 #[test]
+fn a_deep_cgroup_follows_every_change_of_the_policies_above_it() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "deep");
+    let deep = cg.child("a/b/c/d/e/f");
+    let at = |rel: &str| format!("{}/{rel}", cg.relative());
+    // Both ends 7 levels below the cgroup deciding for them: (keepalive, idle) of each.
+    let now = || {
+        let (server, client) = kad_tests::connect(&env, Some(&deep), Some(&deep), false);
+        (
+            (server.keepalive, server.idle),
+            (client.keepalive, client.idle),
+        )
+    };
+    let off = now().0;
+    assert!(!off.0, "no policy yet: {off:?}");
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "100"]);
+    // Twice each time: the second connection may use what the first one's lookup remembered.
+    for _ in 0..2 {
+        assert_eq!(now(), ((true, 100), (true, 100)), "the top policy");
+    }
+    daemon.kad_ok(&["set", "--cgroup", &at("a/b/c"), "--idle", "150"]);
+    for _ in 0..2 {
+        assert_eq!(now(), ((true, 150), (true, 150)), "a nearer policy set");
+    }
+    daemon.kad_ok(&["set", "--cgroup", &at("a/b/c"), "--idle", "160"]);
+    assert_eq!(now(), ((true, 160), (true, 160)), "its values changed");
+    daemon.kad_ok(&["set", "--cgroup", &at("a/b/c/d/e"), "--off"]);
+    for _ in 0..2 {
+        assert_eq!(now(), (off, off), "an opt-out nearer still");
+    }
+    daemon.kad_ok(&["unset", "--cgroup", &at("a/b/c/d/e")]);
+    daemon.kad_ok(&["unset", "--cgroup", &at("a/b/c")]);
+    for _ in 0..2 {
+        assert_eq!(now(), ((true, 100), (true, 100)), "back to the top policy");
+    }
+    daemon.kad_ok(&["unset", "--cgroup", &cg.relative()]);
+    for _ in 0..2 {
+        assert_eq!(now(), (off, off), "no policy left");
+    }
+    daemon.kad_ok(&["set", "--cgroup", &at("a"), "--idle", "170"]);
+    assert_eq!(
+        now(),
+        ((true, 170), (true, 170)),
+        "a policy again, where none was"
+    );
+}
+
+#[test]
 fn paths_the_policy_cannot_name_are_refused() {
     let env = kad_env!();
     let daemon = Daemon::start(&env);
