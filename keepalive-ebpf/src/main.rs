@@ -204,7 +204,7 @@ fn deciding_policy(sk: *const u8, offs: &KernelOffsets) -> Option<(u64, PolicyVa
     // what this walk finds is remembered under an epoch that is already past.
     let epoch = KAD_EPOCH.get(0).copied().unwrap_or(0);
     // SAFETY: plain data, copied out.
-    if let Some(d) = unsafe { KAD_DECIDE.get(&own) }.copied() {
+    if let Some(d) = unsafe { KAD_DECIDE.get(own) }.copied() {
         if d.epoch == epoch {
             if d.policy == 0 {
                 return None;
@@ -219,7 +219,7 @@ fn deciding_policy(sk: *const u8, offs: &KernelOffsets) -> Option<(u64, PolicyVa
         policy: found.map_or(0, |(id, _)| id),
         epoch,
     };
-    let _ = KAD_DECIDE.insert(&own, &decision, 0);
+    let _ = KAD_DECIDE.insert(own, decision, 0);
     found
 }
 
