@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use keepalive_common::{PolicyValue, FLAG_CONFIG};
+use keepalive_common::{PathKey, PolicyValue, FLAG_CONFIG};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -70,7 +70,9 @@ impl Reconciler {
             in_force: BTreeMap::new(),
             candidates: BTreeMap::new(),
             anchored: BTreeSet::new(),
-            anchors_dirty: false,
+            // The anchors an earlier run left attached are brought to what this run's
+            // policies need at the first apply, also when that is none.
+            anchors_dirty: true,
             watches: BTreeMap::new(),
             failing: BTreeMap::new(),
         }
@@ -318,6 +320,27 @@ impl Reconciler {
             .collect();
         for id in &stale {
             self.enforcer.remove_id(*id);
+        }
+        stale.len()
+    }
+
+    /// Removes the policies by path an earlier run left in the pinned map that this run has no
+    /// policy for (a config-file policy removed while no daemon ran): left there, the `mkdir`
+    /// hook would put one in force again for a cgroup created at its path. Run at start, after
+    /// every path of the table is in force (and the state file's are adopted).
+    pub fn drop_stale_paths(&mut self) -> usize {
+        let stale: Vec<PathKey> = self
+            .enforcer
+            .pinned_paths()
+            .into_iter()
+            .map(|(key, _)| key)
+            .filter(|key| {
+                enforcer::key_path(&self.root, key)
+                    .is_none_or(|path| !self.in_force.contains_key(&path))
+            })
+            .collect();
+        for key in &stale {
+            self.enforcer.remove_path(key);
         }
         stale.len()
     }

@@ -267,6 +267,45 @@ fn a_deep_cgroup_follows_every_change_of_the_policies_above_it() {
 }
 
 #[test]
+fn a_config_policy_removed_while_no_daemon_ran_does_not_come_back_with_its_cgroup() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "config-gone");
+    let svc = cg.path.join("svc");
+    daemon.stop();
+    fs::write(
+        &daemon.config,
+        format!("[[policy]]\ncgroup = \"{}\"\nidle = 111\n", svc.display()),
+    )
+    .expect("write the config");
+    daemon.restart();
+    assert_eq!(daemon.list().as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        kad_tests::kad_attachments(&cg.path),
+        1,
+        "anchored for the waiting path"
+    );
+    // Removed from the file while no daemon runs: the next one has no policy for the path.
+    daemon.stop();
+    fs::write(&daemon.config, "").expect("empty the config");
+    daemon.restart();
+    assert_eq!(daemon.list().as_array().map(Vec::len), Some(0));
+    fs::create_dir(&svc).expect("mkdir svc");
+    let (server, client) = kad_tests::connect(&env, Some(&svc), Some(&svc), false);
+    assert_eq!(
+        (server.keepalive, client.keepalive),
+        (false, false),
+        "the removed policy came back with its cgroup"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || kad_tests::kad_attachments(
+            &cg.path
+        ) == 0),
+        "kad's programs are still attached where no policy needs them"
+    );
+}
+
+#[test]
 fn paths_the_policy_cannot_name_are_refused() {
     let env = kad_env!();
     let daemon = Daemon::start(&env);

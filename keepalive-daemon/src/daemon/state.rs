@@ -100,6 +100,13 @@ impl State {
         // Map entries an earlier run left for cgroups or policies that are gone, and what the
         // first design of kad pinned, once this design's anchors are in place.
         state.kernel.drop_stale_ids();
+        let dropped = state.kernel.drop_stale_paths();
+        if dropped > 0 {
+            info!(
+                policies = dropped,
+                "removed pinned policies by path that no longer have a policy (config file changed)"
+            );
+        }
         let retired = state.kernel.enforcer.retire_legacy();
         if retired > 0 {
             info!(links = retired, "replaced the links of an older kad");
