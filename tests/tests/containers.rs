@@ -3,7 +3,8 @@
 //! podman storage (--root, --runroot, --tmpdir in a temp dir) and a --cgroup-parent that is a
 //! test cgroup, so the host's podman state and the cgroup2 root are never touched.
 use std::{
-    fs,
+    fs::{self, File},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::Duration,
@@ -61,14 +62,34 @@ impl Podman {
         fs::create_dir_all(&hooks).expect("mkdir hooks.d");
         let run_dir = dir.0.join("hook-records");
         write_hook(&hooks, env, socket, &run_dir);
-        Podman {
+        let podman = Podman {
             rootfs,
             hooks,
             run_dir,
             parent: TestCgroup::new(env, "podman"),
             containers: Vec::new(),
             dir,
-        }
+        };
+        podman.first_run();
+        podman
+    }
+
+    /// Every podman root of the machine shares one lock segment (`/dev/shm/libpod_lock`),
+    /// which the first podman to find none creates: two fresh roots starting at once on a
+    /// fresh machine (CI, a test VM) both try, and one fails with "file exists". The first
+    /// command of each test's podman runs alone, under a lock file.
+    fn first_run(&self) {
+        let lock = File::create(std::env::temp_dir().join("kad-tests-podman.lock"))
+            .expect("create the podman lock file");
+        // SAFETY: flock on a descriptor we own; released when `lock` is closed.
+        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+        let out = self.run(&["info", "--format", "{{.Host.OCIRuntime.Name}}"]);
+        assert!(
+            out.status.success(),
+            "podman info: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn command(&self) -> Command {
