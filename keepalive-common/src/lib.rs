@@ -31,8 +31,9 @@ pub const PATH_KEY_LEN: usize = 256;
 /// The deepest cgroup level the socket-creation program walks up from.
 pub const MAX_LEVEL: u32 = 32;
 /// Capacity of the decision cache (cgroups without a policy of their own, by id; least
-/// recently used first out).
-pub const MAX_DECISIONS: u32 = 65_536;
+/// recently used first out: a cgroup pushed out walks the tree once more). Preallocated
+/// kernel memory, so sized for the cgroups that make connections, not for every cgroup.
+pub const MAX_DECISIONS: u32 = 16_384;
 /// The epoch that validates the decision cache (`KAD_DECIDE`): an array of one `u64` the
 /// daemon moves after every change of [`POLICIES_MAP`].
 pub const EPOCH_MAP: &str = "KAD_EPOCH";
