@@ -38,10 +38,15 @@ const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// One kernel's whole run, boot included; measured runs take 1 to 2 minutes.
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// How long the guest may go without a line of test output (see `boot_and_test`).
+const STALL_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
 /// What one kernel's run gave.
 #[derive(Default)]
 struct Outcome {
+    /// The guest stopped making progress (no test output for `STALL_TIMEOUT`, or past
+    /// `VM_TIMEOUT`) and was killed.
+    frozen: bool,
     release: String,
     passed: u64,
     failed: u64,
@@ -49,6 +54,7 @@ struct Outcome {
     failures: Vec<String>,
     skips: Vec<String>,
     seconds: u64,
+    notes: Vec<String>,
 }
 
 pub fn run_matrix(root: &Path, versions: &[String]) -> Result<()> {
@@ -83,7 +89,28 @@ pub fn run_matrix(root: &Path, versions: &[String]) -> Result<()> {
     let mut outcomes = Vec::new();
     for (version, vmlinuz) in &kernels {
         eprintln!("xtask: booting {} (TCG, 2 cpus, 2G)", vmlinuz.display());
-        let outcome = boot_and_test(root, &venv, &work, version, vmlinuz, &tests)?;
+        let mut outcome = boot_and_test(root, &venv, &work, version, vmlinuz, &tests)?;
+        if outcome.frozen {
+            // Seen on 5.10 under TCG: the whole guest stops (both vCPUs busy, nothing runs,
+            // not even a watchdog shell loop) a few minutes in, at no fixed test; not
+            // understood yet (see the README). One more boot, said loudly; a second freeze
+            // fails the run as any failure does.
+            let kept = work.join("out").join(format!("{version}-frozen"));
+            let _ = fs::remove_dir_all(&kept);
+            let _ = fs::rename(work.join("out").join(version), &kept);
+            println!("{}", summary(version, &outcome));
+            eprintln!(
+                "xtask: kernel {version}: the guest froze ({}); its logs are in {}; booting it \
+                 once more",
+                outcome.failures.join("; "),
+                kept.display()
+            );
+            outcome = boot_and_test(root, &venv, &work, version, vmlinuz, &tests)?;
+            outcome.notes.push(format!(
+                "booted twice: the first guest froze (logs in {})",
+                kept.display()
+            ));
+        }
         // Printed as each kernel finishes, and again together at the end.
         println!("{}", summary(version, &outcome));
         outcomes.push((version, outcome));
@@ -94,6 +121,9 @@ pub fn run_matrix(root: &Path, versions: &[String]) -> Result<()> {
         println!("{}", summary(version, outcome));
         for name in &outcome.failures {
             println!("    failed: {name}");
+        }
+        for note in &outcome.notes {
+            println!("    note: {note}");
         }
         for skip in &outcome.skips {
             println!("    skipped: {skip}");
@@ -488,14 +518,23 @@ fn boot_and_test(
         // with us.
         .spawn()
         .context("cannot run vng")?;
-    let timed_out = loop {
+    let log = out.join("tests.log");
+    let mut progress = (None, Instant::now());
+    let (timed_out, stalled) = loop {
         if child.try_wait()?.is_some() {
-            break false;
+            break (false, false);
         }
-        if start.elapsed() > VM_TIMEOUT {
+        // The guest appends to the log as tests finish; a test binary takes well under a
+        // minute here, so minutes without a line is a guest that stopped.
+        let len = fs::metadata(&log).map(|m| m.len()).ok();
+        if len != progress.0 {
+            progress = (len, Instant::now());
+        }
+        let stalled = progress.1.elapsed() > STALL_TIMEOUT;
+        if stalled || start.elapsed() > VM_TIMEOUT {
             kill_tree(child.id());
             let _ = child.wait();
-            break true;
+            break (!stalled, stalled);
         }
         sleep(Duration::from_millis(500));
     };
@@ -515,8 +554,14 @@ fn boot_and_test(
     }
     if !out.join("finished").exists() {
         outcome.failed += 1;
+        outcome.frozen = timed_out || stalled;
         outcome.failures.push(if timed_out {
             format!("the run did not finish in {} s", VM_TIMEOUT.as_secs())
+        } else if stalled {
+            format!(
+                "no test output for {} s: the guest stopped",
+                STALL_TIMEOUT.as_secs()
+            )
         } else {
             format!(
                 "the run did not finish: see {}",
