@@ -75,7 +75,7 @@ pub struct Decision {
 
 /// A cgroup path relative to the cgroup2 root ("/a/b"), NUL-padded: the key of [`PATHS_MAP`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PathKey {
     pub bytes: [u8; PATH_KEY_LEN],
 }
