@@ -27,7 +27,7 @@ use keepalive_common::{
     OFFSETS_CGROUP, OFFSETS_GLOBAL, OFFSETS_KILLS, PATHS_MAP, PATH_KEY_LEN, POLICIES_MAP,
     SCOPE_MAP, SOCK_MAP, STATS_MAP,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     bpfsys::{self, CgroupHook},
@@ -301,10 +301,11 @@ impl Enforcer {
             None
         };
         let features = Features {
-            existing,
-            mkdir,
-            setsockopt,
-            kills,
+            existing: existing.map_err(|e| brief("existing connections", "Linux 5.15", &e)),
+            mkdir: mkdir.map_err(|e| brief("new cgroups", "kernel BTF, Linux 5.5", &e)),
+            setsockopt: setsockopt
+                .map_err(|e| brief("programs' own options", "Linux 6.1, the oldest tested", &e)),
+            kills: kills.map_err(|e| brief("keepalive kills", "Linux 5.14", &e)),
         };
 
         let policies = BpfHashMap::try_from(take_map(&mut ebpf, POLICIES_MAP)?)
@@ -943,6 +944,32 @@ fn lock_dir(dir: &Path) -> Result<File, EnforcerError> {
 }
 
 /// aya's errors keep the useful part (the errno, the verifier log) in their sources.
+/// Why a feature is off, for `kad status` and the start's log: a verifier log (hundreds of
+/// lines) is cut to the line that says what the kernel lacks, and the kernel version the
+/// feature needs is named. The whole log goes to the debug log.
+fn brief(what: &str, needs: &str, reason: &str) -> String {
+    let Some((head, log)) = reason.split_once("Verifier output:") else {
+        return format!("{reason}; needs {needs}");
+    };
+    debug!("{what}: the verifier's output: {log}");
+    let lines: Vec<&str> = log.lines().map(str::trim).collect();
+    // The verifier ends with its statistics; the line before them is its verdict.
+    let end = lines
+        .iter()
+        .position(|l| l.starts_with("verification time") || l.starts_with("processed "))
+        .unwrap_or(lines.len());
+    let verdict = lines[..end]
+        .iter()
+        .rev()
+        .find(|l| !l.is_empty())
+        .copied()
+        .unwrap_or("(no verdict in its output)");
+    format!(
+        "{}; the verifier: {verdict}; needs {needs}",
+        head.trim().trim_end_matches('.')
+    )
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -957,6 +984,27 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verifier_log_is_cut_to_its_verdict() {
+        // As 5.10 refuses the iter/tcp program (shortened).
+        let reason = "cannot load the iter/tcp program: the BPF_PROG_LOAD syscall returned \
+                      Invalid argument (os error 22). Verifier output: arg#0 type is not a \
+                      struct\n0: (bf) r2 = r1\n106: (85) call bpf_setsockopt#49\n\
+                      unknown func bpf_setsockopt#49\nverification time 1446 usec\n\
+                      stack depth 40\nprocessed 80 insns (limit 1000000)\n: Invalid argument \
+                      (os error 22)";
+        assert_eq!(
+            brief("existing connections", "Linux 5.15", reason),
+            "cannot load the iter/tcp program: the BPF_PROG_LOAD syscall returned Invalid \
+             argument (os error 22); the verifier: unknown func bpf_setsockopt#49; needs \
+             Linux 5.15"
+        );
+        assert_eq!(
+            brief("keepalive kills", "Linux 5.14", "unknown BTF type `x`"),
+            "unknown BTF type `x`; needs Linux 5.14"
+        );
+    }
 
     #[test]
     fn path_keys_are_relative_to_the_root_and_round_trip() {
