@@ -14,6 +14,21 @@ pub const STATS_MAP: &str = "KAD_COUNTS";
 pub const SOCK_MAP: &str = "KAD_MARKS";
 /// The socket's override was counted already.
 pub const MARK_OVERRIDDEN: u32 = 1;
+/// Listeners kad changed (socket local storage, [`ListenerRecord`]): what each held before, so
+/// that when no policy decides for it any more its options go back, and the sockets it accepts
+/// from then on inherit what the program had, not kad's values. Made only for listeners, when
+/// kad first changes one.
+pub const LISTENERS_MAP: &str = "KAD_LISTENERS";
+/// The network namespace's `net.ipv4.tcp_keepalive_*` defaults ([`NetDefaults`], one entry),
+/// written by the daemon before each iterator run in that namespace: what a listener option
+/// goes back to when it had no value of its own.
+pub const DEFAULTS_MAP: &str = "KAD_DEFAULTS";
+/// [`ListenerRecord::changed`] bits: the options kad changed on a listener.
+pub const OPT_KEEPALIVE: u32 = 1;
+pub const OPT_IDLE: u32 = 2;
+pub const OPT_INTVL: u32 = 4;
+pub const OPT_CNT: u32 = 8;
+pub const OPT_USER_TIMEOUT: u32 = 16;
 /// The cgroups one refresh of existing connections covers: cgroup id -> deciding policy id
 /// (0: none). Filled by the daemon for the length of one iterator run.
 pub const SCOPE_MAP: &str = "KAD_SCOPE";
@@ -62,6 +77,30 @@ pub struct PolicyValue {
     /// The index of the policy's [`Counters`] in [`STATS_MAP`] (with [`FLAG_SLOT`]), one per
     /// policy path: a cgroup re-created at the path counts on.
     pub slot: u32,
+}
+
+/// What a listener held before kad first changed each option (bit set in `changed`), in the
+/// kernel's units: `keepalive` 0 or 1, `idle` and `intvl` in jiffies (0: the namespace
+/// default), `cnt` (0: the default), `user_timeout` in ms. A program's own later setsockopt of
+/// such an option replaces the recorded value: it is what the program wants.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerRecord {
+    pub changed: u32,
+    pub keepalive: u32,
+    pub idle: u32,
+    pub intvl: u32,
+    pub cnt: u32,
+    pub user_timeout: u32,
+}
+
+/// `net.ipv4.tcp_keepalive_time`, `_intvl` (seconds) and `_probes` of one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetDefaults {
+    pub idle: u32,
+    pub intvl: u32,
+    pub cnt: u32,
 }
 
 /// Which cgroup decides for a cgroup without a policy of its own (0: none), as found at
@@ -140,6 +179,8 @@ pub struct KernelOffsets {
     pub keepalive_probes: u32,
     pub sk_flags: u32,
     pub user_timeout: u32,
+    /// `sock_common.skc_state` (u8): tells a listener in the iterator.
+    pub state: u32,
     /// Bit 0: the kill fields are valid; bit 1: the cgroup fields; bit 2: the address fields;
     /// bit 3: the keepalive fields.
     pub valid: u32,
@@ -159,6 +200,12 @@ unsafe impl aya::Pod for Counters {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for KernelOffsets {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NetDefaults {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ListenerRecord {}
 // SAFETY: as above (a byte array).
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PathKey {}

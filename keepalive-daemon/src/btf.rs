@@ -284,7 +284,7 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
         Err(e) => missing.push(format!("connection addresses in kill events: {e}")),
     }
     // tcp_sock starts with sock, so these are offsets from the same pointer.
-    let keepalive = (|| -> Result<[u32; 5], BtfError> {
+    let keepalive = (|| -> Result<[u32; 6], BtfError> {
         Ok([
             btf.field_offset("tcp_sock", "keepalive_time")?,
             btf.field_offset("tcp_sock", "keepalive_intvl")?,
@@ -293,10 +293,12 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
             btf.field_offset("sock", "sk_flags")
                 .or_else(|_| btf.field_offset("sock_common", "skc_flags"))?,
             btf.field_offset("inet_connection_sock", "icsk_user_timeout")?,
+            btf.field_offset("sock_common", "skc_state")?,
         ])
     })();
     match keepalive {
-        Ok([time, intvl, probes, flags, user_timeout]) => {
+        Ok([time, intvl, probes, flags, user_timeout, state]) => {
+            offsets.state = state;
             offsets.keepalive_time = time;
             offsets.keepalive_intvl = intvl;
             offsets.keepalive_probes = probes;

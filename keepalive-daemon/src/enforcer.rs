@@ -2,7 +2,8 @@
 //! to anchor cgroups, and refreshes existing connections. Everything that must outlive the
 //! daemon is pinned under its bpffs directory:
 //!
-//! - maps `KAD_POLICY` (by cgroup id), `KAD_PATHS` (by path), `KAD_COUNTS` (by slot), `KAD_MARKS`;
+//! - maps `KAD_POLICY` (by cgroup id), `KAD_PATHS` (by path), `KAD_COUNTS` (by slot), `KAD_MARKS`,
+//!   `KAD_LISTENERS` (what the listeners kad changed held before, for as long as they live);
 //! - `anchors/<cgroup id>/{sock_ops,setsockopt}`: the cgroup links;
 //! - `tracing/{mkdir,rmdir,error_report}`: the tracepoint links.
 //!
@@ -23,9 +24,9 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use keepalive_common::{
-    Counters, KernelOffsets, PathKey, PolicyValue, EPOCH_MAP, FLAG_SLOT, MAX_POLICIES,
-    OFFSETS_CGROUP, OFFSETS_GLOBAL, OFFSETS_KILLS, PATHS_MAP, PATH_KEY_LEN, POLICIES_MAP,
-    SCOPE_MAP, SOCK_MAP, STATS_MAP,
+    Counters, KernelOffsets, NetDefaults, PathKey, PolicyValue, DEFAULTS_MAP, EPOCH_MAP, FLAG_SLOT,
+    LISTENERS_MAP, MAX_POLICIES, OFFSETS_CGROUP, OFFSETS_GLOBAL, OFFSETS_KILLS, PATHS_MAP,
+    PATH_KEY_LEN, POLICIES_MAP, SCOPE_MAP, SOCK_MAP, STATS_MAP,
 };
 use tracing::{debug, error, info, warn};
 
@@ -179,6 +180,8 @@ pub struct Enforcer {
     /// ancestor decides for a cgroup without a policy) hold only within one epoch.
     epoch: Array<MapData, u64>,
     epoch_value: u64,
+    /// The keepalive sysctls of the namespace an iterator runs in (see `run_iterator_in`).
+    defaults: Array<MapData, NetDefaults>,
     /// Counters and entries by id are read through it only, so that the daemon's readers and
     /// the enforcer cannot disagree.
     reader: std::sync::Arc<Reader>,
@@ -229,6 +232,7 @@ impl Enforcer {
             .map_pin_path(PATHS_MAP, dir.join(PATHS_MAP))
             .map_pin_path(STATS_MAP, dir.join(STATS_MAP))
             .map_pin_path(SOCK_MAP, dir.join(SOCK_MAP))
+            .map_pin_path(LISTENERS_MAP, dir.join(LISTENERS_MAP))
             .override_global(OFFSETS_GLOBAL, &offsets, true)
             .load(PROGRAM)
             .map_err(|e| load_error("kad", &e))?;
@@ -318,6 +322,8 @@ impl Enforcer {
             .map_err(|e| map_error(SCOPE_MAP, e))?;
         let epoch = Array::try_from(take_map(&mut ebpf, EPOCH_MAP)?)
             .map_err(|e| map_error(EPOCH_MAP, e))?;
+        let defaults = Array::try_from(take_map(&mut ebpf, DEFAULTS_MAP)?)
+            .map_err(|e| map_error(DEFAULTS_MAP, e))?;
         let reader = std::sync::Arc::new(Reader::of(&policies, &stats)?);
         let mut enforcer = Enforcer {
             dir: dir.to_path_buf(),
@@ -327,6 +333,7 @@ impl Enforcer {
             scope,
             epoch,
             epoch_value: 0,
+            defaults,
             reader,
             programs,
             anchors: BTreeMap::new(),
@@ -638,7 +645,7 @@ impl Enforcer {
         let mut updated = 0;
         if errors.is_empty() {
             for ns in netns {
-                match run_iterator_in(link, ns) {
+                match run_iterator_in(link, ns, &mut self.defaults) {
                     Ok(n) => updated += n,
                     Err(e) => errors.push(e.to_string()),
                 }
@@ -709,13 +716,22 @@ impl Enforcer {
 
 /// Runs the iterator once in the network namespace `ns`, on a thread of its own (setns
 /// changes only the calling thread). Returns the number of sockets it updated.
-fn run_iterator_in(link: &OwnedFd, ns: &File) -> io::Result<u64> {
+fn run_iterator_in(
+    link: &OwnedFd,
+    ns: &File,
+    defaults: &mut Array<MapData, NetDefaults>,
+) -> io::Result<u64> {
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: setns on a descriptor we hold; it affects only this thread.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(io::Error::last_os_error());
             }
+            // What a listener's option goes back to when it had none of its own: this
+            // namespace's defaults (/proc/sys/net is the opener's namespace's).
+            defaults
+                .set(0, net_defaults(), 0)
+                .map_err(|e| io::Error::other(format!("{DEFAULTS_MAP}: {e}")))?;
             // The namespace is fixed when the iterator is created: here, after setns.
             let iter = File::from(bpfsys::iter_create(link.as_fd())?);
             let mut out = Vec::new();
@@ -725,6 +741,22 @@ fn run_iterator_in(link: &OwnedFd, ns: &File) -> io::Result<u64> {
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("iterator thread panicked")))
     })
+}
+
+/// The keepalive sysctls of the calling thread's network namespace; 0 for one it cannot read
+/// (the program then leaves that option as it is).
+fn net_defaults() -> NetDefaults {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    NetDefaults {
+        idle: read("tcp_keepalive_time"),
+        intvl: read("tcp_keepalive_intvl"),
+        cnt: read("tcp_keepalive_probes"),
+    }
 }
 
 fn remove_anchor_pins(pin_dir: &Path) {
@@ -841,7 +873,7 @@ pub fn uninstall(dir: &Path) -> Result<usize, EnforcerError> {
     for sub in [ANCHORS_DIR, TRACING_DIR, LEGACY_LINKS_DIR] {
         remove_tree(&dir.join(sub))?;
     }
-    for name in [POLICIES_MAP, PATHS_MAP, STATS_MAP, SOCK_MAP]
+    for name in [POLICIES_MAP, PATHS_MAP, STATS_MAP, SOCK_MAP, LISTENERS_MAP]
         .into_iter()
         .chain(LEGACY_MAPS)
     {

@@ -36,9 +36,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use keepalive_common::{
-    Counters, Decision, KernelOffsets, PathKey, PolicyValue, FLAG_ENFORCE, FLAG_ON, FLAG_SLOT,
-    MARK_OVERRIDDEN, MAX_DECISIONS, MAX_LEVEL, MAX_POLICIES, MAX_SCOPE, OFFSETS_ADDRS,
-    OFFSETS_CGROUP, OFFSETS_KEEPALIVE, OFFSETS_KILLS, PATH_KEY_LEN,
+    Counters, Decision, KernelOffsets, ListenerRecord, NetDefaults, PathKey, PolicyValue,
+    FLAG_ENFORCE, FLAG_ON, FLAG_SLOT, MARK_OVERRIDDEN, MAX_DECISIONS, MAX_LEVEL, MAX_POLICIES,
+    MAX_SCOPE, OFFSETS_ADDRS, OFFSETS_CGROUP, OFFSETS_KEEPALIVE, OFFSETS_KILLS, OPT_CNT, OPT_IDLE,
+    OPT_INTVL, OPT_KEEPALIVE, OPT_USER_TIMEOUT, PATH_KEY_LEN,
 };
 
 // Not in aya-ebpf's bindings (include/uapi/linux/tcp.h, in.h, errno.h).
@@ -80,6 +81,7 @@ static KAD_OFFSETS: KernelOffsets = KernelOffsets {
     keepalive_probes: 0,
     sk_flags: 0,
     user_timeout: 0,
+    state: 0,
     valid: 0,
 };
 
@@ -142,6 +144,167 @@ static KAD_MARKS: SockStorage = SockStorage {
     max_entries: core::ptr::null(),
     map_flags: core::ptr::null(),
 };
+
+/// What each listener kad changed held before (see `ListenerRecord`). Not copied to accepted
+/// sockets: they inherit the options themselves.
+#[repr(C)]
+pub struct ListenerStorage {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const ListenerRecord,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: placeholder pointers patched by the loader, never dereferenced.
+unsafe impl Sync for ListenerStorage {}
+
+#[btf_map]
+static KAD_LISTENERS: ListenerStorage = ListenerStorage {
+    r#type: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    max_entries: core::ptr::null(),
+    map_flags: core::ptr::null(),
+};
+
+/// The defaults of the network namespace the iterator runs in (written by the daemon).
+#[map]
+static KAD_DEFAULTS: Array<NetDefaults> = Array::with_max_entries(1, 0);
+
+/// The listener record of `sk`; with `create`, an empty one is made if it has none.
+#[inline(always)]
+fn listener_record(sk: *mut c_void, create: bool) -> Option<&'static mut ListenerRecord> {
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE as u64
+    } else {
+        0
+    };
+    // SAFETY: as in `sock_marks`.
+    let record = unsafe {
+        bpf_sk_storage_get(
+            &KAD_LISTENERS as *const ListenerStorage as *mut c_void,
+            sk,
+            core::ptr::null_mut(),
+            flags,
+        )
+    } as *mut ListenerRecord;
+    // SAFETY: a live storage value of this type, owned by the socket.
+    unsafe { record.as_mut() }
+}
+
+/// The options a policy sets (`OPT_*` bits).
+#[inline(always)]
+fn options_of(policy: &PolicyValue) -> u32 {
+    let mut opts = OPT_KEEPALIVE;
+    if policy.idle != 0 {
+        opts |= OPT_IDLE;
+    }
+    if policy.intvl != 0 {
+        opts |= OPT_INTVL;
+    }
+    if policy.cnt != 0 {
+        opts |= OPT_CNT;
+    }
+    if policy.user_timeout != 0 {
+        opts |= OPT_USER_TIMEOUT;
+    }
+    opts
+}
+
+/// Before kad changes the listener `tp` (whose socket is `sk`, as the helper takes it): what
+/// it holds of each option kad is about to change for the first time.
+#[inline(always)]
+fn remember_listener(sk: *mut c_void, tp: *const u8, policy: &PolicyValue, offs: &KernelOffsets) {
+    if offs.valid & OFFSETS_KEEPALIVE == 0 {
+        return; // cannot read what it holds: nothing to put back later
+    }
+    let Some(record) = listener_record(sk, true) else {
+        return;
+    };
+    let new = options_of(policy) & !record.changed;
+    if new & OPT_KEEPALIVE != 0 {
+        record.keepalive = u32::from(load::<u64>(tp, offs.sk_flags) & SOCK_KEEPOPEN != 0);
+    }
+    if new & OPT_IDLE != 0 {
+        record.idle = load(tp, offs.keepalive_time);
+    }
+    if new & OPT_INTVL != 0 {
+        record.intvl = load(tp, offs.keepalive_intvl);
+    }
+    if new & OPT_CNT != 0 {
+        record.cnt = u32::from(load::<u8>(tp, offs.keepalive_probes));
+    }
+    if new & OPT_USER_TIMEOUT != 0 {
+        record.user_timeout = load(tp, offs.user_timeout);
+    }
+    record.changed |= new;
+}
+
+/// No policy decides for the listener `tp` any more: the options kad changed go back to what
+/// the listener held before (or what its program set since), so that what it accepts from now
+/// on is as the program made it. Returns whether there was anything to put back.
+#[inline(always)]
+fn restore_listener(sk: *mut c_void, tp: *mut c_void) -> bool {
+    let Some(record) = listener_record(sk, false) else {
+        return false;
+    };
+    let changed = record.changed;
+    if changed == 0 {
+        return false;
+    }
+    record.changed = 0;
+    let defaults = KAD_DEFAULTS.get(0).copied().unwrap_or_default();
+    let hz = hz();
+    // A time the listener had of its own, in seconds; else the namespace's default.
+    let seconds = |raw: u32, default: u32| {
+        if raw != 0 && hz != 0 {
+            raw / hz
+        } else {
+            default
+        }
+    };
+    if changed & OPT_IDLE != 0 {
+        put_back(
+            tp,
+            IPPROTO_TCP,
+            TCP_KEEPIDLE,
+            seconds(record.idle, defaults.idle),
+        );
+    }
+    if changed & OPT_INTVL != 0 {
+        put_back(
+            tp,
+            IPPROTO_TCP,
+            TCP_KEEPINTVL,
+            seconds(record.intvl, defaults.intvl),
+        );
+    }
+    if changed & OPT_CNT != 0 {
+        let cnt = if record.cnt != 0 {
+            record.cnt
+        } else {
+            defaults.cnt
+        };
+        put_back(tp, IPPROTO_TCP, TCP_KEEPCNT, cnt);
+    }
+    if changed & OPT_USER_TIMEOUT != 0 {
+        // 0 is valid here: no user timeout.
+        set_opt(tp, IPPROTO_TCP, TCP_USER_TIMEOUT, record.user_timeout);
+    }
+    if changed & OPT_KEEPALIVE != 0 {
+        set_opt(tp, SOL_SOCKET as i32, SO_KEEPALIVE as i32, record.keepalive);
+    }
+    true
+}
+
+/// A time or count set back; 0 (a default not known) is outside every range: left as it is.
+#[inline(always)]
+fn put_back(tp: *mut c_void, level: i32, name: i32, value: u32) {
+    if value != 0 {
+        set_opt(tp, level, name, value);
+    }
+}
 
 /// The socket's marks; with `create`, zeroed ones are made if it has none.
 #[inline(always)]
@@ -254,7 +417,10 @@ fn deciding_policy_of_task() -> Option<(u64, PolicyValue)> {
     if let Some(policy) = policy_of(own) {
         return Some((own, policy));
     }
-    let mut best = None;
+    // Plain values rather than an Option built in the loop: the compiler may copy an unset
+    // Option's payload registers, which the verifier refuses to read.
+    let mut best_id = 0;
+    let mut best = PolicyValue::default();
     let mut level = 1;
     while level <= MAX_LEVEL {
         // SAFETY: as above.
@@ -263,11 +429,12 @@ fn deciding_policy_of_task() -> Option<(u64, PolicyValue)> {
             break;
         }
         if let Some(policy) = policy_of(id) {
-            best = Some((id, policy));
+            best_id = id;
+            best = policy;
         }
         level += 1;
     }
-    best
+    (best_id != 0).then_some((best_id, best))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -310,6 +477,9 @@ fn on_sockops(ctx: &SockOpsContext, op: u32) {
     let failures = if holds(tp, &policy, &offs) {
         0
     } else {
+        if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+            remember_listener(sk as *mut c_void, tp, &policy, &offs);
+        }
         let failures = apply(ctx.ops as *mut c_void, &policy);
         learn_hz(tp, &policy, &offs);
         failures
@@ -447,6 +617,11 @@ fn on_setsockopt(ctx: &SockoptContext) {
     if !keepalive_opt || sk.is_null() {
         return;
     }
+    // SAFETY: `state` is readable in the bpf_sock context.
+    let tcp_state = unsafe { (*sk).state };
+    if tcp_state == TCP_LISTEN {
+        note_program_value(opt, sk as *mut c_void, level, name);
+    }
     let Some((_, policy)) = deciding_policy_of_task() else {
         return;
     };
@@ -494,8 +669,6 @@ fn on_setsockopt(ctx: &SockoptContext) {
     // Before that, kad's values come after the program's and win. A listener's accepted
     // sockets inherit the program's value; kad gives them the policy at establishment, as
     // they no longer hold it.
-    // SAFETY: `state` is readable in the bpf_sock context.
-    let tcp_state = unsafe { (*sk).state };
     if tcp_state != TCP_ESTABLISHED && tcp_state != TCP_LISTEN {
         return;
     }
@@ -505,6 +678,58 @@ fn on_setsockopt(ctx: &SockoptContext) {
     if *marks & MARK_OVERRIDDEN == 0 {
         *marks |= MARK_OVERRIDDEN;
         bump(&policy, |c| c.overridden += 1);
+    }
+}
+
+/// A program set a keepalive option on a listener kad changed: its value is what the listener
+/// goes back to when no policy decides for it any more.
+#[inline(always)]
+fn note_program_value(
+    opt: *mut aya_ebpf::bindings::bpf_sockopt,
+    sk: *mut c_void,
+    level: i32,
+    name: i32,
+) {
+    // SAFETY: optval/optval_end delimit the kernel's copy of the value; bounds-checked.
+    let (optval, end) = unsafe {
+        (
+            (*opt).__bindgen_anon_2.optval,
+            (*opt).__bindgen_anon_3.optval_end,
+        )
+    };
+    let value = optval as *const i32;
+    if value.is_null() || (value as usize) + size_of::<i32>() > end as usize {
+        return;
+    }
+    // SAFETY: in bounds (checked above).
+    let value = unsafe { *value };
+    if value < 0 {
+        return; // the kernel refuses it: nothing changes
+    }
+    let value = value as u32;
+    let Some(record) = listener_record(sk, false) else {
+        return;
+    };
+    // Only options kad changed: for the others the program's value stays anyway. Times are
+    // kept in the kernel's unit (jiffies); HZ is known once kad has set a time.
+    if level == SOL_SOCKET as i32 {
+        if record.changed & OPT_KEEPALIVE != 0 {
+            record.keepalive = u32::from(value != 0);
+        }
+    } else if name == TCP_KEEPIDLE {
+        if record.changed & OPT_IDLE != 0 {
+            record.idle = value.saturating_mul(hz());
+        }
+    } else if name == TCP_KEEPINTVL {
+        if record.changed & OPT_INTVL != 0 {
+            record.intvl = value.saturating_mul(hz());
+        }
+    } else if name == TCP_KEEPCNT {
+        if record.changed & OPT_CNT != 0 {
+            record.cnt = value;
+        }
+    } else if record.changed & OPT_USER_TIMEOUT != 0 {
+        record.user_timeout = value;
     }
 }
 
@@ -535,25 +760,38 @@ pub unsafe extern "C" fn kad_iter_tcp(ctx: *mut *mut c_void) -> i32 {
     let Some(policy_id) = (unsafe { KAD_SCOPE.get(cgroup_id) }).copied() else {
         return 0; // not a cgroup this refresh covers
     };
-    let Some(policy) = policy_of(policy_id) else {
+    let listening = offs.valid & OFFSETS_KEEPALIVE != 0
+        && u32::from(read_kernel::<u8>(tp as *const u8, offs.state)) == TCP_LISTEN;
+    let policy = policy_of(policy_id).filter(|p| p.flags & FLAG_ON != 0);
+    let Some(policy) = policy else {
+        // No policy decides (any more), or an opt-out: a listener kad changed goes back.
+        // The storage helper takes a `struct sock`: the tcp_sock pointer is one.
+        if listening && restore_listener(tp, tp) {
+            written(meta);
+        }
         return 0;
     };
-    if policy.flags & FLAG_ON == 0 {
-        return 0;
+    if listening {
+        remember_listener(tp, tp as *const u8, &policy, &offs);
     }
     let failures = apply(tp, &policy);
     bump(&policy, |c| {
         c.refreshed += 1;
         c.failures += failures;
     });
-    // One byte per socket updated, so the daemon can say how many.
+    written(meta);
+    0
+}
+
+/// One byte per socket updated, so the daemon can say how many.
+#[inline(always)]
+fn written(meta: *mut c_void) {
     let mark: u8 = 1;
     // SAFETY: `meta` is the iterator's meta pointer; the helper reads 1 byte of the stack.
     unsafe {
         let seq = *(meta as *const *mut c_void);
         bpf_seq_write(seq as *mut _, &mark as *const u8 as *const c_void, 1);
     }
-    0
 }
 
 /// The id of the cgroup a socket belongs to: sk->sk_cgrp_data.cgroup->kn->id.

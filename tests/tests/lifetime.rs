@@ -92,6 +92,80 @@ fn connections_opened_before_a_policy_get_it_in_every_network_namespace() {
     assert!(refreshed >= 8, "both rounds counted: {stats}");
 }
 
+/// A listener held by one process in `cgroup`; each `accept()` makes a new connection to it.
+struct Server(Process);
+
+impl Server {
+    fn open(env: &Env, cgroup: &Path, own: bool) -> Server {
+        let mut c = Command::new(&env.peer);
+        c.args([if own { "serve-own" } else { "serve" }, "127.0.0.1:0"]);
+        let mut server = Server(Process::spawn(c, Some(cgroup)));
+        let line = server.0.line();
+        assert!(line.starts_with("LISTENING "), "{line}");
+        server
+    }
+
+    /// The (keepalive, idle, intvl, cnt) of a connection accepted now.
+    fn accept(&mut self) -> Values {
+        self.0.write(b"\n");
+        let line = self.0.line();
+        let r: PairReport =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad report {line:?}: {e}"));
+        r.server.values()
+    }
+}
+
+#[test]
+fn a_listener_goes_back_to_its_own_options_when_its_policy_goes() {
+    let env = kad_env!();
+    if !kad_tests::require_kernel(5, 15, "bpf_setsockopt from iter/tcp (existing connections)") {
+        return;
+    }
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "listeners");
+    let early = cg.child("early");
+    let late = cg.child("late");
+    // Listening before the policy, with nothing of its own.
+    let mut before = Server::open(&env, &early, false);
+    assert_eq!(before.accept(), untouched());
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &cg.relative(),
+        "--idle",
+        "150",
+        "--intvl",
+        "15",
+        "--cnt",
+        "3",
+    ]);
+    let want = (true, 150, 15, 3);
+    assert_eq!(before.accept(), want, "listener from before the policy");
+    // Listening under the policy; the program turns keepalive on with its own idle time
+    // (after listen(2), so after kad changed the listener).
+    let mut after = Server::open(&env, &late, true);
+    assert_eq!(after.accept(), want, "kad's values at establishment");
+
+    // An opt-out below the policy: the first listener is as it was before the policy, so
+    // what it accepts from now on is too.
+    let early_rel = format!("{}/early", cg.relative());
+    daemon.kad_ok(&["set", "--cgroup", &early_rel, "--off"]);
+    assert_eq!(before.accept(), untouched(), "after --off");
+    assert_eq!(after.accept(), want, "the neighbour keeps the policy");
+
+    // No policy at all: the second listener keeps what its program set (keepalive on, idle
+    // 77) and the kernel defaults for what it did not (intvl, cnt).
+    daemon.kad_ok(&["unset", "--cgroup", &cg.relative()]);
+    let (_, _, intvl, cnt) = untouched();
+    assert_eq!(after.accept(), (true, 77, intvl, cnt), "after unset");
+    // A policy again reaches both (the opt-out still holds for the first).
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "170"]);
+    assert_eq!(after.accept().1, 170);
+    assert_eq!(before.accept(), untouched(), "opt-out");
+    daemon.kad_ok(&["unset", "--cgroup", &early_rel]);
+    assert_eq!(before.accept().1, 170, "the opt-out removed");
+}
+
 #[test]
 fn a_cgroup_created_and_used_at_once_has_the_policy_every_time() {
     let env = kad_env!();

@@ -11,6 +11,11 @@
 //!   kad-test-peer connect-off ADDR  connects, turns SO_KEEPALIVE off (and TCP_KEEPIDLE to
 //!                                5), reports with "setsockopt": the first failing call's
 //!                                return value, or 0
+//!   kad-test-peer serve ADDR     listens, prints "LISTENING <port>"; for every line read from
+//!                                stdin, connects to itself, accepts, and prints both ends'
+//!                                settings as one JSON line; exits at EOF
+//!   kad-test-peer serve-own ADDR as serve, but first sets its own SO_KEEPALIVE (1) and
+//!                                TCP_KEEPIDLE (77) on the listener after listen(2)
 //!   kad-test-peer churn N        opens and closes N loopback connections to itself, prints
 //!                                the mean nanoseconds per connection (for cargo xtask bench)
 //!   kad-test-peer hold SOCKET N  opens N connections to a unix socket and holds them silent;
@@ -170,6 +175,48 @@ fn pair(addr: &str) -> Result<(), String> {
     }
 }
 
+/// One listener, held; a new connection to it for every line read from stdin, reported from
+/// both ends (the accepted end inherits the listener's options) and closed.
+fn serve(addr: &str, own: bool) -> Result<(), String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    if own {
+        set_int(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_KEEPALIVE,
+            1,
+        )?;
+        set_int(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPIDLE,
+            77,
+        )?;
+    }
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("LISTENING {}", local.port());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Ok(());
+        }
+        let client = TcpStream::connect(local).map_err(|e| format!("connect: {e}"))?;
+        let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        println!(
+            "{{\"client\":{},\"server\":{}}}",
+            report(&client)?,
+            report(&server)?
+        );
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+    }
+}
+
 /// As many open files as the hard limit allows: a flood needs more than the usual 1024.
 fn raise_nofile() {
     let mut limit = libc::rlimit {
@@ -304,6 +351,8 @@ fn run() -> Result<(), String> {
         match mode.as_str() {
             "churn" => return churn(value.parse().map_err(|e| format!("churn count: {e}"))?),
             "pair" => return pair(value),
+            "serve" => return serve(value, false),
+            "serve-own" => return serve(value, true),
             "check" => return check(value.parse().map_err(|e| format!("check idle: {e}"))?),
             _ => {}
         }
