@@ -153,9 +153,10 @@ fn our_hard_nofile() -> u64 {
     limit.rlim_max
 }
 
-#[test]
-fn the_unit_s_capabilities_run_the_daemon_and_enforce_a_policy() {
-    let env = kad_env!();
+/// A daemon started as the unit starts it: its capability bounding set (and nothing else),
+/// no new privileges, its file and memlock limits (as far as this process may give them).
+/// Returns the daemon, the unit's capability names and mask, and the hard file limit.
+fn start_as_the_unit(env: &Env) -> (Daemon, Vec<String>, u64, u64) {
     let text = unit_text();
     let (names, mask) = unit_caps(&text);
     assert!(
@@ -202,7 +203,13 @@ fn the_unit_s_capabilities_run_the_daemon_and_enforce_a_policy() {
     wrapper.push("--".into());
     wrapper.extend(setpriv_args(&names));
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_wrapped(&env, &wrapper, &[]);
+    (Daemon::start_wrapped(env, &wrapper, &[]), names, mask, hard)
+}
+
+#[test]
+fn the_unit_s_capabilities_run_the_daemon_and_enforce_a_policy() {
+    let env = kad_env!();
+    let (daemon, names, mask, hard) = start_as_the_unit(&env);
     let pid = daemon.pid();
     for field in ["CapBnd", "CapPrm", "CapEff"] {
         assert_eq!(
@@ -270,6 +277,56 @@ fn the_unit_s_capabilities_run_the_daemon_and_enforce_a_policy() {
     assert!(
         status.is_some_and(|s| !s.success()) && log.contains("cannot load"),
         "without CAP_PERFMON the program must not load ({status:?}): {log}"
+    );
+}
+
+/// The connections a unit-started daemon must reach when a policy comes: those of a process of
+/// another user (its /proc/PID/ns/net takes CAP_SYS_PTRACE) in a network namespace of its own
+/// (entering it takes CAP_SYS_ADMIN, and `RestrictNamespaces=` must allow `net`).
+#[test]
+fn the_unit_s_capabilities_reach_another_user_s_connections_in_another_namespace() {
+    let env = kad_env!();
+    if !kad_tests::require_kernel(5, 15, "bpf_setsockopt from iter/tcp (existing connections)") {
+        return;
+    }
+    let restrict = directive(&unit_text(), "RestrictNamespaces");
+    assert_eq!(
+        restrict.last().map(String::as_str),
+        Some("net"),
+        "the unit lets the daemon enter network namespaces, and only those"
+    );
+    let (daemon, _, _, _) = start_as_the_unit(&env);
+    let cg = TestCgroup::new(&env, "unitns");
+    let netns = kad_tests::NetnsPair::new();
+    let mut command = Command::new("ip");
+    command
+        .args([
+            "netns",
+            "exec",
+            &netns.a,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+        ])
+        .args(["--clear-groups", "--"])
+        .arg(&env.peer)
+        .args(["pair", "127.0.0.1:0"]);
+    let mut pair = Process::spawn(command, Some(&cg.path));
+    let ends = |line: String| {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad report {line:?}: {e}"));
+        ["client", "server"].map(|end| (v[end]["keepalive"].as_bool(), v[end]["idle"].as_i64()))
+    };
+    let before = ends(pair.line());
+    assert!(before.iter().all(|e| e.0 == Some(false)), "{before:?}");
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "213"]);
+    pair.write(b"\n");
+    let after = ends(pair.line());
+    assert_eq!(
+        after,
+        [(Some(true), Some(213)); 2],
+        "both ends, nobody's, in {}",
+        netns.a
     );
 }
 
