@@ -301,16 +301,22 @@ impl Reconciler {
     }
 
     /// Removes map entries by cgroup id that no cgroup at a policy path accounts for: what an
-    /// earlier run left behind. Run at start only: afterwards the kernel removes a cgroup's
-    /// entry when the cgroup is removed. The paths are looked at again here, so that an entry
-    /// the `mkdir` hook made for a cgroup created a moment ago is kept.
-    pub fn drop_stale_ids(&mut self) -> usize {
-        let live: HashSet<u64> = self
-            .in_force
-            .keys()
+    /// earlier run left behind. Run at start (and after pod changes): afterwards the kernel
+    /// removes a cgroup's entry when the cgroup is removed. The paths are looked at again here,
+    /// so that an entry the `mkdir` hook made for a cgroup created a moment ago is kept, and so
+    /// are the entries of `wanted` paths (the table's), also where this run could not put the
+    /// policy in force (a transient error is never a reason to remove enforcement).
+    pub fn drop_stale_ids<'a>(&mut self, wanted: impl IntoIterator<Item = &'a PathBuf>) -> usize {
+        let mut live: HashSet<u64> = wanted
+            .into_iter()
             .filter_map(|path| cgroup::id_of(path).ok())
-            .chain(self.in_force.values().filter_map(|e| e.id))
             .collect();
+        live.extend(
+            self.in_force
+                .keys()
+                .filter_map(|path| cgroup::id_of(path).ok())
+                .chain(self.in_force.values().filter_map(|e| e.id)),
+        );
         let stale: Vec<u64> = self
             .enforcer
             .policy_ids()
@@ -327,22 +333,26 @@ impl Reconciler {
     /// Removes the policies by path an earlier run left in the pinned map that this run has no
     /// policy for (a config-file policy removed while no daemon ran): left there, the `mkdir`
     /// hook would put one in force again for a cgroup created at its path. Run at start, after
-    /// every path of the table is in force (and the state file's are adopted).
-    pub fn drop_stale_paths(&mut self) -> usize {
-        let stale: Vec<PathKey> = self
+    /// every path of the table is in force (and the state file's are adopted); a path of the
+    /// table (`wanted`) is kept even if this run could not put it in force. Returns the paths
+    /// removed.
+    pub fn drop_stale_paths(&mut self, wanted: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
+        let stale: Vec<(PathKey, Option<PathBuf>)> = self
             .enforcer
             .pinned_paths()
             .into_iter()
-            .map(|(key, _)| key)
-            .filter(|key| {
-                enforcer::key_path(&self.root, key)
-                    .is_none_or(|path| !self.in_force.contains_key(&path))
+            .map(|(key, _)| (key, enforcer::key_path(&self.root, &key)))
+            .filter(|(_, path)| {
+                path.as_ref()
+                    .is_none_or(|path| !self.in_force.contains_key(path) && !wanted.contains(path))
             })
             .collect();
-        for key in &stale {
-            self.enforcer.remove_path(key);
+        let mut removed = Vec::new();
+        for (key, path) in stale {
+            self.enforcer.remove_path(&key);
+            removed.extend(path);
         }
-        stale.len()
+        removed
     }
 
     /// Gives the existing sockets of the cgroups at and below `path` the policy that now

@@ -136,7 +136,8 @@ impl State {
                 error!(cgroup = ?path.display().to_string(), "{e}");
             }
         }
-        self.kernel.drop_stale_ids();
+        let wanted: Vec<PathBuf> = self.effective().into_keys().collect();
+        self.kernel.drop_stale_ids(&wanted);
         if let Err(e) = self.save_pods() {
             error!("cannot save the pod policies: {e}");
         }

@@ -1,6 +1,9 @@
 //! The daemon's state: the policy tables, the store and the kernel side, and the start that
 //! builds it. Only the state thread ([`super::actor`]) holds it.
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
 
 use tracing::{info, warn};
 
@@ -99,12 +102,14 @@ impl State {
         state.sync_all();
         // Map entries an earlier run left for cgroups or policies that are gone, and what the
         // first design of kad pinned, once this design's anchors are in place.
-        state.kernel.drop_stale_ids();
-        let dropped = state.kernel.drop_stale_paths();
-        if dropped > 0 {
-            info!(
-                policies = dropped,
-                "removed pinned policies by path that no longer have a policy (config file changed)"
+        let wanted: BTreeSet<PathBuf> = state.effective().into_keys().collect();
+        state.kernel.drop_stale_ids(&wanted);
+        for path in state.kernel.drop_stale_paths(&wanted) {
+            // Only a config-file policy can be here: the state file's were adopted.
+            warn!(
+                cgroup = ?path.display().to_string(),
+                config = %config.config.display(),
+                "removed a pinned policy that the config file no longer has"
             );
         }
         let retired = state.kernel.enforcer.retire_legacy();
