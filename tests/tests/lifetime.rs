@@ -28,11 +28,15 @@ struct Pair(Process);
 
 impl Pair {
     fn open(env: &Env, cgroup: &Path, netns: Option<&str>) -> (Pair, PairReport) {
+        Pair::open_at(env, cgroup, netns, "127.0.0.1:0")
+    }
+
+    fn open_at(env: &Env, cgroup: &Path, netns: Option<&str>, addr: &str) -> (Pair, PairReport) {
         let command = match netns {
-            Some(ns) => NetnsPair::command(ns, &env.peer, &["pair", "127.0.0.1:0"]),
+            Some(ns) => NetnsPair::command(ns, &env.peer, &["pair", addr]),
             None => {
                 let mut c = Command::new(&env.peer);
-                c.args(["pair", "127.0.0.1:0"]);
+                c.args(["pair", addr]);
                 c
             }
         };
@@ -66,7 +70,8 @@ fn connections_opened_before_a_policy_get_it_in_every_network_namespace() {
     let netns = NetnsPair::new();
     let (mut here, first) = Pair::open(&env, &app, None);
     let (mut there, first_there) = Pair::open(&env, &app, Some(&netns.a));
-    for r in [first, first_there] {
+    let (mut six, first_six) = Pair::open_at(&env, &app, None, "[::1]:0");
+    for r in [first, first_there, first_six] {
         assert_eq!(r.client.values(), untouched());
         assert_eq!(r.server.values(), untouched());
     }
@@ -77,6 +82,7 @@ fn connections_opened_before_a_policy_get_it_in_every_network_namespace() {
     let want = (true, 150, 15, 3);
     assert_eq!(here.now(), (want, want), "root network namespace");
     assert_eq!(there.now(), (want, want), "network namespace {}", netns.a);
+    assert_eq!(six.now(), (want, want), "IPv6");
     // A change of values reaches them too.
     daemon.kad_ok(&[
         "set", "--cgroup", &app_rel, "--idle", "160", "--intvl", "16", "--cnt", "4",
@@ -84,12 +90,13 @@ fn connections_opened_before_a_policy_get_it_in_every_network_namespace() {
     let want = (true, 160, 16, 4);
     assert_eq!(here.now(), (want, want));
     assert_eq!(there.now(), (want, want));
+    assert_eq!(six.now(), (want, want));
     let stats: serde_json::Value =
         serde_json::from_str(&daemon.kad_ok(&["stats", "--json"])).expect("stats json");
     let refreshed = stats["cgroups"][0]["refreshed"]
         .as_u64()
         .expect("refreshed");
-    assert!(refreshed >= 8, "both rounds counted: {stats}");
+    assert!(refreshed >= 12, "both rounds counted: {stats}");
 }
 
 /// A listener held by one process in `cgroup`; each `accept()` makes a new connection to it.

@@ -203,6 +203,11 @@ impl StateHandle {
         self.snapshot().metrics(&self.reader)
     }
 
+    /// Whether there are `kad exec` runs to collect when their owners are gone.
+    pub(super) fn has_exec_runs(&self) -> bool {
+        self.snapshot().exec_runs() > 0
+    }
+
     fn snapshot(&self) -> Arc<Snapshot> {
         Arc::clone(&self.snapshot.borrow())
     }

@@ -194,7 +194,11 @@ async fn run_bound(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                state.nudge(Command::CollectAbandoned);
+                // Without runs to watch the state thread is left alone: an idle daemon does
+                // no work.
+                if state.has_exec_runs() {
+                    state.nudge(Command::CollectAbandoned);
+                }
             }
         }
     });

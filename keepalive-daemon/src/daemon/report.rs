@@ -76,9 +76,15 @@ pub(super) struct Snapshot {
     /// entries, counters, overridden counts).
     header: Arc<StatusReport>,
     rows: imbl::OrdMap<PathBuf, Arc<Row>>,
+    /// How many `kad exec` runs the daemon watches: with none, nothing needs collecting.
+    exec_runs: usize,
 }
 
 impl Snapshot {
+    pub(super) fn exec_runs(&self) -> usize {
+        self.exec_runs
+    }
+
     pub(super) fn policies(&self) -> Vec<PolicyEntry> {
         self.rows.iter().map(|(path, r)| r.entry(path)).collect()
     }
@@ -185,6 +191,7 @@ impl State {
         let snapshot = Snapshot {
             header: Arc::new(self.header()),
             rows: rows.rows.clone(),
+            exec_runs: self.exec_owners.len(),
         };
         self.rows = rows;
         snapshot
