@@ -751,6 +751,54 @@ pub fn cgroup_programs(cgroup: &Path, attach_type: u32) -> Vec<String> {
         .collect()
 }
 
+/// Points the link pinned at `link` to the program pinned at `prog` (`BPF_LINK_UPDATE`), as
+/// another loader (an older kad) would have left it.
+pub fn update_link(link: &Path, prog: &Path) {
+    let link_fd = obj_get(link);
+    let prog_fd = obj_get(prog);
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    bpf(
+        BPF_LINK_UPDATE,
+        &mut LinkUpdate {
+            link_fd: link_fd.as_raw_fd() as u32,
+            new_prog_fd: prog_fd.as_raw_fd() as u32,
+            flags: 0,
+            old_prog_fd: 0,
+        },
+    )
+    .unwrap_or_else(|e| panic!("BPF_LINK_UPDATE {}: {e}", link.display()));
+}
+
+/// A descriptor for the BPF object pinned at `path` (`BPF_OBJ_GET`).
+fn obj_get(path: &Path) -> std::os::fd::OwnedFd {
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("a path");
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let fd = bpf(
+        BPF_OBJ_GET,
+        &mut ObjGet {
+            pathname: name.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+        },
+    )
+    .unwrap_or_else(|e| panic!("BPF_OBJ_GET {}: {e}", path.display()));
+    // SAFETY: the kernel just gave us this descriptor; the OwnedFd closes it.
+    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;

@@ -428,6 +428,43 @@ int other_vendor(struct bpf_sock_ops *skops) {
 char _license[] SEC("license") = "GPL";
 "#;
 
+/// Runs a command that must succeed; its stdout.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds a C sock_ops program with clang and loads it with bpftool, pinned at `dir/prog`
+/// (its maps in `dir`).
+fn load_c_sockops(source: &str, dir: &Path) {
+    let src = std::env::temp_dir().join(format!(
+        "{}.c",
+        dir.file_name().expect("name").to_string_lossy()
+    ));
+    let obj = src.with_extension("o");
+    fs::write(&src, source).expect("write C source");
+    // asm/types.h lives in the multiarch include directory, which -target bpf does not search.
+    let multiarch = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
+    run(Command::new("clang")
+        .args(["-O2", "-g", "-target", "bpf", &multiarch, "-c"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj));
+    let _ = fs::remove_file(&src);
+    run(Command::new("bpftool")
+        .args(["prog", "load"])
+        .arg(&obj)
+        .arg(dir.join("prog"))
+        .args(["type", "sockops", "pinmaps"])
+        .arg(dir));
+    let _ = fs::remove_file(&obj);
+}
+
 /// The other vendor's program, pinned in a directory of its own, removed when dropped.
 struct OtherVendor {
     dir: PathBuf,
@@ -438,34 +475,7 @@ impl OtherVendor {
         let dir = PathBuf::from("/sys/fs/bpf").join(kad_tests::unique("vendor"));
         fs::create_dir(&dir).expect("mkdir vendor pin dir");
         let vendor = OtherVendor { dir };
-        let src = vendor.dir.with_extension("c");
-        let src = std::env::temp_dir().join(src.file_name().expect("name"));
-        let obj = src.with_extension("o");
-        fs::write(&src, OTHER_VENDOR).expect("write C source");
-        let run = |cmd: &mut Command| {
-            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-            assert!(
-                out.status.success(),
-                "{cmd:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        // asm/types.h lives in the multiarch include directory, which -target bpf does not search.
-        let multiarch = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
-        run(Command::new("clang")
-            .args(["-O2", "-g", "-target", "bpf", &multiarch, "-c"])
-            .arg(&src)
-            .arg("-o")
-            .arg(&obj));
-        let _ = fs::remove_file(&src);
-        run(Command::new("bpftool")
-            .args(["prog", "load"])
-            .arg(&obj)
-            .arg(vendor.dir.join("prog"))
-            .args(["type", "sockops", "pinmaps"])
-            .arg(&vendor.dir));
-        let _ = fs::remove_file(&obj);
+        load_c_sockops(OTHER_VENDOR, &vendor.dir);
         run(Command::new("bpftool")
             .args(["cgroup", "attach"])
             .arg(cgroup)
@@ -570,6 +580,50 @@ fn link_prog_id(pin: &Path) -> u64 {
     v["prog_id"].as_u64().expect("prog_id")
 }
 
+/// What an older kad's sock_ops program did for the upgrade test's policy (idle 177 below its
+/// anchor): the same decision, by other instructions, so another program tag.
+const OLDER_KAD: &str = r#"
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+SEC("sockops")
+int older_kad(struct bpf_sock_ops *skops) {
+    __u32 op = skops->op;
+    if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB ||
+        op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
+        int idle = 177, on = 1;
+        bpf_setsockopt(skops, 6 /* IPPROTO_TCP */, 4 /* TCP_KEEPIDLE */, &idle, sizeof(idle));
+        bpf_setsockopt(skops, 1 /* SOL_SOCKET */, 9 /* SO_KEEPALIVE */, &on, sizeof(on));
+    }
+    return 1;
+}
+char _license[] SEC("license") = "GPL";
+"#;
+
+/// A program pinned in a directory of its own, removed when dropped.
+struct PinnedProgram {
+    dir: PathBuf,
+}
+
+impl Drop for PinnedProgram {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The id and tag of a loaded program, from bpftool (None once it is unloaded).
+fn prog_show(args: &[&str]) -> Option<(u64, String)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .args(args)
+        .output()
+        .expect("bpftool prog show");
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    Some((v["id"].as_u64()?, v["tag"].as_str()?.to_string()))
+}
+
 #[test]
 fn a_new_daemon_replaces_the_program_behind_its_links_without_a_gap() {
     let env = kad_env!();
@@ -585,31 +639,59 @@ fn a_new_daemon_replaces_the_program_behind_its_links_without_a_gap() {
     ]);
     let anchor = kad_tests::cgroup_id(&cg.path);
     let pin = daemon.bpffs.join(format!("anchors/{anchor}/sock_ops"));
-    let before = link_prog_id(&pin);
+    let first = link_prog_id(&pin);
+    daemon.stop();
+    // The links now run what an older kad left behind: another program that decides alike.
+    let older = PinnedProgram {
+        dir: PathBuf::from("/sys/fs/bpf").join(kad_tests::unique("older")),
+    };
+    fs::create_dir(&older.dir).expect("mkdir older pin dir");
+    load_c_sockops(OLDER_KAD, &older.dir);
+    let prog = older.dir.join("prog");
+    let (older_id, older_tag) =
+        prog_show(&["pinned", prog.to_str().expect("utf-8")]).expect("older program loaded");
+    kad_tests::update_link(&pin, &prog);
+    assert_eq!(
+        link_prog_id(&pin),
+        older_id,
+        "the link runs the older program"
+    );
+    assert!(
+        prog_show(&["id", &first.to_string()]).is_none(),
+        "the first daemon's program {first} is unloaded once its link let go of it"
+    );
+
     let mut command = Command::new(&env.peer);
     command.args(["check", "177"]);
     let mut checker = Process::spawn(command, Some(&app));
     std::thread::sleep(Duration::from_millis(300));
-    daemon.stop();
-    std::thread::sleep(Duration::from_millis(200));
     daemon.restart();
     std::thread::sleep(Duration::from_millis(300));
     let after = link_prog_id(&pin);
-    assert_ne!(before, after, "the link runs the new daemon's program");
+    assert_ne!(after, older_id, "the link runs the new daemon's program");
     let status: serde_json::Value =
         serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).expect("status json");
     let program = status["program"].as_str().expect("program tag").to_string();
+    assert_ne!(program, older_tag, "the older program's tag differs");
     assert_eq!(
         status["anchors"][0]["program"].as_str(),
         Some(program.as_str()),
-        "{status}"
+        "status shows the new program in force at the anchor: {status}"
     );
-    // The old program is gone: nothing holds it any more.
-    let old = Command::new("bpftool")
-        .args(["prog", "show", "id", &before.to_string()])
-        .output()
-        .expect("bpftool prog show");
-    assert!(!old.status.success(), "program {before} still loaded");
+    assert_eq!(
+        prog_show(&["id", &after.to_string()]).map(|(_, tag)| tag),
+        Some(program)
+    );
+    // Nothing but its own pin holds the older program any more.
+    drop(older);
+    assert!(
+        wait_for(Duration::from_secs(5), || prog_show(&[
+            "id",
+            &older_id.to_string()
+        ])
+        .is_none()),
+        "older program {older_id} still loaded"
+    );
     checker.close_stdin();
     let line = checker.line();
     let counts: Vec<u64> = line
@@ -619,11 +701,11 @@ fn a_new_daemon_replaces_the_program_behind_its_links_without_a_gap() {
     assert_eq!(counts.len(), 2, "checker said {line:?}");
     assert!(
         counts[0] > 10,
-        "connections made across the restart: {line}"
+        "connections made across the upgrade: {line}"
     );
     assert_eq!(
         counts[1], 0,
-        "sockets without the policy across the restart: {line}"
+        "sockets without the policy across the upgrade: {line}"
     );
 }
 
