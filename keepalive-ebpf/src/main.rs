@@ -175,22 +175,11 @@ static KAD_DEFAULTS: Array<NetDefaults> = Array::with_max_entries(1, 0);
 /// The listener record of `sk`; with `create`, an empty one is made if it has none.
 #[inline(always)]
 fn listener_record(sk: *mut c_void, create: bool) -> Option<&'static mut ListenerRecord> {
-    let flags = if create {
-        BPF_SK_STORAGE_GET_F_CREATE as u64
-    } else {
-        0
-    };
-    // SAFETY: as in `sock_marks`.
-    let record = unsafe {
-        bpf_sk_storage_get(
-            &KAD_LISTENERS as *const ListenerStorage as *mut c_void,
-            sk,
-            core::ptr::null_mut(),
-            flags,
-        )
-    } as *mut ListenerRecord;
-    // SAFETY: a live storage value of this type, owned by the socket.
-    unsafe { record.as_mut() }
+    socket_storage(
+        &KAD_LISTENERS as *const ListenerStorage as *mut c_void,
+        sk,
+        create,
+    )
 }
 
 /// The options a policy sets (`OPT_*` bits).
@@ -309,6 +298,13 @@ fn put_back(tp: *mut c_void, level: i32, name: i32, value: u32) {
 /// The socket's marks; with `create`, zeroed ones are made if it has none.
 #[inline(always)]
 fn sock_marks(sk: *mut c_void, create: bool) -> Option<&'static mut u32> {
+    socket_storage(&KAD_MARKS as *const SockStorage as *mut c_void, sk, create)
+}
+
+/// The value of socket storage `map` (whose values are `T`) for `sk`; with `create`, a zeroed
+/// one is made if it has none.
+#[inline(always)]
+fn socket_storage<T>(map: *mut c_void, sk: *mut c_void, create: bool) -> Option<&'static mut T> {
     let flags = if create {
         BPF_SK_STORAGE_GET_F_CREATE as u64
     } else {
@@ -316,16 +312,9 @@ fn sock_marks(sk: *mut c_void, create: bool) -> Option<&'static mut u32> {
     };
     // SAFETY: the helper checks `sk` (the verifier has proven it a socket or NULL) and returns
     // the socket's value or NULL.
-    let state = unsafe {
-        bpf_sk_storage_get(
-            &KAD_MARKS as *const SockStorage as *mut c_void,
-            sk,
-            core::ptr::null_mut(),
-            flags,
-        )
-    } as *mut u32;
+    let value = unsafe { bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags) } as *mut T;
     // SAFETY: a live storage value of this type, owned by the socket.
-    unsafe { state.as_mut() }
+    unsafe { value.as_mut() }
 }
 
 #[inline(always)]

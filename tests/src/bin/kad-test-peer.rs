@@ -156,23 +156,31 @@ fn pair(addr: &str) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let client = TcpStream::connect(local).map_err(|e| format!("connect: {e}"))?;
     let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-    let mut line = String::new();
     loop {
-        println!(
-            "{{\"client\":{},\"server\":{}}}",
-            report(&client)?,
-            report(&server)?
-        );
-        std::io::stdout().flush().map_err(|e| e.to_string())?;
-        line.clear();
-        if std::io::stdin()
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?
-            == 0
-        {
+        print_pair(&client, &server)?;
+        if !next_line()? {
             return Ok(());
         }
     }
+}
+
+/// Both ends' settings as one JSON line.
+fn print_pair(client: &TcpStream, server: &TcpStream) -> Result<(), String> {
+    println!(
+        "{{\"client\":{},\"server\":{}}}",
+        report(client)?,
+        report(server)?
+    );
+    std::io::stdout().flush().map_err(|e| e.to_string())
+}
+
+/// Waits for a line on stdin; false at EOF.
+fn next_line() -> Result<bool, String> {
+    let mut line = String::new();
+    let read = std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(read > 0)
 }
 
 /// One listener, held; a new connection to it for every line read from stdin, reported from
@@ -196,25 +204,12 @@ fn serve(addr: &str, own: bool) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     println!("LISTENING {}", local.port());
     std::io::stdout().flush().map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if std::io::stdin()
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?
-            == 0
-        {
-            return Ok(());
-        }
+    while next_line()? {
         let client = TcpStream::connect(local).map_err(|e| format!("connect: {e}"))?;
         let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-        println!(
-            "{{\"client\":{},\"server\":{}}}",
-            report(&client)?,
-            report(&server)?
-        );
-        std::io::stdout().flush().map_err(|e| e.to_string())?;
+        print_pair(&client, &server)?;
     }
+    Ok(())
 }
 
 /// As many open files as the hard limit allows: a flood needs more than the usual 1024.
