@@ -112,20 +112,25 @@ fn pod_annotations_drive_policies_through_the_event_stream() {
     let (server, client) = connect(&env, Some(&b_ctr), Some(&b_ctr), false);
     assert_eq!(server.values(), (true, 151, 15, 3));
     assert_eq!(client.values(), (true, 151, 15, 3));
-    let status: serde_json::Value =
-        serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).expect("status json");
-    let detail = status["details"]
-        .as_array()
-        .expect("details")
-        .iter()
-        .find(|d| d["cgroup"] == b_path.display().to_string())
-        .expect("b's detail")
-        .clone();
+    // The kernel gave the new cgroup its policy inside mkdir (above); the daemon records the
+    // cgroup when its inotify event arrives, which may be a moment after the connection.
+    let (mut status, mut detail) = (serde_json::Value::Null, serde_json::Value::Null);
+    let recorded = wait_for(Duration::from_secs(10), || {
+        status = serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).expect("status json");
+        detail = status["details"]
+            .as_array()
+            .expect("details")
+            .iter()
+            .find(|d| d["cgroup"] == b_path.display().to_string())
+            .expect("b's detail")
+            .clone();
+        detail["cgroup_id"].is_u64()
+    });
+    assert!(recorded, "the daemon records b's cgroup: {detail}");
     assert_eq!(
         (&detail["source"], &detail["pod"]),
         (&"pod".into(), &"team/b".into())
     );
-    assert!(detail["cgroup_id"].is_u64(), "{detail}");
     assert_eq!(status["pods"]["connected"], true, "{status}");
     let text = daemon.kad_ok(&["list"]);
     assert!(text.contains("(pod team/b)"), "{text}");
