@@ -1,5 +1,7 @@
 //! Keepalive set on real connections by the real kernel, checked from inside each process.
-use kad_tests::{connect, kad_env, untouched, Daemon, TestCgroup};
+use std::time::Duration;
+
+use kad_tests::{connect, kad_env, untouched, wait_for, Daemon, TestCgroup};
 
 #[test]
 fn both_ends_in_a_policy_cgroup_get_the_policy_ipv4_and_ipv6() {
@@ -169,6 +171,13 @@ fn two_daemons_do_not_see_or_disturb_each_other() {
     assert_eq!(connect(&env, None, Some(&cg_a.path), false).1.idle, 150);
     assert_eq!(connect(&env, None, Some(&cg_b.path), false).1.idle, 250);
     drop(b);
+    // Its pins are gone; the kernel releases the links from a work queue, shortly after.
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            kad_tests::kad_attachments(&cg_b.path) == 0
+        }),
+        "b's links released"
+    );
     assert_eq!(
         connect(&env, None, Some(&cg_a.path), false).1.idle,
         150,

@@ -642,6 +642,9 @@ fn accept_errors_back_off_instead_of_spinning() {
     let tcp: Vec<TcpStream> = (0..100)
         .map(|_| TcpStream::connect(&addr).expect("connect"))
         .collect();
+    // Settled: what is measured is the daemon waiting on full fd tables, not the connections
+    // arriving (slow under emulation).
+    std::thread::sleep(Duration::from_millis(500));
     let (cpu, ()) = cpu_share(pid, || std::thread::sleep(Duration::from_secs(4)));
     let log = daemon.log();
     eprintln!(

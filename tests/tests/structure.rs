@@ -92,7 +92,9 @@ impl Drop for PendingSet {
 /// Waits until the daemon's open of the journal is stuck behind the lease: the change has not
 /// been answered for a while.
 fn assert_held(set: &mut PendingSet) {
-    sleep(Duration::from_millis(500));
+    // Long enough for `kad set` to start and send its request, also under emulation.
+    let emulated = std::env::var_os("KAD_KERNEL_MATRIX").is_some();
+    sleep(Duration::from_millis(if emulated { 2000 } else { 500 }));
     assert!(
         set.pending(),
         "kad set was answered although the journal was leased: nothing held it"
@@ -192,10 +194,16 @@ fn sigterm_during_a_held_change_keeps_the_change() {
     assert_held(&mut set);
 
     daemon.signal(libc::SIGTERM);
-    sleep(Duration::from_millis(500));
+    assert!(
+        kad_tests::wait_for(Duration::from_secs(10), || daemon
+            .log()
+            .contains("SIGTERM: stopping")),
+        "{}",
+        daemon.log()
+    );
+    sleep(Duration::from_millis(300));
     // Stopping waits for the state thread, which waits for the journal; reads still work.
     let log = daemon.log();
-    assert!(log.contains("SIGTERM: stopping"), "{log}");
     assert!(
         !log.contains("kad daemon stopped"),
         "stopped with a change held: {log}"
