@@ -29,6 +29,9 @@ pub const OPT_IDLE: u32 = 2;
 pub const OPT_INTVL: u32 = 4;
 pub const OPT_CNT: u32 = 8;
 pub const OPT_USER_TIMEOUT: u32 = 16;
+/// The kernel's HZ as the programs learnt it (an array of one `u32`), pinned so that a new
+/// daemon knows it before its first socket: listener records keep times in jiffies.
+pub const HZ_MAP: &str = "KAD_HZ";
 /// The cgroups one refresh of existing connections covers: cgroup id -> deciding policy id
 /// (0: none). Filled by the daemon for the length of one iterator run.
 pub const SCOPE_MAP: &str = "KAD_SCOPE";
@@ -79,14 +82,16 @@ pub struct PolicyValue {
     pub slot: u32,
 }
 
-/// What a listener held before kad first changed each option (bit set in `changed`), in the
-/// kernel's units: `keepalive` 0 or 1, `idle` and `intvl` in jiffies (0: the namespace
-/// default), `cnt` (0: the default), `user_timeout` in ms. A program's own later setsockopt of
-/// such an option replaces the recorded value: it is what the program wants.
+/// What a listener held before kad first changed each option (bit set in `changed`):
+/// `keepalive` 0 or 1, `idle` and `intvl` in jiffies as read from the socket, or in seconds
+/// where their bit is set in `seconds` (a program's own value), 0 for the namespace default;
+/// `cnt` (0: the default), `user_timeout` in ms. A program's own setsockopt of such an option
+/// replaces the recorded value: it is what the program wants.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenerRecord {
     pub changed: u32,
+    pub seconds: u32,
     pub keepalive: u32,
     pub idle: u32,
     pub intvl: u32,

@@ -3,7 +3,8 @@
 //! daemon is pinned under its bpffs directory:
 //!
 //! - maps `KAD_POLICY` (by cgroup id), `KAD_PATHS` (by path), `KAD_COUNTS` (by slot), `KAD_MARKS`,
-//!   `KAD_LISTENERS` (what the listeners kad changed held before, for as long as they live);
+//!   `KAD_LISTENERS` (what the listeners kad changed held before, for as long as they live),
+//!   `KAD_HZ` (the kernel's HZ as the programs learnt it: the records keep jiffies);
 //! - `anchors/<cgroup id>/{sock_ops,setsockopt}`: the cgroup links;
 //! - `tracing/{mkdir,rmdir,error_report}`: the tracepoint links.
 //!
@@ -25,7 +26,7 @@ use aya::{
 };
 use keepalive_common::{
     Counters, KernelOffsets, NetDefaults, PathKey, PolicyValue, DEFAULTS_MAP, EPOCH_MAP, FLAG_SLOT,
-    LISTENERS_MAP, MAX_POLICIES, OFFSETS_CGROUP, OFFSETS_GLOBAL, OFFSETS_KILLS, PATHS_MAP,
+    HZ_MAP, LISTENERS_MAP, MAX_POLICIES, OFFSETS_CGROUP, OFFSETS_GLOBAL, OFFSETS_KILLS, PATHS_MAP,
     PATH_KEY_LEN, POLICIES_MAP, SCOPE_MAP, SOCK_MAP, STATS_MAP,
 };
 use tracing::{debug, error, info, warn};
@@ -233,6 +234,7 @@ impl Enforcer {
             .map_pin_path(STATS_MAP, dir.join(STATS_MAP))
             .map_pin_path(SOCK_MAP, dir.join(SOCK_MAP))
             .map_pin_path(LISTENERS_MAP, dir.join(LISTENERS_MAP))
+            .map_pin_path(HZ_MAP, dir.join(HZ_MAP))
             .override_global(OFFSETS_GLOBAL, &offsets, true)
             .load(PROGRAM)
             .map_err(|e| load_error("kad", &e))?;
@@ -873,9 +875,16 @@ pub fn uninstall(dir: &Path) -> Result<usize, EnforcerError> {
     for sub in [ANCHORS_DIR, TRACING_DIR, LEGACY_LINKS_DIR] {
         remove_tree(&dir.join(sub))?;
     }
-    for name in [POLICIES_MAP, PATHS_MAP, STATS_MAP, SOCK_MAP, LISTENERS_MAP]
-        .into_iter()
-        .chain(LEGACY_MAPS)
+    for name in [
+        POLICIES_MAP,
+        PATHS_MAP,
+        STATS_MAP,
+        SOCK_MAP,
+        LISTENERS_MAP,
+        HZ_MAP,
+    ]
+    .into_iter()
+    .chain(LEGACY_MAPS)
     {
         remove_file_if_present(&dir.join(name))?;
     }

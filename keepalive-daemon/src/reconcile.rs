@@ -307,6 +307,9 @@ impl Reconciler {
     /// are the entries of `wanted` paths (the table's), also where this run could not put the
     /// policy in force (a transient error is never a reason to remove enforcement).
     pub fn drop_stale_ids<'a>(&mut self, wanted: impl IntoIterator<Item = &'a PathBuf>) -> usize {
+        // Listed before the paths are looked at: an entry the mkdir hook makes meanwhile is
+        // for a cgroup that the look finds.
+        let ids = self.enforcer.policy_ids();
         let mut live: HashSet<u64> = wanted
             .into_iter()
             .filter_map(|path| cgroup::id_of(path).ok())
@@ -317,9 +320,7 @@ impl Reconciler {
                 .filter_map(|path| cgroup::id_of(path).ok())
                 .chain(self.in_force.values().filter_map(|e| e.id)),
         );
-        let stale: Vec<u64> = self
-            .enforcer
-            .policy_ids()
+        let stale: Vec<u64> = ids
             .into_iter()
             .map(|(id, _)| id)
             .filter(|id| !live.contains(id))

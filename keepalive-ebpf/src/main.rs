@@ -221,6 +221,7 @@ fn remember_listener(sk: *mut c_void, tp: *const u8, policy: &PolicyValue, offs:
     if new & OPT_INTVL != 0 {
         record.intvl = load(tp, offs.keepalive_intvl);
     }
+    record.seconds &= !new; // what was read from the socket is in jiffies
     if new & OPT_CNT != 0 {
         record.cnt = u32::from(load::<u8>(tp, offs.keepalive_probes));
     }
@@ -232,7 +233,9 @@ fn remember_listener(sk: *mut c_void, tp: *const u8, policy: &PolicyValue, offs:
 
 /// No policy decides for the listener `tp` any more: the options kad changed go back to what
 /// the listener held before (or what its program set since), so that what it accepts from now
-/// on is as the program made it. Returns whether there was anything to put back.
+/// on is as the program made it. An option that cannot go back yet (HZ or the namespace's
+/// default not known, the kernel refusing) stays recorded for the next refresh. Returns
+/// whether anything went back.
 #[inline(always)]
 fn restore_listener(sk: *mut c_void, tp: *mut c_void) -> bool {
     let Some(record) = listener_record(sk, false) else {
@@ -242,32 +245,31 @@ fn restore_listener(sk: *mut c_void, tp: *mut c_void) -> bool {
     if changed == 0 {
         return false;
     }
-    record.changed = 0;
     let defaults = KAD_DEFAULTS.get(0).copied().unwrap_or_default();
     let hz = hz();
-    // A time the listener had of its own, in seconds; else the namespace's default.
-    let seconds = |raw: u32, default: u32| {
-        if raw != 0 && hz != 0 {
-            raw / hz
-        } else {
+    // A time in seconds: the program's own, or read from the socket (jiffies), or the
+    // namespace's default; 0 when not known.
+    let seconds = |value: u32, in_seconds: bool, default: u32| {
+        if value == 0 {
             default
+        } else if in_seconds {
+            value
+        } else {
+            value.checked_div(hz).unwrap_or(0)
         }
     };
+    let mut restored = 0;
     if changed & OPT_IDLE != 0 {
-        put_back(
-            tp,
-            IPPROTO_TCP,
-            TCP_KEEPIDLE,
-            seconds(record.idle, defaults.idle),
-        );
+        let idle = seconds(record.idle, record.seconds & OPT_IDLE != 0, defaults.idle);
+        restored |= put_back(tp, TCP_KEEPIDLE, idle, OPT_IDLE);
     }
     if changed & OPT_INTVL != 0 {
-        put_back(
-            tp,
-            IPPROTO_TCP,
-            TCP_KEEPINTVL,
-            seconds(record.intvl, defaults.intvl),
+        let intvl = seconds(
+            record.intvl,
+            record.seconds & OPT_INTVL != 0,
+            defaults.intvl,
         );
+        restored |= put_back(tp, TCP_KEEPINTVL, intvl, OPT_INTVL);
     }
     if changed & OPT_CNT != 0 {
         let cnt = if record.cnt != 0 {
@@ -275,23 +277,31 @@ fn restore_listener(sk: *mut c_void, tp: *mut c_void) -> bool {
         } else {
             defaults.cnt
         };
-        put_back(tp, IPPROTO_TCP, TCP_KEEPCNT, cnt);
+        restored |= put_back(tp, TCP_KEEPCNT, cnt, OPT_CNT);
     }
-    if changed & OPT_USER_TIMEOUT != 0 {
-        // 0 is valid here: no user timeout.
-        set_opt(tp, IPPROTO_TCP, TCP_USER_TIMEOUT, record.user_timeout);
+    // 0 is valid for these two: no user timeout, keepalive off.
+    if changed & OPT_USER_TIMEOUT != 0
+        && set_opt(tp, IPPROTO_TCP, TCP_USER_TIMEOUT, record.user_timeout) == 0
+    {
+        restored |= OPT_USER_TIMEOUT;
     }
-    if changed & OPT_KEEPALIVE != 0 {
-        set_opt(tp, SOL_SOCKET as i32, SO_KEEPALIVE as i32, record.keepalive);
+    if changed & OPT_KEEPALIVE != 0
+        && set_opt(tp, SOL_SOCKET as i32, SO_KEEPALIVE as i32, record.keepalive) == 0
+    {
+        restored |= OPT_KEEPALIVE;
     }
-    true
+    record.changed &= !restored;
+    restored != 0
 }
 
-/// A time or count set back; 0 (a default not known) is outside every range: left as it is.
+/// A TCP time or count set back; returns `bit` if it was. 0 (not known) is outside every
+/// range: left for later.
 #[inline(always)]
-fn put_back(tp: *mut c_void, level: i32, name: i32, value: u32) {
-    if value != 0 {
-        set_opt(tp, level, name, value);
+fn put_back(tp: *mut c_void, name: i32, value: u32, bit: u32) -> u32 {
+    if value != 0 && set_opt(tp, IPPROTO_TCP, name, value) == 0 {
+        bit
+    } else {
+        0
     }
 }
 
@@ -609,7 +619,7 @@ fn on_setsockopt(ctx: &SockoptContext) {
     // SAFETY: `state` is readable in the bpf_sock context.
     let tcp_state = unsafe { (*sk).state };
     if tcp_state == TCP_LISTEN {
-        note_program_value(opt, sk as *mut c_void, level, name);
+        note_program_value(opt, sk as *mut c_void, level, name, false);
     }
     let Some((_, policy)) = deciding_policy_of_task() else {
         return;
@@ -633,6 +643,12 @@ fn on_setsockopt(ctx: &SockoptContext) {
         return;
     }
     if policy.flags & FLAG_ENFORCE != 0 {
+        // Not yet listening nor connected (a server sets its options before listen(2)): the
+        // program's value is about to be rewritten, and the listener would then hold the
+        // policy already, so kad would record nothing at listen. Recorded here instead.
+        if tcp_state != TCP_ESTABLISHED && tcp_state != TCP_LISTEN {
+            note_program_value(opt, sk as *mut c_void, level, name, true);
+        }
         // SAFETY: optval/optval_end delimit the kernel's copy of the value; bounds-checked.
         let (optval, end) = unsafe {
             (
@@ -670,14 +686,17 @@ fn on_setsockopt(ctx: &SockoptContext) {
     }
 }
 
-/// A program set a keepalive option on a listener kad changed: its value is what the listener
-/// goes back to when no policy decides for it any more.
+/// A program set a keepalive option on a listener kad changed (or, with `create`, on a
+/// socket not yet listening whose value `--enforce` is about to rewrite): its value is what
+/// the listener goes back to when no policy decides for it any more. Values the kernel
+/// refuses change nothing and are not recorded.
 #[inline(always)]
 fn note_program_value(
     opt: *mut aya_ebpf::bindings::bpf_sockopt,
     sk: *mut c_void,
     level: i32,
     name: i32,
+    create: bool,
 ) {
     // SAFETY: optval/optval_end delimit the kernel's copy of the value; bounds-checked.
     let (optval, end) = unsafe {
@@ -692,32 +711,40 @@ fn note_program_value(
     }
     // SAFETY: in bounds (checked above).
     let value = unsafe { *value };
-    if value < 0 {
-        return; // the kernel refuses it: nothing changes
-    }
-    let value = value as u32;
-    let Some(record) = listener_record(sk, false) else {
+    // The option's bit, if the kernel accepts the value (include/net/tcp.h's limits).
+    let bit = if level == SOL_SOCKET as i32 {
+        OPT_KEEPALIVE
+    } else if name == TCP_KEEPIDLE && (1..=32767).contains(&value) {
+        OPT_IDLE
+    } else if name == TCP_KEEPINTVL && (1..=32767).contains(&value) {
+        OPT_INTVL
+    } else if name == TCP_KEEPCNT && (1..=127).contains(&value) {
+        OPT_CNT
+    } else if name == TCP_USER_TIMEOUT && value >= 0 {
+        OPT_USER_TIMEOUT
+    } else {
         return;
     };
-    // Only options kad changed: for the others the program's value stays anyway. Times are
-    // kept in the kernel's unit (jiffies); HZ is known once kad has set a time.
-    if level == SOL_SOCKET as i32 {
-        if record.changed & OPT_KEEPALIVE != 0 {
-            record.keepalive = u32::from(value != 0);
-        }
-    } else if name == TCP_KEEPIDLE {
-        if record.changed & OPT_IDLE != 0 {
-            record.idle = value.saturating_mul(hz());
-        }
-    } else if name == TCP_KEEPINTVL {
-        if record.changed & OPT_INTVL != 0 {
-            record.intvl = value.saturating_mul(hz());
-        }
-    } else if name == TCP_KEEPCNT {
-        if record.changed & OPT_CNT != 0 {
-            record.cnt = value;
-        }
-    } else if record.changed & OPT_USER_TIMEOUT != 0 {
+    let Some(record) = listener_record(sk, create) else {
+        return;
+    };
+    if create {
+        record.changed |= bit;
+    } else if record.changed & bit == 0 {
+        return; // an option kad did not change: the program's value stays anyway
+    }
+    let value = value as u32;
+    if bit == OPT_KEEPALIVE {
+        record.keepalive = u32::from(value != 0);
+    } else if bit == OPT_IDLE {
+        record.idle = value;
+        record.seconds |= OPT_IDLE;
+    } else if bit == OPT_INTVL {
+        record.intvl = value;
+        record.seconds |= OPT_INTVL;
+    } else if bit == OPT_CNT {
+        record.cnt = value;
+    } else {
         record.user_timeout = value;
     }
 }
@@ -764,6 +791,7 @@ pub unsafe extern "C" fn kad_iter_tcp(ctx: *mut *mut c_void) -> i32 {
         remember_listener(tp, tp as *const u8, &policy, &offs);
     }
     let failures = apply(tp, &policy);
+    learn_hz(tp as *const u8, &policy, &offs);
     bump(&policy, |c| {
         c.refreshed += 1;
         c.failures += failures;

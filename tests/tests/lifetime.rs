@@ -104,8 +104,12 @@ struct Server(Process);
 
 impl Server {
     fn open(env: &Env, cgroup: &Path, own: bool) -> Server {
+        Server::open_mode(env, cgroup, if own { "serve-own" } else { "serve" })
+    }
+
+    fn open_mode(env: &Env, cgroup: &Path, mode: &str) -> Server {
         let mut c = Command::new(&env.peer);
-        c.args([if own { "serve-own" } else { "serve" }, "127.0.0.1:0"]);
+        c.args([mode, "127.0.0.1:0"]);
         let mut server = Server(Process::spawn(c, Some(cgroup)));
         let line = server.0.line();
         assert!(line.starts_with("LISTENING "), "{line}");
@@ -171,6 +175,55 @@ fn a_listener_goes_back_to_its_own_options_when_its_policy_goes() {
     assert_eq!(before.accept(), untouched(), "opt-out");
     daemon.kad_ok(&["unset", "--cgroup", &early_rel]);
     assert_eq!(before.accept().1, 170, "the opt-out removed");
+}
+
+/// Without a connection to teach the programs anything, and with the daemon restarted in
+/// between: the listener's own idle time (77, in the kernel's jiffies) comes back as 77.
+#[test]
+fn a_listener_goes_back_without_a_connection_and_across_a_restart() {
+    let env = kad_env!();
+    if !kad_tests::require_kernel(5, 15, "bpf_setsockopt from iter/tcp (existing connections)") {
+        return;
+    }
+    let mut daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "listenback");
+    let mut server = Server::open(&env, &cg.child("srv"), true);
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "150"]);
+    daemon.stop();
+    daemon.restart();
+    daemon.kad_ok(&["unset", "--cgroup", &cg.relative()]);
+    let (_, _, intvl, cnt) = untouched();
+    assert_eq!(server.accept(), (true, 77, intvl, cnt));
+}
+
+/// Under `--enforce` a server's own options set before listen(2) are rewritten, so the
+/// listener holds the policy from the start; they still come back when the policy goes.
+#[test]
+fn under_enforce_a_listener_gets_back_what_its_program_set_before_listening() {
+    let env = kad_env!();
+    if !kad_tests::require_kernel(6, 1, "cgroup/setsockopt with the caller's cgroup ancestry") {
+        return;
+    }
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "enforceback");
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &cg.relative(),
+        "--idle",
+        "150",
+        "--enforce",
+    ]);
+    let mut server = Server::open_mode(&env, &cg.child("srv"), "serve-early");
+    let (on, idle, _, _) = server.accept();
+    assert_eq!((on, idle), (true, 150), "enforced");
+    daemon.kad_ok(&["unset", "--cgroup", &cg.relative()]);
+    let (_, _, intvl, cnt) = untouched();
+    assert_eq!(
+        server.accept(),
+        (false, 66, intvl, cnt),
+        "the program's own"
+    );
 }
 
 #[test]

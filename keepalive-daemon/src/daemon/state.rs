@@ -111,6 +111,8 @@ impl State {
                 config = %config.config.display(),
                 "removed a pinned policy that the config file no longer has"
             );
+            // Its listeners go back to what they held, as after an unset.
+            state.kernel.refresh(&path);
         }
         let retired = state.kernel.enforcer.retire_legacy();
         if retired > 0 {

@@ -16,6 +16,9 @@
 //!                                settings as one JSON line; exits at EOF
 //!   kad-test-peer serve-own ADDR as serve, but first sets its own SO_KEEPALIVE (1) and
 //!                                TCP_KEEPIDLE (77) on the listener after listen(2)
+//!   kad-test-peer serve-early ADDR  as serve (IPv4 only), but sets SO_KEEPALIVE (0) and
+//!                                TCP_KEEPIDLE (66) on its socket before listen(2), as C
+//!                                servers do
 //!   kad-test-peer churn N        opens and closes N loopback connections to itself, prints
 //!                                the mean nanoseconds per connection (for cargo xtask bench)
 //!   kad-test-peer hold SOCKET N  opens N connections to a unix socket and holds them silent;
@@ -212,6 +215,49 @@ fn serve(addr: &str, own: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// `serve`, with the options set on the socket before it listens.
+fn serve_early(addr: &str) -> Result<(), String> {
+    let addr: std::net::SocketAddrV4 = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    // SAFETY: plain socket calls on a descriptor this function owns; the sockaddr is built
+    // from a parsed address and passed with its size.
+    let listener = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(format!("socket: {}", std::io::Error::last_os_error()));
+        }
+        let listener = <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0)?;
+        set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 66)?;
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*addr.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) != 0
+            || libc::listen(fd, 128) != 0
+        {
+            return Err(format!("bind/listen: {}", std::io::Error::last_os_error()));
+        }
+        listener
+    };
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("LISTENING {}", local.port());
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    while next_line()? {
+        let client = TcpStream::connect(local).map_err(|e| format!("connect: {e}"))?;
+        let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        print_pair(&client, &server)?;
+    }
+    Ok(())
+}
+
 /// As many open files as the hard limit allows: a flood needs more than the usual 1024.
 fn raise_nofile() {
     let mut limit = libc::rlimit {
@@ -348,6 +394,7 @@ fn run() -> Result<(), String> {
             "pair" => return pair(value),
             "serve" => return serve(value, false),
             "serve-own" => return serve(value, true),
+            "serve-early" => return serve_early(value),
             "check" => return check(value.parse().map_err(|e| format!("check idle: {e}"))?),
             _ => {}
         }
