@@ -62,12 +62,13 @@ struct Entry {
     enforce: bool,
 }
 
-/// The policies of the config file at `path`, keyed by absolute cgroup path. A missing file is
-/// an empty config. The cgroups need not exist yet: a policy applies when its cgroup appears.
-pub fn load(path: &Path, root: &Path) -> Result<BTreeMap<PathBuf, Policy>, ConfigError> {
+/// The policies of the config file at `path`, keyed by absolute cgroup path; `None` when there
+/// is no file (the caller decides what that means for policies it set before). The cgroups
+/// need not exist yet: a policy applies when its cgroup appears.
+pub fn load(path: &Path, root: &Path) -> Result<Option<BTreeMap<PathBuf, Policy>>, ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
             return Err(ConfigError::Io {
                 path: path.to_path_buf(),
@@ -78,11 +79,13 @@ pub fn load(path: &Path, root: &Path) -> Result<BTreeMap<PathBuf, Policy>, Confi
     // Paths are checked on the filesystem like the CLI's: no symbolic links, on cgroup2, not
     // the root (the cgroup itself may appear later).
     let check = |input: &str| cgroup::checked_path(root, input);
-    parse(&text, check).map_err(|(offset, message)| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        line: line_at(&text, offset),
-        message,
-    })
+    parse(&text, check)
+        .map(Some)
+        .map_err(|(offset, message)| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_at(&text, offset),
+            message,
+        })
 }
 
 /// Parses config text, turning each path into the key it is kept by with `check`; an error
@@ -265,9 +268,16 @@ idle = 300
     }
 
     #[test]
-    fn a_missing_file_is_an_empty_config() {
+    fn a_missing_file_is_told_apart_from_an_empty_one() {
         assert!(load(Path::new("/nonexistent/kad.toml"), Path::new(ROOT))
             .unwrap()
-            .is_empty());
+            .is_none());
+        let dir = std::env::temp_dir().join(format!("kad-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kad.toml");
+        std::fs::write(&file, "").unwrap();
+        let loaded = load(&file, Path::new(ROOT));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(loaded.unwrap(), Some(BTreeMap::new()));
     }
 }

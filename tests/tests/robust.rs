@@ -332,6 +332,75 @@ fn paths_through_symbolic_links_in_the_config_or_the_state_file_are_refused() {
     assert_eq!(kad_attachments(&env.root), 0, "nothing on the root");
 }
 
+/// A config file that is gone (a wrong `--config`, a lost file) is not an empty one: what it set
+/// stays in force across a restart and a reload, loudly, until a file says otherwise.
+#[test]
+fn a_missing_config_file_drops_nothing() {
+    let env = kad_env!();
+    let cg = TestCgroup::new(&env, "config-missing");
+    let mut daemon = Daemon::start(&env);
+    fs::write(
+        &daemon.config,
+        format!(
+            "[[policy]]\ncgroup = \"{}\"\nidle = 61\nenforce = true\n",
+            cg.relative()
+        ),
+    )
+    .unwrap();
+    daemon.kad_ok(&["reload"]);
+    let before = daemon.list();
+    assert_eq!(cgroups(&before), [cg.path.display().to_string()]);
+    assert_eq!(idle_in(&env, &cg.path), (true, 61));
+
+    // Gone while no daemon ran.
+    daemon.stop();
+    fs::remove_file(&daemon.config).unwrap();
+    daemon.restart();
+    assert_eq!(daemon.list(), before, "kept, with its values and enforce");
+    assert_eq!(idle_in(&env, &cg.path), (true, 61));
+    let status: serde_json::Value =
+        serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).unwrap();
+    assert!(
+        status["details"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|p| p["source"] == "config")),
+        "still a config policy: {status}"
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("WARN") && log.contains("is missing (a wrong --config?)"),
+        "{log}"
+    );
+    assert!(!log.contains("no longer has"), "nothing removed: {log}");
+
+    // A reload of a missing file refuses and changes nothing.
+    let out = daemon.kad(&["reload"]);
+    assert_one_line_error(
+        &out,
+        &[
+            &daemon.config.display().to_string(),
+            "does not exist",
+            "make the file empty",
+        ],
+    );
+    assert_eq!(daemon.list(), before);
+    assert_eq!(idle_in(&env, &cg.path), (true, 61));
+
+    // An empty file says "none", on reload and across a restart.
+    fs::write(&daemon.config, "").unwrap();
+    daemon.kad_ok(&["reload"]);
+    assert_eq!(cgroups(&daemon.list()), Vec::<String>::new());
+    assert_eq!(idle_in(&env, &cg.path), (false, untouched().1));
+    daemon.stop();
+    fs::remove_file(&daemon.config).unwrap();
+    daemon.restart();
+    assert_eq!(
+        cgroups(&daemon.list()),
+        Vec::<String>::new(),
+        "nothing comes back"
+    );
+}
+
 /// The cgroups of a policy table (from `kad list --json` or the state file), in order.
 fn cgroups(table: &serde_json::Value) -> Vec<String> {
     let mut paths: Vec<String> = table

@@ -57,7 +57,9 @@ impl State {
             .into_iter()
             .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
             .collect();
-        let from_config = config_file::load(&config.config, &root)?;
+        let loaded_config = config_file::load(&config.config, &root)?;
+        let config_missing = loaded_config.is_none();
+        let from_config = loaded_config.unwrap_or_default();
         let pods_store = Store::pods(&config.state_dir);
         // Kept (and enforced) until the watcher's first full list says otherwise.
         let from_pods = pods_store
@@ -92,7 +94,7 @@ impl State {
             watcher,
             rows: Rows::default(),
         };
-        state.adopt_pinned(state_file_exists);
+        state.adopt_pinned(state_file_exists, config_missing);
         if state.store.journal_len() > 0 {
             // Fold the journal into the table now, so that it starts short.
             if let Err(e) = state.save() {

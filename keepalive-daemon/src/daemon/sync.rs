@@ -107,9 +107,12 @@ impl State {
 
     /// Policies the pinned map holds that neither the state file nor the config file has:
     /// kept and adopted, loudly, never dropped on a guess. A config-file policy that is no
-    /// longer in the config file was removed on purpose and is not adopted.
-    pub(super) fn adopt_pinned(&mut self, state_file_exists: bool) {
+    /// longer in the config file was removed on purpose and is not adopted, unless the config
+    /// file is missing altogether (a wrong `--config`, a lost file): then it is kept as a
+    /// config policy until a config file says otherwise.
+    pub(super) fn adopt_pinned(&mut self, state_file_exists: bool, config_missing: bool) {
         let mut adopted = 0;
+        let mut kept_for_config = 0;
         for (key, value) in self.kernel.enforcer.pinned_paths() {
             let Some(path) = enforcer::key_path(&self.root, &key) else {
                 continue;
@@ -121,6 +124,16 @@ impl State {
                 continue;
             }
             if value.flags & keepalive_common::FLAG_CONFIG != 0 {
+                if config_missing {
+                    let policy = Policy::from_value(&value);
+                    warn!(
+                        cgroup = ?path.display().to_string(),
+                        %policy,
+                        "a pinned config-file policy is kept: the config file is missing"
+                    );
+                    self.from_config.insert(path, policy);
+                    kept_for_config += 1;
+                }
                 continue;
             }
             let policy = Policy::from_value(&value);
@@ -132,6 +145,14 @@ impl State {
             );
             self.set.insert(path, policy);
             adopted += 1;
+        }
+        if kept_for_config > 0 {
+            warn!(
+                policies = kept_for_config,
+                "{} is missing (a wrong --config?): the policies it set before stay in force; \
+                 to remove them, write the file (empty for none) and run `kad reload`",
+                self.config.config.display()
+            );
         }
         if adopted > 0 {
             if !state_file_exists {

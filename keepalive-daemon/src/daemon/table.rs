@@ -152,10 +152,18 @@ impl State {
         }
     }
 
-    /// Re-reads the config file; on error the previous config stays in force.
+    /// Re-reads the config file; on error the previous config stays in force. A missing file
+    /// removes nothing: a config that had policies is emptied by an empty file, not by a lost
+    /// one.
     pub(super) fn reload(&mut self) -> Response {
         match config_file::load(&self.config.config, &self.root) {
-            Ok(from_config) => {
+            Ok(None) if !self.from_config.is_empty() => Response::error(format!(
+                "{} does not exist: its {} policies stay in force (to remove them, make the file empty)",
+                self.config.config.display(),
+                self.from_config.len()
+            )),
+            Ok(loaded) => {
+                let from_config = loaded.unwrap_or_default();
                 let before: BTreeSet<PathBuf> = self.from_config.keys().cloned().collect();
                 self.from_config = from_config;
                 let paths: BTreeSet<PathBuf> = before
