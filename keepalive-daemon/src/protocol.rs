@@ -57,6 +57,10 @@ pub struct PolicyEntry {
     /// The pod (`namespace/name`) whose annotation this is, for pod policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// No cgroup exists at the path yet: the policy applies from its first connection when
+    /// one is made there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waiting: bool,
 }
 
 impl PolicyEntry {
@@ -70,6 +74,7 @@ impl PolicyEntry {
             user_timeout: policy.user_timeout,
             enforce: policy.enforce,
             pod: None,
+            waiting: false,
         }
     }
 

@@ -717,6 +717,21 @@ pub fn kad_attachments(cgroup: &Path) -> usize {
         .count()
 }
 
+/// The kad programs of any cgroup attach type attached directly to `cgroup`: what "nothing on
+/// the root" checks, so that no kad program of any kind escapes it.
+pub fn kad_programs_on(cgroup: &Path) -> Vec<String> {
+    // The cgroup attach types up to BPF_CGROUP_SETSOCKOPT (22), which every kernel kad runs
+    // on (5.9+) can be asked about; the others in that range are not cgroup types.
+    const CGROUP_TYPES: [u32; 18] = [
+        0, 1, 2, 3, 6, 8, 9, 10, 11, 12, 13, 14, 15, 18, 19, 20, 21, 22,
+    ];
+    CGROUP_TYPES
+        .iter()
+        .flat_map(|&t| cgroup_programs(cgroup, t))
+        .filter(|name| name.starts_with("kad_"))
+        .collect()
+}
+
 /// The names of the programs attached directly to `cgroup` for `attach_type`, asked of the
 /// kernel itself (`BPF_PROG_QUERY`). Not through bpftool: Debian 12's bpftool sends a query
 /// field that kernels before 6.0 reject, so its `cgroup show` fails there.

@@ -7,8 +7,8 @@ use std::{
 };
 
 use kad_tests::{
-    connect, daemon_command, kad_attachments, kad_env, listen, ss_to_port, unique, wait_for,
-    Daemon, Process, TempDir, TestCgroup,
+    connect, daemon_command, kad_env, listen, ss_to_port, unique, wait_for, Daemon, Process,
+    TempDir, TestCgroup,
 };
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -160,8 +160,8 @@ fn bad_input_is_one_clear_line_and_changes_nothing() {
     assert_eq!(daemon.list(), before, "nothing changed");
     assert_eq!(connect(&env, None, Some(&cg.path), false).1.idle, 99);
     assert_eq!(
-        kad_attachments(&env.root),
-        0,
+        kad_tests::kad_programs_on(&env.root),
+        Vec::<String>::new(),
         "nothing attached to the root"
     );
 }

@@ -675,3 +675,95 @@ fn accept_errors_back_off_instead_of_spinning() {
     );
     assert!(scrape(&addr).starts_with("HTTP/1.1 200 OK"));
 }
+
+/// Context switches of every thread of `pid` (each time a thread went to sleep or was put off
+/// the CPU), by thread id.
+fn switches(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut all = std::collections::BTreeMap::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return all;
+    };
+    for task in tasks.flatten() {
+        let Ok(status) = fs::read_to_string(task.path().join("status")) else {
+            continue; // the thread just exited
+        };
+        let n: u64 = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        all.insert(task.file_name().to_string_lossy().into_owned(), n);
+    }
+    all
+}
+
+/// How often the daemon's threads woke while `secs` seconds passed.
+fn wakeups(pid: u32, secs: f64) -> u64 {
+    let before = switches(pid);
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    switches(pid)
+        .iter()
+        .map(|(tid, n)| n - before.get(tid).copied().unwrap_or(0))
+        .sum()
+}
+
+/// Event-driven: with policies in force and waiting and nothing happening, no thread of the
+/// daemon wakes (no poll, no timer); while a `kad exec` run exists it looks once a second for
+/// an abandoned one (which shows that this measure sees a timer), and stops when the run ends.
+#[test]
+fn an_idle_daemon_does_not_wake() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let pid = daemon.pid();
+    let cg = TestCgroup::new(&env, "idle");
+    cg.child("svc");
+    for (path, idle) in [("svc", "101"), ("later", "102")] {
+        let path = format!("{}/{path}", cg.relative());
+        daemon.kad_ok(&["set", "--cgroup", &path, "--idle", idle]);
+    }
+    let (_, c) = connect(&env, None, Some(&cg.path.join("svc")), false);
+    assert_eq!((c.keepalive, c.idle), (true, 101));
+    // Settled: the replies and log lines of the commands are out.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = wakeups(pid, 4.0);
+
+    let exec_parent = TestCgroup::new(&env, "idle-exec");
+    let mut exec = Command::new(&env.kad);
+    exec.args(["exec", "--idle", "103", "--", "sleep", "6"])
+        .env("KAD_SOCKET", &daemon.socket)
+        .stdin(Stdio::null());
+    let _procs = kad_tests::in_cgroup(&mut exec, &exec_parent.path);
+    let mut exec = exec.spawn().expect("run kad exec");
+    assert!(
+        wait_for(Duration::from_secs(10), || daemon
+            .list()
+            .as_array()
+            .is_some_and(|a| a.len() == 3)),
+        "the kad exec run is listed: {}",
+        daemon.list()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let watching = wakeups(pid, 3.0);
+    let status = exec.wait().expect("wait for kad exec");
+    assert!(status.success(), "kad exec: {status}");
+    assert!(
+        wait_for(Duration::from_secs(10), || daemon
+            .list()
+            .as_array()
+            .is_some_and(|a| a.len() == 2)),
+        "the run's policy is gone: {}",
+        daemon.list()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let after = wakeups(pid, 4.0);
+    eprintln!("daemon wakeups: idle {idle} in 4 s, with a kad exec run {watching} in 3 s, after it {after} in 4 s");
+    assert!(
+        watching >= 3,
+        "a run is watched once a second: {watching} wakeups in 3 s"
+    );
+    assert!(idle <= 1, "an idle daemon woke {idle} times in 4 s");
+    assert!(
+        after <= 1,
+        "after the run, the daemon woke {after} times in 4 s"
+    );
+}

@@ -245,6 +245,12 @@ fn a_cgroup_created_and_used_at_once_has_the_policy_every_time() {
         status.contains("waiting for the cgroup to exist"),
         "{status}"
     );
+    assert_eq!(daemon.list()[0]["waiting"], true);
+    let table = daemon.kad_ok(&["list"]);
+    assert!(
+        table.contains("(waiting for the cgroup to exist)"),
+        "{table}"
+    );
     for round in 0..10 {
         fs::create_dir(&svc).expect("mkdir svc");
         // The first connection, right after the mkdir.
@@ -252,6 +258,13 @@ fn a_cgroup_created_and_used_at_once_has_the_policy_every_time() {
         assert!(r.client.keepalive && r.server.keepalive, "round {round}");
         assert_eq!(r.client.idle, 222, "round {round}: client");
         assert_eq!(r.server.idle, 222, "round {round}: server");
+        if round == 0 {
+            // Listed as waiting no more once the daemon has seen the cgroup (inotify).
+            let seen = wait_for(Duration::from_secs(10), || {
+                daemon.list()[0].get("waiting").is_none()
+            });
+            assert!(seen, "{}", daemon.list());
+        }
         drop(_pair);
         kad_tests::remove_cgroup_tree(&svc);
     }
@@ -574,7 +587,6 @@ fn another_vendors_sock_ops_program_sees_true_arguments_and_changes_nothing() {
     let daemon = Daemon::start(&env);
     let cg = TestCgroup::new(&env, "vendor");
     let app = cg.child("app");
-    let vendor = OtherVendor::attach(&cg.path);
     daemon.kad_ok(&[
         "set",
         "--cgroup",
@@ -584,6 +596,19 @@ fn another_vendors_sock_ops_program_sees_true_arguments_and_changes_nothing() {
         "--cnt",
         "6",
     ]);
+    // Attached after kad, on the parent: wherever kad's anchor is (app or cg), this program runs
+    // after kad's for each callback (a descendant's programs first, then in attach order), so
+    // anything kad wrote into `args` or `reply` would be what it reads.
+    let vendor = OtherVendor::attach(&cg.path);
+    let anchors: serde_json::Value =
+        serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).unwrap();
+    assert!(
+        anchors["anchors"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|x| x["cgroup"] == app.display().to_string()
+                || x["cgroup"] == cg.path.display().to_string())),
+        "kad anchored at app or cg: {anchors}"
+    );
     for ipv6 in [false, true] {
         let (server, client) = kad_tests::connect(&env, Some(&app), Some(&app), ipv6);
         assert_eq!((server.keepalive, server.idle, server.cnt), (true, 140, 6));

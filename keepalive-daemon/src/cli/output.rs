@@ -114,10 +114,13 @@ fn table(entries: &[PolicyEntry]) -> String {
             Mode::On => "on",
             Mode::Off => "off",
         };
-        let pod = e
+        let mut note = e
             .pod
             .as_ref()
             .map_or_else(String::new, |pod| format!("  (pod {pod})"));
+        if e.waiting {
+            note.push_str("  (waiting for the cgroup to exist)");
+        }
         let user_timeout = match (e.mode, e.user_timeout) {
             (Mode::On, Some(ms)) => format!("{ms}ms"),
             _ => "-".to_string(),
@@ -129,7 +132,7 @@ fn table(entries: &[PolicyEntry]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<width$}  {mode:<4}  {:<7}  {:<7}  {:<7}  {user_timeout:<12}  {enforce}{pod}",
+            "{:<width$}  {mode:<4}  {:<7}  {:<7}  {:<7}  {user_timeout:<12}  {enforce}{note}",
             e.cgroup,
             value(e.idle),
             value(e.intvl),

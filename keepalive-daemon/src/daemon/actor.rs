@@ -204,8 +204,12 @@ impl StateHandle {
     }
 
     /// Whether there are `kad exec` runs to collect when their owners are gone.
-    pub(super) fn has_exec_runs(&self) -> bool {
-        self.snapshot().exec_runs() > 0
+    /// Returns once the state has a `kad exec` run to watch (at once if it has one now); false
+    /// if the state thread is gone.
+    pub(super) async fn exec_runs(&self) -> bool {
+        let mut snapshot = self.snapshot.clone();
+        let found = snapshot.wait_for(|s| s.exec_runs() > 0).await.is_ok();
+        found
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {

@@ -190,15 +190,10 @@ async fn run_bound(
     tokio::spawn({
         let state = state.clone();
         async move {
-            let mut tick = tokio::time::interval(EXEC_COLLECT_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                // Without runs to watch the state thread is left alone: an idle daemon does
-                // no work.
-                if state.has_exec_runs() {
-                    state.nudge(Command::CollectAbandoned);
-                }
+            // Asleep until there is a `kad exec` run to watch: an idle daemon has no timer.
+            while state.exec_runs().await {
+                tokio::time::sleep(EXEC_COLLECT_INTERVAL).await;
+                state.nudge(Command::CollectAbandoned);
             }
         }
     });

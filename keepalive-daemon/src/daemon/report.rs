@@ -38,6 +38,7 @@ impl Row {
     fn entry(&self, path: &Path) -> PolicyEntry {
         PolicyEntry {
             pod: self.pod.clone(),
+            waiting: self.in_force.is_none() && self.error.is_none(),
             ..PolicyEntry::new(path.display().to_string(), &self.policy)
         }
     }
