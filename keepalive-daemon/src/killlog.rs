@@ -25,28 +25,38 @@ struct Window {
     held: u64,
 }
 
+impl Window {
+    /// Whether an event at `now` is logged: `Some(n)` with the number held back since the last
+    /// one logged, or `None` (held back, counted).
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self.start.is_none_or(|s| now.duration_since(s) >= PERIOD) {
+            self.start = Some(now);
+            self.logged = 0;
+        }
+        if self.logged >= BURST {
+            self.held += 1;
+            return None;
+        }
+        self.logged += 1;
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
 impl log::Log for KillLog {
     fn enabled(&self, _: &log::Metadata) -> bool {
         true
     }
 
     fn log(&self, record: &log::Record) {
-        let mut w = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if w.start.is_none_or(|s| now.duration_since(s) >= PERIOD) {
-            w.start = Some(now);
-            w.logged = 0;
-        }
-        if w.logged >= BURST {
-            w.held += 1;
-            return;
-        }
-        w.logged += 1;
-        let held = std::mem::take(&mut w.held);
-        if held > 0 {
-            info!("{} ({held} more not logged)", record.args());
-        } else {
-            info!("{}", record.args());
+        let admitted = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now());
+        match admitted {
+            None => {}
+            Some(0) => info!("{}", record.args()),
+            Some(held) => info!("{} ({held} more not logged)", record.args()),
         }
     }
 
@@ -81,4 +91,25 @@ pub fn spawn(logger: EbpfLogger<KillLog>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_is_logged_then_held_back_and_counted_with_the_next_period() {
+        let mut w = Window::default();
+        let t0 = Instant::now();
+        let first: Vec<Option<u64>> = (0..25)
+            .map(|i| w.admit(t0 + Duration::from_millis(i)))
+            .collect();
+        assert_eq!(first[..10], [Some(0); 10]);
+        assert_eq!(first[10..], [None; 15]);
+        // Still the same period: held back.
+        assert_eq!(w.admit(t0 + PERIOD - Duration::from_millis(1)), None);
+        // The next period: logged, saying how many were not.
+        assert_eq!(w.admit(t0 + PERIOD), Some(16));
+        assert_eq!(w.admit(t0 + PERIOD + Duration::from_millis(1)), Some(0));
+    }
 }

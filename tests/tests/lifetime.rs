@@ -64,7 +64,7 @@ fn connections_opened_before_a_policy_get_it_in_every_network_namespace() {
     if !kad_tests::require_kernel(5, 15, "bpf_setsockopt from iter/tcp (existing connections)") {
         return;
     }
-    let daemon = Daemon::start(&env);
+    let mut daemon = Daemon::start(&env);
     let cg = TestCgroup::new(&env, "existing");
     let app = cg.child("app");
     let netns = NetnsPair::new();
@@ -97,6 +97,52 @@ fn connections_opened_before_a_policy_get_it_in_every_network_namespace() {
         .as_u64()
         .expect("refreshed");
     assert!(refreshed >= 12, "both rounds counted: {stats}");
+
+    // A config policy that comes with `kad reload` reaches the connections of its cgroup.
+    let conf = cg.child("conf");
+    let (mut configured, r) = Pair::open(&env, &conf, None);
+    assert_eq!(
+        (r.client.values(), r.server.values()),
+        (untouched(), untouched())
+    );
+    fs::write(
+        &daemon.config,
+        format!(
+            "[[policy]]\ncgroup = \"{}/conf\"\nidle = 170\nintvl = 17\ncnt = 5\n",
+            cg.relative()
+        ),
+    )
+    .expect("write the config");
+    daemon.kad_ok(&["reload"]);
+    let conf_want = (true, 170, 17, 5);
+    assert_eq!(configured.now(), (conf_want, conf_want), "after kad reload");
+
+    // After a reboot (bpffs empty, nothing attached) the daemon's start reaches the connections
+    // made while no kad ran.
+    daemon.stop();
+    fs::remove_dir_all(&daemon.bpffs).expect("empty the bpffs directory");
+    let mut meanwhile = Vec::new();
+    let detached = wait_for(Duration::from_secs(10), || {
+        let (pair, r) = Pair::open(&env, &app, None);
+        let (conf_pair, c) = Pair::open(&env, &conf, None);
+        let clean = [r.client, r.server, c.client, c.server]
+            .iter()
+            .all(|side| side.values() == untouched());
+        meanwhile = vec![pair, conf_pair];
+        clean
+    });
+    assert!(detached, "the kernel released kad's programs");
+    daemon.restart();
+    let mut pairs = meanwhile.into_iter();
+    let (Some(mut app_pair), Some(mut conf_pair)) = (pairs.next(), pairs.next()) else {
+        panic!("two pairs");
+    };
+    assert_eq!(app_pair.now(), (want, want), "a kad set policy, at start");
+    assert_eq!(
+        conf_pair.now(),
+        (conf_want, conf_want),
+        "a config policy, at start"
+    );
 }
 
 /// A listener held by one process in `cgroup`; each `accept()` makes a new connection to it.
@@ -841,7 +887,7 @@ fn a_start_without_enough_file_descriptors_fails_and_removes_nothing() {
 #[test]
 fn a_policy_map_removed_by_hand_is_refused_not_reported_done() {
     let env = kad_env!();
-    let daemon = Daemon::start(&env);
+    let mut daemon = Daemon::start(&env);
     let cg = TestCgroup::new(&env, "gone-map");
     daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "161"]);
     fs::remove_file(daemon.bpffs.join("KAD_POLICY")).expect("remove the pinned map");
@@ -856,6 +902,33 @@ fn a_policy_map_removed_by_hand_is_refused_not_reported_done() {
     let (server, client) = kad_tests::connect(&env, Some(&cg.path), Some(&cg.path), false);
     assert_eq!((server.idle, client.idle), (161, 161));
     assert_eq!(daemon.list()[0]["idle"], 161);
+
+    // A restart rebuilds the map, and the links made before it take its values: the policy
+    // can be changed again, and new ones apply.
+    daemon.stop();
+    daemon.restart();
+    assert!(daemon.bpffs.join("KAD_POLICY").exists(), "rebuilt");
+    let (server, client) = kad_tests::connect(&env, Some(&cg.path), Some(&cg.path), false);
+    assert_eq!(
+        (server.idle, client.idle),
+        (161, 161),
+        "in force across the restart"
+    );
+    daemon.kad_ok(&["set", "--cgroup", &cg.relative(), "--idle", "163"]);
+    let (server, client) = kad_tests::connect(&env, Some(&cg.path), Some(&cg.path), false);
+    assert_eq!(
+        (server.idle, client.idle),
+        (163, 163),
+        "changed after the restart"
+    );
+    let child = cg.child("svc");
+    daemon.kad_ok(&["set", "--cgroup", child.to_str().unwrap(), "--off"]);
+    let (server, client) = kad_tests::connect(&env, Some(&child), Some(&child), false);
+    assert_eq!(
+        (server.keepalive, client.keepalive),
+        (false, false),
+        "a new policy"
+    );
 }
 
 #[test]
