@@ -790,6 +790,48 @@ pub fn update_link(link: &Path, prog: &Path) {
     .unwrap_or_else(|e| panic!("BPF_LINK_UPDATE {}: {e}", link.display()));
 }
 
+/// Attaches the program pinned at `prog` to `cgroup` through a new link (`BPF_LINK_CREATE`) and
+/// pins the link at `pin`, as another loader (the first design of kad) would have.
+pub fn link_cgroup(cgroup: &Path, attach_type: u32, prog: &Path, pin: &Path) {
+    let prog_fd = obj_get(prog);
+    let dir = File::open(cgroup).unwrap_or_else(|e| panic!("open {}: {e}", cgroup.display()));
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let link = bpf(
+        BPF_LINK_CREATE,
+        &mut LinkCreate {
+            prog_fd: prog_fd.as_raw_fd() as u32,
+            target_fd: dir.as_raw_fd() as u32,
+            attach_type,
+            flags: 0,
+        },
+    )
+    .unwrap_or_else(|e| panic!("BPF_LINK_CREATE on {}: {e}", cgroup.display()));
+    // SAFETY: the kernel just gave us this descriptor; the OwnedFd closes it.
+    let link = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(link) };
+    let name = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).expect("a path");
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    bpf(
+        BPF_OBJ_PIN,
+        &mut ObjPin {
+            pathname: name.as_ptr() as u64,
+            bpf_fd: link.as_raw_fd() as u32,
+            file_flags: 0,
+        },
+    )
+    .unwrap_or_else(|e| panic!("BPF_OBJ_PIN {}: {e}", pin.display()));
+}
+
 /// A descriptor for the BPF object pinned at `path` (`BPF_OBJ_GET`).
 fn obj_get(path: &Path) -> std::os::fd::OwnedFd {
     let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("a path");
@@ -812,7 +854,9 @@ fn obj_get(path: &Path) -> std::os::fd::OwnedFd {
     unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
 }
 
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;

@@ -748,6 +748,93 @@ fn prog_show(args: &[&str]) -> Option<(u64, String)> {
     Some((v["id"].as_u64()?, v["tag"].as_str()?.to_string()))
 }
 
+/// The first design of kad pinned one link per policy cgroup under `links/`, attached to the
+/// cgroup itself, and maps named `KAD_POLICIES`, `KAD_STATS`, `KAD_SOCK`, `KAD_COUNTERS`. A daemon
+/// of this design retires them once its own anchors are in place: no connection misses the
+/// policy meanwhile, and nothing of the old layout is left attached or pinned.
+#[test]
+fn the_first_design_s_links_are_retired_without_a_gap() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "legacy");
+    let app = cg.child("app");
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &format!("{}/app", cg.relative()),
+        "--idle",
+        "177",
+    ]);
+    daemon.stop();
+    let older = PinnedProgram {
+        dir: PathBuf::from("/sys/fs/bpf").join(kad_tests::unique("legacy")),
+    };
+    fs::create_dir(&older.dir).expect("mkdir legacy pin dir");
+    load_c_sockops(OLDER_KAD, &older.dir);
+    let links = daemon.bpffs.join("links");
+    fs::create_dir(&links).expect("mkdir links");
+    let legacy_link = links.join(kad_tests::cgroup_id(&app).to_string());
+    kad_tests::link_cgroup(
+        &app,
+        kad_tests::ATTACH_SOCK_OPS,
+        &older.dir.join("prog"),
+        &legacy_link,
+    );
+    let legacy_map = daemon.bpffs.join("KAD_POLICIES");
+    run(Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&legacy_map)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "8",
+            "value",
+            "8",
+            "entries",
+            "1",
+            "name",
+            "KAD_POLICIES",
+        ]));
+    assert!(
+        kad_tests::cgroup_programs(&app, kad_tests::ATTACH_SOCK_OPS).contains(&"older_kad".into()),
+        "the legacy link is attached"
+    );
+
+    let mut command = Command::new(&env.peer);
+    command.args(["check", "177"]);
+    let mut checker = Process::spawn(command, Some(&app));
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.restart();
+    assert!(
+        wait_for(Duration::from_secs(10), || !kad_tests::cgroup_programs(
+            &app,
+            kad_tests::ATTACH_SOCK_OPS
+        )
+        .contains(&"older_kad".into())),
+        "the legacy link is detached"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!links.exists(), "links/ removed");
+    assert!(!legacy_map.exists(), "the legacy map's pin removed");
+    let log = daemon.log();
+    assert!(log.contains("replaced the links of an older kad"), "{log}");
+    checker.close_stdin();
+    let line = checker.line();
+    let counts: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 2, "checker said {line:?}");
+    assert!(
+        counts[0] > 10,
+        "connections made across the upgrade: {line}"
+    );
+    assert_eq!(counts[1], 0, "connections without the policy: {line}");
+    let (server, client) = kad_tests::connect(&env, Some(&app), Some(&app), false);
+    assert_eq!((server.idle, client.idle), (177, 177));
+}
+
 #[test]
 fn a_new_daemon_replaces_the_program_behind_its_links_without_a_gap() {
     let env = kad_env!();
