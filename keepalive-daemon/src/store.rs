@@ -22,6 +22,11 @@ const FILE_NAME: &str = "policies.json";
 /// of the whole table. Folded into `policies.json` at start and when it grows long.
 const JOURNAL_NAME: &str = "policies.journal";
 
+/// Bytes kept allocated past the end of the journal. A `kad set` is refused unless its line and
+/// this reserve fit; an `unset` may use the reserve, so that a policy can still be removed
+/// (and a `kad exec` run collected) when the state disk is full: a few hundred lines.
+const JOURNAL_RESERVE: u64 = 32 * 1024;
+
 /// One line of the journal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -137,6 +142,12 @@ impl Store {
             .metadata()
             .map_err(io_err("cannot stat", &self.journal))?
             .len();
+        if let Err(e) = reserve(&file, before + line.len() as u64 + JOURNAL_RESERVE) {
+            // Only a set is refused for want of the reserve; an unset may use it.
+            if matches!(change, Change::Set(_)) && is_no_space(&e) {
+                return Err(io_err("cannot write", &self.journal)(e).into());
+            }
+        }
         let written = file
             .write_all(line.as_bytes())
             .and_then(|()| file.sync_data());
@@ -283,6 +294,9 @@ impl Store {
                 file.set_len(0)
                     .and_then(|()| file.sync_all())
                     .map_err(io_err("cannot truncate", &self.journal))?;
+                // Truncating gave back the reserve: take it again if there is room (the next
+                // set asks for it anyway).
+                let _ = reserve(&file, JOURNAL_RESERVE);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("cannot open", &self.journal)(e).into()),
@@ -290,6 +304,25 @@ impl Store {
         self.journal_lines.set(0);
         Ok(())
     }
+}
+
+/// Allocates the first `len` bytes of `file` without changing its size (`fallocate`,
+/// `FALLOC_FL_KEEP_SIZE`): appends within them need no more room on the disk.
+fn reserve(file: &File, len: u64) -> io::Result<()> {
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: fallocate on a descriptor we own; it changes no memory of ours.
+    if unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether an error says the disk (or the quota) is full; other errors of `reserve` (a
+/// filesystem without `fallocate`) leave the append to find out.
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 /// An exclusive lock on a state directory, held while the daemon runs: two daemons writing one
