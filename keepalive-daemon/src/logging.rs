@@ -100,7 +100,11 @@ impl LogLimiter {
     /// `Some(n)` when a message may be logged now, `n` being how many were held back since
     /// the last one that was; `None` when this one is to be held back.
     pub fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
+        self.allow_at(Instant::now())
+    }
+
+    /// `allow` for a message at `now`.
+    pub fn allow_at(&mut self, now: Instant) -> Option<u64> {
         if self
             .window
             .is_none_or(|start| now.duration_since(start) >= self.period)

@@ -57,8 +57,9 @@ pub struct PolicyEntry {
     /// The pod (`namespace/name`) whose annotation this is, for pod policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
-    /// No cgroup exists at the path yet: the policy applies from its first connection when
-    /// one is made there.
+    /// The daemon knows no cgroup at the path (yet): the policy applies from the first
+    /// connection of one made there. (For a moment after a `mkdir` this is still true while the
+    /// kernel already holds the new cgroup's policy.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting: bool,
 }

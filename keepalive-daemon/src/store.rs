@@ -39,6 +39,10 @@ pub enum Change {
 const PODS_FILE_NAME: &str = "pods.json";
 /// Never written (pod policies are saved whole); named so that `load` finds none.
 const PODS_JOURNAL_NAME: &str = "pods.journal";
+/// The config file's policies as last read: what stays in force if the file goes missing.
+const CONFIG_COPY_NAME: &str = "config.json";
+/// Never written, as `PODS_JOURNAL_NAME`.
+const CONFIG_COPY_JOURNAL_NAME: &str = "config.journal";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -109,6 +113,8 @@ pub struct Store {
     journal: PathBuf,
     /// Lines in the journal (what a compaction would fold in).
     journal_lines: std::cell::Cell<usize>,
+    /// Whether changes go through the journal (and it keeps its reserve).
+    journaled: bool,
 }
 
 impl Store {
@@ -117,6 +123,7 @@ impl Store {
             path: state_dir.join(FILE_NAME),
             journal: state_dir.join(JOURNAL_NAME),
             journal_lines: std::cell::Cell::new(0),
+            journaled: true,
         }
     }
 
@@ -142,7 +149,7 @@ impl Store {
             .metadata()
             .map_err(io_err("cannot stat", &self.journal))?
             .len();
-        if let Err(e) = reserve(&file, before + line.len() as u64 + JOURNAL_RESERVE) {
+        if let Err(e) = reserve(&file, before, line.len() as u64 + JOURNAL_RESERVE) {
             // Only a set is refused for want of the reserve; an unset may use it.
             if matches!(change, Change::Set(_)) && is_no_space(&e) {
                 return Err(io_err("cannot write", &self.journal)(e).into());
@@ -154,6 +161,8 @@ impl Store {
         if let Err(e) = written {
             let _ = file.set_len(before);
             let _ = file.sync_data();
+            // Cutting the line off may have freed the blocks past the end too.
+            let _ = reserve(&file, before, JOURNAL_RESERVE);
             return Err(io_err("cannot write", &self.journal)(e).into());
         }
         if created {
@@ -173,6 +182,17 @@ impl Store {
             path: state_dir.join(PODS_FILE_NAME),
             journal: state_dir.join(PODS_JOURNAL_NAME),
             journal_lines: std::cell::Cell::new(0),
+            journaled: false,
+        }
+    }
+
+    /// The copy of the config file's policies as last read (written whole, with no journal).
+    pub fn config_copy(state_dir: &Path) -> Self {
+        Store {
+            path: state_dir.join(CONFIG_COPY_NAME),
+            journal: state_dir.join(CONFIG_COPY_JOURNAL_NAME),
+            journal_lines: std::cell::Cell::new(0),
+            journaled: false,
         }
     }
 
@@ -289,30 +309,38 @@ impl Store {
             .map_err(io_err("cannot sync", dir))?;
         // The table holds every change now: the journal starts again (replaying it on the new
         // table would change nothing if this is cut short by a crash).
-        match fs::OpenOptions::new().write(true).open(&self.journal) {
-            Ok(file) => {
-                file.set_len(0)
-                    .and_then(|()| file.sync_all())
-                    .map_err(io_err("cannot truncate", &self.journal))?;
-                // Truncating gave back the reserve: take it again if there is room (the next
-                // set asks for it anyway).
-                let _ = reserve(&file, JOURNAL_RESERVE);
+        if !self.journaled {
+            return Ok(());
+        }
+        // Made if missing, so that the reserve for removals exists before the first change.
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.journal)
+            .map_err(io_err("cannot open", &self.journal))?;
+        file.set_len(0)
+            .and_then(|()| file.sync_all())
+            .map_err(io_err("cannot truncate", &self.journal))?;
+        // Truncating gave back the reserve: take it again (the next set asks for it anyway).
+        if let Err(e) = reserve(&file, 0, JOURNAL_RESERVE) {
+            if is_no_space(&e) {
+                tracing::warn!(journal = %self.journal.display(), "no room for the journal's reserve: removals on a full disk may be refused");
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("cannot open", &self.journal)(e).into()),
         }
         self.journal_lines.set(0);
         Ok(())
     }
 }
 
-/// Allocates the first `len` bytes of `file` without changing its size (`fallocate`,
+/// Allocates `len` bytes of `file` from `offset` without changing its size (`fallocate`,
 /// `FALLOC_FL_KEEP_SIZE`): appends within them need no more room on the disk.
-fn reserve(file: &File, len: u64) -> io::Result<()> {
-    let len =
-        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let off =
+        |n: u64| libc::off_t::try_from(n).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let (offset, len) = (off(offset)?, off(len)?);
     // SAFETY: fallocate on a descriptor we own; it changes no memory of ours.
-    if unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) } == 0 {
+    if unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
@@ -382,10 +410,13 @@ impl Drop for StateLock {
 /// Removes the saved policies and, if nothing else is in it, the state directory.
 pub fn purge(state_dir: &Path) -> Result<(), StoreError> {
     let store = Store::new(state_dir);
+    let copy = Store::config_copy(state_dir);
     for path in [
         store.path.clone(),
         store.path.with_extension("json.tmp"),
         store.journal.clone(),
+        copy.path.clone(),
+        copy.path.with_extension("json.tmp"),
     ] {
         remove_file_if_present(&path)?;
     }

@@ -717,13 +717,14 @@ pub fn kad_attachments(cgroup: &Path) -> usize {
         .count()
 }
 
-/// The kad programs of any cgroup attach type attached directly to `cgroup`: what "nothing on
-/// the root" checks, so that no kad program of any kind escapes it.
+/// The kad programs attached directly to `cgroup`, of every cgroup attach type up to those of
+/// 5.9: what "nothing on the root" checks, so that no kad program of any kind escapes it.
 pub fn kad_programs_on(cgroup: &Path) -> Vec<String> {
-    // The cgroup attach types up to BPF_CGROUP_SETSOCKOPT (22), which every kernel kad runs
-    // on (5.9+) can be asked about; the others in that range are not cgroup types.
-    const CGROUP_TYPES: [u32; 18] = [
-        0, 1, 2, 3, 6, 8, 9, 10, 11, 12, 13, 14, 15, 18, 19, 20, 21, 22,
+    // The cgroup attach types every kernel kad runs on (5.9+) can be asked about: up to
+    // BPF_CGROUP_SETSOCKOPT (22), the getpeername/getsockname ones (29-32) and
+    // BPF_CGROUP_INET_SOCK_RELEASE (34); the others below 35 are not cgroup types.
+    const CGROUP_TYPES: [u32; 23] = [
+        0, 1, 2, 3, 6, 8, 9, 10, 11, 12, 13, 14, 15, 18, 19, 20, 21, 22, 29, 30, 31, 32, 34,
     ];
     CGROUP_TYPES
         .iter()

@@ -703,7 +703,7 @@ fn wakeups(pid: u32, secs: f64) -> u64 {
     std::thread::sleep(Duration::from_secs_f64(secs));
     switches(pid)
         .iter()
-        .map(|(tid, n)| n - before.get(tid).copied().unwrap_or(0))
+        .map(|(tid, n)| n.saturating_sub(before.get(tid).copied().unwrap_or(0)))
         .sum()
 }
 

@@ -801,6 +801,16 @@ fn the_first_design_s_links_are_retired_without_a_gap() {
         "the legacy link is attached"
     );
 
+    // A daemon of the first design left no anchors: until the new daemon's are in place, only
+    // the legacy link gives the policy.
+    fs::remove_dir_all(daemon.bpffs.join("anchors")).expect("remove this design's anchors");
+    assert!(
+        wait_for(Duration::from_secs(10), || kad_tests::kad_attachments(
+            &cg.path
+        ) == 0
+            && kad_tests::kad_attachments(&app) == 0),
+        "the anchors' links released"
+    );
     let mut command = Command::new(&env.peer);
     command.args(["check", "177"]);
     let mut checker = Process::spawn(command, Some(&app));

@@ -341,24 +341,29 @@ fn paths_through_symbolic_links_in_the_config_or_the_state_file_are_refused() {
 }
 
 /// A config file that is gone (a wrong `--config`, a lost file) is not an empty one: what it set
-/// stays in force across a restart and a reload, loudly, until a file says otherwise.
+/// stays in force, loudly, across restarts, a reboot, and the removal of a `kad set` that
+/// overrode it, until a file says otherwise.
 #[test]
 fn a_missing_config_file_drops_nothing() {
     let env = kad_env!();
     let cg = TestCgroup::new(&env, "config-missing");
+    let over = cg.child("over");
     let mut daemon = Daemon::start(&env);
     fs::write(
         &daemon.config,
         format!(
-            "[[policy]]\ncgroup = \"{}\"\nidle = 61\nenforce = true\n",
+            "[[policy]]\ncgroup = \"{0}\"\nidle = 61\nenforce = true\n\n\
+             [[policy]]\ncgroup = \"{0}/over\"\nidle = 62\n",
             cg.relative()
         ),
     )
     .unwrap();
     daemon.kad_ok(&["reload"]);
+    let configured = daemon.list();
+    daemon.kad_ok(&["set", "--cgroup", over.to_str().unwrap(), "--idle", "63"]);
     let before = daemon.list();
-    assert_eq!(cgroups(&before), [cg.path.display().to_string()]);
     assert_eq!(idle_in(&env, &cg.path), (true, 61));
+    assert_eq!(idle_in(&env, &over), (true, 63));
 
     // Gone while no daemon ran.
     daemon.stop();
@@ -366,20 +371,30 @@ fn a_missing_config_file_drops_nothing() {
     daemon.restart();
     assert_eq!(daemon.list(), before, "kept, with its values and enforce");
     assert_eq!(idle_in(&env, &cg.path), (true, 61));
-    let status: serde_json::Value =
-        serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).unwrap();
-    assert!(
-        status["details"]
-            .as_array()
-            .is_some_and(|d| d.iter().any(|p| p["source"] == "config")),
-        "still a config policy: {status}"
-    );
     let log = daemon.log();
     assert!(
         log.contains("WARN") && log.contains("is missing (a wrong --config?)"),
         "{log}"
     );
     assert!(!log.contains("no longer has"), "nothing removed: {log}");
+    let out = daemon.kad(&["unset", "--cgroup", &cg.relative()]);
+    assert_one_line_error(&out, &["comes from", "the file is missing"]);
+    // The config file's policy for a path a `kad set` overrode is back when that one goes.
+    daemon.kad_ok(&["unset", "--cgroup", over.to_str().unwrap()]);
+    assert_eq!(daemon.list(), configured);
+    assert_eq!(idle_in(&env, &over), (true, 62));
+
+    // A reboot: nothing pinned is left, the copy kept in the state directory still knows.
+    daemon.stop();
+    fs::remove_dir_all(&daemon.bpffs).expect("empty the bpffs directory");
+    assert!(
+        wait_for(Duration::from_secs(10), || idle_in(&env, &cg.path).0
+            == untouched().0),
+        "nothing enforced once the pins are gone"
+    );
+    daemon.restart();
+    assert_eq!(daemon.list(), configured, "kept after a reboot");
+    assert_eq!(idle_in(&env, &cg.path), (true, 61));
 
     // A reload of a missing file refuses and changes nothing.
     let out = daemon.kad(&["reload"]);
@@ -391,8 +406,7 @@ fn a_missing_config_file_drops_nothing() {
             "make the file empty",
         ],
     );
-    assert_eq!(daemon.list(), before);
-    assert_eq!(idle_in(&env, &cg.path), (true, 61));
+    assert_eq!(daemon.list(), configured);
 
     // An empty file says "none", on reload and across a restart.
     fs::write(&daemon.config, "").unwrap();

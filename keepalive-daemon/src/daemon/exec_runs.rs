@@ -82,8 +82,12 @@ impl State {
                 }
             }
         }
-        if let Err(e) = self.save() {
-            error!("cannot save after removing abandoned kad exec policies: {e}");
+        // One journal line per removal, as `kad unset` does (it may use the journal's reserve
+        // on a full disk).
+        for path in &abandoned {
+            if let Err(e) = self.persist(path) {
+                error!(cgroup = ?path.display().to_string(), "cannot save the removal of an abandoned kad exec policy: {e}");
+            }
         }
         true
     }

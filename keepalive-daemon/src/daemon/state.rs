@@ -57,9 +57,27 @@ impl State {
             .into_iter()
             .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
             .collect();
+        let config_copy = Store::config_copy(&config.state_dir);
         let loaded_config = config_file::load(&config.config, &root)?;
         let config_missing = loaded_config.is_none();
-        let from_config = loaded_config.unwrap_or_default();
+        let from_config = match loaded_config {
+            Some(table) => table,
+            // A file that went missing is not an empty one: its policies as last read stay.
+            None => {
+                let kept = policies_of(config_copy.load(&root)?);
+                if !kept.is_empty() {
+                    warn!(
+                        policies = kept.len(),
+                        "{} is missing (a wrong --config?): the policies it had when last read \
+                         ({}) stay in force; to remove them, write the file (empty for none) \
+                         and run `kad reload`",
+                        config.config.display(),
+                        config_copy.path().display()
+                    );
+                }
+                kept
+            }
+        };
         let pods_store = Store::pods(&config.state_dir);
         // Kept (and enforced) until the watcher's first full list says otherwise.
         let from_pods = pods_store
@@ -126,6 +144,10 @@ impl State {
                 warn!("{what}: not available on this kernel ({reason})");
             }
         }
+        if !config_missing {
+            // Once the start went through: a daemon that fails to start leaves nothing new.
+            save_config_copy(&config_copy, &state.from_config, &state.root);
+        }
         info!(
             socket = %config.socket.display(),
             bpffs = %config.bpffs.display(),
@@ -136,5 +158,39 @@ impl State {
             "kad daemon ready"
         );
         Ok(state)
+    }
+}
+
+/// The table of a saved list of policies.
+pub(super) fn policies_of(entries: Vec<crate::store::StoredPolicy>) -> BTreeMap<PathBuf, Policy> {
+    entries
+        .into_iter()
+        .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
+        .collect()
+}
+
+/// Keeps a copy of the config file's policies as just read, if it differs from the one kept
+/// (a start with an unchanged config writes nothing). A copy that cannot be written is a
+/// warning: the file itself is the source.
+pub(super) fn save_config_copy(
+    copy: &Store,
+    from_config: &BTreeMap<PathBuf, Policy>,
+    root: &std::path::Path,
+) {
+    let same = copy
+        .load(root)
+        .map(|kept| policies_of(kept) == *from_config)
+        .unwrap_or(false);
+    if same || (from_config.is_empty() && !copy.exists()) {
+        return;
+    }
+    let entries: Vec<crate::store::StoredPolicy> = from_config
+        .iter()
+        .map(|(path, policy)| {
+            crate::store::StoredPolicy::new(path.display().to_string(), policy, None)
+        })
+        .collect();
+    if let Err(e) = copy.save(&entries) {
+        warn!("cannot keep a copy of the config file's policies: {e}");
     }
 }

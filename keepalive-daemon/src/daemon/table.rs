@@ -128,8 +128,13 @@ impl State {
         };
         let Some(previous) = self.set.remove(&path) else {
             if self.from_config.contains_key(&path) {
+                let how = if self.config.config.exists() {
+                    "remove it there and run `kad reload`"
+                } else {
+                    "the file is missing and its policies as last read stay: write it and run `kad reload`"
+                };
                 return Response::error(format!(
-                    "the policy for {} comes from {}: remove it there and run `kad reload`",
+                    "the policy for {} comes from {}: {how}",
                     path.display(),
                     self.config.config.display()
                 ));
@@ -164,6 +169,11 @@ impl State {
             )),
             Ok(loaded) => {
                 let from_config = loaded.unwrap_or_default();
+                super::state::save_config_copy(
+                    &crate::store::Store::config_copy(&self.config.state_dir),
+                    &from_config,
+                    &self.root,
+                );
                 let before: BTreeSet<PathBuf> = self.from_config.keys().cloned().collect();
                 self.from_config = from_config;
                 let paths: BTreeSet<PathBuf> = before
