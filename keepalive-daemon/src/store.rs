@@ -37,12 +37,8 @@ pub enum Change {
 /// Pod policies (`kad daemon --kubernetes`), kept so that they stay known, and enforced,
 /// across a restart while the API server cannot be reached.
 const PODS_FILE_NAME: &str = "pods.json";
-/// Never written (pod policies are saved whole); named so that `load` finds none.
-const PODS_JOURNAL_NAME: &str = "pods.journal";
 /// The config file's policies as last read: what stays in force if the file goes missing.
 const CONFIG_COPY_NAME: &str = "config.json";
-/// Never written, as `PODS_JOURNAL_NAME`.
-const CONFIG_COPY_JOURNAL_NAME: &str = "config.journal";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -110,20 +106,19 @@ impl StoredPolicy {
 
 pub struct Store {
     path: PathBuf,
-    journal: PathBuf,
+    /// Where changes go between rewrites of the whole file; `None` for the files that are only
+    /// ever written whole.
+    journal: Option<PathBuf>,
     /// Lines in the journal (what a compaction would fold in).
     journal_lines: std::cell::Cell<usize>,
-    /// Whether changes go through the journal (and it keeps its reserve).
-    journaled: bool,
 }
 
 impl Store {
     pub fn new(state_dir: &Path) -> Self {
         Store {
             path: state_dir.join(FILE_NAME),
-            journal: state_dir.join(JOURNAL_NAME),
+            journal: Some(state_dir.join(JOURNAL_NAME)),
             journal_lines: std::cell::Cell::new(0),
-            journaled: true,
         }
     }
 
@@ -135,24 +130,28 @@ impl Store {
     /// Appends one change to the journal and syncs it. On failure (a full disk) the journal is
     /// cut back to where it was, so that no partial line is left.
     pub fn record(&self, change: &Change) -> Result<(), StoreError> {
-        let dir = self.journal.parent().unwrap_or(Path::new("."));
+        let journal = self
+            .journal
+            .as_deref()
+            .expect("changes are only recorded in the policies' store, which has a journal");
+        let dir = journal.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
         let mut line = serde_json::to_string(change).unwrap_or_default();
         line.push('\n');
-        let created = !self.journal.exists();
+        let created = !journal.exists();
         let mut file = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.journal)
-            .map_err(io_err("cannot open", &self.journal))?;
+            .open(journal)
+            .map_err(io_err("cannot open", journal))?;
         let before = file
             .metadata()
-            .map_err(io_err("cannot stat", &self.journal))?
+            .map_err(io_err("cannot stat", journal))?
             .len();
         if let Err(e) = reserve(&file, before, line.len() as u64 + JOURNAL_RESERVE) {
             // Only a set is refused for want of the reserve; an unset may use it.
             if matches!(change, Change::Set(_)) && is_no_space(&e) {
-                return Err(io_err("cannot write", &self.journal)(e).into());
+                return Err(io_err("cannot write", journal)(e).into());
             }
         }
         let written = file
@@ -163,7 +162,7 @@ impl Store {
             let _ = file.sync_data();
             // Cutting the line off may have freed the blocks past the end too.
             let _ = reserve(&file, before, JOURNAL_RESERVE);
-            return Err(io_err("cannot write", &self.journal)(e).into());
+            return Err(io_err("cannot write", journal)(e).into());
         }
         if created {
             // A new file's name must survive a crash too.
@@ -180,9 +179,8 @@ impl Store {
     pub fn pods(state_dir: &Path) -> Self {
         Store {
             path: state_dir.join(PODS_FILE_NAME),
-            journal: state_dir.join(PODS_JOURNAL_NAME),
+            journal: None,
             journal_lines: std::cell::Cell::new(0),
-            journaled: false,
         }
     }
 
@@ -190,15 +188,14 @@ impl Store {
     pub fn config_copy(state_dir: &Path) -> Self {
         Store {
             path: state_dir.join(CONFIG_COPY_NAME),
-            journal: state_dir.join(CONFIG_COPY_JOURNAL_NAME),
+            journal: None,
             journal_lines: std::cell::Cell::new(0),
-            journaled: false,
         }
     }
 
     /// Whether the state file is there (a missing one with pinned policies is worth a warning).
     pub fn exists(&self) -> bool {
-        self.path.exists() || self.journal.exists()
+        self.path.exists() || self.journal.as_ref().is_some_and(|j| j.exists())
     }
 
     pub fn path(&self) -> &Path {
@@ -213,20 +210,23 @@ impl Store {
             .into_iter()
             .map(|e| (e.cgroup.clone(), e))
             .collect();
-        let text = match fs::read_to_string(&self.journal) {
+        let Some(journal) = &self.journal else {
+            return Ok(table.into_values().collect());
+        };
+        let text = match fs::read_to_string(journal) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io_err("cannot read", &self.journal)(e).into()),
+            Err(e) => return Err(io_err("cannot read", journal)(e).into()),
         };
         let mut lines = 0;
         for (index, line) in text.split_inclusive('\n').enumerate() {
             if !line.ends_with('\n') {
                 // A crash in the middle of an append: that change was never reported done.
-                tracing::warn!(journal = %self.journal.display(), "ignoring an incomplete last line");
+                tracing::warn!(journal = %journal.display(), "ignoring an incomplete last line");
                 break;
             }
             let corrupt = |message: String| StoreError::Corrupt {
-                path: self.journal.clone(),
+                path: journal.clone(),
                 line: index + 1,
                 message,
             };
@@ -309,23 +309,23 @@ impl Store {
             .map_err(io_err("cannot sync", dir))?;
         // The table holds every change now: the journal starts again (replaying it on the new
         // table would change nothing if this is cut short by a crash).
-        if !self.journaled {
+        let Some(journal) = &self.journal else {
             return Ok(());
-        }
+        };
         // Made if missing, so that the reserve for removals exists before the first change.
         let file = fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&self.journal)
-            .map_err(io_err("cannot open", &self.journal))?;
+            .open(journal)
+            .map_err(io_err("cannot open", journal))?;
         file.set_len(0)
             .and_then(|()| file.sync_all())
-            .map_err(io_err("cannot truncate", &self.journal))?;
+            .map_err(io_err("cannot truncate", journal))?;
         // Truncating gave back the reserve: take it again (the next set asks for it anyway).
         if let Err(e) = reserve(&file, 0, JOURNAL_RESERVE) {
             if is_no_space(&e) {
-                tracing::warn!(journal = %self.journal.display(), "no room for the journal's reserve: removals on a full disk may be refused");
+                tracing::warn!(journal = %journal.display(), "no room for the journal's reserve: removals on a full disk may be refused");
             }
         }
         self.journal_lines.set(0);
@@ -411,13 +411,13 @@ impl Drop for StateLock {
 pub fn purge(state_dir: &Path) -> Result<(), StoreError> {
     let store = Store::new(state_dir);
     let copy = Store::config_copy(state_dir);
-    for path in [
+    let files = [
         store.path.clone(),
         store.path.with_extension("json.tmp"),
-        store.journal.clone(),
         copy.path.clone(),
         copy.path.with_extension("json.tmp"),
-    ] {
+    ];
+    for path in files.into_iter().chain(store.journal) {
         remove_file_if_present(&path)?;
     }
     let _ = fs::remove_dir(state_dir);
@@ -451,7 +451,7 @@ mod journal_tests {
         // A crash in the middle of an append leaves a line without its end: ignored.
         let mut journal = fs::OpenOptions::new()
             .append(true)
-            .open(&store.journal)
+            .open(store.journal.as_deref().expect("journal"))
             .expect("journal");
         journal.write_all(b"{\"set\":{\"cgr").expect("write");
         let fresh = Store::new(&dir);
@@ -459,10 +459,19 @@ mod journal_tests {
         assert_eq!(loaded, vec![entry(&a, 11)]);
         assert_eq!(fresh.journal_len(), 3);
         fresh.save(&loaded).expect("fold");
-        assert_eq!(fs::metadata(&fresh.journal).expect("journal").len(), 0);
+        assert_eq!(
+            fs::metadata(fresh.journal.as_deref().expect("journal"))
+                .expect("journal")
+                .len(),
+            0
+        );
         assert_eq!(Store::new(&dir).load(&root).expect("load"), loaded);
         // A bad line names the journal and its line.
-        fs::write(&fresh.journal, "{\"set\":{\"cgroup\":\"x\"}}\n").expect("write");
+        fs::write(
+            fresh.journal.as_deref().expect("journal"),
+            "{\"set\":{\"cgroup\":\"x\"}}\n",
+        )
+        .expect("write");
         let msg = Store::new(&dir).load(&root).unwrap_err().to_string();
         assert!(msg.contains("policies.journal:1:"), "{msg}");
         let _ = fs::remove_dir_all(&dir);

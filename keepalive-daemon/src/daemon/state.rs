@@ -53,30 +53,15 @@ impl State {
             .iter()
             .filter_map(|e| Some((PathBuf::from(&e.cgroup), e.exec_owner.clone()?)))
             .collect();
-        let set = saved
-            .into_iter()
-            .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
-            .collect();
+        let set = policies_of(saved);
         let config_copy = Store::config_copy(&config.state_dir);
         let loaded_config = config_file::load(&config.config, &root)?;
         let config_missing = loaded_config.is_none();
         let from_config = match loaded_config {
             Some(table) => table,
-            // A file that went missing is not an empty one: its policies as last read stay.
-            None => {
-                let kept = policies_of(config_copy.load(&root)?);
-                if !kept.is_empty() {
-                    warn!(
-                        policies = kept.len(),
-                        "{} is missing (a wrong --config?): the policies it had when last read \
-                         ({}) stay in force; to remove them, write the file (empty for none) \
-                         and run `kad reload`",
-                        config.config.display(),
-                        config_copy.path().display()
-                    );
-                }
-                kept
-            }
+            // A file that went missing is not an empty one: its policies as last read stay
+            // (and those pinned by a kad that kept no copy, see `adopt_pinned`).
+            None => policies_of(config_copy.load(&root)?),
         };
         let pods_store = Store::pods(&config.state_dir);
         // Kept (and enforced) until the watcher's first full list says otherwise.
@@ -113,6 +98,16 @@ impl State {
             rows: Rows::default(),
         };
         state.adopt_pinned(state_file_exists, config_missing);
+        if config_missing && !state.from_config.is_empty() {
+            warn!(
+                policies = state.from_config.len(),
+                "{} is missing (a wrong --config?): the policies it had when last read ({}) \
+                 stay in force; to remove them, write the file (empty for none) and run \
+                 `kad reload`",
+                config.config.display(),
+                config_copy.path().display()
+            );
+        }
         if state.store.journal_len() > 0 {
             // Fold the journal into the table now, so that it starts short.
             if let Err(e) = state.save() {

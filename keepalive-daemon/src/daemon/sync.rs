@@ -112,7 +112,6 @@ impl State {
     /// config policy until a config file says otherwise.
     pub(super) fn adopt_pinned(&mut self, state_file_exists: bool, config_missing: bool) {
         let mut adopted = 0;
-        let mut kept_for_config = 0;
         for (key, value) in self.kernel.enforcer.pinned_paths() {
             let Some(path) = enforcer::key_path(&self.root, &key) else {
                 continue;
@@ -132,7 +131,6 @@ impl State {
                         "a pinned config-file policy is kept: the config file is missing"
                     );
                     self.from_config.insert(path, policy);
-                    kept_for_config += 1;
                 }
                 continue;
             }
@@ -145,14 +143,6 @@ impl State {
             );
             self.set.insert(path, policy);
             adopted += 1;
-        }
-        if kept_for_config > 0 {
-            warn!(
-                policies = kept_for_config,
-                "{} is missing (a wrong --config?): the policies it set before stay in force; \
-                 to remove them, write the file (empty for none) and run `kad reload`",
-                self.config.config.display()
-            );
         }
         if adopted > 0 {
             if !state_file_exists {
