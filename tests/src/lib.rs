@@ -813,45 +813,41 @@ pub fn link_cgroup(cgroup: &Path, attach_type: u32, prog: &Path, pin: &Path) {
         },
     )
     .unwrap_or_else(|e| panic!("BPF_LINK_CREATE on {}: {e}", cgroup.display()));
-    // SAFETY: the kernel just gave us this descriptor; the OwnedFd closes it.
-    let link = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(link) };
-    let name = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).expect("a path");
+    let link = owned(link);
+    obj_path(BPF_OBJ_PIN, pin, link.as_raw_fd() as u32)
+        .unwrap_or_else(|e| panic!("BPF_OBJ_PIN {}: {e}", pin.display()));
+}
+
+/// A descriptor for the BPF object pinned at `path` (`BPF_OBJ_GET`).
+fn obj_get(path: &Path) -> std::os::fd::OwnedFd {
+    let fd = obj_path(BPF_OBJ_GET, path, 0)
+        .unwrap_or_else(|e| panic!("BPF_OBJ_GET {}: {e}", path.display()));
+    owned(fd)
+}
+
+/// `BPF_OBJ_PIN` or `BPF_OBJ_GET` of `path` (the `obj` member of `union bpf_attr`, which both
+/// commands use; `bpf_fd` is the object to pin, 0 for a get).
+fn obj_path(cmd: libc::c_long, path: &Path, bpf_fd: u32) -> std::io::Result<i32> {
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("a path");
     #[repr(C)]
-    struct ObjPin {
+    struct ObjPath {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
     }
     bpf(
-        BPF_OBJ_PIN,
-        &mut ObjPin {
+        cmd,
+        &mut ObjPath {
             pathname: name.as_ptr() as u64,
-            bpf_fd: link.as_raw_fd() as u32,
+            bpf_fd,
             file_flags: 0,
         },
     )
-    .unwrap_or_else(|e| panic!("BPF_OBJ_PIN {}: {e}", pin.display()));
 }
 
-/// A descriptor for the BPF object pinned at `path` (`BPF_OBJ_GET`).
-fn obj_get(path: &Path) -> std::os::fd::OwnedFd {
-    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("a path");
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let fd = bpf(
-        BPF_OBJ_GET,
-        &mut ObjGet {
-            pathname: name.as_ptr() as u64,
-            bpf_fd: 0,
-            file_flags: 0,
-        },
-    )
-    .unwrap_or_else(|e| panic!("BPF_OBJ_GET {}: {e}", path.display()));
-    // SAFETY: the kernel just gave us this descriptor; the OwnedFd closes it.
+/// A descriptor the kernel just returned, closed when dropped.
+fn owned(fd: i32) -> std::os::fd::OwnedFd {
+    // SAFETY: the kernel just gave us this descriptor and nothing else owns it.
     unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
 }
 
@@ -880,8 +876,7 @@ fn program_name(id: u32) -> Option<String> {
         },
     )
     .ok()?;
-    // SAFETY: the kernel just gave us this descriptor; the OwnedFd closes it.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let fd = owned(fd);
     // `struct bpf_prog_info` up to its name (offset 64, 16 bytes), as in every kernel since 4.15.
     let mut info = [0u8; 80];
     #[repr(C)]

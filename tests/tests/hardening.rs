@@ -734,26 +734,17 @@ fn an_idle_daemon_does_not_wake() {
         .stdin(Stdio::null());
     let _procs = kad_tests::in_cgroup(&mut exec, &exec_parent.path);
     let mut exec = exec.spawn().expect("run kad exec");
-    assert!(
-        wait_for(Duration::from_secs(10), || daemon
-            .list()
-            .as_array()
-            .is_some_and(|a| a.len() == 3)),
-        "the kad exec run is listed: {}",
-        daemon.list()
-    );
+    let listed = |n: usize| {
+        wait_for(Duration::from_secs(10), || {
+            daemon.list().as_array().is_some_and(|a| a.len() == n)
+        })
+    };
+    assert!(listed(3), "the kad exec run is listed: {}", daemon.list());
     std::thread::sleep(Duration::from_millis(500));
     let watching = wakeups(pid, 3.0);
     let status = exec.wait().expect("wait for kad exec");
     assert!(status.success(), "kad exec: {status}");
-    assert!(
-        wait_for(Duration::from_secs(10), || daemon
-            .list()
-            .as_array()
-            .is_some_and(|a| a.len() == 2)),
-        "the run's policy is gone: {}",
-        daemon.list()
-    );
+    assert!(listed(2), "the run's policy is gone: {}", daemon.list());
     std::thread::sleep(Duration::from_secs(2));
     let after = wakeups(pid, 4.0);
     eprintln!("daemon wakeups: idle {idle} in 4 s, with a kad exec run {watching} in 3 s, after it {after} in 4 s");

@@ -728,9 +728,72 @@ struct PinnedProgram {
     dir: PathBuf,
 }
 
+impl PinnedProgram {
+    /// `OLDER_KAD`, loaded and pinned in a new directory named after `name`.
+    fn older_kad(name: &str) -> PinnedProgram {
+        let older = PinnedProgram {
+            dir: PathBuf::from("/sys/fs/bpf").join(kad_tests::unique(name)),
+        };
+        fs::create_dir(&older.dir).expect("mkdir the older program's pin dir");
+        load_c_sockops(OLDER_KAD, &older.dir);
+        older
+    }
+
+    fn prog(&self) -> PathBuf {
+        self.dir.join("prog")
+    }
+}
+
 impl Drop for PinnedProgram {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A daemon with the upgrade tests' policy (idle 177) on `CG/app` of a new test cgroup.
+fn upgrade_setup(env: &Env, name: &str) -> (Daemon, TestCgroup, PathBuf) {
+    let daemon = Daemon::start(env);
+    let cg = TestCgroup::new(env, name);
+    let app = cg.child("app");
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &format!("{}/app", cg.relative()),
+        "--idle",
+        "177",
+    ]);
+    (daemon, cg, app)
+}
+
+/// A process in `app` connecting in a loop and checking each connection for idle 177.
+struct Checker(Process);
+
+impl Checker {
+    fn start(env: &Env, app: &Path) -> Checker {
+        let mut command = Command::new(&env.peer);
+        command.args(["check", "177"]);
+        let checker = Checker(Process::spawn(command, Some(app)));
+        std::thread::sleep(Duration::from_millis(300));
+        checker
+    }
+
+    /// Stops it; asserts that it connected throughout and that no socket missed the policy.
+    fn finish(mut self) {
+        self.0.close_stdin();
+        let line = self.0.line();
+        let counts: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        assert_eq!(counts.len(), 2, "checker said {line:?}");
+        assert!(
+            counts[0] > 10,
+            "connections made across the upgrade: {line}"
+        );
+        assert_eq!(
+            counts[1], 0,
+            "sockets without the policy across the upgrade: {line}"
+        );
     }
 }
 
@@ -755,29 +818,16 @@ fn prog_show(args: &[&str]) -> Option<(u64, String)> {
 #[test]
 fn the_first_design_s_links_are_retired_without_a_gap() {
     let env = kad_env!();
-    let mut daemon = Daemon::start(&env);
-    let cg = TestCgroup::new(&env, "legacy");
-    let app = cg.child("app");
-    daemon.kad_ok(&[
-        "set",
-        "--cgroup",
-        &format!("{}/app", cg.relative()),
-        "--idle",
-        "177",
-    ]);
+    let (mut daemon, cg, app) = upgrade_setup(&env, "legacy");
     daemon.stop();
-    let older = PinnedProgram {
-        dir: PathBuf::from("/sys/fs/bpf").join(kad_tests::unique("legacy")),
-    };
-    fs::create_dir(&older.dir).expect("mkdir legacy pin dir");
-    load_c_sockops(OLDER_KAD, &older.dir);
+    let older = PinnedProgram::older_kad("legacy");
     let links = daemon.bpffs.join("links");
     fs::create_dir(&links).expect("mkdir links");
     let legacy_link = links.join(kad_tests::cgroup_id(&app).to_string());
     kad_tests::link_cgroup(
         &app,
         kad_tests::ATTACH_SOCK_OPS,
-        &older.dir.join("prog"),
+        &older.prog(),
         &legacy_link,
     );
     let legacy_map = daemon.bpffs.join("KAD_POLICIES");
@@ -811,10 +861,7 @@ fn the_first_design_s_links_are_retired_without_a_gap() {
             && kad_tests::kad_attachments(&app) == 0),
         "the anchors' links released"
     );
-    let mut command = Command::new(&env.peer);
-    command.args(["check", "177"]);
-    let mut checker = Process::spawn(command, Some(&app));
-    std::thread::sleep(Duration::from_millis(300));
+    let checker = Checker::start(&env, &app);
     daemon.restart();
     assert!(
         wait_for(Duration::from_secs(10), || !kad_tests::cgroup_programs(
@@ -829,18 +876,7 @@ fn the_first_design_s_links_are_retired_without_a_gap() {
     assert!(!legacy_map.exists(), "the legacy map's pin removed");
     let log = daemon.log();
     assert!(log.contains("replaced the links of an older kad"), "{log}");
-    checker.close_stdin();
-    let line = checker.line();
-    let counts: Vec<u64> = line
-        .split_whitespace()
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    assert_eq!(counts.len(), 2, "checker said {line:?}");
-    assert!(
-        counts[0] > 10,
-        "connections made across the upgrade: {line}"
-    );
-    assert_eq!(counts[1], 0, "connections without the policy: {line}");
+    checker.finish();
     let (server, client) = kad_tests::connect(&env, Some(&app), Some(&app), false);
     assert_eq!((server.idle, client.idle), (177, 177));
 }
@@ -848,27 +884,14 @@ fn the_first_design_s_links_are_retired_without_a_gap() {
 #[test]
 fn a_new_daemon_replaces_the_program_behind_its_links_without_a_gap() {
     let env = kad_env!();
-    let mut daemon = Daemon::start(&env);
-    let cg = TestCgroup::new(&env, "upgrade");
-    let app = cg.child("app");
-    daemon.kad_ok(&[
-        "set",
-        "--cgroup",
-        &format!("{}/app", cg.relative()),
-        "--idle",
-        "177",
-    ]);
+    let (mut daemon, cg, app) = upgrade_setup(&env, "upgrade");
     let anchor = kad_tests::cgroup_id(&cg.path);
     let pin = daemon.bpffs.join(format!("anchors/{anchor}/sock_ops"));
     let first = link_prog_id(&pin);
     daemon.stop();
     // The links now run what an older kad left behind: another program that decides alike.
-    let older = PinnedProgram {
-        dir: PathBuf::from("/sys/fs/bpf").join(kad_tests::unique("older")),
-    };
-    fs::create_dir(&older.dir).expect("mkdir older pin dir");
-    load_c_sockops(OLDER_KAD, &older.dir);
-    let prog = older.dir.join("prog");
+    let older = PinnedProgram::older_kad("older");
+    let prog = older.prog();
     let (older_id, older_tag) =
         prog_show(&["pinned", prog.to_str().expect("utf-8")]).expect("older program loaded");
     kad_tests::update_link(&pin, &prog);
@@ -882,10 +905,7 @@ fn a_new_daemon_replaces_the_program_behind_its_links_without_a_gap() {
         "the first daemon's program {first} is unloaded once its link let go of it"
     );
 
-    let mut command = Command::new(&env.peer);
-    command.args(["check", "177"]);
-    let mut checker = Process::spawn(command, Some(&app));
-    std::thread::sleep(Duration::from_millis(300));
+    let checker = Checker::start(&env, &app);
     daemon.restart();
     std::thread::sleep(Duration::from_millis(300));
     let after = link_prog_id(&pin);
@@ -913,21 +933,7 @@ fn a_new_daemon_replaces_the_program_behind_its_links_without_a_gap() {
         .is_none()),
         "older program {older_id} still loaded"
     );
-    checker.close_stdin();
-    let line = checker.line();
-    let counts: Vec<u64> = line
-        .split_whitespace()
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    assert_eq!(counts.len(), 2, "checker said {line:?}");
-    assert!(
-        counts[0] > 10,
-        "connections made across the upgrade: {line}"
-    );
-    assert_eq!(
-        counts[1], 0,
-        "sockets without the policy across the upgrade: {line}"
-    );
+    checker.finish();
 }
 
 #[test]

@@ -204,6 +204,12 @@ fn serve(addr: &str, own: bool) -> Result<(), String> {
             77,
         )?;
     }
+    serve_on(&listener)
+}
+
+/// Says the listener's port, then makes a connection to it for every line read from stdin,
+/// reported from both ends and closed.
+fn serve_on(listener: &TcpListener) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     println!("LISTENING {}", local.port());
     std::io::stdout().flush().map_err(|e| e.to_string())?;
@@ -247,15 +253,7 @@ fn serve_early(addr: &str) -> Result<(), String> {
         }
         listener
     };
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    println!("LISTENING {}", local.port());
-    std::io::stdout().flush().map_err(|e| e.to_string())?;
-    while next_line()? {
-        let client = TcpStream::connect(local).map_err(|e| format!("connect: {e}"))?;
-        let (server, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-        print_pair(&client, &server)?;
-    }
-    Ok(())
+    serve_on(&listener)
 }
 
 /// As many open files as the hard limit allows: a flood needs more than the usual 1024.
