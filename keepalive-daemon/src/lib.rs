@@ -1,35 +1,24 @@
-//! kad: per-cgroup TCP keepalive, set in the kernel by an eBPF sock_ops program.
+//! kad: per-cgroup TCP keepalive, set in the kernel by eBPF programs.
 //!
-//! The daemon ([`daemon`]) owns the [`enforcer`] (program instances, the policies map) and the
-//! policy table ([`store`]); the CLI ([`cli`]) talks to it over a unix socket ([`protocol`],
-//! [`client`]); [`server`] serves the control socket.
-pub mod annotation;
-pub mod audit;
-pub mod bpfsys;
-pub mod btf;
-pub mod cgroup;
+//! The crate is in layers; a module imports only from layers listed below its own:
+//!
+//! - [`cli`]: the `kad` command line; each command runs in the CLI's process and talks to the
+//!   daemon through [`api`] (`kad daemon` itself starts [`daemon`]).
+//! - [`daemon`]: `kad daemon`: the state thread, the policy tables and their precedence, saving
+//!   them, the control socket and `/metrics`.
+//! - [`containers`]: policies from containers and pods (the annotation, the OCI hook, the pod
+//!   watcher).
+//! - [`kernel`]: the only code that calls `bpf(2)`: loading kad's programs, their maps, anchors,
+//!   the refresh of existing connections, bpffs. The daemon's logic reaches it through one trait
+//!   ([`kernel::Kernel`]).
+//! - [`api`]: the control socket's protocol and the CLI's client.
+//! - [`host`]: facts of the running host: cgroups, processes, sockets' options, inotify,
+//!   sd_notify, the log.
+//! - [`model`]: data only: a policy and its values, a socket's keepalive state.
+pub mod api;
 pub mod cli;
-pub mod client;
-pub mod config;
+pub mod containers;
 pub mod daemon;
-pub mod enforcer;
-pub mod exec;
-pub mod inspect;
-pub mod killlog;
-pub mod kube_watch;
-pub mod logging;
-pub mod metrics;
-pub mod notify;
-pub mod oci;
-pub mod pathio;
-pub mod pods;
-pub mod policy;
-pub mod probe;
-pub mod protocol;
-pub mod reconcile;
-pub mod server;
-pub mod slots;
-pub mod store;
-pub mod sys;
-pub mod target;
-pub mod watch;
+pub mod host;
+pub mod kernel;
+pub mod model;

@@ -1,5 +1,9 @@
 //! The `kad` command line: `kad daemon` and the commands that talk to it.
+pub mod audit;
+pub mod exec;
+pub mod inspect;
 mod output;
+pub mod probe;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -7,13 +11,15 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    audit, cgroup, client,
+    api::client,
+    api::protocol::{Request, Response},
+    containers::oci,
+    daemon::store,
     daemon::{self, DaemonConfig},
-    enforcer, exec, inspect, oci,
-    policy::{self, Policy, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE},
-    probe,
-    protocol::{Request, Response},
-    store, target,
+    host::cgroup,
+    host::target,
+    kernel::enforcer,
+    model::policy::{self, Policy, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE},
 };
 
 const DEFAULT_SOCKET: &str = "/run/kad/kad.sock";
@@ -413,7 +419,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config: args.config,
                 metrics: args.metrics,
                 pods,
-                kubelet: crate::pods::KubeletLayout {
+                kubelet: crate::containers::pods::KubeletLayout {
                     systemd: args.kubelet_cgroup_driver == "systemd",
                     cgroup_root: kubelet_root.trim_matches('/').to_string(),
                 },
@@ -493,7 +499,7 @@ fn oci_hook(socket: &std::path::Path, args: &OciHookArgs) -> anyhow::Result<()> 
 }
 
 fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
-    if !crate::sys::is_root() {
+    if !crate::host::sys::is_root() {
         anyhow::bail!("kad uninstall must run as root");
     }
     let detached = enforcer::uninstall(&args.bpffs)?;
@@ -510,8 +516,8 @@ fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
 
 fn run_daemon(config: DaemonConfig) -> anyhow::Result<()> {
     // Before anything is touched: on an older kernel every connection would fail to be set.
-    crate::sys::check_kernel(&crate::sys::kernel_release())?;
-    crate::logging::init();
+    crate::host::sys::check_kernel(&crate::host::sys::kernel_release())?;
+    crate::host::logging::init();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

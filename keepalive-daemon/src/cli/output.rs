@@ -2,10 +2,10 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
-    audit::Audit,
-    inspect::{format_ms, Connection},
-    policy::Mode,
-    protocol::{PolicyEntry, StatsEntry, StatusReport},
+    api::protocol::{PolicyEntry, StatsEntry, StatusReport},
+    cli::audit::Audit,
+    cli::inspect::{format_ms, Connection},
+    model::policy::Mode,
 };
 
 pub fn policies(entries: &[PolicyEntry], json: bool) -> anyhow::Result<()> {

@@ -9,12 +9,12 @@ use tracing::warn;
 
 use super::{report::Snapshot, state::State, DaemonConfig, DaemonError};
 use crate::{
-    enforcer::Reader,
-    killlog::KillLog,
-    pods::PodEvent,
-    policy::Policy,
-    protocol::{Request, Response},
-    watch::Watcher,
+    api::protocol::{Request, Response},
+    containers::pods::PodEvent,
+    host::watch::Watcher,
+    kernel::enforcer::Reader,
+    kernel::killlog::KillLog,
+    model::policy::Policy,
 };
 
 /// Commands waiting for the state thread; senders wait (in their own tasks) when it is full.
@@ -83,7 +83,7 @@ pub(super) async fn start(
                     return;
                 }
             };
-            crate::sys::release_free_memory();
+            crate::host::sys::release_free_memory();
             let kill_log = state.kernel.enforcer.take_kill_log();
             let reader = state.kernel.enforcer.reader();
             let (publish, snapshot) = watch::channel(Arc::new(state.snapshot()));

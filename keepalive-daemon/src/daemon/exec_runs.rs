@@ -5,10 +5,10 @@ use tracing::{error, info, warn};
 
 use super::state::State;
 use crate::{
-    cgroup,
-    exec::{self, ExecOwner},
-    policy::Policy,
-    protocol::Response,
+    api::protocol::Response,
+    host::cgroup,
+    host::process::{self, ExecOwner},
+    model::policy::Policy,
 };
 
 impl State {
@@ -57,7 +57,7 @@ impl State {
             .exec_owners
             .iter()
             .filter(|(path, owner)| {
-                !self.set.contains_key(*path) || exec::is_abandoned(path, owner)
+                !self.set.contains_key(*path) || process::is_abandoned(path, owner)
             })
             .map(|(path, _)| path.clone())
             .collect();

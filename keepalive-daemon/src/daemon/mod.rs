@@ -12,11 +12,16 @@ use tokio::{
 use tracing::{error, info, warn};
 
 mod actor;
+pub mod config;
 mod exec_runs;
+pub mod metrics;
 mod pod_policies;
+pub mod reconcile;
 mod report;
 mod saving;
+pub mod server;
 mod state;
+pub mod store;
 mod sync;
 mod table;
 
@@ -24,17 +29,17 @@ use actor::Command;
 use pod_policies::read_pod_events;
 
 use crate::{
-    cgroup::{self, CgroupError},
-    config::ConfigError,
-    enforcer::EnforcerError,
-    kube_watch, metrics, notify,
-    pathio::{io_err, PathIoError},
-    pods::{KubeletLayout, PodEvent},
-    protocol::Response,
-    server,
-    store::{StateLock, StoreError},
-    sys,
-    watch::Watcher,
+    api::protocol::Response,
+    containers::kube_watch,
+    containers::pods::{KubeletLayout, PodEvent},
+    daemon::config::ConfigError,
+    daemon::store::{StateLock, StoreError},
+    host::cgroup::{self, CgroupError},
+    host::notify,
+    host::pathio::{io_err, PathIoError},
+    host::sys,
+    host::watch::Watcher,
+    kernel::enforcer::EnforcerError,
 };
 
 /// How often the cgroups of `kad exec` runs are checked for being abandoned (only they: policy
@@ -146,7 +151,7 @@ async fn run_bound(
     notify::notify("READY=1");
 
     if let Some(logger) = kill_log {
-        crate::killlog::spawn(logger);
+        crate::kernel::killlog::spawn(logger);
     }
     if let Some(listener) = metrics_listener {
         info!(

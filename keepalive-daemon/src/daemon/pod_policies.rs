@@ -8,9 +8,9 @@ use tracing::{error, info, warn};
 
 use super::state::State;
 use crate::{
-    cgroup,
-    pods::PodEvent,
-    store::{StoreError, StoredPolicy},
+    containers::pods::PodEvent,
+    daemon::store::{StoreError, StoredPolicy},
+    host::cgroup,
 };
 
 /// `--pod-events PATH`: one JSON [`PodEvent`] per line. A FIFO is opened for reading and

@@ -13,12 +13,14 @@ use std::{
 
 use super::state::State;
 use crate::{
-    enforcer::Reader,
-    metrics,
-    policy::Policy,
-    protocol::{AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, StatsEntry, StatusReport},
-    reconcile::Source,
-    sys,
+    api::protocol::{
+        AnchorEntry, FeatureEntry, PolicyDetail, PolicyEntry, StatsEntry, StatusReport,
+    },
+    daemon::metrics,
+    daemon::reconcile::Source,
+    host::sys,
+    kernel::enforcer::Reader,
+    model::policy::Policy,
 };
 
 /// One policy path as the readers see it (the path is its key). Kept small: the replies'

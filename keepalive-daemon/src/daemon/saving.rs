@@ -4,7 +4,7 @@ use std::path::Path;
 use tracing::warn;
 
 use super::state::State;
-use crate::store::{Change, StoreError, StoredPolicy};
+use super::store::{Change, StoreError, StoredPolicy};
 
 /// The state file is rewritten whole once its journal has more lines than this, or than the
 /// table has entries.

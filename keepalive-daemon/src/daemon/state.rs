@@ -9,8 +9,9 @@ use tracing::{info, warn};
 
 use super::{report::Rows, DaemonConfig, DaemonError};
 use crate::{
-    config as config_file, enforcer::Enforcer, exec::ExecOwner, pods::PodTable, policy::Policy,
-    protocol::PodsStatus, reconcile::Reconciler, store::Store, watch::Watcher,
+    api::protocol::PodsStatus, containers::pods::PodTable, daemon::config as config_file,
+    daemon::reconcile::Reconciler, daemon::store::Store, host::process::ExecOwner,
+    host::watch::Watcher, kernel::enforcer::Enforcer, model::policy::Policy,
 };
 
 pub(super) struct State {
@@ -157,7 +158,7 @@ impl State {
 }
 
 /// The table of a saved list of policies.
-pub(super) fn policies_of(entries: Vec<crate::store::StoredPolicy>) -> BTreeMap<PathBuf, Policy> {
+pub(super) fn policies_of(entries: Vec<super::store::StoredPolicy>) -> BTreeMap<PathBuf, Policy> {
     entries
         .into_iter()
         .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
@@ -179,10 +180,10 @@ pub(super) fn save_config_copy(
     if same || (from_config.is_empty() && !copy.exists()) {
         return;
     }
-    let entries: Vec<crate::store::StoredPolicy> = from_config
+    let entries: Vec<super::store::StoredPolicy> = from_config
         .iter()
         .map(|(path, policy)| {
-            crate::store::StoredPolicy::new(path.display().to_string(), policy, None)
+            super::store::StoredPolicy::new(path.display().to_string(), policy, None)
         })
         .collect();
     if let Err(e) = copy.save(&entries) {

@@ -9,8 +9,8 @@ use tracing::{error, warn};
 
 use super::state::State;
 use crate::{
-    enforcer::{self, EnforcerError},
-    policy::Policy,
+    kernel::enforcer::{self, EnforcerError},
+    model::policy::Policy,
 };
 
 impl State {

@@ -9,12 +9,12 @@ use tracing::{error, info};
 
 use super::state::State;
 use crate::{
-    cgroup::{self, CgroupError},
-    config as config_file,
-    enforcer::EnforcerError,
-    policy::Policy,
-    protocol::Response,
-    reconcile::Source,
+    api::protocol::Response,
+    daemon::config as config_file,
+    daemon::reconcile::Source,
+    host::cgroup::{self, CgroupError},
+    kernel::enforcer::EnforcerError,
+    model::policy::Policy,
 };
 
 impl State {
@@ -170,7 +170,7 @@ impl State {
             Ok(loaded) => {
                 let from_config = loaded.unwrap_or_default();
                 super::state::save_config_copy(
-                    &crate::store::Store::config_copy(&self.config.state_dir),
+                    &super::store::Store::config_copy(&self.config.state_dir),
                     &from_config,
                     &self.root,
                 );

@@ -15,11 +15,11 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    annotation::{self, AnnotationError},
-    client::{self, ClientError},
-    policy::Policy,
-    protocol::{Request, Response},
-    target,
+    api::client::{self, ClientError},
+    api::protocol::{Request, Response},
+    containers::annotation::{self, AnnotationError},
+    host::target,
+    model::policy::Policy,
 };
 
 /// Where the hook records which cgroup it gave a policy, per container id.

@@ -11,8 +11,8 @@ use kube::{
 use tokio::sync::mpsc;
 
 use crate::{
-    annotation,
-    pods::{Kind, PodEvent, Qos},
+    containers::annotation,
+    containers::pods::{Kind, PodEvent, Qos},
 };
 
 /// Watches until the daemon stops. The client comes from `KUBECONFIG` (or `~/.kube/config`)

@@ -21,7 +21,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{cgroup, policy::Policy, target};
+use crate::{host::cgroup, host::target, model::policy::Policy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use crate::protocol::{self, Request, Response};
+use super::protocol::{self, Request, Response};
 
 /// Setting a policy loads and attaches a program; this is far more than it takes.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);

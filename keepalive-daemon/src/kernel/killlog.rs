@@ -6,7 +6,7 @@ use aya_log::EbpfLogger;
 use tokio::io::{unix::AsyncFd, Interest};
 use tracing::{error, info};
 
-use crate::logging::LogLimiter;
+use crate::host::logging::LogLimiter;
 
 /// Events logged per period; more are counted and said with the next one logged.
 const BURST: u32 = 10;

@@ -15,8 +15,8 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    logging::{held_note, LogLimiter},
-    protocol::StatsEntry,
+    api::protocol::StatsEntry,
+    host::logging::{held_note, LogLimiter},
 };
 
 /// A request head larger than this is refused.

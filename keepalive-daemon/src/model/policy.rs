@@ -150,7 +150,7 @@ impl Policy {
     /// The options of a socket's state (as `kad inspect` reads it) that differ from what this
     /// policy sets: none for an opt-out, and none for an option the policy leaves to the
     /// program. Values that could not be read are not counted as different.
-    pub fn differences(&self, state: &crate::probe::KeepaliveState) -> Vec<&'static str> {
+    pub fn differences(&self, state: &super::keepalive::KeepaliveState) -> Vec<&'static str> {
         let mut differ = Vec::new();
         if self.mode == Mode::Off {
             return differ;
@@ -355,7 +355,7 @@ mod tests {
 
     #[test]
     fn differences_name_what_the_program_changed() {
-        use crate::probe::KeepaliveState;
+        use crate::model::keepalive::KeepaliveState;
         let go = KeepaliveState {
             keepalive: true,
             idle: 15,

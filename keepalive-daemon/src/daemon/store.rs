@@ -10,10 +10,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    cgroup,
-    exec::ExecOwner,
-    pathio::{io_err, remove_file_if_present, PathIoError},
-    policy::{Mode, Policy},
+    host::cgroup,
+    host::pathio::{io_err, remove_file_if_present, PathIoError},
+    host::process::ExecOwner,
+    model::policy::{Mode, Policy},
 };
 
 const FILE_NAME: &str = "policies.json";
@@ -438,7 +438,7 @@ mod journal_tests {
 
     #[test]
     fn the_journal_is_replayed_over_the_table_and_folded_into_it() {
-        let root = crate::cgroup::find_root().expect("cgroup2 is mounted");
+        let root = crate::host::cgroup::find_root().expect("cgroup2 is mounted");
         let dir = std::env::temp_dir().join(format!("kad-journal-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let store = Store::new(&dir);

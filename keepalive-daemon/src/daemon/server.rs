@@ -19,10 +19,10 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
+    api::protocol::{self, Request, Response, MAX_REQUEST_BYTES},
     daemon::DaemonError,
-    logging::{escape, held_note, LogLimiter},
-    pathio::io_err,
-    protocol::{self, Request, Response, MAX_REQUEST_BYTES},
+    host::logging::{escape, held_note, LogLimiter},
+    host::pathio::io_err,
 };
 
 /// How long a client may take to send its request.
@@ -355,7 +355,7 @@ where
         let reply: Arc<[u8]> = protocol::encode(&(self.handle)(request, None).await).into();
         if reply.len() > BIG_REPLY {
             // Building it left as many small allocations freed, scattered over the heap.
-            crate::sys::release_free_memory();
+            crate::host::sys::release_free_memory();
         }
         *cached = Some((began, Arc::downgrade(&reply)));
         reply

@@ -16,7 +16,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{probe::KeepaliveState, protocol::PolicyEntry};
+use crate::{api::protocol::PolicyEntry, host::sockopt, model::keepalive::KeepaliveState};
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const TCP_ESTABLISHED: u32 = 1;
@@ -234,7 +234,7 @@ pub fn scan(pids: &[u32], skip_unreadable: bool) -> Result<Scan, InspectError> {
 
 /// Every cgroup directory of the tree at `root`, by id (its inode number).
 pub fn cgroups_by_id(root: &Path) -> HashMap<u64, PathBuf> {
-    crate::cgroup::subtree(root)
+    crate::host::cgroup::subtree(root)
         .into_iter()
         .filter_map(|path| Some((std::fs::metadata(&path).ok()?.ino(), path)))
         .collect()
@@ -253,7 +253,7 @@ pub fn annotate(connections: &mut [Connection], root: &Path, policies: Option<&[
     for c in connections {
         let socket_cgroup = c.cgroup_id.and_then(|id| ids.get(&id).cloned());
         // A socket whose cgroup is gone (or a kernel that does not say): the process's.
-        let path = socket_cgroup.or_else(|| crate::target::pid_path(root, c.pid).ok());
+        let path = socket_cgroup.or_else(|| crate::host::target::pid_path(root, c.pid).ok());
         c.cgroup = path.as_ref().map(|p| p.display().to_string());
         c.policy_known = policies.is_some();
         c.policy = path.as_deref().and_then(|path| {
@@ -313,7 +313,7 @@ fn socket_state(pid: u32, fd: RawFd) -> io::Result<KeepaliveState> {
         return Err(io::Error::last_os_error());
     }
     let dup = unsafe { OwnedFd::from_raw_fd(dup as RawFd) };
-    KeepaliveState::of(dup.as_raw_fd())
+    sockopt::keepalive_of(dup.as_raw_fd())
 }
 
 /// sock_diag in the network namespace of `pid`, from a thread that enters it (setns affects

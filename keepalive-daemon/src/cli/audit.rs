@@ -9,8 +9,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    inspect::{self, Connection, InspectError},
-    protocol::PolicyEntry,
+    api::protocol::PolicyEntry,
+    cli::inspect::{self, Connection, InspectError},
 };
 
 /// One cgroup's connections, summed.
@@ -84,7 +84,7 @@ pub fn summarise(connections: &[Connection]) -> Vec<AuditRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Policy;
+    use crate::model::policy::Policy;
 
     fn connection(cgroup: &str, inode: u64, keepalive: Option<bool>, idle: i32) -> Connection {
         Connection {

@@ -32,9 +32,9 @@ use keepalive_common::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    bpfsys::{self, CgroupHook},
-    pathio::{io_err, remove_file_if_present, PathIoError},
-    slots::{Assigned, Slots},
+    host::pathio::{io_err, remove_file_if_present, PathIoError},
+    kernel::bpfsys::{self, CgroupHook},
+    kernel::slots::{Assigned, Slots},
 };
 
 /// The programs embedded at build time (see build.rs).
@@ -196,7 +196,7 @@ pub struct Enforcer {
     /// Which counters slot each policy path counts in.
     slots: Slots,
     /// The kill events of the error-report program, until the daemon takes them.
-    kill_log: Option<aya_log::EbpfLogger<crate::killlog::KillLog>>,
+    kill_log: Option<aya_log::EbpfLogger<super::killlog::KillLog>>,
     /// Holds the programs and maps; dropping it would unload nothing pinned.
     _ebpf: Ebpf,
     /// An exclusive flock on `dir`: one daemon per bpffs directory.
@@ -217,7 +217,7 @@ impl Enforcer {
             std::fs::create_dir_all(&path).map_err(io_err("cannot create", &path))?;
         }
         let lock = lock_dir(dir)?;
-        let (offsets, missing) = crate::btf::kernel_offsets().unwrap_or_else(|e| {
+        let (offsets, missing) = super::btf::kernel_offsets().unwrap_or_else(|e| {
             (
                 KernelOffsets::default(),
                 vec![format!("no kernel BTF: {e}")],
@@ -300,7 +300,7 @@ impl Enforcer {
             attach_tp("kad_error_report", "inet_sk_error_report", "error_report")
         };
         let kill_log = if kills.is_ok() {
-            aya_log::EbpfLogger::init_with_logger(&mut ebpf, crate::killlog::KillLog::default())
+            aya_log::EbpfLogger::init_with_logger(&mut ebpf, super::killlog::KillLog::default())
                 .map_err(|e| warn!("keepalive kill events will not be logged: {e}"))
                 .ok()
         } else {
@@ -498,7 +498,8 @@ impl Enforcer {
         };
         let cgroup = File::open(path).map_err(|e| attach_error(e.to_string()))?;
         // The id is checked on the open directory: a cgroup re-created meanwhile is refused.
-        if crate::cgroup::id_of_file(&cgroup).map_err(|e| attach_error(e.to_string()))? != id {
+        if crate::host::cgroup::id_of_file(&cgroup).map_err(|e| attach_error(e.to_string()))? != id
+        {
             return Err(attach_error("the cgroup was re-created meanwhile".into()));
         }
         let pin_dir = self.dir.join(ANCHORS_DIR).join(id.to_string());
@@ -674,7 +675,7 @@ impl Enforcer {
     }
 
     /// The kernel's kill events, for the daemon to read (once).
-    pub fn take_kill_log(&mut self) -> Option<aya_log::EbpfLogger<crate::killlog::KillLog>> {
+    pub fn take_kill_log(&mut self) -> Option<aya_log::EbpfLogger<super::killlog::KillLog>> {
         self.kill_log.take()
     }
 
@@ -929,8 +930,9 @@ fn ensure_bpffs(dir: &Path) -> Result<(), EnforcerError> {
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or_else(|| Path::new("/"));
-    let on_bpffs =
-        |path: &Path| crate::cgroup::is_fs(path, BPF_FS_MAGIC).map_err(io_err("cannot stat", path));
+    let on_bpffs = |path: &Path| {
+        crate::host::cgroup::is_fs(path, BPF_FS_MAGIC).map_err(io_err("cannot stat", path))
+    };
     if on_bpffs(existing)? {
         return Ok(());
     }

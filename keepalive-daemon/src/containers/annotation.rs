@@ -1,7 +1,7 @@
 //! The `kad.dev/keepalive` annotation of a container or pod: a policy in the CLI's words,
 //! `idle=180,intvl=60,cnt=20` with optional `user-timeout=MS` and `enforce`, or `off`.
 //! Checked as the CLI checks its flags (same ranges), with errors that name the annotation.
-use crate::policy::{self, Policy, PolicyError, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE};
+use crate::model::policy::{self, Policy, PolicyError, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE};
 
 /// The annotation's key, the same for containers (OCI) and pods.
 pub const KEY: &str = "kad.dev/keepalive";
@@ -117,7 +117,7 @@ pub fn parse(value: &str) -> Result<Policy, AnnotationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Mode;
+    use crate::model::policy::Mode;
 
     #[test]
     fn the_clis_words() {

@@ -18,9 +18,9 @@ use keepalive_common::{PathKey, PolicyValue, FLAG_CONFIG};
 use tracing::{error, info, warn};
 
 use crate::{
-    cgroup,
-    enforcer::{self, Enforcer, EnforcerError},
-    policy::Policy,
+    host::cgroup,
+    kernel::enforcer::{self, Enforcer, EnforcerError},
+    model::policy::Policy,
 };
 
 /// Where a policy in force comes from.

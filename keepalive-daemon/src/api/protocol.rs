@@ -1,7 +1,7 @@
 //! The control socket's protocol: one JSON request per line, one JSON reply per line.
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Mode, Policy};
+use crate::model::policy::{Mode, Policy};
 
 /// Requests larger than this are refused without being parsed.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;

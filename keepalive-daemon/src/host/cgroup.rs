@@ -323,6 +323,13 @@ pub fn is_fs(path: &Path, magic: i64) -> io::Result<bool> {
     Ok(fs_magic(path)? == magic)
 }
 
+/// Whether processes remain in the cgroup at `path` (or below it); false once it is gone.
+pub fn populated(path: &Path) -> bool {
+    std::fs::read_to_string(path.join("cgroup.events"))
+        .map(|t| t.lines().any(|l| l == "populated 1"))
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{annotation, policy::Policy};
+use crate::{containers::annotation, model::policy::Policy};
 
 /// A pod's QoS class (`status.qosClass`): where the kubelet puts its cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
