@@ -3,6 +3,7 @@
 mod bench;
 mod kernels;
 mod setup;
+mod test_result;
 
 use std::{
     path::{Path, PathBuf},
@@ -176,20 +177,10 @@ fn run_tests(command: &mut Command) -> Result<()> {
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading cargo test output")?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut words = part.split_whitespace().rev();
-                let (Some(label), Some(count)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let count: u64 = count.parse().unwrap_or(0);
-                match label {
-                    "passed" => passed += count,
-                    "failed" => failed += count,
-                    "ignored" => ignored += count,
-                    _ => {}
-                }
-            }
+        if let Some(counts) = test_result::parse(&line) {
+            passed += counts.passed;
+            failed += counts.failed;
+            ignored += counts.ignored;
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
