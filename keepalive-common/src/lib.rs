@@ -8,10 +8,10 @@ pub const POLICIES_MAP: &str = "KAD_POLICY";
 pub const PATHS_MAP: &str = "KAD_PATHS";
 /// Per-CPU [`Counters`], an array indexed by a policy's [`PolicyValue::slot`]: counting costs
 /// no hash lookup on the connection path.
-pub const STATS_MAP: &str = "KAD_COUNTS";
+pub const COUNTS_MAP: &str = "KAD_COUNTS";
 /// Per-socket marks (socket local storage, `u32` of `MARK_*` bits), made only for a socket
 /// whose program set a keepalive option itself.
-pub const SOCK_MAP: &str = "KAD_MARKS";
+pub const MARKS_MAP: &str = "KAD_MARKS";
 /// The socket's override was counted already.
 pub const MARK_OVERRIDDEN: u32 = 1;
 /// Listeners kad changed (socket local storage, [`ListenerRecord`]): what each held before, so
@@ -77,7 +77,7 @@ pub struct PolicyValue {
     pub cnt: u32,
     /// TCP_USER_TIMEOUT in milliseconds, 0 when not set.
     pub user_timeout: u32,
-    /// The index of the policy's [`Counters`] in [`STATS_MAP`] (with [`FLAG_SLOT`]), one per
+    /// The index of the policy's [`Counters`] in [`COUNTS_MAP`] (with [`FLAG_SLOT`]), one per
     /// policy path: a cgroup re-created at the path counts on.
     pub slot: u32,
 }

@@ -6,12 +6,50 @@ use std::{
     path::Path,
 };
 
+use anyhow::Context as _;
+use clap::Args;
 use serde::Serialize;
 
-use crate::{
-    api::protocol::PolicyEntry,
-    cli::inspect::{self, Connection, InspectError},
+use super::{
+    inspect::{self, Connection, InspectError},
+    output,
 };
+use crate::{
+    api::client,
+    api::protocol::{PolicyEntry, Request, Response},
+    host::cgroup,
+};
+
+#[derive(Debug, Args)]
+pub(super) struct AuditArgs {
+    /// Only this cgroup and the cgroups below it (default: the whole cgroup2 tree).
+    #[arg(long, value_name = "CG")]
+    cgroup: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `kad audit`: needs the daemon, unlike `kad inspect`, since the policies in force are the
+/// point of the report.
+pub(super) fn command(socket: &Path, args: &AuditArgs) -> anyhow::Result<()> {
+    let root = cgroup::find_root()?;
+    let top = match &args.cgroup {
+        None => root.clone(),
+        Some(input) => match cgroup::resolve(&root, input) {
+            // The root is the default: naming it is allowed here, nothing is set.
+            Err(cgroup::CgroupError::Root(root)) => root,
+            other => other?.path,
+        },
+    };
+    let policies = match client::call(socket, &Request::List)
+        .context("kad audit compares connections with the daemon's policies")?
+    {
+        Response::Policies { policies } => policies,
+        other => anyhow::bail!("unexpected reply to list: {other:?}"),
+    };
+    output::audit(&audit(&root, &top, &policies)?, args.json)
+}
 
 /// One cgroup's connections, summed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -5,7 +5,21 @@ use std::{
     os::fd::AsRawFd,
 };
 
+use anyhow::Context as _;
+
+use super::args::JsonFlag;
 use crate::{host::sockopt, model::keepalive::KeepaliveState};
+
+/// `kad probe`.
+pub(super) fn command(flag: &JsonFlag) -> anyhow::Result<()> {
+    let state = probe().context("cannot open a loopback connection")?;
+    if flag.json {
+        println!("{}", serde_json::to_string(&state)?);
+    } else {
+        print!("{}", state.text());
+    }
+    Ok(())
+}
 
 /// Connects to a listener of our own on loopback and reads the connecting socket's options:
 /// kad sets them as the connection is established, in the caller's cgroup.

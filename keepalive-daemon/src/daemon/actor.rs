@@ -12,8 +12,8 @@ use crate::{
     api::protocol::{Request, Response},
     containers::pods::PodEvent,
     host::watch::Watcher,
-    kernel::enforcer::Reader,
     kernel::killlog::KillLog,
+    kernel::{CounterReader, Enforcer},
     model::policy::Policy,
 };
 
@@ -61,7 +61,7 @@ pub(super) enum Command {
 pub(super) struct StateHandle {
     commands: mpsc::Sender<Command>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
-    reader: Arc<Reader>,
+    reader: Arc<dyn CounterReader>,
 }
 
 /// Starts the state thread and waits for the daemon's start to be done there. Returns the
@@ -76,7 +76,9 @@ pub(super) async fn start(
     std::thread::Builder::new()
         .name("kad-state".into())
         .spawn(move || {
-            let mut state = match State::start(config, root, watcher) {
+            let mut state = match State::start(config, root, watcher, |config| {
+                Ok(Box::new(Enforcer::open(&config.bpffs)?))
+            }) {
                 Ok(state) => state,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -84,8 +86,8 @@ pub(super) async fn start(
                 }
             };
             crate::host::sys::release_free_memory();
-            let kill_log = state.kernel.enforcer.take_kill_log();
-            let reader = state.kernel.enforcer.reader();
+            let kill_log = state.reconciler.kernel.take_kill_log();
+            let reader = state.reconciler.kernel.reader();
             let (publish, snapshot) = watch::channel(Arc::new(state.snapshot()));
             if ready_tx.send(Ok((snapshot, reader, kill_log))).is_ok() {
                 run(state, queue, publish);
@@ -187,11 +189,11 @@ impl StateHandle {
             Request::List => Response::Policies {
                 policies: self.snapshot().policies(),
             },
-            Request::Status => Response::Status(Box::new(self.snapshot().status(&self.reader))),
+            Request::Status => Response::Status(Box::new(self.snapshot().status(&*self.reader))),
             Request::Stats => {
                 let snapshot = self.snapshot();
                 Response::Stats {
-                    stats: snapshot.stats(&self.reader),
+                    stats: snapshot.stats(&*self.reader),
                     kills_counted: snapshot.kills_counted(),
                 }
             }
@@ -200,7 +202,7 @@ impl StateHandle {
 
     /// The Prometheus exposition served at /metrics.
     pub(super) fn metrics(&self) -> String {
-        self.snapshot().metrics(&self.reader)
+        self.snapshot().metrics(&*self.reader)
     }
 
     /// Whether there are `kad exec` runs to collect when their owners are gone.

@@ -24,6 +24,8 @@ mod state;
 pub mod store;
 mod sync;
 mod table;
+#[cfg(test)]
+mod tests;
 
 use actor::Command;
 use pod_policies::read_pod_events;
@@ -39,7 +41,7 @@ use crate::{
     host::pathio::{io_err, PathIoError},
     host::sys,
     host::watch::Watcher,
-    kernel::enforcer::EnforcerError,
+    kernel::KernelError,
 };
 
 /// How often the cgroups of `kad exec` runs are checked for being abandoned (only they: policy
@@ -84,7 +86,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
-    Enforcer(#[from] EnforcerError),
+    Enforcer(#[from] KernelError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -95,8 +97,8 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
-    #[error("another kad daemon is already serving {0}")]
-    SocketInUse(PathBuf),
+    #[error(transparent)]
+    Socket(#[from] server::BindError),
     #[error(transparent)]
     Io(#[from] PathIoError),
     #[error("cannot start the state thread: {0}")]

@@ -137,7 +137,7 @@ impl State {
             }
         }
         let wanted: Vec<PathBuf> = self.effective().into_keys().collect();
-        self.kernel.drop_stale_ids(&wanted);
+        self.reconciler.drop_stale_ids(&wanted);
         if let Err(e) = self.save_pods() {
             error!("cannot save the pod policies: {e}");
         }

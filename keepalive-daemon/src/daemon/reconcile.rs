@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     host::cgroup,
-    kernel::enforcer::{self, Enforcer, EnforcerError},
+    kernel::{keys, Kernel, KernelError},
     model::policy::Policy,
 };
 
@@ -49,7 +49,7 @@ pub struct InForce {
 
 pub struct Reconciler {
     root: PathBuf,
-    pub enforcer: Enforcer,
+    pub kernel: Box<dyn Kernel>,
     in_force: BTreeMap<PathBuf, InForce>,
     /// Anchor candidates (one per policy that has one), counted.
     candidates: BTreeMap<PathBuf, usize>,
@@ -63,10 +63,10 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(root: PathBuf, enforcer: Enforcer) -> Reconciler {
+    pub fn new(root: PathBuf, kernel: Box<dyn Kernel>) -> Reconciler {
         Reconciler {
             root,
-            enforcer,
+            kernel,
             in_force: BTreeMap::new(),
             candidates: BTreeMap::new(),
             anchored: BTreeSet::new(),
@@ -96,7 +96,7 @@ impl Reconciler {
         &mut self,
         path: &Path,
         want: Option<(Policy, Source)>,
-    ) -> Result<bool, EnforcerError> {
+    ) -> Result<bool, KernelError> {
         let result = self.sync_inner(path, want);
         match &result {
             Ok(_) => {
@@ -119,8 +119,8 @@ impl Reconciler {
         &mut self,
         path: &Path,
         want: Option<(Policy, Source)>,
-    ) -> Result<bool, EnforcerError> {
-        let key = enforcer::path_key(&self.root, path).ok_or_else(|| EnforcerError::Map {
+    ) -> Result<bool, KernelError> {
+        let key = keys::path_key(&self.root, path).ok_or_else(|| KernelError::Map {
             map: keepalive_common::PATHS_MAP,
             message: format!(
                 "{} is longer than {} bytes below the cgroup2 root",
@@ -134,9 +134,9 @@ impl Reconciler {
             let Some(have) = have else {
                 return Ok(false);
             };
-            self.enforcer.remove_path(&key);
+            self.kernel.remove_path(&key);
             if let Some(id) = have.id {
-                self.enforcer.remove_id(id);
+                self.kernel.remove_id(id);
             }
             self.forget(path, &have);
             return Ok(true);
@@ -151,9 +151,9 @@ impl Reconciler {
             self.place(path, have.as_ref());
             return Ok(false);
         }
-        let slot = self.enforcer.put(&key, current, value)?;
+        let slot = self.kernel.put(&key, current, value)?;
         if let Some(old) = old_id.filter(|old| Some(*old) != current) {
-            self.enforcer.remove_id(old);
+            self.kernel.remove_id(old);
             if current.is_some() {
                 info!(cgroup = ?path.display().to_string(), "cgroup re-created: policy in force for the new one");
             }
@@ -278,7 +278,7 @@ impl Reconciler {
 
     /// Attaches and detaches the programs so that exactly the anchors are attached; returns
     /// the anchors that could not be attached (tried again at the next change).
-    pub fn apply_anchors(&mut self) -> Vec<EnforcerError> {
+    pub fn apply_anchors(&mut self) -> Vec<KernelError> {
         if !self.anchors_dirty {
             return Vec::new();
         }
@@ -292,7 +292,7 @@ impl Reconciler {
                 Err(e) => warn!(cgroup = ?path.display().to_string(), "anchor vanished: {e}"),
             }
         }
-        let errors = self.enforcer.set_anchors(&want);
+        let errors = self.kernel.set_anchors(&want);
         for e in &errors {
             error!("{e}");
             self.anchors_dirty = true;
@@ -309,7 +309,7 @@ impl Reconciler {
     pub fn drop_stale_ids<'a>(&mut self, wanted: impl IntoIterator<Item = &'a PathBuf>) -> usize {
         // Listed before the paths are looked at: an entry the mkdir hook makes meanwhile is
         // for a cgroup that the look finds.
-        let ids = self.enforcer.policy_ids();
+        let ids = self.kernel.policy_ids();
         let mut live: HashSet<u64> = wanted
             .into_iter()
             .filter_map(|path| cgroup::id_of(path).ok())
@@ -326,7 +326,7 @@ impl Reconciler {
             .filter(|id| !live.contains(id))
             .collect();
         for id in &stale {
-            self.enforcer.remove_id(*id);
+            self.kernel.remove_id(*id);
         }
         stale.len()
     }
@@ -339,10 +339,10 @@ impl Reconciler {
     /// removed.
     pub fn drop_stale_paths(&mut self, wanted: &BTreeSet<PathBuf>) -> Vec<PathBuf> {
         let stale: Vec<(PathKey, Option<PathBuf>)> = self
-            .enforcer
+            .kernel
             .pinned_paths()
             .into_iter()
-            .map(|(key, _)| (key, enforcer::key_path(&self.root, &key)))
+            .map(|(key, _)| (key, keys::key_path(&self.root, &key)))
             .filter(|(_, path)| {
                 path.as_ref()
                     .is_none_or(|path| !self.in_force.contains_key(path) && !wanted.contains(path))
@@ -350,7 +350,7 @@ impl Reconciler {
             .collect();
         let mut removed = Vec::new();
         for (key, path) in stale {
-            self.enforcer.remove_path(&key);
+            self.kernel.remove_path(&key);
             removed.extend(path);
         }
         removed
@@ -360,7 +360,7 @@ impl Reconciler {
     /// decides for each (nothing for those whose deciding policy is gone or off). Returns how
     /// many sockets were updated.
     pub fn refresh(&mut self, path: &Path) -> u64 {
-        if self.enforcer.features().existing.is_err() || !path.is_dir() {
+        if self.kernel.features().existing.is_err() || !path.is_dir() {
             return 0;
         }
         let mut scope = Vec::new();
@@ -385,7 +385,7 @@ impl Reconciler {
         if netns.is_empty() {
             return 0; // no process, no socket to reach
         }
-        match self.enforcer.refresh(&scope, &netns) {
+        match self.kernel.refresh(&scope, &netns) {
             Ok(n) => {
                 if n > 0 {
                     info!(cgroup = ?path.display().to_string(), sockets = n, namespaces = netns.len(), "existing connections updated");
@@ -413,7 +413,7 @@ impl Reconciler {
     }
 }
 
-/// The kernel's form of a policy (the enforcer adds its counters slot).
+/// The kernel's form of a policy (the kernel side adds its counters slot).
 pub fn to_value(policy: &Policy, source: Source) -> PolicyValue {
     let mut value = policy.to_value();
     if source == Source::Config {

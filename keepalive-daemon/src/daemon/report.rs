@@ -19,7 +19,7 @@ use crate::{
     daemon::metrics,
     daemon::reconcile::Source,
     host::sys,
-    kernel::enforcer::Reader,
+    kernel::CounterReader,
     model::policy::Policy,
 };
 
@@ -93,7 +93,7 @@ impl Snapshot {
     }
 
     /// Counters of every policy whose cgroup exists (a policy waiting for its cgroup has none).
-    pub(super) fn stats(&self, reader: &Reader) -> Vec<StatsEntry> {
+    pub(super) fn stats(&self, reader: &dyn CounterReader) -> Vec<StatsEntry> {
         self.rows
             .iter()
             .filter_map(|(path, r)| Some((path, r.slot()?)))
@@ -116,7 +116,7 @@ impl Snapshot {
         self.header.kills_counted
     }
 
-    pub(super) fn status(&self, reader: &Reader) -> StatusReport {
+    pub(super) fn status(&self, reader: &dyn CounterReader) -> StatusReport {
         let mut status = (*self.header).clone();
         status.map_entries = reader.map_entries();
         status.policies = self.policies();
@@ -143,7 +143,7 @@ impl Snapshot {
     }
 
     /// The Prometheus exposition served at /metrics.
-    pub(super) fn metrics(&self, reader: &Reader) -> String {
+    pub(super) fn metrics(&self, reader: &dyn CounterReader) -> String {
         metrics::render(
             &self.stats(reader),
             self.rows.len(),
@@ -154,7 +154,7 @@ impl Snapshot {
 
 impl State {
     pub(super) fn features(&self) -> [(&'static str, Result<(), String>); 4] {
-        let f = self.kernel.enforcer.features();
+        let f = self.reconciler.kernel.features();
         [
             ("existing connections (iter/tcp)", f.existing.clone()),
             (
@@ -208,11 +208,11 @@ impl State {
             source,
             pod: self.pod_of(path, source),
             in_force: self
-                .kernel
+                .reconciler
                 .in_force()
                 .get(path)
                 .and_then(|e| Some((e.id?, e.slot))),
-            error: self.kernel.failing(path).cloned(),
+            error: self.reconciler.failing(path).cloned(),
         })
     }
 
@@ -220,18 +220,18 @@ impl State {
     fn header(&self) -> StatusReport {
         StatusReport {
             program_loaded: true,
-            program: self.kernel.enforcer.program_tag().to_string(),
+            program: self.reconciler.kernel.program_tag().to_string(),
             kernel: sys::kernel_release(),
             cgroup_root: self.root.display().to_string(),
             bpffs: self.config.bpffs.display().to_string(),
             state_dir: self.config.state_dir.display().to_string(),
             config: self.config.config.display().to_string(),
-            attachments: self.kernel.enforcer.attachments(),
+            attachments: self.reconciler.kernel.attachments(),
             // Read at request time: the kernel's mkdir/rmdir hooks change them.
             map_entries: 0,
             anchors: self
+                .reconciler
                 .kernel
-                .enforcer
                 .anchors()
                 .into_iter()
                 .map(|(path, program)| AnchorEntry {
@@ -251,7 +251,7 @@ impl State {
             policies: Vec::new(),
             details: Vec::new(),
             counters: Vec::new(),
-            kills_counted: self.kernel.enforcer.counts_kills(),
+            kills_counted: self.reconciler.kernel.counts_kills(),
             pods: self.pods_status.clone(),
         }
     }

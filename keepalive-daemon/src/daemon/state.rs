@@ -9,9 +9,15 @@ use tracing::{info, warn};
 
 use super::{report::Rows, DaemonConfig, DaemonError};
 use crate::{
-    api::protocol::PodsStatus, containers::pods::PodTable, daemon::config as config_file,
-    daemon::reconcile::Reconciler, daemon::store::Store, host::process::ExecOwner,
-    host::watch::Watcher, kernel::enforcer::Enforcer, model::policy::Policy,
+    api::protocol::PodsStatus,
+    containers::pods::PodTable,
+    daemon::config as config_file,
+    daemon::reconcile::Reconciler,
+    daemon::store::Store,
+    host::process::ExecOwner,
+    host::watch::Watcher,
+    kernel::{Kernel, KernelError},
+    model::policy::Policy,
 };
 
 pub(super) struct State {
@@ -32,7 +38,7 @@ pub(super) struct State {
     /// The watcher's state for `kad status`, when there is one.
     pub(super) pods_status: Option<PodsStatus>,
     /// The kernel side: map entries, anchors, watched directories, refreshes.
-    pub(super) kernel: Reconciler,
+    pub(super) reconciler: Reconciler,
     /// inotify on the directories the policies need watched, set before a request is answered.
     pub(super) watcher: Watcher,
     /// What the readers are shown, per policy path (see `report`).
@@ -42,10 +48,14 @@ pub(super) struct State {
 impl State {
     /// Loads the saved tables and the config file, opens the kernel side and brings it in line
     /// with them: the daemon's start, run by the thread that owns the state from then on.
+    /// `open_kernel` is called once the saved tables and the config file were read (a corrupt
+    /// one stops the start before the kernel is touched): [`crate::kernel::Enforcer::open`] in
+    /// the daemon, a fake in unit tests.
     pub(super) fn start(
         config: DaemonConfig,
         root: PathBuf,
         watcher: Watcher,
+        open_kernel: impl FnOnce(&DaemonConfig) -> Result<Box<dyn Kernel>, KernelError>,
     ) -> Result<State, DaemonError> {
         let store = Store::new(&config.state_dir);
         // Read both files first: a corrupt one stops us before anything is touched.
@@ -82,10 +92,10 @@ impl State {
             invalid: Vec::new(),
         });
         let state_file_exists = store.exists();
-        let enforcer = Enforcer::open(&config.bpffs)?;
+        let kernel = open_kernel(&config)?;
         let mut state = State {
             config: config.clone(),
-            kernel: Reconciler::new(root.clone(), enforcer),
+            reconciler: Reconciler::new(root.clone(), kernel),
             root,
             store,
             set,
@@ -119,8 +129,8 @@ impl State {
         // Map entries an earlier run left for cgroups or policies that are gone, and what the
         // first design of kad pinned, once this design's anchors are in place.
         let wanted: BTreeSet<PathBuf> = state.effective().into_keys().collect();
-        state.kernel.drop_stale_ids(&wanted);
-        for path in state.kernel.drop_stale_paths(&wanted) {
+        state.reconciler.drop_stale_ids(&wanted);
+        for path in state.reconciler.drop_stale_paths(&wanted) {
             // Only a config-file policy can be here: the state file's were adopted.
             warn!(
                 cgroup = ?path.display().to_string(),
@@ -128,9 +138,9 @@ impl State {
                 "removed a pinned policy that the config file no longer has"
             );
             // Its listeners go back to what they held, as after an unset.
-            state.kernel.refresh(&path);
+            state.reconciler.refresh(&path);
         }
-        let retired = state.kernel.enforcer.retire_legacy();
+        let retired = state.reconciler.kernel.retire_legacy();
         if retired > 0 {
             info!(links = retired, "replaced the links of an older kad");
         }
@@ -149,8 +159,8 @@ impl State {
             bpffs = %config.bpffs.display(),
             cgroup_root = %state.root.display(),
             policies = state.effective().len(),
-            anchors = state.kernel.enforcer.attachments(),
-            program = state.kernel.enforcer.program_tag(),
+            anchors = state.reconciler.kernel.attachments(),
+            program = state.reconciler.kernel.program_tag(),
             "kad daemon ready"
         );
         Ok(state)

@@ -9,30 +9,30 @@ use tracing::{error, warn};
 
 use super::state::State;
 use crate::{
-    kernel::enforcer::{self, EnforcerError},
+    kernel::{keys, KernelError},
     model::policy::Policy,
 };
 
 impl State {
     /// Brings the kernel in line with the table for one path, then the anchors and watches,
     /// then the existing connections below it.
-    pub(super) fn sync_path(&mut self, path: &Path) -> Result<(), EnforcerError> {
+    pub(super) fn sync_path(&mut self, path: &Path) -> Result<(), KernelError> {
         self.rows.touch(path);
         let want = self.want(path);
-        let mut changed = self.kernel.sync(path, want);
-        let mut anchor_errors = self.kernel.apply_anchors();
+        let mut changed = self.reconciler.sync(path, want);
+        let mut anchor_errors = self.reconciler.apply_anchors();
         // A new watch: what happened before it was in place is read now, once more.
         if self.publish_watches() && changed.is_ok() {
-            let again = self.kernel.sync(path, want);
+            let again = self.reconciler.sync(path, want);
             changed = again.map(|c| c || changed.unwrap_or(false));
-            anchor_errors.extend(self.kernel.apply_anchors());
+            anchor_errors.extend(self.reconciler.apply_anchors());
             self.publish_watches();
         }
         if let Some(e) = anchor_errors.into_iter().next() {
             return Err(e);
         }
         if changed? {
-            self.kernel.refresh(path);
+            self.reconciler.refresh(path);
         }
         Ok(())
     }
@@ -44,20 +44,20 @@ impl State {
         let paths: BTreeSet<PathBuf> = self
             .effective()
             .into_keys()
-            .chain(self.kernel.in_force().keys().cloned())
+            .chain(self.reconciler.in_force().keys().cloned())
             .collect();
         for path in paths {
             let want = self.want(&path);
-            let _ = self.kernel.sync(&path, want);
+            let _ = self.reconciler.sync(&path, want);
         }
-        let _ = self.kernel.apply_anchors(); // logged there
+        let _ = self.reconciler.apply_anchors(); // logged there
         if self.publish_watches() {
-            let paths: Vec<PathBuf> = self.kernel.in_force().keys().cloned().collect();
+            let paths: Vec<PathBuf> = self.reconciler.in_force().keys().cloned().collect();
             for path in paths {
                 let want = self.want(&path);
-                let _ = self.kernel.sync(&path, want);
+                let _ = self.reconciler.sync(&path, want);
             }
-            let _ = self.kernel.apply_anchors();
+            let _ = self.reconciler.apply_anchors();
             self.publish_watches();
         }
     }
@@ -65,7 +65,7 @@ impl State {
     /// After a start: the connections that existed before give every policy its due.
     pub(super) fn refresh_all(&mut self) {
         let tops: Vec<PathBuf> = {
-            let in_force = self.kernel.in_force();
+            let in_force = self.reconciler.in_force();
             in_force
                 .keys()
                 .filter(|p| !p.ancestors().skip(1).any(|a| in_force.contains_key(a)))
@@ -73,7 +73,7 @@ impl State {
                 .collect()
         };
         for path in tops {
-            self.kernel.refresh(&path);
+            self.reconciler.refresh(&path);
         }
     }
 
@@ -84,7 +84,7 @@ impl State {
         let table: BTreeSet<PathBuf> = self
             .effective()
             .into_keys()
-            .chain(self.kernel.in_force().keys().cloned())
+            .chain(self.reconciler.in_force().keys().cloned())
             .collect();
         for changed in paths {
             for p in table.range(changed.clone()..) {
@@ -102,7 +102,7 @@ impl State {
     /// Sets the watches the table needs; true if one was added (a directory created before
     /// the watch was in place would then go unseen: the caller looks again).
     pub(super) fn publish_watches(&mut self) -> bool {
-        self.watcher.set(&self.kernel.watch_dirs())
+        self.watcher.set(&self.reconciler.watch_dirs())
     }
 
     /// Policies the pinned map holds that neither the state file nor the config file has:
@@ -112,8 +112,8 @@ impl State {
     /// config policy until a config file says otherwise.
     pub(super) fn adopt_pinned(&mut self, state_file_exists: bool, config_missing: bool) {
         let mut adopted = 0;
-        for (key, value) in self.kernel.enforcer.pinned_paths() {
-            let Some(path) = enforcer::key_path(&self.root, &key) else {
+        for (key, value) in self.reconciler.kernel.pinned_paths() {
+            let Some(path) = keys::key_path(&self.root, &key) else {
                 continue;
             };
             if self.set.contains_key(&path)

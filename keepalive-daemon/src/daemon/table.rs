@@ -13,7 +13,7 @@ use crate::{
     daemon::config as config_file,
     daemon::reconcile::Source,
     host::cgroup::{self, CgroupError},
-    kernel::enforcer::EnforcerError,
+    kernel::KernelError,
     model::policy::Policy,
 };
 
@@ -80,18 +80,23 @@ impl State {
     }
 
     pub(super) fn set(&mut self, input: &str, policy: Policy) -> Response {
+        match cgroup::policy_path(&self.root, input) {
+            Ok(path) => self.set_path(path, policy),
+            Err(e) => Response::error(e.to_string()),
+        }
+    }
+
+    /// `kad set` on a path already resolved below the cgroup2 root: in force, then saved, or
+    /// neither.
+    pub(super) fn set_path(&mut self, path: PathBuf, policy: Policy) -> Response {
         if let Err(e) = policy.validate() {
             return Response::error(e.to_string());
         }
-        let path = match cgroup::policy_path(&self.root, input) {
-            Ok(path) => path,
-            Err(e) => return Response::error(e.to_string()),
-        };
         if !self.set.contains_key(&path)
             && !self.from_config.contains_key(&path)
             && self.policy_count() >= keepalive_common::MAX_POLICIES as usize
         {
-            return Response::error(EnforcerError::Full.to_string());
+            return Response::error(KernelError::Full.to_string());
         }
         let previous = self.set.insert(path.clone(), policy);
         let undo = |state: &mut State| {
@@ -126,6 +131,11 @@ impl State {
             },
             Err(e) => return Response::error(e.to_string()),
         };
+        self.unset_path(path)
+    }
+
+    /// `kad unset` on a path already resolved: removed, then saved, or neither.
+    pub(super) fn unset_path(&mut self, path: PathBuf) -> Response {
         let Some(previous) = self.set.remove(&path) else {
             if self.from_config.contains_key(&path) {
                 let how = if self.config.config.exists() {

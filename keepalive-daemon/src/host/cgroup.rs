@@ -6,9 +6,6 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-/// `CGROUP2_SUPER_MAGIC` from include/uapi/linux/magic.h.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")]
@@ -108,11 +105,10 @@ pub fn resolve(root: &Path, input: &str) -> Result<Cgroup, CgroupError> {
     if !meta.is_dir() {
         return Err(CgroupError::NotADirectory(path));
     }
-    if fs_magic(&path).map_err(|source| CgroupError::Io {
+    if !on_root_fs(&path, root).map_err(|source| CgroupError::Io {
         path: path.clone(),
         source,
-    })? != CGROUP2_SUPER_MAGIC
-    {
+    })? {
         return Err(CgroupError::NotCgroup2 {
             path,
             root: root.to_path_buf(),
@@ -267,7 +263,7 @@ pub fn checked_path(root: &Path, input: &str) -> Result<PathBuf, CgroupError> {
         Err(_) => path.clone(),
     };
     if !canonical.starts_with(&canonical_root)
-        || fs_magic(&canonical).map_err(io(&canonical))? != CGROUP2_SUPER_MAGIC
+        || !on_root_fs(&canonical, &canonical_root).map_err(io(&canonical))?
     {
         return Err(CgroupError::NotCgroup2 {
             path: full,
@@ -305,6 +301,13 @@ pub fn lexical_path(root: &Path, input: &str) -> Result<PathBuf, CgroupError> {
 /// The cgroup's id as BPF sees it, if the directory still exists.
 pub fn id_of(path: &Path) -> io::Result<u64> {
     Ok(std::fs::metadata(path)?.ino())
+}
+
+/// Whether `path` is on the filesystem mounted at `root`. The root is the cgroup2 mount
+/// ([`find_root`]), so this is the cgroup2 check; comparing devices rather than magic numbers
+/// also lets the daemon's unit tests stand a temporary directory in for the root.
+fn on_root_fs(path: &Path, root: &Path) -> io::Result<bool> {
+    Ok(std::fs::metadata(path)?.dev() == std::fs::metadata(root)?.dev())
 }
 
 fn fs_magic(path: &Path) -> io::Result<i64> {
@@ -394,7 +397,8 @@ mod tests {
 
     #[test]
     fn resolve_rejects_paths_off_cgroup2() {
-        let root = Path::new("/sys/fs/cgroup/unified");
+        let root = find_root().expect("cgroup2 is mounted (kad needs it)");
+        let root = root.as_path();
         assert!(matches!(
             resolve(root, "/tmp"),
             Err(CgroupError::NotCgroup2 { .. })

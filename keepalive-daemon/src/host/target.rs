@@ -1,4 +1,5 @@
-//! Naming a cgroup by something other than its path: a systemd unit or a process.
+//! Naming a cgroup by something other than its path: a systemd unit or slice, a process, a
+//! container.
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,8 @@ pub fn container_id_of(name: &str) -> Option<&str> {
 
 /// The cgroup path (relative to the cgroup2 root) systemd gives `unit` in `slice`
 /// (`system.slice` when not given). A name without a type suffix is a service, as for systemctl.
+/// The slice is a slice's name, placed by [`slice_path`] (`a-b.slice` is `a.slice/a-b.slice`,
+/// `-.slice` the root), or a path below the root (`a.slice/a-b.slice`), taken as given.
 pub fn unit_path(unit: &str, slice: Option<&str>) -> Result<String, TargetError> {
     let unit = unit.trim();
     if unit.is_empty()
@@ -132,7 +135,44 @@ pub fn unit_path(unit: &str, slice: Option<&str>) -> Result<String, TargetError>
     {
         return Err(TargetError::BadSlice(slice.to_string()));
     }
+    // A single name that is not a slice's (`--slice app`) stays a path, as it always was.
+    let slice = if slice.contains('/') {
+        None
+    } else {
+        slice_path(slice)
+    }
+    .unwrap_or_else(|| slice.to_string());
+    if slice.is_empty() {
+        return Ok(unit);
+    }
     Ok(format!("{slice}/{unit}"))
+}
+
+/// The path below the cgroup2 root of the systemd slice named `slice`, which systemd derives
+/// from the name alone: each `-` starts a child of the slice named by what precedes it, so
+/// `a-b-c.slice` is `a.slice/a-b.slice/a-b-c.slice`, and `-.slice` is the root itself (""). `None`
+/// for a name that is not a slice's (no `.slice` suffix, a `/`, an empty part between dashes).
+pub fn slice_path(slice: &str) -> Option<String> {
+    if slice == "-.slice" {
+        return Some(String::new());
+    }
+    let stem = slice.strip_suffix(".slice")?;
+    if stem.is_empty() || stem.contains('/') || stem.starts_with('-') || stem.ends_with('-') {
+        return None;
+    }
+    let mut path = Vec::new();
+    let mut prefix = String::new();
+    for part in stem.split('-') {
+        if part.is_empty() {
+            return None;
+        }
+        if !prefix.is_empty() {
+            prefix.push('-');
+        }
+        prefix.push_str(part);
+        path.push(format!("{prefix}.slice"));
+    }
+    Some(path.join("/"))
 }
 
 /// The absolute cgroup path of process `pid`, from the `0::` line of `/proc/PID/cgroup`.
@@ -180,6 +220,45 @@ mod tests {
         }
         assert!(unit_path("x", Some("../etc")).is_err());
         assert!(unit_path("x", Some("")).is_err());
+        // A slice's name is placed as systemd places it; other names and paths as given.
+        assert_eq!(
+            unit_path("x", Some("a-b.slice")).unwrap(),
+            "a.slice/a-b.slice/x.service"
+        );
+        assert_eq!(
+            unit_path("init.scope", Some("-.slice")).unwrap(),
+            "init.scope"
+        );
+        assert_eq!(unit_path("x", Some("app")).unwrap(), "app/x.service");
+    }
+
+    /// systemd's rules (systemd.slice(5)): a slice's parents are named by the prefixes of its
+    /// name up to each dash, and `-.slice` is the root slice.
+    #[test]
+    fn slices_are_placed_by_their_names() {
+        assert_eq!(
+            slice_path("a-b-c.slice").as_deref(),
+            Some("a.slice/a-b.slice/a-b-c.slice")
+        );
+        assert_eq!(slice_path("system.slice").as_deref(), Some("system.slice"));
+        assert_eq!(
+            slice_path("kubepods-besteffort-pod1_2.slice").as_deref(),
+            Some("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1_2.slice")
+        );
+        assert_eq!(slice_path("-.slice").as_deref(), Some(""));
+        for bad in [
+            "",
+            "a",
+            "a.service",
+            ".slice",
+            "-a.slice",
+            "a-.slice",
+            "a--b.slice",
+            "a/b.slice",
+            "a.slice/b.slice",
+        ] {
+            assert_eq!(slice_path(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

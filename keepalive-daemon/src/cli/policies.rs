@@ -1,0 +1,130 @@
+//! The commands that read or change the daemon's policies through its control socket: `kad
+//! set`, `unset`, `reload`, `list`, `status` and `stats`.
+use std::path::Path;
+
+use clap::Args;
+
+use super::{
+    args::{JsonFlag, TargetArgs, ValueArgs},
+    output,
+};
+use crate::{
+    api::client,
+    api::protocol::{Request, Response},
+    host::{cgroup, target},
+    model::policy::Policy,
+};
+
+#[derive(Debug, Args)]
+pub(super) struct SetArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    #[command(flatten)]
+    values: ValueArgs,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct StatsArgs {
+    /// Only the policies of this running container's cgroup (and below), by id or prefix.
+    #[arg(long, value_name = "ID")]
+    container: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `kad set`.
+pub(super) fn set(socket: &Path, args: &SetArgs) -> anyhow::Result<()> {
+    let values = &args.values;
+    let policy = if values.off {
+        Policy::OFF
+    } else {
+        Policy::on(values.idle, values.intvl, values.cnt)?
+            .with_extras(values.user_timeout, values.enforce)?
+    };
+    let request = Request::Set {
+        cgroup: args.target.resolve()?,
+        policy,
+    };
+    if let Response::Done { cgroup } = client::call(socket, &request)? {
+        println!("{cgroup}: {policy}");
+    }
+    Ok(())
+}
+
+/// `kad unset`.
+pub(super) fn unset(socket: &Path, target: &TargetArgs) -> anyhow::Result<()> {
+    let request = Request::Unset {
+        cgroup: target.resolve()?,
+    };
+    if let Response::Done { cgroup } = client::call(socket, &request)? {
+        println!("{cgroup}: policy removed");
+    }
+    Ok(())
+}
+
+/// `kad reload`.
+pub(super) fn reload(socket: &Path) -> anyhow::Result<()> {
+    if let Response::Reloaded { policies } = client::call(socket, &Request::Reload)? {
+        println!("config reloaded: {policies} policies from the config file");
+    }
+    Ok(())
+}
+
+/// `kad list`.
+pub(super) fn list(socket: &Path, flag: &JsonFlag) -> anyhow::Result<()> {
+    match client::call(socket, &Request::List)? {
+        Response::Policies { policies } => output::policies(&policies, flag.json),
+        other => anyhow::bail!("unexpected reply to list: {other:?}"),
+    }
+}
+
+/// `kad status`.
+pub(super) fn status(socket: &Path, flag: &JsonFlag) -> anyhow::Result<()> {
+    match client::call(socket, &Request::Status)? {
+        Response::Status(report) => output::status(&report, flag.json),
+        other => anyhow::bail!("unexpected reply to status: {other:?}"),
+    }
+}
+
+/// `kad stats`.
+pub(super) fn stats(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
+    match client::call(socket, &Request::Stats)? {
+        Response::Stats {
+            mut stats,
+            kills_counted,
+        } => {
+            if let Some(id) = &args.container {
+                let path = target::container_path(&cgroup::find_root()?, id)?;
+                stats.retain(|row| Path::new(&row.cgroup).starts_with(&path));
+            }
+            output::stats(&stats, kills_counted, args.json)
+        }
+        other => anyhow::bail!("unexpected reply to stats: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{parse, Command};
+
+    #[test]
+    fn set_parses_values() {
+        let cli = parse(&[
+            "set", "--cgroup", "app", "--idle", "180", "--intvl", "60", "--cnt", "20",
+        ])
+        .unwrap();
+        let Command::Set(args) = cli.command else {
+            panic!("not set")
+        };
+        assert_eq!(
+            (
+                args.values.idle,
+                args.values.intvl,
+                args.values.cnt,
+                args.values.off
+            ),
+            (Some(180), Some(60), Some(20), false)
+        );
+    }
+}

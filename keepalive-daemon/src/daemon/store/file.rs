@@ -1,0 +1,227 @@
+//! A table file in the state directory (`policies.json`, `pods.json`, `config.json`), read
+//! whole and replaced whole: written to a temporary file, synced, renamed over the old one.
+use std::{
+    fs::{self, File},
+    io::{self, Write},
+    path::{Path, PathBuf},
+};
+
+use super::{StoreError, StoredPolicy};
+use crate::{
+    host::cgroup,
+    host::pathio::{io_err, PathIoError},
+};
+
+/// Where a new version of `path` is written before it replaces the old one.
+pub(super) fn tmp_path(path: &Path) -> PathBuf {
+    path.with_extension("json.tmp")
+}
+
+/// The entries of the file at `path`; none if there is no file. Each entry's policy is
+/// validated and its path checked under `root` (and rewritten in the form it is kept by); a bad
+/// one names the file and its line.
+pub(super) fn load(path: &Path, root: &Path) -> Result<Vec<StoredPolicy>, StoreError> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err("cannot read", path)(e).into()),
+    };
+    let mut entries: Vec<StoredPolicy> =
+        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            line: e.line(),
+            message: e.to_string(),
+        })?;
+    for entry in &mut entries {
+        let corrupt = |message: String| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            line: line_of(&text, &entry.cgroup),
+            message: format!("{}: {message}", entry.cgroup),
+        };
+        entry
+            .policy()
+            .validate()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let checked =
+            cgroup::checked_path(root, &entry.cgroup).map_err(|e| corrupt(e.to_string()))?;
+        entry.cgroup = checked.display().to_string();
+    }
+    Ok(entries)
+}
+
+/// Replaces the file at `path` with `text`: a crash leaves either the old file or the new one,
+/// and a failed write (a full disk) leaves the old file and no temporary one.
+pub(super) fn replace(path: &Path, text: &str) -> Result<(), PathIoError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+    let tmp = tmp_path(path);
+    let written = File::create(&tmp)
+        .map_err(io_err("cannot create", &tmp))
+        .and_then(|mut file| {
+            file.write_all(text.as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io_err("cannot write", &tmp))
+        })
+        .and_then(|()| fs::rename(&tmp, path).map_err(io_err("cannot replace", path)));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The rename is durable once the directory is.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("cannot sync", dir))
+}
+
+/// The line of the first mention of `needle`, to point the user at a bad entry.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map_or(1, |i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Store, StoredPolicy};
+    use crate::{host::cgroup, host::process::ExecOwner, model::policy::Policy};
+    use std::{fs, path::PathBuf};
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kad-store-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn root() -> PathBuf {
+        cgroup::find_root()
+            .expect("cgroup2 is mounted (kad needs it)")
+            .canonicalize()
+            .unwrap()
+    }
+
+    #[test]
+    fn save_then_load_round_trips() {
+        let dir = temp_dir("roundtrip");
+        let store = Store::new(&dir);
+        let root = root();
+        assert!(store.load(&root).unwrap().is_empty());
+        // Cgroups that do not exist: their policies wait for them.
+        let owner = ExecOwner {
+            pid: 4321,
+            start_time: 99,
+            boot_id: "b".into(),
+        };
+        let entries = vec![
+            StoredPolicy::new(
+                root.join("kad-store-a").display().to_string(),
+                &Policy::on(Some(180), Some(60), Some(20)).unwrap(),
+                None,
+            ),
+            StoredPolicy::new(
+                root.join("kad-store-c").display().to_string(),
+                &Policy::on(None, None, Some(3))
+                    .unwrap()
+                    .with_extras(Some(5000), true)
+                    .unwrap(),
+                None,
+            ),
+            StoredPolicy::new(
+                root.join("kad-store-a/b").display().to_string(),
+                &Policy::OFF,
+                Some(owner),
+            ),
+        ];
+        store.save(&entries).unwrap();
+        // Loaded in path order.
+        let mut sorted = entries.clone();
+        sorted.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        assert_eq!(store.load(&root).unwrap(), sorted);
+        assert!(!dir.join("policies.json.tmp").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_without_exec_owners_still_load() {
+        let dir = temp_dir("old");
+        let store = Store::new(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = root().join("kad-exec-4000000");
+        fs::write(
+            store.path(),
+            format!(
+                "[{{\"cgroup\": \"{}\", \"mode\": \"on\", \"idle\": 300, \"intvl\": null, \"cnt\": null}}]",
+                path.display()
+            ),
+        )
+        .unwrap();
+        let loaded = store.load(&root()).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].exec_owner, None, "a name is not an owner");
+        assert_eq!(loaded[0].idle, Some(300));
+        assert_eq!(
+            (loaded[0].user_timeout, loaded[0].enforce),
+            (None, false),
+            "written before TCP_USER_TIMEOUT and --enforce"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn corrupt_files_name_the_file_and_line() {
+        let dir = temp_dir("corrupt");
+        let store = Store::new(&dir);
+        let root = root();
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            store.path(),
+            "[\n{\"cgroup\": \"/a\",\n\"mode\": \"on\", \"idle\": x}\n]",
+        )
+        .unwrap();
+        let msg = store.load(&root).unwrap_err().to_string();
+        assert!(msg.contains("policies.json:3:"), "{msg}");
+
+        fs::write(
+            store.path(),
+            "[\n  {\"cgroup\": \"/a\", \"mode\": \"on\", \"idle\": 0, \"intvl\": null, \"cnt\": null}\n]",
+        )
+        .unwrap();
+        let msg = store.load(&root).unwrap_err().to_string();
+        assert!(
+            msg.contains("policies.json:2:") && msg.contains("--idle"),
+            "{msg}"
+        );
+
+        // A path through a symbolic link (here to the cgroup2 root) names its entry's line.
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&root, &link).unwrap();
+        let good = root.join("kad-store-c").display().to_string();
+        fs::write(
+            store.path(),
+            format!(
+                "[\n  {{\"cgroup\": \"{good}\", \"mode\": \"off\", \"idle\": null, \"intvl\": null, \"cnt\": null}},\n  {{\"cgroup\": \"{}\", \"mode\": \"off\", \"idle\": null, \"intvl\": null, \"cnt\": null}}\n]",
+                link.display()
+            ),
+        )
+        .unwrap();
+        let msg = store.load(&root).unwrap_err().to_string();
+        assert!(
+            msg.contains("policies.json:3:")
+                && msg.contains("symbolic link")
+                && msg.contains("cgroup2 root"),
+            "{msg}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_save_leaves_the_old_file_and_no_temporary_one() {
+        let dir = temp_dir("failed");
+        let store = Store::new(&dir);
+        // policies.json is a non-empty directory: the rename fails after the write.
+        fs::create_dir_all(store.path().join("x")).unwrap();
+        let err = store.save(&[]).unwrap_err().to_string();
+        assert!(err.contains("cannot replace"), "{err}");
+        assert!(!dir.join("policies.json.tmp").exists(), "tmp removed");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,207 @@
+//! The state directory on disk: the policy table (`policies.json` and its journal), the pod
+//! policies (`pods.json`), the copy of the config file's policies (`config.json`), and the lock
+//! that gives a state directory to one daemon.
+//!
+//! - `file`: a table file, read and replaced whole (atomically);
+//! - `journal`: the policy table's changes since it was last written whole;
+//! - `lock`: one daemon per state directory.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    host::pathio::{remove_file_if_present, PathIoError},
+    host::process::ExecOwner,
+    model::policy::{Mode, Policy},
+};
+
+mod file;
+mod journal;
+mod lock;
+
+pub use journal::Change;
+pub use lock::StateLock;
+
+const FILE_NAME: &str = "policies.json";
+/// Pod policies (`kad daemon --kubernetes`), kept so that they stay known, and enforced,
+/// across a restart while the API server cannot be reached.
+const PODS_FILE_NAME: &str = "pods.json";
+/// The config file's policies as last read: what stays in force if the file goes missing.
+const CONFIG_COPY_NAME: &str = "config.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Io(#[from] PathIoError),
+    #[error("{path}:{line}: {message}; fix or remove the file (kad refuses to start rather than drop policies)")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("another kad daemon is using the state directory {0}: stop it first, or give this one its own --state-dir")]
+    Busy(PathBuf),
+}
+
+/// One entry of `policies.json`: a policy set with `kad set` or `kad exec`. Files written
+/// before `exec_owner` existed load as they are (no entry of theirs is a `kad exec`'s).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    pub cgroup: String,
+    pub mode: Mode,
+    pub idle: Option<u32>,
+    pub intvl: Option<u32>,
+    pub cnt: Option<u32>,
+    /// TCP_USER_TIMEOUT (ms) and `--enforce`: absent from files written before they existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_timeout: Option<u32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enforce: bool,
+    /// The `kad exec` run whose transient cgroup this is; the daemon removes the policy and
+    /// the cgroup once that process and the cgroup's processes are gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_owner: Option<ExecOwner>,
+    /// The pod (`namespace/name`) whose annotation this policy is (pods.json only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+}
+
+impl StoredPolicy {
+    pub fn new(cgroup: String, policy: &Policy, exec_owner: Option<ExecOwner>) -> Self {
+        StoredPolicy {
+            cgroup,
+            mode: policy.mode,
+            idle: policy.idle,
+            intvl: policy.intvl,
+            cnt: policy.cnt,
+            user_timeout: policy.user_timeout,
+            enforce: policy.enforce,
+            exec_owner,
+            pod: None,
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            mode: self.mode,
+            idle: self.idle,
+            intvl: self.intvl,
+            cnt: self.cnt,
+            user_timeout: self.user_timeout,
+            enforce: self.enforce,
+        }
+    }
+}
+
+pub struct Store {
+    path: PathBuf,
+    /// Where changes go between rewrites of the whole file; `None` for the files that are only
+    /// ever written whole.
+    journal: Option<PathBuf>,
+    /// Lines in the journal (what a compaction would fold in).
+    journal_lines: std::cell::Cell<usize>,
+}
+
+impl Store {
+    pub fn new(state_dir: &Path) -> Self {
+        Store {
+            path: state_dir.join(FILE_NAME),
+            journal: Some(state_dir.join(journal::NAME)),
+            journal_lines: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The pod policies' file in the state directory (written whole, with no journal: it
+    /// changes with pod events, not with each request).
+    pub fn pods(state_dir: &Path) -> Self {
+        Store {
+            path: state_dir.join(PODS_FILE_NAME),
+            journal: None,
+            journal_lines: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The copy of the config file's policies as last read (written whole, with no journal).
+    pub fn config_copy(state_dir: &Path) -> Self {
+        Store {
+            path: state_dir.join(CONFIG_COPY_NAME),
+            journal: None,
+            journal_lines: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Lines in the journal since the table was last written whole.
+    pub fn journal_len(&self) -> usize {
+        self.journal_lines.get()
+    }
+
+    /// Appends one change to the journal and syncs it. On failure (a full disk) the journal is
+    /// cut back to where it was, so that no partial line is left.
+    pub fn record(&self, change: &Change) -> Result<(), StoreError> {
+        let journal = self
+            .journal
+            .as_deref()
+            .expect("changes are only recorded in the policies' store, which has a journal");
+        journal::append(journal, change)?;
+        self.journal_lines.set(self.journal_lines.get() + 1);
+        Ok(())
+    }
+
+    /// Whether the state file is there (a missing one with pinned policies is worth a warning).
+    pub fn exists(&self) -> bool {
+        self.path.exists() || self.journal.as_ref().is_some_and(|j| j.exists())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved table; empty when nothing was saved yet. Each path is checked as the config
+    /// file's are (`cgroup::checked_path` under `root`) and comes back in the form it is kept by.
+    pub fn load(&self, root: &Path) -> Result<Vec<StoredPolicy>, StoreError> {
+        let mut table: BTreeMap<String, StoredPolicy> = file::load(&self.path, root)?
+            .into_iter()
+            .map(|e| (e.cgroup.clone(), e))
+            .collect();
+        if let Some(journal) = &self.journal {
+            let lines = journal::replay(journal, root, &mut table)?;
+            self.journal_lines.set(lines);
+        }
+        Ok(table.into_values().collect())
+    }
+
+    /// Writes the table whole, so that a crash leaves either the old table or the new one; a
+    /// failed save (a full disk) leaves the old file and no temporary one.
+    pub fn save(&self, entries: &[StoredPolicy]) -> Result<(), StoreError> {
+        let mut text = serde_json::to_string_pretty(entries).unwrap_or_else(|_| "[]".into());
+        text.push('\n');
+        file::replace(&self.path, &text)?;
+        // The table holds every change now: the journal starts again (replaying it on the new
+        // table would change nothing if this is cut short by a crash).
+        if let Some(journal) = &self.journal {
+            journal::restart(journal)?;
+            self.journal_lines.set(0);
+        }
+        Ok(())
+    }
+}
+
+/// Removes the saved policies and, if nothing else is in it, the state directory.
+pub fn purge(state_dir: &Path) -> Result<(), StoreError> {
+    let store = Store::new(state_dir);
+    let copy = Store::config_copy(state_dir);
+    let files = [
+        store.path.clone(),
+        file::tmp_path(&store.path),
+        copy.path.clone(),
+        file::tmp_path(&copy.path),
+    ];
+    for path in files.into_iter().chain(store.journal) {
+        remove_file_if_present(&path)?;
+    }
+    let _ = std::fs::remove_dir(state_dir);
+    Ok(())
+}

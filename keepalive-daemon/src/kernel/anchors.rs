@@ -1,0 +1,234 @@
+//! The anchor cgroups kad's cgroup programs are attached to: attaching and detaching them,
+//! adopting the links an earlier run pinned (pointed at this run's programs with
+//! `BPF_LINK_UPDATE`, no gap), and which program each anchor runs now.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::ProgramFd;
+use tracing::{info, warn};
+
+use super::{
+    bpffs::{replace_pin, ANCHORS_DIR},
+    bpfsys::{self, CgroupHook},
+    KernelError,
+};
+use crate::host::pathio::io_err;
+
+/// A hook an earlier build of this design attached (cgroup/sock_create): its pin is removed
+/// when the anchor is adopted.
+const RETIRED_HOOK: &str = "sock_create";
+
+/// One anchor cgroup. Its links are held by their pins only, so kad's descriptors do not grow
+/// with the number of anchors.
+struct Anchor {
+    path: PathBuf,
+    pins: PathBuf,
+}
+
+/// The cgroup programs this run loaded and the anchors they are attached to, by cgroup id.
+pub(super) struct Anchors {
+    dir: PathBuf,
+    programs: HashMap<CgroupHook, ProgramFd>,
+    anchors: BTreeMap<u64, Anchor>,
+}
+
+impl Anchors {
+    /// Adopts the anchors pinned under `dir` for `programs` (see [`Anchors::adopt`]).
+    pub(super) fn open(
+        dir: &Path,
+        programs: HashMap<CgroupHook, ProgramFd>,
+    ) -> Result<Anchors, KernelError> {
+        let mut anchors = Anchors {
+            dir: dir.to_path_buf(),
+            programs,
+            anchors: BTreeMap::new(),
+        };
+        anchors.adopt()?;
+        Ok(anchors)
+    }
+
+    /// Attaches the cgroup programs to every anchor in `want` (id -> path) that has none, and
+    /// detaches the anchors not in it. Returns the anchors that could not be attached.
+    pub(super) fn set(&mut self, want: &BTreeMap<u64, PathBuf>) -> Vec<KernelError> {
+        let mut errors = Vec::new();
+        let stale: Vec<u64> = self
+            .anchors
+            .keys()
+            .filter(|id| !want.contains_key(id))
+            .copied()
+            .collect();
+        for (id, path) in want {
+            if let Some(anchor) = self.anchors.get_mut(id) {
+                if anchor.path.as_os_str().is_empty() {
+                    // Adopted at start: now its path is known, add any hook it lacks (a
+                    // kernel that gained one, or a crash in the middle of an attach).
+                    anchor.path = path.clone();
+                    let pins = anchor.pins.clone();
+                    if let Err(e) = self.complete(path, &pins) {
+                        errors.push(e);
+                    }
+                }
+                continue;
+            }
+            match self.attach(*id, path) {
+                Ok(anchor) => {
+                    info!(cgroup = ?path.display().to_string(), "anchored kad's programs");
+                    self.anchors.insert(*id, anchor);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        for id in stale {
+            self.detach(id);
+        }
+        errors
+    }
+
+    fn attach(&self, id: u64, path: &Path) -> Result<Anchor, KernelError> {
+        let attach_error = |message: String| KernelError::Attach {
+            path: path.to_path_buf(),
+            message,
+        };
+        let cgroup = File::open(path).map_err(|e| attach_error(e.to_string()))?;
+        // The id is checked on the open directory: a cgroup re-created meanwhile is refused.
+        if crate::host::cgroup::id_of_file(&cgroup).map_err(|e| attach_error(e.to_string()))? != id
+        {
+            return Err(attach_error("the cgroup was re-created meanwhile".into()));
+        }
+        let pin_dir = self.dir.join(ANCHORS_DIR).join(id.to_string());
+        std::fs::create_dir_all(&pin_dir).map_err(|e| attach_error(e.to_string()))?;
+        for hook in CgroupHook::ALL {
+            let Some(prog) = self.programs.get(&hook) else {
+                continue;
+            };
+            let pinned = bpfsys::link_cgroup(prog.as_fd(), cgroup.as_fd(), hook)
+                .and_then(|link| replace_pin(&link, &pin_dir.join(hook.pin_name())));
+            if let Err(e) = pinned {
+                // Nothing half-done: the hooks pinned so far go too.
+                remove_anchor_pins(&pin_dir);
+                return Err(attach_error(format!("{}: {e}", hook.pin_name())));
+            }
+        }
+        Ok(Anchor {
+            path: path.to_path_buf(),
+            pins: pin_dir,
+        })
+    }
+
+    fn complete(&self, path: &Path, pins: &Path) -> Result<(), KernelError> {
+        let cgroup = File::open(path).map_err(|e| KernelError::Attach {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        for hook in CgroupHook::ALL {
+            let pin = pins.join(hook.pin_name());
+            let Some(prog) = self.programs.get(&hook) else {
+                continue;
+            };
+            if pin.exists() {
+                continue;
+            }
+            bpfsys::link_cgroup(prog.as_fd(), cgroup.as_fd(), hook)
+                .and_then(|link| replace_pin(&link, &pin))
+                .map_err(|e| KernelError::Attach {
+                    path: path.to_path_buf(),
+                    message: format!("{}: {e}", hook.pin_name()),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self, id: u64) {
+        let Some(anchor) = self.anchors.remove(&id) else {
+            return;
+        };
+        // The pins hold the links: removing them detaches the programs.
+        remove_anchor_pins(&anchor.pins);
+        info!(cgroup = ?anchor.path.display().to_string(), "detached kad's programs");
+    }
+
+    /// Adopts the anchors an earlier run pinned and points their links at this run's
+    /// programs. A pin is removed only when the kernel says its cgroup is gone; any other
+    /// error leaves it in place (it still enforces) and stops the start.
+    fn adopt(&mut self) -> Result<(), KernelError> {
+        let base = self.dir.join(ANCHORS_DIR);
+        let entries = std::fs::read_dir(&base).map_err(io_err("cannot read", &base))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("cannot read", &base))?;
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                warn!(pin = ?entry.path().display().to_string(), "not a kad anchor: left alone");
+                continue;
+            };
+            let pin_dir = entry.path();
+            let _ = std::fs::remove_file(pin_dir.join(RETIRED_HOOK));
+            let mut hooks = Vec::new();
+            let mut gone = false;
+            for hook in CgroupHook::ALL {
+                let pin = pin_dir.join(hook.pin_name());
+                let link = match bpfsys::get_pinned(&pin) {
+                    Ok(link) => link,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(KernelError::Pin { path: pin, source }),
+                };
+                let Some(prog) = self.programs.get(&hook) else {
+                    continue; // this kernel cannot run it: the old program stays
+                };
+                match bpfsys::link_update(link.as_fd(), prog.as_fd()) {
+                    Ok(()) => hooks.push(hook),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => gone = true,
+                    Err(source) => return Err(KernelError::Pin { path: pin, source }),
+                }
+            }
+            if gone {
+                // The kernel detached these links when the cgroup was removed.
+                remove_anchor_pins(&pin_dir);
+                continue;
+            }
+            // Its path is learnt from the table (`set_anchors`); until then it is unknown.
+            let path = PathBuf::new();
+            self.anchors.insert(
+                id,
+                Anchor {
+                    path,
+                    pins: pin_dir,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Per anchor: its path and the tag of the sock_ops program its link runs now.
+    pub(super) fn list(&self) -> Vec<(PathBuf, String)> {
+        self.anchors
+            .values()
+            .map(|a| {
+                let tag = bpfsys::get_pinned(&a.pins.join(CgroupHook::SockOps.pin_name()))
+                    .and_then(|l| bpfsys::link_info(l.as_fd()))
+                    .and_then(|i| bpfsys::prog_tag(i.prog_id))
+                    .unwrap_or_else(|_| "?".into());
+                (a.path.clone(), tag)
+            })
+            .collect()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.anchors.len()
+    }
+}
+
+fn remove_anchor_pins(pin_dir: &Path) {
+    for hook in CgroupHook::ALL {
+        let _ = std::fs::remove_file(pin_dir.join(hook.pin_name()));
+    }
+    let _ = std::fs::remove_file(pin_dir.join(RETIRED_HOOK));
+    let _ = std::fs::remove_dir(pin_dir);
+}
