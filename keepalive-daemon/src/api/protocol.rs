@@ -1,7 +1,7 @@
 //! The control socket's protocol: one JSON request per line, one JSON reply per line.
 use serde::{Deserialize, Serialize};
 
-use crate::model::policy::{Mode, Policy};
+use crate::model::policy::Policy;
 
 /// Requests larger than this are refused without being parsed.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -40,20 +40,13 @@ impl Request {
     }
 }
 
-/// One row of `kad list --json`.
+/// One row of `kad list --json`: the policy's fields beside the cgroup's (the same shape as a
+/// state file's entry).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyEntry {
     pub cgroup: String,
-    pub mode: Mode,
-    pub idle: Option<u32>,
-    pub intvl: Option<u32>,
-    pub cnt: Option<u32>,
-    /// TCP_USER_TIMEOUT in milliseconds (null: not set). Absent from older daemons' replies.
-    #[serde(default)]
-    pub user_timeout: Option<u32>,
-    /// Whether a program's own keepalive `setsockopt` is rewritten to the policy's values.
-    #[serde(default)]
-    pub enforce: bool,
+    #[serde(flatten)]
+    pub policy: Policy,
     /// The pod (`namespace/name`) whose annotation this is, for pod policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
@@ -68,25 +61,9 @@ impl PolicyEntry {
     pub fn new(cgroup: String, policy: &Policy) -> Self {
         PolicyEntry {
             cgroup,
-            mode: policy.mode,
-            idle: policy.idle,
-            intvl: policy.intvl,
-            cnt: policy.cnt,
-            user_timeout: policy.user_timeout,
-            enforce: policy.enforce,
+            policy: *policy,
             pod: None,
             waiting: false,
-        }
-    }
-
-    pub fn policy(&self) -> Policy {
-        Policy {
-            mode: self.mode,
-            idle: self.idle,
-            intvl: self.intvl,
-            cnt: self.cnt,
-            user_timeout: self.user_timeout,
-            enforce: self.enforce,
         }
     }
 }
@@ -336,6 +313,6 @@ mod tests {
         let old: PolicyEntry =
             serde_json::from_str(r#"{"cgroup":"/z","mode":"on","idle":1,"intvl":null,"cnt":null}"#)
                 .unwrap();
-        assert_eq!(old.policy(), Policy::on(Some(1), None, None).unwrap());
+        assert_eq!(old.policy, Policy::on(Some(1), None, None).unwrap());
     }
 }

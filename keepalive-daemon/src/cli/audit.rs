@@ -162,7 +162,7 @@ mod tests {
         for c in &mut rows[..4] {
             c.policy = Some(policy.clone());
             if let Some(state) = c.state() {
-                c.differs = policy.policy().differences(&state);
+                c.differs = policy.policy.differences(&state);
             }
         }
         let summary = summarise(&rows);

@@ -105,12 +105,12 @@ fn table(entries: &[PolicyEntry]) -> String {
         "CGROUP"
     );
     for e in entries {
-        let value = |v: Option<u32>| match (e.mode, v) {
+        let value = |v: Option<u32>| match (e.policy.mode, v) {
             (Mode::Off, _) => "-".to_string(),
             (Mode::On, None) => "default".to_string(),
             (Mode::On, Some(v)) => v.to_string(),
         };
-        let mode = match e.mode {
+        let mode = match e.policy.mode {
             Mode::On => "on",
             Mode::Off => "off",
         };
@@ -121,11 +121,11 @@ fn table(entries: &[PolicyEntry]) -> String {
         if e.waiting {
             note.push_str("  (waiting for the cgroup to exist)");
         }
-        let user_timeout = match (e.mode, e.user_timeout) {
+        let user_timeout = match (e.policy.mode, e.policy.user_timeout) {
             (Mode::On, Some(ms)) => format!("{ms}ms"),
             _ => "-".to_string(),
         };
-        let enforce = match (e.mode, e.enforce) {
+        let enforce = match (e.policy.mode, e.policy.enforce) {
             (Mode::Off, _) => "-",
             (Mode::On, true) => "yes",
             (Mode::On, false) => "no",
@@ -134,9 +134,9 @@ fn table(entries: &[PolicyEntry]) -> String {
             out,
             "{:<width$}  {mode:<4}  {:<7}  {:<7}  {:<7}  {user_timeout:<12}  {enforce}{note}",
             e.cgroup,
-            value(e.idle),
-            value(e.intvl),
-            value(e.cnt),
+            value(e.policy.idle),
+            value(e.policy.intvl),
+            value(e.policy.cnt),
         );
     }
     out
@@ -229,7 +229,7 @@ pub fn connections(connections: &[Connection], json: bool) -> anyhow::Result<()>
         );
     }
     for (cgroup, entry) in &in_force {
-        println!("policy {cgroup}: {}", entry.policy());
+        println!("policy {cgroup}: {}", entry.policy);
     }
     if differing > 0 {
         println!(
@@ -256,10 +256,12 @@ pub fn audit(audit: &Audit, json: bool) -> anyhow::Result<()> {
         for row in &audit.cgroups {
             let (differ, policy) = match &row.policy {
                 None => ("-".to_string(), "none".to_string()),
-                Some(p) if p.mode == Mode::Off => ("-".to_string(), format!("{} (off)", p.cgroup)),
+                Some(p) if p.policy.mode == Mode::Off => {
+                    ("-".to_string(), format!("{} (off)", p.cgroup))
+                }
                 Some(p) => (
                     row.differ.to_string(),
-                    format!("{} ({})", p.cgroup, p.policy()),
+                    format!("{} ({})", p.cgroup, p.policy),
                 ),
             };
             let unknown = if row.unknown > 0 {

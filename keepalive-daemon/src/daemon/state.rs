@@ -81,7 +81,7 @@ impl State {
             .into_iter()
             .map(|e| {
                 let pod = e.pod.clone().unwrap_or_default();
-                (PathBuf::from(&e.cgroup), (e.policy(), pod))
+                (PathBuf::from(&e.cgroup), (e.policy, pod))
             })
             .collect();
         let pods_status = config.pods.as_ref().map(|source| PodsStatus {
@@ -171,7 +171,7 @@ impl State {
 pub(super) fn policies_of(entries: Vec<super::store::StoredPolicy>) -> BTreeMap<PathBuf, Policy> {
     entries
         .into_iter()
-        .map(|e| (PathBuf::from(&e.cgroup), e.policy()))
+        .map(|e| (PathBuf::from(&e.cgroup), e.policy))
         .collect()
 }
 

@@ -288,7 +288,7 @@ pub fn annotate(connections: &mut [Connection], root: &Path, policies: Option<&[
                 .find_map(|p| by_path.get(p).map(|e| (*e).clone()))
         });
         c.differs = match (&c.policy, c.state()) {
-            (Some(policy), Some(state)) => policy.policy().differences(&state),
+            (Some(policy), Some(state)) => policy.policy.differences(&state),
             _ => Vec::new(),
         };
     }

@@ -39,7 +39,7 @@ pub(super) fn load(path: &Path, root: &Path) -> Result<Vec<StoredPolicy>, StoreE
             message: format!("{}: {message}", entry.cgroup),
         };
         entry
-            .policy()
+            .policy
             .validate()
             .map_err(|e| corrupt(e.to_string()))?;
         let checked =
@@ -157,12 +157,67 @@ mod tests {
         let loaded = store.load(&root()).unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].exec_owner, None, "a name is not an owner");
-        assert_eq!(loaded[0].idle, Some(300));
+        assert_eq!(loaded[0].policy.idle, Some(300));
         assert_eq!(
-            (loaded[0].user_timeout, loaded[0].enforce),
+            (loaded[0].policy.user_timeout, loaded[0].policy.enforce),
             (None, false),
             "written before TCP_USER_TIMEOUT and --enforce"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn state_files_of_the_previous_release_load_and_it_reads_ours() {
+        let dir = temp_dir("previous");
+        let store = Store::new(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let a = root().join("kad-previous-a");
+        let b = root().join("kad-previous-b");
+        // As the previous release wrote it: the policy's fields beside the cgroup, the
+        // optional ones left out when unset.
+        let previous = format!(
+            "[\n  {{\n    \"cgroup\": \"{}\",\n    \"mode\": \"on\",\n    \"idle\": 180,\n    \"intvl\": 60,\n    \"cnt\": 20,\n    \"user_timeout\": 90000,\n    \"enforce\": true,\n    \"exec_owner\": {{\n      \"pid\": 42,\n      \"start_time\": 7,\n      \"boot_id\": \"b\"\n    }}\n  }},\n  {{\n    \"cgroup\": \"{}\",\n    \"mode\": \"off\",\n    \"idle\": null,\n    \"intvl\": null,\n    \"cnt\": null\n  }}\n]\n",
+            a.display(),
+            b.display()
+        );
+        fs::write(store.path(), &previous).unwrap();
+        let loaded = store.load(&root()).unwrap();
+        let on = Policy::on(Some(180), Some(60), Some(20))
+            .unwrap()
+            .with_extras(Some(90000), true)
+            .unwrap();
+        assert_eq!(loaded[0].policy, on);
+        assert_eq!(loaded[0].exec_owner.as_ref().map(|o| o.pid), Some(42));
+        assert_eq!(loaded[1].policy, Policy::OFF);
+
+        // What this release writes, read as the previous release's entry read it.
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct PreviousEntry {
+            cgroup: String,
+            mode: crate::model::policy::Mode,
+            idle: Option<u32>,
+            intvl: Option<u32>,
+            cnt: Option<u32>,
+            #[serde(default)]
+            user_timeout: Option<u32>,
+            #[serde(default)]
+            enforce: bool,
+            #[serde(default)]
+            exec_owner: Option<crate::host::process::ExecOwner>,
+            #[serde(default)]
+            pod: Option<String>,
+        }
+        store.save(&loaded).unwrap();
+        let ours: Vec<PreviousEntry> =
+            serde_json::from_str(&fs::read_to_string(store.path()).unwrap()).unwrap();
+        assert_eq!(
+            (ours[0].idle, ours[0].user_timeout, ours[0].enforce),
+            (Some(180), Some(90000), true)
+        );
+        assert_eq!(ours[0].exec_owner.as_ref().map(|o| o.pid), Some(42));
+        assert_eq!(ours[1].mode, crate::model::policy::Mode::Off);
+        assert_eq!(ours[1].cgroup, b.display().to_string());
         fs::remove_dir_all(&dir).unwrap();
     }
 

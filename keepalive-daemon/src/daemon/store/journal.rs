@@ -104,7 +104,7 @@ pub(super) fn replay(
         match change {
             Change::Set(mut entry) => {
                 entry
-                    .policy()
+                    .policy
                     .validate()
                     .map_err(|e| corrupt(format!("{}: {e}", entry.cgroup)))?;
                 let path = cgroup::checked_path(root, &entry.cgroup)

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     host::pathio::{remove_file_if_present, PathIoError},
     host::process::ExecOwner,
-    model::policy::{Mode, Policy},
+    model::policy::Policy,
 };
 
 mod file;
@@ -46,20 +46,14 @@ pub enum StoreError {
     Busy(PathBuf),
 }
 
-/// One entry of `policies.json`: a policy set with `kad set` or `kad exec`. Files written
-/// before `exec_owner` existed load as they are (no entry of theirs is a `kad exec`'s).
+/// One entry of `policies.json`: a policy set with `kad set` or `kad exec`, its fields beside
+/// the cgroup's (the shape of a `kad list --json` row). Files written before `exec_owner`,
+/// `user_timeout` or `enforce` existed load as they are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredPolicy {
     pub cgroup: String,
-    pub mode: Mode,
-    pub idle: Option<u32>,
-    pub intvl: Option<u32>,
-    pub cnt: Option<u32>,
-    /// TCP_USER_TIMEOUT (ms) and `--enforce`: absent from files written before they existed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_timeout: Option<u32>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub enforce: bool,
+    #[serde(flatten)]
+    pub policy: Policy,
     /// The `kad exec` run whose transient cgroup this is; the daemon removes the policy and
     /// the cgroup once that process and the cgroup's processes are gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,25 +67,9 @@ impl StoredPolicy {
     pub fn new(cgroup: String, policy: &Policy, exec_owner: Option<ExecOwner>) -> Self {
         StoredPolicy {
             cgroup,
-            mode: policy.mode,
-            idle: policy.idle,
-            intvl: policy.intvl,
-            cnt: policy.cnt,
-            user_timeout: policy.user_timeout,
-            enforce: policy.enforce,
+            policy: *policy,
             exec_owner,
             pod: None,
-        }
-    }
-
-    pub fn policy(&self) -> Policy {
-        Policy {
-            mode: self.mode,
-            idle: self.idle,
-            intvl: self.intvl,
-            cnt: self.cnt,
-            user_timeout: self.user_timeout,
-            enforce: self.enforce,
         }
     }
 }
