@@ -1,5 +1,9 @@
 //! Test harness for kad's kernel tests: unique cgroups and daemons that clean up after
 //! themselves (in `Drop`, so also when a test fails), and TCP peers placed in cgroups.
+//!
+//! The harness does not link kad's crate. Its `bpf(2)` calls (`BPF_PROG_QUERY`,
+//! `BPF_OBJ_GET`, program info), its cgroup2 and bpffs lookups in mountinfo and its cgroup ids
+//! are copies written on purpose: the tests check what kad did with code that is not kad's.
 use std::{
     fs::{self, File},
     io::{BufRead, BufReader, Write},

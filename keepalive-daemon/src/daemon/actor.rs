@@ -7,7 +7,11 @@ use std::{path::PathBuf, sync::Arc};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::warn;
 
-use super::{report::Snapshot, state::State, DaemonConfig, DaemonError};
+use super::{
+    settings::{DaemonConfig, DaemonError},
+    snapshot::Snapshot,
+    state::State,
+};
 use crate::{
     api::protocol::{Request, Response},
     containers::pods::PodEvent,

@@ -3,7 +3,7 @@
 //! One thread (`kad-state`, `actor.rs`) owns the kernel and disk state and takes commands; the
 //! async side (control socket, `/metrics`, signals, inotify, pod events, ticks) only sends them,
 //! and answers reads from the snapshot the thread publishes after its commands.
-use std::{io, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use tokio::{
     net::UnixListener,
@@ -20,6 +20,8 @@ pub mod reconcile;
 mod report;
 mod saving;
 pub mod server;
+mod settings;
+mod snapshot;
 mod state;
 pub mod store;
 mod sync;
@@ -29,84 +31,17 @@ mod tests;
 
 use actor::Command;
 use pod_policies::read_pod_events;
+pub use settings::{DaemonConfig, DaemonError, PodSource};
 
 use crate::{
-    api::protocol::Response,
-    containers::kube_watch,
-    containers::pods::{KubeletLayout, PodEvent},
-    daemon::config::ConfigError,
-    daemon::store::{StateLock, StoreError},
-    host::cgroup::{self, CgroupError},
-    host::notify,
-    host::pathio::{io_err, PathIoError},
-    host::sys,
+    api::protocol::Response, containers::kube_watch, containers::pods::PodEvent,
+    daemon::store::StateLock, host::cgroup, host::notify, host::pathio::io_err, host::sys,
     host::watch::Watcher,
-    kernel::KernelError,
 };
 
 /// How often the cgroups of `kad exec` runs are checked for being abandoned (only they: policy
 /// paths are followed through inotify, with no periodic scan).
 const EXEC_COLLECT_INTERVAL: Duration = Duration::from_secs(1);
-#[derive(Debug, Clone)]
-pub struct DaemonConfig {
-    pub socket: PathBuf,
-    pub state_dir: PathBuf,
-    pub bpffs: PathBuf,
-    pub config: PathBuf,
-    /// Where to serve Prometheus metrics (`/metrics`); off when None.
-    pub metrics: Option<std::net::SocketAddr>,
-    /// Where pod events come from, if pod annotations are policies.
-    pub pods: Option<PodSource>,
-    /// Where the kubelet puts pod cgroups.
-    pub kubelet: KubeletLayout,
-}
-
-/// The source of pod events.
-#[derive(Debug, Clone)]
-pub enum PodSource {
-    /// The API server (kube-rs), watching the pods of this node.
-    Kubernetes { node: String },
-    /// JSON lines ([`PodEvent`]) read from a file or FIFO: another watcher, or a replay.
-    Events(PathBuf),
-}
-
-impl PodSource {
-    pub(super) fn describe(&self) -> String {
-        match self {
-            PodSource::Kubernetes { node } => format!("kubernetes (node {node})"),
-            PodSource::Events(path) => format!("events from {}", path.display()),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    #[error("kad daemon must run as root (it loads BPF programs)")]
-    NotRoot,
-    #[error(transparent)]
-    Cgroup(#[from] CgroupError),
-    #[error(transparent)]
-    Enforcer(#[from] KernelError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error(transparent)]
-    Socket(#[from] server::BindError),
-    #[error(transparent)]
-    Io(#[from] PathIoError),
-    #[error("cannot start the state thread: {0}")]
-    Thread(io::Error),
-    #[error("the state thread stopped unexpectedly (see the log above)")]
-    StateThread,
-}
-
 /// Runs the daemon until SIGTERM or SIGINT. Enforcement outlives it: links and the map stay
 /// pinned, and the next start adopts them.
 pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {

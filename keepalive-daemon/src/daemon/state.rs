@@ -7,7 +7,10 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{report::Rows, DaemonConfig, DaemonError};
+use super::{
+    settings::{DaemonConfig, DaemonError},
+    snapshot::Rows,
+};
 use crate::{
     api::protocol::PodsStatus,
     containers::pods::PodTable,

@@ -8,7 +8,7 @@ use std::{
 
 use keepalive_common::FLAG_CONFIG;
 
-use super::{state::State, DaemonConfig};
+use super::{settings::DaemonConfig, state::State};
 use crate::{
     api::protocol::Response,
     containers::pods::KubeletLayout,
