@@ -1306,3 +1306,53 @@ mod tests {
         assert!(!skip_fails(Some("false"), false));
     }
 }
+
+/// (keepalive, idle, intvl, cnt) of one socket.
+pub type Values = (bool, i64, i64, i64);
+
+#[derive(Deserialize)]
+pub struct PairReport {
+    pub client: Report,
+    pub server: Report,
+}
+
+/// One connection held open by one process (both ends), in `cgroup`, in network namespace
+/// `netns` (None: the test's own).
+pub struct Pair(Process);
+
+impl Pair {
+    pub fn open(env: &Env, cgroup: &Path, netns: Option<&str>) -> (Pair, PairReport) {
+        Pair::open_at(env, cgroup, netns, "127.0.0.1:0")
+    }
+
+    pub fn open_at(
+        env: &Env,
+        cgroup: &Path,
+        netns: Option<&str>,
+        addr: &str,
+    ) -> (Pair, PairReport) {
+        let command = match netns {
+            Some(ns) => NetnsPair::command(ns, &env.peer, &["pair", addr]),
+            None => {
+                let mut c = Command::new(&env.peer);
+                c.args(["pair", addr]);
+                c
+            }
+        };
+        let mut pair = Pair(Process::spawn(command, Some(cgroup)));
+        let first = pair.read();
+        (pair, first)
+    }
+
+    pub fn read(&mut self) -> PairReport {
+        let line = self.0.line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad pair report {line:?}: {e}"))
+    }
+
+    /// Both ends' (keepalive, idle, intvl, cnt) now.
+    pub fn now(&mut self) -> (Values, Values) {
+        self.0.write(b"\n");
+        let r = self.read();
+        (r.client.values(), r.server.values())
+    }
+}

@@ -16,6 +16,12 @@ pub enum Request {
     Unset {
         cgroup: String,
     },
+    /// `kad set --host`: the host policy, kept by the cgroup2 root: every connection of the
+    /// host that no nearer policy decides for.
+    SetHost {
+        policy: Policy,
+    },
+    UnsetHost,
     /// `kad exec`: a policy for the transient cgroup the caller made. The daemon records the
     /// caller (from the socket's peer credentials) as its owner, and removes the policy and the
     /// cgroup itself if that process dies before it could.
@@ -35,7 +41,12 @@ impl Request {
     pub fn mutates(&self) -> bool {
         matches!(
             self,
-            Request::Set { .. } | Request::Unset { .. } | Request::Exec { .. } | Request::Reload
+            Request::Set { .. }
+                | Request::Unset { .. }
+                | Request::SetHost { .. }
+                | Request::UnsetHost
+                | Request::Exec { .. }
+                | Request::Reload
         )
     }
 }
@@ -55,6 +66,9 @@ pub struct PolicyEntry {
     /// kernel already holds the new cgroup's policy.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting: bool,
+    /// The host policy (`kad set --host`); `cgroup` is then the cgroup2 root.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host: bool,
 }
 
 impl PolicyEntry {
@@ -64,6 +78,7 @@ impl PolicyEntry {
             policy: *policy,
             pod: None,
             waiting: false,
+            host: false,
         }
     }
 }

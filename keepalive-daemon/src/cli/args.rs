@@ -9,11 +9,15 @@ use crate::{
     model::policy::{self, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE},
 };
 
-/// Which cgroup: exactly one of --cgroup, --unit, --pid, --container.
+/// Which cgroup: exactly one of --host, --cgroup, --unit, --pid, --container.
 #[derive(Debug, Args)]
 #[group(skip)]
-#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["cgroup", "unit", "pid", "container"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["host", "cgroup", "unit", "pid", "container"])))]
 pub(super) struct TargetArgs {
+    /// The host policy: every TCP connection of the host (the cgroup2 root and every cgroup
+    /// below it) that no nearer policy decides for, like FreeBSD's always_keepalive.
+    #[arg(long)]
+    host: bool,
     /// A cgroup: an absolute path on the cgroup2 filesystem, or a path relative to its root.
     #[arg(long, value_name = "CG")]
     cgroup: Option<String>,
@@ -21,7 +25,7 @@ pub(super) struct TargetArgs {
     #[arg(long, value_name = "NAME")]
     unit: Option<String>,
     /// The slice of --unit.
-    #[arg(long, value_name = "SLICE", conflicts_with_all = ["cgroup", "pid", "container"])]
+    #[arg(long, value_name = "SLICE", conflicts_with_all = ["host", "cgroup", "pid", "container"])]
     slice: Option<String>,
     /// The cgroup process N is in now (the policy stays with that cgroup's path).
     #[arg(long, value_name = "N")]
@@ -32,9 +36,28 @@ pub(super) struct TargetArgs {
     container: Option<String>,
 }
 
+/// What a command names: the whole host, or a cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Target {
+    Host,
+    /// A path as the daemon takes it: absolute or relative to the cgroup2 root.
+    Cgroup(String),
+}
+
 impl TargetArgs {
+    /// What was named, with units, processes and containers resolved to their cgroup's path.
+    pub(super) fn resolve(&self) -> anyhow::Result<Target> {
+        if self.host {
+            return Ok(Target::Host);
+        }
+        self.resolve_cgroup().map(Target::Cgroup)
+    }
+
     /// The cgroup as the daemon takes it: a path, absolute or relative to the cgroup2 root.
-    pub(super) fn resolve(&self) -> anyhow::Result<String> {
+    pub(super) fn resolve_cgroup(&self) -> anyhow::Result<String> {
+        if self.host {
+            anyhow::bail!("--host names no one cgroup here: name a cgroup, or use kad audit for the whole host");
+        }
         if let Some(cgroup) = &self.cgroup {
             return Ok(cgroup.clone());
         }
@@ -47,7 +70,7 @@ impl TargetArgs {
         }
         let pid = self
             .pid
-            .context("one of --cgroup, --unit, --pid, --container is required")?;
+            .context("one of --host, --cgroup, --unit, --pid, --container is required")?;
         Ok(target::pid_path(&root, pid)?.display().to_string())
     }
 }

@@ -118,6 +118,9 @@ fn table(entries: &[PolicyEntry]) -> String {
             .pod
             .as_ref()
             .map_or_else(String::new, |pod| format!("  (pod {pod})"));
+        if e.host {
+            note.push_str("  (host policy: every connection without a nearer policy)");
+        }
         if e.waiting {
             note.push_str("  (waiting for the cgroup to exist)");
         }

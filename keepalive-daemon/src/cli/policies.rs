@@ -5,7 +5,7 @@ use std::path::Path;
 use clap::Args;
 
 use super::{
-    args::{JsonFlag, TargetArgs, ValueArgs},
+    args::{JsonFlag, Target, TargetArgs, ValueArgs},
     output,
 };
 use crate::{
@@ -42,23 +42,30 @@ pub(super) fn set(socket: &Path, args: &SetArgs) -> anyhow::Result<()> {
         Policy::on(values.idle, values.intvl, values.cnt)?
             .with_extras(values.user_timeout, values.enforce)?
     };
-    let request = Request::Set {
-        cgroup: args.target.resolve()?,
-        policy,
+    let request = match args.target.resolve()? {
+        Target::Host => Request::SetHost { policy },
+        Target::Cgroup(cgroup) => Request::Set { cgroup, policy },
     };
     if let Response::Done { cgroup } = client::call(socket, &request)? {
-        println!("{cgroup}: {policy}");
+        match request {
+            Request::SetHost { .. } => println!("host ({cgroup} and below): {policy}"),
+            _ => println!("{cgroup}: {policy}"),
+        }
     }
     Ok(())
 }
 
 /// `kad unset`.
 pub(super) fn unset(socket: &Path, target: &TargetArgs) -> anyhow::Result<()> {
-    let request = Request::Unset {
-        cgroup: target.resolve()?,
+    let request = match target.resolve()? {
+        Target::Host => Request::UnsetHost,
+        Target::Cgroup(cgroup) => Request::Unset { cgroup },
     };
     if let Response::Done { cgroup } = client::call(socket, &request)? {
-        println!("{cgroup}: policy removed");
+        match request {
+            Request::UnsetHost => println!("host ({cgroup}): host policy removed"),
+            _ => println!("{cgroup}: policy removed"),
+        }
     }
     Ok(())
 }

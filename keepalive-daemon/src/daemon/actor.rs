@@ -44,6 +44,13 @@ pub(super) enum Command {
         cgroup: String,
         reply: Reply,
     },
+    SetHost {
+        policy: Policy,
+        reply: Reply,
+    },
+    UnsetHost {
+        reply: Reply,
+    },
     Reload {
         reply: Reply,
     },
@@ -131,6 +138,14 @@ fn run(
                 reply,
             } => (Some(reply), Some(state.exec(&cgroup, policy, peer))),
             Command::Unset { cgroup, reply } => (Some(reply), Some(state.unset(&cgroup))),
+            Command::SetHost { policy, reply } => {
+                let root = state.root.clone();
+                (Some(reply), Some(state.set_path(root, policy)))
+            }
+            Command::UnsetHost { reply } => {
+                let root = state.root.clone();
+                (Some(reply), Some(state.unset_path(root)))
+            }
             Command::Reload { reply } => (Some(reply), Some(state.reload())),
             Command::CgroupEvents(paths) => {
                 state.on_cgroup_events(&paths);
@@ -189,6 +204,10 @@ impl StateHandle {
                 .await
             }
             Request::Unset { cgroup } => self.ask(|reply| Command::Unset { cgroup, reply }).await,
+            Request::SetHost { policy } => {
+                self.ask(|reply| Command::SetHost { policy, reply }).await
+            }
+            Request::UnsetHost => self.ask(|reply| Command::UnsetHost { reply }).await,
             Request::Reload => self.ask(|reply| Command::Reload { reply }).await,
             Request::List => Response::Policies {
                 policies: self.snapshot().policies(),

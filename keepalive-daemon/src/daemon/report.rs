@@ -73,6 +73,7 @@ impl State {
                 .get(path)
                 .and_then(|e| Some((e.id?, e.slot))),
             error: self.reconciler.failing(path).cloned(),
+            host: path == self.root,
         })
     }
 

@@ -27,6 +27,8 @@ pub(super) struct Row {
     pub(super) in_force: Option<(u64, u32)>,
     /// Why the policy is not in force, if applying it failed.
     pub(super) error: Option<String>,
+    /// The host policy's row (its path is the cgroup2 root).
+    pub(super) host: bool,
 }
 
 impl Row {
@@ -34,6 +36,7 @@ impl Row {
         PolicyEntry {
             pod: self.pod.clone(),
             waiting: self.in_force.is_none() && self.error.is_none(),
+            host: self.host,
             ..PolicyEntry::new(path.display().to_string(), &self.policy)
         }
     }

@@ -149,6 +149,9 @@ impl State {
                     self.config.config.display()
                 ));
             }
+            if path == self.root {
+                return Response::error("no host policy (kad set --host sets one)");
+            }
             return Response::error(format!("no policy for {}", path.display()));
         };
         // A full disk: the policy stays, in force and in the file, and the error says why.

@@ -396,3 +396,63 @@ fn abandoned_exec_runs_are_collected_and_live_ones_kept() {
     assert!(!d.state.set.contains_key(&gone), "the removal was saved");
     assert!(d.state.set.contains_key(&live));
 }
+
+#[test]
+fn the_host_policy_is_the_one_anchor_while_it_exists() {
+    let mut d = Daemon::start();
+    d.mkdir("a/b");
+    d.mkdir("x");
+    done(d.set("a/b", 100));
+    done(d.set("x", 100));
+    assert!(
+        !d.anchors().contains(&String::new()),
+        "nothing at the root yet"
+    );
+    assert_eq!(d.anchors().len(), 2);
+
+    let root = d.root.clone();
+    done(
+        d.state
+            .set_path(root.clone(), Policy::on(Some(300), None, None).unwrap()),
+    );
+    assert_eq!(
+        d.anchors(),
+        vec![""],
+        "only the root: a socket runs kad's programs once"
+    );
+    assert_eq!(d.kernel_idle("/"), Some(300), "kept by the root's path");
+    let root_id = crate::host::cgroup::id_of(&root).unwrap();
+    assert_eq!(d.kernel.held().ids.get(&root_id).map(|v| v.idle), Some(300));
+    assert_eq!(d.kernel_idle("/a/b"), Some(100), "nearer policies stay");
+
+    let d = d.restart();
+    assert_eq!(d.anchors(), vec![""], "saved and restored");
+    assert!(d.state.set.contains_key(&d.root), "the state file keeps it");
+
+    let mut d = d;
+    done(d.state.unset_path(d.root.clone()));
+    let mut anchors = d.anchors();
+    anchors.sort();
+    assert_eq!(
+        anchors,
+        vec!["a", "x"],
+        "the root is left, the others are back"
+    );
+    assert_eq!(d.kernel_idle("/"), None);
+    let message = error(d.state.unset_path(d.root.clone()));
+    assert!(message.contains("no host policy"), "{message}");
+}
+
+#[test]
+fn the_host_policy_comes_from_the_config_file_too() {
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.0.join("kad.toml"),
+        "[[policy]]\nhost = true\nidle = 400\n",
+    )
+    .unwrap();
+    let d = Daemon::start_with(dir, FakeKernel::default());
+    assert_eq!(d.kernel_idle("/"), Some(400));
+    assert_eq!(d.anchors(), vec![""]);
+    assert_ne!(d.kernel.held().paths["/"].flags & FLAG_CONFIG, 0);
+}

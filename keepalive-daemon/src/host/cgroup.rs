@@ -26,7 +26,7 @@ pub enum CgroupError {
     NotADirectory(PathBuf),
     #[error("{path} is not on the cgroup2 filesystem (mounted at {root})")]
     NotCgroup2 { path: PathBuf, root: PathBuf },
-    #[error("refusing the cgroup2 root {0}: a policy there would touch every TCP connection of the host; name a child cgroup such as system.slice")]
+    #[error("refusing the cgroup2 root {0} as a cgroup: for a policy on every TCP connection of the host, use --host (`host = true` in the config file); otherwise name a child cgroup such as system.slice")]
     Root(PathBuf),
     #[error(
         "{path} goes through a symbolic link (to {target}{root_note}): give the cgroup's own path"

@@ -43,7 +43,7 @@ pub(super) struct InspectArgs {
 pub(super) fn command(socket: &Path, args: &InspectArgs) -> anyhow::Result<()> {
     // --pid N as for every command: the cgroup N is in, and so all of its processes.
     let root = cgroup::find_root()?;
-    let path = args.target.resolve()?;
+    let path = args.target.resolve_cgroup()?;
     let cg = match cgroup::resolve(&root, &path) {
         Err(cgroup::CgroupError::Root(root)) => anyhow::bail!(
             "{} is the cgroup2 root, which holds every process of the host: name a cgroup below it",

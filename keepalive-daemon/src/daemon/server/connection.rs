@@ -224,6 +224,8 @@ impl Replies {
             Request::Set { .. }
             | Request::Exec { .. }
             | Request::Unset { .. }
+            | Request::SetHost { .. }
+            | Request::UnsetHost
             | Request::Reload => None,
         }
     }

@@ -74,6 +74,15 @@ impl StoredPolicy {
     }
 }
 
+/// The path a saved entry is kept by: checked like the CLI's paths, except that the cgroup2
+/// root itself is the host policy's.
+fn kept_path(root: &Path, cgroup: &str) -> Result<PathBuf, crate::host::cgroup::CgroupError> {
+    if Path::new(cgroup) == root {
+        return Ok(root.to_path_buf());
+    }
+    crate::host::cgroup::checked_path(root, cgroup)
+}
+
 pub struct Store {
     path: PathBuf,
     /// Where changes go between rewrites of the whole file; `None` for the files that are only
