@@ -36,8 +36,25 @@ pub enum Request {
     Status,
 }
 
+/// Who sent a request, as the kernel says (the control socket's peer credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    /// The peer's process in the daemon's PID namespace, if the kernel could tell.
+    pub pid: Option<u32>,
+}
+
 impl Request {
-    /// Whether the request changes policies (and so needs root).
+    /// Whether only root may ask it: the host policy and the config file. Other changes may
+    /// come from a user for the cgroups delegated to them (the daemon checks which).
+    pub fn root_only(&self) -> bool {
+        matches!(
+            self,
+            Request::SetHost { .. } | Request::UnsetHost | Request::Reload
+        )
+    }
+
+    /// Whether the request changes policies.
     pub fn mutates(&self) -> bool {
         matches!(
             self,

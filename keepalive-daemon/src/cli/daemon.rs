@@ -42,6 +42,9 @@ pub(super) struct DaemonArgs {
     /// The kubelet's --cgroup-root, relative to the cgroup2 root.
     #[arg(long, value_name = "PATH", default_value = "/")]
     kubelet_cgroup_root: String,
+    /// How many policies one user may set in the cgroups delegated to them.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    user_policy_limit: usize,
 }
 
 /// `kad daemon`: runs until the daemon stops, serving `socket`.
@@ -72,6 +75,7 @@ pub(super) fn command(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
             systemd: args.kubelet_cgroup_driver == "systemd",
             cgroup_root: kubelet_root.trim_matches('/').to_string(),
         },
+        user_policy_limit: args.user_policy_limit,
     })
 }
 

@@ -21,6 +21,10 @@ pub(super) struct SetArgs {
     target: TargetArgs,
     #[command(flatten)]
     values: ValueArgs,
+    /// Root only: users may not set policies below this one in the cgroups delegated to them
+    /// (by default a user may opt their own programs out, as libkeepalive's KEEPALIVE=off did).
+    #[arg(long)]
+    lock: bool,
 }
 
 #[derive(Debug, Args)]
@@ -36,12 +40,13 @@ pub(super) struct StatsArgs {
 /// `kad set`.
 pub(super) fn set(socket: &Path, args: &SetArgs) -> anyhow::Result<()> {
     let values = &args.values;
-    let policy = if values.off {
+    let mut policy = if values.off {
         Policy::OFF
     } else {
         Policy::on(values.idle, values.intvl, values.cnt)?
             .with_extras(values.user_timeout, values.enforce)?
     };
+    policy.locked = args.lock;
     let request = match args.target.resolve()? {
         Target::Host => Request::SetHost { policy },
         Target::Cgroup(cgroup) => Request::Set { cgroup, policy },

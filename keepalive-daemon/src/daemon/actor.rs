@@ -13,7 +13,7 @@ use super::{
     state::State,
 };
 use crate::{
-    api::protocol::{Request, Response},
+    api::protocol::{Peer, Request, Response},
     containers::pods::PodEvent,
     host::watch::Watcher,
     kernel::killlog::KillLog,
@@ -28,20 +28,23 @@ type Reply = oneshot::Sender<Response>;
 type KillLogger = aya_log::EbpfLogger<KillLog>;
 
 pub(super) enum Command {
+    /// `uid` is who asks: root, or a user for a cgroup delegated to them.
     Set {
         cgroup: String,
         policy: Policy,
+        uid: u32,
         reply: Reply,
     },
-    /// `peer` is the asking process's pid, if the kernel told it.
+    /// `peer` is the asking process, as the kernel told it.
     Exec {
         cgroup: String,
         policy: Policy,
-        peer: Option<u32>,
+        peer: Peer,
         reply: Reply,
     },
     Unset {
         cgroup: String,
+        uid: u32,
         reply: Reply,
     },
     SetHost {
@@ -129,15 +132,16 @@ fn run(
             Command::Set {
                 cgroup,
                 policy,
+                uid,
                 reply,
-            } => (Some(reply), Some(state.set(&cgroup, policy))),
+            } => (Some(reply), Some(state.set(&cgroup, policy, uid))),
             Command::Exec {
                 cgroup,
                 policy,
                 peer,
                 reply,
             } => (Some(reply), Some(state.exec(&cgroup, policy, peer))),
-            Command::Unset { cgroup, reply } => (Some(reply), Some(state.unset(&cgroup))),
+            Command::Unset { cgroup, uid, reply } => (Some(reply), Some(state.unset(&cgroup, uid))),
             Command::SetHost { policy, reply } => {
                 let root = state.root.clone();
                 (Some(reply), Some(state.set_path(root, policy)))
@@ -184,12 +188,13 @@ fn run(
 
 impl StateHandle {
     /// Answers a request: reads from the snapshot, changes through the state thread.
-    pub(super) async fn handle(&self, request: Request, peer: Option<u32>) -> Response {
+    pub(super) async fn handle(&self, request: Request, peer: Peer) -> Response {
         match request {
             Request::Set { cgroup, policy } => {
                 self.ask(|reply| Command::Set {
                     cgroup,
                     policy,
+                    uid: peer.uid,
                     reply,
                 })
                 .await
@@ -203,7 +208,14 @@ impl StateHandle {
                 })
                 .await
             }
-            Request::Unset { cgroup } => self.ask(|reply| Command::Unset { cgroup, reply }).await,
+            Request::Unset { cgroup } => {
+                self.ask(|reply| Command::Unset {
+                    cgroup,
+                    uid: peer.uid,
+                    reply,
+                })
+                .await
+            }
             Request::SetHost { policy } => {
                 self.ask(|reply| Command::SetHost { policy, reply }).await
             }

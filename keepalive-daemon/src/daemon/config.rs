@@ -63,6 +63,9 @@ struct Entry {
     user_timeout: Option<u32>,
     #[serde(default)]
     enforce: bool,
+    /// Users may not set policies below this one.
+    #[serde(default)]
+    locked: bool,
 }
 
 /// The policies of the config file at `path`, keyed by absolute cgroup path; `None` when there
@@ -144,6 +147,10 @@ fn parse(
             Policy::on(entry.idle, entry.intvl, entry.cnt)
                 .and_then(|p| p.with_extras(entry.user_timeout, entry.enforce))
                 .map_err(|e| fail(e.to_string()))?
+        };
+        let policy = Policy {
+            locked: entry.locked,
+            ..policy
         };
         if policies.insert(path.clone(), policy).is_some() {
             return Err(fail(format!("{} has two policies", path.display())));

@@ -105,9 +105,9 @@ async fn run_bound(
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("cannot catch", "SIGHUP"))?;
     tokio::spawn(server::serve(listener, server::LIMITS, {
         let state = state.clone();
-        move |request, pid| {
+        move |request, peer| {
             let state = state.clone();
-            async move { state.handle(request, pid).await }
+            async move { state.handle(request, peer).await }
         }
     }));
     let (pods_tx, mut pod_events) = tokio::sync::mpsc::channel::<PodEvent>(256);

@@ -35,6 +35,17 @@ pub enum Source {
     Pod,
 }
 
+impl Source {
+    /// Where such a policy comes from, for messages.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Source::Set => "kad set by root",
+            Source::Config => "the config file",
+            Source::Pod => "a pod's annotation",
+        }
+    }
+}
+
 /// What the kernel holds for one policy path.
 #[derive(Debug, Clone)]
 pub struct InForce {

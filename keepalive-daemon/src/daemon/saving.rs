@@ -16,11 +16,10 @@ impl State {
     pub(super) fn persist(&self, path: &Path) -> Result<(), StoreError> {
         let cgroup = path.display().to_string();
         let change = match self.set.get(path) {
-            Some(policy) => Change::Set(StoredPolicy::new(
-                cgroup,
-                policy,
-                self.exec_owners.get(path).cloned(),
-            )),
+            Some(policy) => Change::Set(StoredPolicy {
+                uid: self.owners.get(path).copied(),
+                ..StoredPolicy::new(cgroup, policy, self.exec_owners.get(path).cloned())
+            }),
             None => Change::Unset(cgroup),
         };
         self.store.record(&change)?;
@@ -39,7 +38,10 @@ impl State {
             .iter()
             .map(|(path, policy)| {
                 let owner = self.exec_owners.get(path).cloned();
-                StoredPolicy::new(path.display().to_string(), policy, owner)
+                StoredPolicy {
+                    uid: self.owners.get(path).copied(),
+                    ..StoredPolicy::new(path.display().to_string(), policy, owner)
+                }
             })
             .collect();
         self.store.save(&entries)

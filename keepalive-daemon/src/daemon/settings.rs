@@ -21,6 +21,8 @@ pub struct DaemonConfig {
     pub pods: Option<PodSource>,
     /// Where the kubelet puts pod cgroups.
     pub kubelet: KubeletLayout,
+    /// How many policies one user may hold in the cgroups delegated to them.
+    pub user_policy_limit: usize,
 }
 
 /// The source of pod events.

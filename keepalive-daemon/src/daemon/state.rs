@@ -31,6 +31,9 @@ pub(super) struct State {
     pub(super) set: BTreeMap<PathBuf, Policy>,
     /// The `kad exec` run that owns each of the paths in `set` that are its transient cgroups.
     pub(super) exec_owners: BTreeMap<PathBuf, ExecOwner>,
+    /// The user who set each of the paths in `set` that a user set (in a cgroup delegated to
+    /// them); root's have none.
+    pub(super) owners: BTreeMap<PathBuf, u32>,
     /// Policies of the config file, by path.
     pub(super) from_config: BTreeMap<PathBuf, Policy>,
     /// Policies of pods' annotations, by path, with the pod (`namespace/name`); saved in
@@ -66,6 +69,10 @@ impl State {
         let exec_owners = saved
             .iter()
             .filter_map(|e| Some((PathBuf::from(&e.cgroup), e.exec_owner.clone()?)))
+            .collect();
+        let owners = saved
+            .iter()
+            .filter_map(|e| Some((PathBuf::from(&e.cgroup), e.uid?)))
             .collect();
         let set = policies_of(saved);
         let config_copy = Store::config_copy(&config.state_dir);
@@ -103,6 +110,7 @@ impl State {
             store,
             set,
             exec_owners,
+            owners,
             from_config,
             from_pods,
             pod_table: PodTable::default(),

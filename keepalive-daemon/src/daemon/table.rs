@@ -79,11 +79,77 @@ impl State {
             .flatten()
     }
 
-    pub(super) fn set(&mut self, input: &str, policy: Policy) -> Response {
-        match cgroup::policy_path(&self.root, input) {
-            Ok(path) => self.set_path(path, policy),
-            Err(e) => Response::error(e.to_string()),
+    /// `kad set` from `uid`: root anywhere, a user in the cgroups delegated to them.
+    pub(super) fn set(&mut self, input: &str, policy: Policy, uid: u32) -> Response {
+        let path = match cgroup::policy_path(&self.root, input) {
+            Ok(path) => path,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        if uid != 0 {
+            if let Err(message) = self.user_may_set(&path, &policy, uid) {
+                return Response::error(message);
+            }
         }
+        let previous_owner = self.owners.get(&path).copied();
+        if uid != 0 {
+            self.owners.insert(path.clone(), uid);
+        } else {
+            self.owners.remove(&path);
+        }
+        let reply = self.set_path(path.clone(), policy);
+        if let Response::Error { .. } = reply {
+            match previous_owner {
+                Some(owner) => self.owners.insert(path, owner),
+                None => self.owners.remove(&path),
+            };
+        }
+        reply
+    }
+
+    /// Why user `uid` may not set `policy` at `path`, if they may not.
+    fn user_may_set(&self, path: &Path, policy: &Policy, uid: u32) -> Result<(), String> {
+        if cgroup::delegated_to(&self.root, path, uid).is_none() {
+            return Err(format!(
+                "permission denied: {} is not in a cgroup delegated to uid {uid} (one that it \
+                 and its cgroup.procs are owned by, as systemd's Delegate= makes them); only \
+                 root may change policies elsewhere",
+                path.display()
+            ));
+        }
+        if policy.locked {
+            return Err("permission denied: only root may set a locked policy".into());
+        }
+        if let Some((_, source)) = self.want(path) {
+            if self.owners.get(path) != Some(&uid) {
+                return Err(format!(
+                    "permission denied: the policy for {} is not yours (it comes from {}); \
+                     only root may replace it",
+                    path.display(),
+                    source.describe()
+                ));
+            }
+        }
+        for above in path.ancestors().skip(1) {
+            if let Some((p, _)) = self.want(above).filter(|(p, _)| p.locked) {
+                return Err(format!(
+                    "permission denied: the policy for {} ({p}) is locked by root: users may \
+                     not set policies below it",
+                    above.display()
+                ));
+            }
+            if above == self.root {
+                break;
+            }
+        }
+        let held = self.owners.values().filter(|&&o| o == uid).count();
+        let limit = self.config.user_policy_limit;
+        if !self.owners.contains_key(path) && held >= limit {
+            return Err(format!(
+                "uid {uid} has {held} policies, the most a user may have (kad daemon \
+                 --user-policy-limit {limit}): unset one first"
+            ));
+        }
+        Ok(())
     }
 
     /// `kad set` on a path already resolved below the cgroup2 root: in force, then saved, or
@@ -121,7 +187,8 @@ impl State {
         }
     }
 
-    pub(super) fn unset(&mut self, input: &str) -> Response {
+    /// `kad unset` from `uid`: root any policy, a user only their own.
+    pub(super) fn unset(&mut self, input: &str, uid: u32) -> Response {
         // A cgroup that is gone can still have its policy removed, by the path it had.
         let path = match cgroup::policy_path(&self.root, input) {
             Ok(path) => path,
@@ -131,6 +198,13 @@ impl State {
             },
             Err(e) => return Response::error(e.to_string()),
         };
+        if uid != 0 && self.owners.get(&path) != Some(&uid) {
+            return Response::error(format!(
+                "permission denied: uid {uid} set no policy for {}; a user may remove only \
+                 their own",
+                path.display()
+            ));
+        }
         self.unset_path(path)
     }
 
@@ -160,6 +234,7 @@ impl State {
             return Response::error(format!("{e}; the policy stays"));
         }
         self.exec_owners.remove(&path);
+        self.owners.remove(&path);
         if let Err(e) = self.sync_path(&path) {
             // The config file's policy for this path could not be put back in force.
             error!(cgroup = ?path.display().to_string(), "{e}");

@@ -72,6 +72,7 @@ impl Daemon {
                 systemd: false,
                 cgroup_root: String::new(),
             },
+            user_policy_limit: 2,
         };
         let opened = kernel.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -455,4 +456,91 @@ fn the_host_policy_comes_from_the_config_file_too() {
     assert_eq!(d.kernel_idle("/"), Some(400));
     assert_eq!(d.anchors(), vec![""]);
     assert_ne!(d.kernel.held().paths["/"].flags & FLAG_CONFIG, 0);
+}
+
+/// Gives `path` (a directory standing for a cgroup) to `uid` as systemd's `Delegate=` does:
+/// the directory and its `cgroup.procs`.
+fn delegate(path: &std::path::Path, uid: u32) {
+    use std::os::unix::fs::chown;
+    let procs = path.join("cgroup.procs");
+    std::fs::write(&procs, "").unwrap();
+    chown(path, Some(uid), Some(uid)).unwrap();
+    chown(&procs, Some(uid), Some(uid)).unwrap();
+}
+
+#[test]
+fn users_manage_policies_only_in_the_cgroups_delegated_to_them() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: giving a directory to another user needs root");
+        return;
+    }
+    const USER: u32 = 65534;
+    let mut d = Daemon::start();
+    let delegated = d.mkdir("user.slice/u");
+    delegate(&delegated, USER);
+    d.mkdir("other");
+    let user_set = |d: &mut Daemon, relative: &str, policy: Policy| {
+        let path = d.root.join(relative).display().to_string();
+        d.state.set(&path, policy, USER)
+    };
+    let on = Policy::on(Some(100), None, None).unwrap();
+    done(d.set("user.slice", 200));
+
+    done(user_set(&mut d, "user.slice/u/app", Policy::OFF));
+    let value = d.kernel.held().paths["/user.slice/u/app"];
+    assert_eq!(
+        Policy::from_value(&value),
+        Policy::OFF,
+        "a user opts their own programs out below root's policy"
+    );
+    done(user_set(&mut d, "user.slice/u/later/deeper", on));
+
+    for (relative, expected) in [
+        ("other", "not in a cgroup delegated to uid 65534"),
+        ("user.slice", "not in a cgroup delegated"),
+    ] {
+        let message = error(user_set(&mut d, relative, on));
+        assert!(message.contains(expected), "{relative}: {message}");
+    }
+    let locked = Policy { locked: true, ..on };
+    let message = error(user_set(&mut d, "user.slice/u/x", locked));
+    assert!(message.contains("only root"), "{message}");
+    let message = error(user_set(&mut d, "user.slice/u/third", on));
+    assert!(
+        message.contains("--user-policy-limit 2"),
+        "the limit is named: {message}"
+    );
+    assert!(!d.kernel.held().paths.contains_key("/user.slice/u/third"));
+
+    let root_path = d.root.join("user.slice").display().to_string();
+    let message = error(d.state.unset(&root_path, USER));
+    assert!(
+        message.contains("set no policy"),
+        "root's policy stays: {message}"
+    );
+    assert_eq!(d.kernel_idle("/user.slice"), Some(200));
+
+    // Root locks the subtree: the user's new policies below it are refused.
+    done(
+        d.state
+            .set_path(d.root.join("user.slice"), Policy { locked: true, ..on }),
+    );
+    done(
+        d.state.unset(
+            &d.root
+                .join("user.slice/u/later/deeper")
+                .display()
+                .to_string(),
+            USER,
+        ),
+    );
+    let message = error(user_set(&mut d, "user.slice/u/new", Policy::OFF));
+    assert!(message.contains("locked by root"), "{message}");
+
+    // Who set what is saved: after a restart the user still owns theirs, and only theirs.
+    let mut d = d.restart();
+    let app = d.root.join("user.slice/u/app").display().to_string();
+    done(d.state.unset(&app, USER));
+    assert!(!d.kernel.held().paths.contains_key("/user.slice/u/app"));
 }

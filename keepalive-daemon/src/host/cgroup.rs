@@ -303,6 +303,19 @@ pub fn id_of(path: &Path) -> io::Result<u64> {
     Ok(std::fs::metadata(path)?.ino())
 }
 
+/// The cgroup delegated to `uid` that `path` is at or below: the nearest existing directory on
+/// the way up from `path`, when it is below the root and it and its `cgroup.procs` are owned by
+/// `uid`, as systemd's `Delegate=` (or a `chown` by root) leaves them, and as the kernel makes
+/// the cgroups a user creates in one.
+pub fn delegated_to(root: &Path, path: &Path, uid: u32) -> Option<PathBuf> {
+    let existing = nearest_existing(path);
+    if existing == root || !existing.starts_with(root) {
+        return None;
+    }
+    let owned = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.uid() == uid);
+    (owned(existing) && owned(&existing.join("cgroup.procs"))).then(|| existing.to_path_buf())
+}
+
 /// Whether `path` is on the filesystem mounted at `root`. The root is the cgroup2 mount
 /// ([`find_root`]), so this is the cgroup2 check; comparing devices rather than magic numbers
 /// also lets the daemon's unit tests stand a temporary directory in for the root.

@@ -61,6 +61,9 @@ pub struct StoredPolicy {
     /// The pod (`namespace/name`) whose annotation this policy is (pods.json only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The user who set it in a cgroup delegated to them; absent for root's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 impl StoredPolicy {
@@ -70,6 +73,7 @@ impl StoredPolicy {
             policy: *policy,
             exec_owner,
             pod: None,
+            uid: None,
         }
     }
 }
