@@ -32,6 +32,8 @@ pub enum Source {
     Config,
     /// A pod's (or its namespace's) annotation, from the pod watcher.
     Pod,
+    /// A Docker container's label, from the Docker watcher.
+    Docker,
 }
 
 /// What the kernel holds for one policy path.

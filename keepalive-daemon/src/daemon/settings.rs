@@ -21,6 +21,8 @@ pub struct DaemonConfig {
     pub pods: Option<PodSource>,
     /// Where the kubelet puts pod cgroups.
     pub kubelet: KubeletLayout,
+    /// Docker's socket, if Docker containers' labels are policies.
+    pub docker: Option<PathBuf>,
 }
 
 /// The source of pod events.
