@@ -442,6 +442,13 @@ fn a_labelled_container_has_its_policy_from_its_first_connection_until_docker_rm
         "{text}"
     );
 
+    // A rename changes the name kad shows.
+    let renamed = format!("{}-renamed", c.name);
+    dockerd.docker_ok(&["rename", &c.id, &renamed]);
+    wait_entry(&daemon, &c.cgroup, |e| {
+        e.is_some_and(|e| e["docker"] == renamed.as_str())
+    });
+
     // A restart: the cgroup goes and comes back; the policy stays at its path.
     let pid = dockerd.pid(&c);
     dockerd.docker_ok(&["restart", "-t", "0", &c.id]);

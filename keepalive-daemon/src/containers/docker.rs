@@ -292,11 +292,12 @@ mod tests {
         assert_eq!(Driver::from_info("none"), None);
     }
 
-    fn container(id: &str, label: &str) -> DockerEvent {
+    fn container(c: &str, label: &str) -> DockerEvent {
+        let id = c.repeat(64);
         DockerEvent::Container {
-            id: id.into(),
-            name: format!("n-{id}"),
-            cgroup: Driver::Cgroupfs.container_path(&id.repeat(64), ""),
+            cgroup: Driver::Cgroupfs.container_path(&id, ""),
+            id,
+            name: format!("n-{c}"),
             label: label.into(),
         }
     }
@@ -326,8 +327,8 @@ mod tests {
             invalid[0]
         );
 
-        assert!(t.apply(DockerEvent::Removed { id: "b".into() }));
-        assert!(!t.apply(DockerEvent::Removed { id: "b".into() }));
+        assert!(t.apply(DockerEvent::Removed { id: "b".repeat(64) }));
+        assert!(!t.apply(DockerEvent::Removed { id: "b".repeat(64) }));
         // A list that no longer names a drops it; one created meanwhile is added.
         t.apply(DockerEvent::ListStart);
         t.apply(container("c", "off"));

@@ -1,5 +1,5 @@
 //! The bollard glue of `kad daemon --docker`: watches Docker's events API for containers
-//! created and destroyed, lists the labelled containers at each (re)connection, and turns what
+//! created, renamed and destroyed, lists the labelled containers at each (re)connection, and turns what
 //! it sees into [`DockerEvent`]s. Everything else (cgroup paths, policies) is in `docker`.
 //!
 //! Only the unix socket is spoken (no TLS, no OpenSSL). The API version is negotiated: Debian
@@ -128,7 +128,7 @@ async fn watch(
         send(DockerEvent::ListDone).await?;
         let filters = HashMap::from([
             ("type", vec!["container"]),
-            ("event", vec!["create", "destroy"]),
+            ("event", vec!["create", "rename", "destroy"]),
         ]);
         let mut stream = docker.events(Some(
             EventsOptionsBuilder::new()
@@ -141,7 +141,8 @@ async fn watch(
             let Some(actor) = message.actor else { continue };
             let Some(id) = actor.id else { continue };
             match message.action.as_deref() {
-                Some("create") => {
+                // A rename only changes the name kad shows.
+                Some("create" | "rename") => {
                     // Only labelled containers are looked at further.
                     let labelled = actor
                         .attributes
