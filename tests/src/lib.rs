@@ -197,9 +197,37 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
 pub fn kad_bin() -> PathBuf {
     match std::env::var_os("KAD_BIN") {
         Some(path) => PathBuf::from(path),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/kad"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/x86_64-unknown-linux-musl/release/kad"),
     }
 }
+
+/// A file `cargo xtask dist` wrote (`KAD_DIST`, default target/dist/), or `None` after saying
+/// why the test is skipped; under `CI=true` a missing file fails the test. Not for the kernel
+/// test VMs (`KAD_KERNEL_MATRIX`), which test kernels, not the package.
+pub fn dist_file(name: &str) -> Option<PathBuf> {
+    let dir = match std::env::var_os("KAD_DIST") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dist"),
+    };
+    let path = dir.join(name);
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var_os("KAD_KERNEL_MATRIX").is_some() {
+        record_skip("the package and the image are tested on the host, not in the kernel VMs");
+        return None;
+    }
+    let reason = format!("{} is missing: cargo xtask dist writes it", path.display());
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{reason}");
+    }
+    record_skip(&reason);
+    None
+}
+
+/// The version of the workspace: the package's and the image's.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub fn cgroup2_root() -> Option<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;

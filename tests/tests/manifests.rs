@@ -116,7 +116,7 @@ fn the_oci_hook_file_matches_the_annotation() {
     let text = std::fs::read_to_string(dist().join("oci-hooks.d/kad.json")).expect("read kad.json");
     let hook: serde_json::Value = serde_json::from_str(&text).expect("kad.json is JSON");
     assert_eq!(hook["version"], "1.0.0");
-    assert_eq!(hook["hook"]["path"], "/usr/local/bin/kad");
+    assert_eq!(hook["hook"]["path"], "/usr/bin/kad");
     assert_eq!(hook["hook"]["args"], serde_json::json!(["kad", "oci-hook"]));
     assert_eq!(
         hook["stages"],

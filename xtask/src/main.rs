@@ -1,6 +1,7 @@
-//! `cargo xtask build|run|test|test-kernels|lint|setup|bench`: installs what is missing, builds,
-//! tests, measures.
+//! `cargo xtask build|run|dist|test|test-kernels|lint|setup|bench`: installs what is missing,
+//! builds, packages, tests, measures.
 mod bench;
+mod dist;
 mod kernels;
 mod setup;
 mod test_result;
@@ -24,14 +25,17 @@ struct Cli {
 enum Task {
     /// Install or check the toolchain pieces, packages and the bpffs mount.
     Setup,
-    /// Set up, then build target/release/kad.
+    /// Set up, then build the static kad (target/x86_64-unknown-linux-musl/release/kad).
     Build,
+    /// Set up, build, and write target/dist/: the .deb, a tarball, the image (an OCI archive),
+    /// SHA256SUMS.
+    Dist,
     /// Set up, build, and run `kad daemon` in the foreground (extra arguments go to it).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, check formatting and lints, then run every test.
+    /// Set up, build, check formatting and lints, write target/dist/, then run every test.
     Test,
     /// Set up, build, and run the integration tests inside other kernels booted under QEMU.
     TestKernels {
@@ -70,7 +74,7 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             setup::all(setup::Purpose::Build)?;
             build(&root)?;
-            let kad = root.join("target/release/kad");
+            let kad = dist::kad_bin(&root);
             eprintln!(
                 "xtask: starting {} daemon {}",
                 kad.display(),
@@ -78,11 +82,19 @@ fn main() -> Result<()> {
             );
             run(Command::new(kad).arg("daemon").args(args))
         }
+        Task::Dist => {
+            setup::all(setup::Purpose::Dist)?;
+            build(&root)?;
+            dist::run_dist(&root)
+        }
         Task::Test => {
             setup::all(setup::Purpose::Test)?;
             build(&root)?;
             lint(&root)?;
-            let kad = root.join("target/release/kad");
+            // The package and the image are made, and tested, like the binary
+            // (tests/tests/package.rs, tests/tests/image.rs).
+            dist::run_dist(&root)?;
+            let kad = dist::kad_bin(&root);
             run_tests(
                 cargo(&root)
                     .args([
@@ -93,6 +105,7 @@ fn main() -> Result<()> {
                         "keepalive-ebpf",
                     ])
                     .env("KAD_BIN", &kad)
+                    .env("KAD_DIST", dist::dist_dir(&root))
                     .env("KAD_KUBERNETES_VALIDATE", setup::kubernetes_validate_bin()),
             )
         }
@@ -126,15 +139,21 @@ fn cargo(root: &Path) -> Command {
     command
 }
 
+/// The one build of kad: static, for the musl target (target/x86_64-unknown-linux-musl/
+/// release/kad), which the tests, the package and the image all use. The test peer and the
+/// tests are built for the host.
 fn build(root: &Path) -> Result<()> {
     run(cargo(root).args([
         "build",
         "--release",
         "--package",
         "keepalive-daemon",
-        "--package",
-        "kad-tests",
-    ]))
+        "--bin",
+        "kad",
+        "--target",
+        setup::MUSL_TARGET,
+    ]))?;
+    run(cargo(root).args(["build", "--release", "--package", "kad-tests"]))
 }
 
 fn lint(root: &Path) -> Result<()> {

@@ -1,6 +1,7 @@
 //! Installs or checks, idempotently, what building and testing kad needs on a fresh Debian 12
-//! machine: rust-src for the nightly, bpf-linker built against Debian's LLVM 22, the packages
-//! the tests use, and the bpffs mount.
+//! machine: rust-src for the nightly, bpf-linker built against Debian's LLVM 22, the musl target
+//! and Debian's musl-tools (kad is one static binary), cargo-deb and lintian for the package,
+//! the packages the tests use, and the bpffs mount.
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context as _, Result};
@@ -10,10 +11,17 @@ use crate::run;
 /// The bpf-linker release known to build against Debian's llvm-22-dev.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
+/// The target kad is built for: a static binary (static-pie), for every host and the image.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+/// The cargo-deb release `cargo xtask dist` packages with.
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
     Build,
+    /// Build, then the package and the image (`cargo xtask dist`).
+    Dist,
+    /// Dist, then every test.
     Test,
 }
 
@@ -21,17 +29,20 @@ pub fn all(purpose: Purpose) -> Result<()> {
     let mut apt = Apt::default();
     nightly_components()?;
     bpf_linker(&mut apt)?;
+    musl(&mut apt)?;
+    if purpose != Purpose::Build {
+        dist_tools(&mut apt)?;
+    }
     if purpose == Purpose::Test {
         // busybox-static: a static client no LD_PRELOAD reaches; bpftool: to load another
         // vendor's program and to read run statistics in the bench; iproute2 (ss) and file: to
         // check sockets and binaries from outside; systemd: to verify the unit file; clang and
         // libbpf-dev: to build another vendor's sock_ops program that the tests run beside kad's;
         // golang-go (a static Go peer is built in the tests) and redis-server: real programs
-        // that set their own keepalive; podman and runc: to run containers with the OCI hook
-        // (runc, since crun refuses hybrid cgroup hosts; asked for in the same apt-get as
-        // podman, or podman's "crun | runc" dependency would bring crun); docker.io: the dockerd
-        // the Docker tests start themselves, with paths of their own;
-        // python3-venv: a venv for kubernetes-validate (PyPI), which checks dist/kubernetes.
+        // that set their own keepalive; podman and runc (dist_tools): to run containers with
+        // the OCI hook and the image; docker.io: the dockerd the Docker tests start themselves,
+        // with paths of their own; python3-venv: a venv for kubernetes-validate (PyPI), which
+        // checks dist/kubernetes.
         let missing: Vec<&str> = [
             ("/usr/bin/clang", "clang"),
             ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
@@ -42,8 +53,6 @@ pub fn all(purpose: Purpose) -> Result<()> {
             ("/usr/bin/systemd-analyze", "systemd"),
             ("/usr/bin/go", "golang-go"),
             ("/usr/bin/redis-server", "redis-server"),
-            ("/usr/bin/podman", "podman"),
-            ("/usr/sbin/runc", "runc"),
             ("/usr/sbin/dockerd", "docker.io"),
             ("/usr/bin/nsenter", "util-linux"),
             ("/usr/share/doc/python3-venv", "python3-venv"),
@@ -104,6 +113,53 @@ fn nightly_components() -> Result<()> {
                 "nightly",
             ]))?;
         }
+    }
+    Ok(())
+}
+
+/// The musl target of the stable toolchain and Debian's musl-tools (musl-gcc: ring's C code).
+fn musl(apt: &mut Apt) -> Result<()> {
+    let installed = output_of(Command::new("rustup").args(["target", "list", "--installed"]))
+        .unwrap_or_default();
+    if !installed.lines().any(|l| l.trim() == MUSL_TARGET) {
+        eprintln!("xtask: adding the {MUSL_TARGET} target");
+        run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
+    }
+    if !Path::new("/usr/bin/musl-gcc").exists() {
+        apt.install(&["musl-tools"])?;
+    }
+    Ok(())
+}
+
+/// What `cargo xtask dist` needs: cargo-deb (pinned), lintian, gzip, and podman with runc
+/// (crun refuses hybrid cgroup hosts; asked for in the same apt-get as podman, or podman's
+/// "crun | runc" dependency would bring crun).
+fn dist_tools(apt: &mut Apt) -> Result<()> {
+    let missing: Vec<&str> = [
+        ("/usr/bin/lintian", "lintian"),
+        ("/usr/bin/dpkg-deb", "dpkg"),
+        ("/bin/gzip", "gzip"),
+        ("/usr/bin/podman", "podman"),
+        ("/usr/sbin/runc", "runc"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| !Path::new(tool).exists())
+    .map(|(_, package)| package)
+    .collect();
+    if !missing.is_empty() {
+        apt.install(&missing)?;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let version = output_of(Command::new(&cargo).args(["deb", "--version"])).unwrap_or_default();
+    if !version.contains(CARGO_DEB_VERSION) {
+        eprintln!("xtask: installing cargo-deb {CARGO_DEB_VERSION} (about 2 minutes)");
+        run(Command::new(&cargo).args([
+            "install",
+            "--locked",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+        ]))?;
     }
     Ok(())
 }

@@ -1,14 +1,17 @@
 //! The `kad` command line. This file holds the clap types of the command line and [`main`],
 //! which parses it and hands each command to its own file: `policies.rs` (set, unset, reload,
 //! list, status, stats), `daemon.rs` (`kad daemon`), `uninstall.rs`, [`exec`], [`probe`],
-//! [`inspect`], [`audit`], `oci_hook.rs`; `args.rs` holds the arguments several commands share
+//! [`inspect`], [`audit`], `oci_hook.rs`, `install_host.rs` (the DaemonSet's init step),
+//! `generate.rs` (completions and man pages from [`command`]); `args.rs` holds the arguments several commands share
 //! and `output.rs` how results print. Each command runs in the CLI's own process. This folder
 //! may import any layer below it: `daemon`, `containers`, `kernel`, `api`, `host`, `model`.
 mod args;
 pub mod audit;
 mod daemon;
 pub mod exec;
+mod generate;
 pub mod inspect;
+mod install_host;
 mod oci_hook;
 mod output;
 mod policies;
@@ -69,6 +72,19 @@ enum Command {
     /// An OCI runtime hook (hooks.d): reads the container's state on stdin and puts its
     /// kad.dev/keepalive annotation in force (createRuntime) or removes it (poststop).
     OciHook(oci_hook::OciHookArgs),
+    /// Copy this kad onto a host directory and write the OCI hooks.d file that runs it there
+    /// (the init step of the Kubernetes DaemonSet).
+    InstallHost(install_host::InstallHostArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(generate::CompletionsArgs),
+    /// Write the man pages (kad.1, kad-COMMAND.1) into a directory (for packaging).
+    #[command(hide = true)]
+    Manpages(generate::ManpagesArgs),
+}
+
+/// The `kad` command as clap sees it: what the man pages and shell completions are made from.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// Parses the command line and runs it. Errors are one line on stderr.
@@ -137,6 +153,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Uninstall(args) => uninstall::command(&args)?,
         Command::List(flag) => policies::list(&socket, &flag)?,
         Command::Status(flag) => policies::status(&socket, &flag)?,
+        Command::InstallHost(args) => install_host::command(&args)?,
+        Command::Completions(args) => generate::completions(&args)?,
+        Command::Manpages(args) => generate::manpages(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -111,7 +111,7 @@ pub fn run(root: &Path, floor_only: bool, docker_only: bool) -> Result<()> {
     let tmp = std::env::temp_dir().join(&name);
     let mut bench = Bench {
         guard: Guard::default(),
-        kad: root.join("target/release/kad"),
+        kad: crate::dist::kad_bin(root),
         worker: std::env::current_exe().context("the xtask binary")?,
         cg_root,
         socket: tmp.join("kad.sock"),

@@ -81,7 +81,7 @@ pub(super) fn guest_script(root: &Path, out: &Path, tests: &[PathBuf]) -> String
          {hold}\
          {{\n",
         out = out.display(),
-        kad = root.join("target/release/kad").display(),
+        kad = crate::dist::kad_bin(root).display(),
         root = root.display(),
         hold = HOLD_KEYS,
     );
