@@ -46,7 +46,8 @@ pub(super) fn newer(deb: &Path, dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     run(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&tree))?;
     let control = tree.join("DEBIAN/control");
-    let text = fs::read_to_string(&control).with_context(|| format!("read {}", control.display()))?;
+    let text =
+        fs::read_to_string(&control).with_context(|| format!("read {}", control.display()))?;
     let version = text
         .lines()
         .find_map(|l| l.strip_prefix("Version: "))
@@ -56,11 +57,14 @@ pub(super) fn newer(deb: &Path, dir: &Path) -> Result<PathBuf> {
     let bumped = format!("{version}+systemtest1");
     fs::write(
         &control,
-        text.replace(&format!("Version: {version}\n"), &format!("Version: {bumped}\n")),
+        text.replace(
+            &format!("Version: {version}\n"),
+            &format!("Version: {bumped}\n"),
+        ),
     )?;
     let out = dir.join(format!("kad_{bumped}_amd64.deb"));
     run(Command::new("dpkg-deb")
-        .args(["--build", "-Zxz", "--root-owner-group"])
+        .args(["--build", "-Zgzip", "--root-owner-group"])
         .arg(&tree)
         .arg(&out))?;
     fs::remove_dir_all(&tree)?;

@@ -74,7 +74,10 @@ pub(super) fn image(work: &Path) -> Result<Image> {
         );
     }
     let sources = [
-        format!("deb [signed-by={KEYRING}] {} bookworm main", mirrors.archive),
+        format!(
+            "deb [signed-by={KEYRING}] {} bookworm main",
+            mirrors.archive
+        ),
         format!(
             "deb [signed-by={KEYRING}] {} bookworm-updates main",
             mirrors.archive
@@ -164,9 +167,7 @@ fn build(work: &Path, dir: &Path, sources: &[String]) -> Result<()> {
         bail!("the image holds kernels {releases:?}; expected bookworm's 6.1 and 6.12");
     }
     let disk = dir.join("disk.img");
-    run(Command::new("truncate")
-        .args(["-s", DISK_SIZE])
-        .arg(&disk))?;
+    run(Command::new("truncate").args(["-s", DISK_SIZE]).arg(&disk))?;
     // mke2fs copies the tree in: no loop device, no mount.
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "kadvm", "-d"])

@@ -143,7 +143,10 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
         let boot = vm::boot(kernel, &overlay, &share, &dir.join("console.log"))?;
         let output = fs::read_to_string(share.join("output")).unwrap_or_default();
         let why_none = if boot.timed_out {
-            format!("the guest did not finish in {} s and was killed", boot.seconds)
+            format!(
+                "the guest did not finish in {} s and was killed",
+                boot.seconds
+            )
         } else if boot.exit.is_none() {
             format!(
                 "the guest stopped before its script ended (console: {})",
@@ -161,9 +164,8 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
             verdicts.push(Verdict {
                 kernel: plan.kernel,
                 scenario: scenario.to_string(),
-                failure: failure.map(|f| {
-                    format!("{f} (journal: {})", share.join("journal").display())
-                }),
+                failure: failure
+                    .map(|f| format!("{f} (journal: {})", share.join("journal").display())),
             });
         }
         security.extend(

@@ -4,6 +4,7 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader, Seek as _, SeekFrom},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     thread::sleep,
@@ -39,20 +40,35 @@ pub(super) struct Boot {
 /// off or `BOOT_TIMEOUT`, when QEMU is killed. The console goes to `console`.
 pub(super) fn boot(kernel: &Kernel, overlay: &Path, share: &Path, console: &Path) -> Result<Boot> {
     let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu
         // /dev/kvm on these machines is a nested software hypervisor QEMU's KVM aborts on.
-        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2G"])
-        .args(["-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none"])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "2G",
+        ])
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(&kernel.initrd)
-        .args([
-            "-append",
-            "root=/dev/vda rw console=ttyS0 panic=-1 quiet",
-        ])
+        .args(["-append", "root=/dev/vda rw console=ttyS0 panic=-1 quiet"])
         .arg("-drive")
         .arg(format!(
             "file={},if=virtio,format=qcow2,cache=unsafe",
@@ -66,9 +82,18 @@ pub(super) fn boot(kernel: &Kernel, overlay: &Path, share: &Path, console: &Path
         .args(["-device", "virtio-rng-pci"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(fs::File::create(console.with_extension("qemu.log"))?)
-        .spawn()
-        .context("cannot run qemu-system-x86_64")?;
+        .stderr(fs::File::create(console.with_extension("qemu.log"))?);
+    // SAFETY: prctl in the child between fork and exec: QEMU gets SIGKILL if xtask dies
+    // (killed, or an error), so that no guest outlives the run.
+    unsafe {
+        qemu.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = qemu.spawn().context("cannot run qemu-system-x86_64")?;
     let mut output = Follow::new(share.join("output"));
     let timed_out = loop {
         output.pass_verdicts();
