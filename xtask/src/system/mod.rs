@@ -147,6 +147,8 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
                 "the guest did not finish in {} s and was killed",
                 boot.seconds
             )
+        } else if let Some(said) = boot.qemu_said.as_ref().filter(|_| boot.exit.is_none()) {
+            format!("QEMU ended before the guest's script did: {said}")
         } else if boot.exit.is_none() {
             format!(
                 "the guest stopped before its script ended (console: {})",
@@ -157,13 +159,13 @@ pub fn run(root: &Path, options: &Options) -> Result<()> {
         };
         let found = parse_verdicts(&output);
         for scenario in plan.scenarios {
-            let failure = match found.iter().find(|(name, _)| name == scenario) {
-                Some((_, failure)) => failure.clone(),
-                None => Some(why_none.clone()),
+            let (failure, took) = match found.iter().find(|said| said.name == *scenario) {
+                Some(said) => (said.failure.clone(), said.took.clone()),
+                None => (Some(why_none.clone()), "?".into()),
             };
             verdicts.push(Verdict {
                 kernel: plan.kernel,
-                scenario: scenario.to_string(),
+                scenario: format!("{scenario} ({took})"),
                 failure: failure
                     .map(|f| format!("{f} (journal: {})", share.join("journal").display())),
             });
@@ -215,18 +217,40 @@ fn copy_into(file: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The guest's "### ok NAME" and "### FAILED NAME: REASON" lines.
-fn parse_verdicts(output: &str) -> Vec<(String, Option<String>)> {
+/// A scenario's verdict as the guest printed it.
+#[derive(Debug, PartialEq)]
+struct Said {
+    name: String,
+    failure: Option<String>,
+    /// "12 s", how long the scenario took in the guest.
+    took: String,
+}
+
+/// The guest's "### ok NAME (N s)" and "### FAILED NAME: REASON (N s)" lines.
+fn parse_verdicts(output: &str) -> Vec<Said> {
     output
         .lines()
         .filter_map(|line| {
-            if let Some(name) = line.strip_prefix("### ok ") {
-                Some((name.trim().to_string(), None))
+            let (ok, rest) = if let Some(rest) = line.strip_prefix("### ok ") {
+                (true, rest)
             } else {
-                let rest = line.strip_prefix("### FAILED ")?;
+                (false, line.strip_prefix("### FAILED ")?)
+            };
+            let (rest, took) = match rest.rsplit_once(" (") {
+                Some((head, tail)) if tail.ends_with(" s)") => (head, tail.trim_end_matches(')')),
+                _ => (rest, "?"),
+            };
+            let (name, failure) = if ok {
+                (rest, None)
+            } else {
                 let (name, reason) = rest.split_once(": ").unwrap_or((rest, "failed"));
-                Some((name.to_string(), Some(reason.to_string())))
-            }
+                (name, Some(reason.to_string()))
+            };
+            Some(Said {
+                name: name.trim().to_string(),
+                failure,
+                took: took.to_string(),
+            })
         })
         .collect()
 }
@@ -237,16 +261,19 @@ mod tests {
 
     #[test]
     fn verdicts_are_read_back() {
-        let out = "### start install\n    note\n### ok install\n### start kill\n\
-                   ### FAILED kill: line 3: `x` exited with 1: a: b\n";
+        let out = "### start install\n    note\n### ok install (44 s)\n### start kill\n\
+                   ### FAILED kill: line 3: `x` exited with 1: a (b) (7 s)\n### ok old\n";
+        let said = |name: &str, failure: Option<&str>, took: &str| Said {
+            name: name.into(),
+            failure: failure.map(str::to_string),
+            took: took.into(),
+        };
         assert_eq!(
             parse_verdicts(out),
             [
-                ("install".to_string(), None),
-                (
-                    "kill".to_string(),
-                    Some("line 3: `x` exited with 1: a: b".to_string())
-                )
+                said("install", None, "44 s"),
+                said("kill", Some("line 3: `x` exited with 1: a (b)"), "7 s"),
+                said("old", None, "?"),
             ]
         );
     }

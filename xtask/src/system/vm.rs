@@ -34,12 +34,16 @@ pub(super) struct Boot {
     /// The guest's own report: its script's exit code, `None` if it never wrote one.
     pub(super) exit: Option<String>,
     pub(super) timed_out: bool,
+    /// What QEMU itself printed (on stderr), such as "terminating on signal 15 from pid N"
+    /// when something outside killed it.
+    pub(super) qemu_said: Option<String>,
 }
 
 /// Boots `kernel` over `overlay` with `share` as the guest's /share, until the guest powers
 /// off or `BOOT_TIMEOUT`, when QEMU is killed. The console goes to `console`.
 pub(super) fn boot(kernel: &Kernel, overlay: &Path, share: &Path, console: &Path) -> Result<Boot> {
     let start = Instant::now();
+    let qemu_log = console.with_extension("qemu.log");
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu
         // /dev/kvm on these machines is a nested software hypervisor QEMU's KVM aborts on.
@@ -82,7 +86,7 @@ pub(super) fn boot(kernel: &Kernel, overlay: &Path, share: &Path, console: &Path
         .args(["-device", "virtio-rng-pci"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(fs::File::create(console.with_extension("qemu.log"))?);
+        .stderr(fs::File::create(&qemu_log)?);
     // SAFETY: prctl in the child between fork and exec: QEMU gets SIGKILL if xtask dies
     // (killed, or an error), so that no guest outlives the run.
     unsafe {
@@ -115,6 +119,10 @@ pub(super) fn boot(kernel: &Kernel, overlay: &Path, share: &Path, console: &Path
             .ok()
             .map(|s| s.trim().to_string()),
         timed_out,
+        qemu_said: fs::read_to_string(&qemu_log)
+            .ok()
+            .map(|s| s.trim().replace('\n', "; "))
+            .filter(|s| !s.is_empty()),
     })
 }
 
