@@ -12,7 +12,9 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{kernels::debian::host_mirrors, run};
 
-/// What the image holds beyond `--variant=apt`: systemd as PID 1, the real services the
+/// What the image holds beyond `--variant=apt`: systemd as PID 1, ifupdown (Debian's network
+/// configuration: its networking.service pulls network.target in at boot, so that "After=
+/// network.target" orders a service as on a real host), the real services the
 /// scenarios put policies on (nginx, redis), the clients (curl, redis-cli from redis-server's
 /// redis-tools, python3), bpftool to look at attachments, and bookworm's kernel with what
 /// building its initramfs needs.
@@ -22,6 +24,7 @@ const PACKAGES: &[&str] = &[
     "udev",
     "dbus",
     "iproute2",
+    "ifupdown",
     "procps",
     "kmod",
     "nginx-light",

@@ -280,15 +280,15 @@ scenario_journal() {
     local warnings infos complaint
     cp /etc/kad/kad.toml /root/kad.toml.good
     echo 'this is [ not toml' > /etc/kad/kad.toml
-    if systemctl reload kad 2> /tmp/reload; then
-        note "systemctl reload kad with a bad config file: exit 0"
-    else
-        note "systemctl reload kad with a bad config file: refused: $(tr '\n' ' ' < /tmp/reload)"
-    fi
+    local refused=no
+    systemctl reload kad 2> /tmp/reload || refused=yes
     until_ok 20 sh -c 'journalctl -u kad -t kad -p warning --no-pager | grep -q kad.toml' || true
     complaint=$(journalctl -u kad -t kad -p warning --no-pager -o cat | grep kad.toml | tail -n 1 || true)
     # The good file back before any verdict: the scenarios after this one need it.
     cp /root/kad.toml.good /etc/kad/kad.toml
+    # ExecReload is `kad reload`, which answers: a bad file fails the reload.
+    [ "$refused" = yes ] || fail "systemctl reload kad succeeded with a bad config file"
+    note "systemctl reload kad with a bad config file: refused: $(tr '\n' ' ' < /tmp/reload)"
     [ -n "$complaint" ] ||
         fail "no message naming kad.toml at priority warning or higher; the last ones: $(journalctl -u kad -t kad -n 3 --no-pager -o cat | tr '\n' ' ')"
     note "$complaint"
@@ -378,6 +378,7 @@ scenario_purge() {
     [ ! -e /run/kad/kad.sock ] || left+=("/run/kad/kad.sock")
     ! systemctl list-unit-files kad.service | grep -q kad.service || left+=("unit: $(systemctl list-unit-files kad.service | grep kad.service)")
     ! ls /etc/systemd/system/*.wants/kad.service > /dev/null 2>&1 || left+=("unit enabled: $(ls /etc/systemd/system/*.wants/kad.service)")
+    [ ${#left[@]} = 0 ] || grep -v 'Reading database' /tmp/apt.log | sed 's/^/    apt: /'
     [ ${#left[@]} = 0 ] || fail "apt-get purge left ${left[*]}; apt-get said: $(tail -n 4 /tmp/apt.log | tr '\n' ' ')"
     note "$before kad programs loaded before the purge, none after; no pin, attachment, state, config or unit"
     hold curl --no-keepalive -sN telnet://127.0.0.1:80
