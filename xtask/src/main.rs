@@ -1,9 +1,10 @@
-//! `cargo xtask build|run|dist|test|test-kernels|lint|setup|bench`: installs what is missing,
-//! builds, packages, tests, measures.
+//! `cargo xtask build|run|dist|test|test-kernels|test-system|lint|setup|bench`: installs what is
+//! missing, builds, packages, tests, measures.
 mod bench;
 mod dist;
 mod kernels;
 mod setup;
+mod system;
 mod test_result;
 
 use std::{
@@ -41,6 +42,15 @@ enum Task {
     TestKernels {
         /// Kernel series (Debian's newest of each); default: 5.10 6.1 6.12.
         versions: Vec<String>,
+    },
+    /// Install kad's .deb on a real Debian 12 systemd host under QEMU and run the scenarios.
+    TestSystem {
+        /// The package to test; default: the newest target/dist/kad_*_amd64.deb.
+        #[arg(long)]
+        deb: Option<PathBuf>,
+        /// Only build (or find in the cache) the image.
+        #[arg(long)]
+        image_only: bool,
     },
     /// rustfmt and clippy (-D warnings) on the workspace and, on its own, the eBPF crate.
     Lint,
@@ -112,6 +122,9 @@ fn main() -> Result<()> {
         Task::TestKernels { versions } => {
             setup::all(setup::Purpose::Test)?;
             kernels::run_matrix(&root, &versions)
+        }
+        Task::TestSystem { deb, image_only } => {
+            system::run(&root, &system::Options { deb, image_only })
         }
         Task::Lint => lint(&root),
         Task::Bench {

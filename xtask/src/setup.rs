@@ -75,6 +75,20 @@ pub fn install(packages: &[&str]) -> Result<()> {
     Apt::default().install(packages)
 }
 
+/// What `cargo xtask test-system` needs: QEMU, mmdebstrap and mke2fs (`-d`). From
+/// bookworm-backports where the host's apt has it: there `qemu-utils` may already come from
+/// backports, and bookworm's `qemu-system-x86` conflicts with it.
+pub fn system_test_tools() -> Result<()> {
+    let packages = ["qemu-system-x86", "qemu-utils", "mmdebstrap", "e2fsprogs"];
+    let policy = output_of(Command::new("apt-cache").arg("policy")).unwrap_or_default();
+    let backports = policy.lines().any(|l| l.contains("bookworm-backports"));
+    let mut apt = Apt {
+        target_release: backports.then_some("bookworm-backports"),
+        ..Apt::default()
+    };
+    apt.install(&packages)
+}
+
 fn output_of(command: &mut Command) -> Option<String> {
     let out = command.output().ok()?;
     out.status
@@ -238,6 +252,8 @@ fn bpffs() -> Result<()> {
 #[derive(Default)]
 struct Apt {
     updated: bool,
+    /// `-t RELEASE`: the release packages are preferred from.
+    target_release: Option<&'static str>,
 }
 
 impl Apt {
@@ -269,6 +285,7 @@ impl Apt {
         run(Command::new("apt-get")
             .args(lock_wait)
             .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(self.target_release.iter().flat_map(|r| ["-t", r]))
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))
     }

@@ -22,6 +22,7 @@ pub fn escape(text: &str) -> String {
 }
 
 /// Starts the daemon's log on stderr (the journal under systemd), at `RUST_LOG` or `info`.
+/// When stderr is the journal, each line starts with its priority (see [`Stderr`]).
 pub fn init() {
     tracing_subscriber::fmt()
         // No colours: the writer escapes every control character, ESC included.
@@ -32,26 +33,75 @@ pub fn init() {
                 // daemon says it once per change, with the cause.
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client=off")),
         )
-        .with_writer(OneLine)
+        .with_writer(Stderr {
+            journal: stderr_is_journal(),
+        })
         .init();
+}
+
+/// Makes each event's writer. When stderr is the journal, the line starts with the event's
+/// syslog priority, `<3>` (error) to `<7>` (debug), which journald keeps as the entry's
+/// PRIORITY instead of the stream's default (info): `journalctl -p warning` then shows the
+/// warnings and errors only (sd-daemon(3)).
+struct Stderr {
+    journal: bool,
+}
+
+impl<'a> MakeWriter<'a> for Stderr {
+    type Writer = OneLine;
+
+    fn make_writer(&'a self) -> OneLine {
+        OneLine { prefix: "" }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> OneLine {
+        OneLine {
+            prefix: if self.journal {
+                priority(*meta.level())
+            } else {
+                ""
+            },
+        }
+    }
+}
+
+/// sd-daemon(3)'s prefix for a level.
+fn priority(level: tracing::Level) -> &'static str {
+    match level {
+        tracing::Level::ERROR => "<3>",
+        tracing::Level::WARN => "<4>",
+        tracing::Level::INFO => "<6>",
+        tracing::Level::DEBUG | tracing::Level::TRACE => "<7>",
+    }
+}
+
+/// Whether stderr is the stream systemd connected to the journal: `JOURNAL_STREAM` holds its
+/// "device:inode" (systemd.exec(5)); a stderr redirected elsewhere by a child of the service
+/// does not match.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream == format!("{}:{}", meta.dev(), meta.ino())
 }
 
 /// Writes each event to stderr with every control character escaped but its final newline,
 /// so that no text logged anywhere (escaped at its call site or not) can start a line.
-struct OneLine;
-
-impl<'a> MakeWriter<'a> for OneLine {
-    type Writer = OneLine;
-
-    fn make_writer(&'a self) -> OneLine {
-        OneLine
-    }
+struct OneLine {
+    /// Written before the line: its priority for the journal, or nothing.
+    prefix: &'static str,
 }
 
 impl Write for OneLine {
     /// tracing's formatter hands over a whole event in one `write_all`, which lands here once.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        io::stderr().lock().write_all(&one_line(buf))?;
+        let mut line = self.prefix.as_bytes().to_vec();
+        line.extend(one_line(buf));
+        io::stderr().lock().write_all(&line)?;
         Ok(buf.len())
     }
 
@@ -158,6 +208,17 @@ mod tests {
             one_line("\u{9b}2J \u{1b}[2J é\n".as_bytes()),
             "\\u{9b}2J \\u{1b}[2J é\n".as_bytes()
         );
+    }
+
+    #[test]
+    fn priorities_for_the_journal() {
+        assert_eq!(priority(tracing::Level::ERROR), "<3>");
+        assert_eq!(priority(tracing::Level::WARN), "<4>");
+        assert_eq!(priority(tracing::Level::INFO), "<6>");
+        assert_eq!(priority(tracing::Level::DEBUG), "<7>");
+        // A test's stderr is not the journal, whatever the environment says.
+        std::env::set_var("JOURNAL_STREAM", "1:1");
+        assert!(!stderr_is_journal());
     }
 
     #[test]

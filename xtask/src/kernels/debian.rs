@@ -80,10 +80,33 @@ impl PrivateApt {
     }
 }
 
-/// A sources.list for [`SUITES`], on the Debian mirrors the host's apt uses for its own
-/// release and that release's security updates. `apt-get --print-uris update` names them
-/// whatever the host's format (one-line or deb822) and needs no downloaded lists.
+/// A sources.list for [`SUITES`], on the Debian mirrors the host's apt uses.
 fn sources_list() -> Result<String> {
+    let mirrors = host_mirrors()?;
+    Ok(SUITES
+        .iter()
+        .map(|suite| {
+            let base = if suite.ends_with("-security") {
+                &mirrors.security
+            } else {
+                &mirrors.archive
+            };
+            format!("deb [signed-by={KEYRING}] {base} {suite} main\n")
+        })
+        .collect())
+}
+
+/// The Debian mirrors the host's apt uses for its own release and for that release's security
+/// updates.
+pub(crate) struct HostMirrors {
+    pub(crate) codename: String,
+    pub(crate) archive: String,
+    pub(crate) security: String,
+}
+
+/// The host's [`HostMirrors`]: `apt-get --print-uris update` names them whatever the host's
+/// format (one-line or deb822) and needs no downloaded lists.
+pub(crate) fn host_mirrors() -> Result<HostMirrors> {
     let os_release = fs::read_to_string("/etc/os-release").context("read /etc/os-release")?;
     let codename = os_release
         .lines()
@@ -102,17 +125,11 @@ fn sources_list() -> Result<String> {
              (apt-get --print-uris update)"
         );
     };
-    Ok(SUITES
-        .iter()
-        .map(|suite| {
-            let base = if suite.ends_with("-security") {
-                &security
-            } else {
-                &archive
-            };
-            format!("deb [signed-by={KEYRING}] {base} {suite} main\n")
-        })
-        .collect())
+    Ok(HostMirrors {
+        codename,
+        archive,
+        security,
+    })
 }
 
 /// The base URIs of suites `codename` and `codename-security` in `apt-get --print-uris update`

@@ -12,7 +12,7 @@
 //!
 //! Here the run over the kernels and its summary; `debian` gets the kernels, `vm` boots one,
 //! `guest` is what runs inside, `log` reads its test output back.
-mod debian;
+pub(crate) mod debian;
 mod guest;
 mod log;
 mod vm;
