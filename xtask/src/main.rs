@@ -44,8 +44,12 @@ enum Task {
     Bench {
         /// Only part 1 (cost per socket against the C programs): quick, for working on the
         /// eBPF program.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "node")]
         floor_only: bool,
+        /// Only part 4 (a node with 250 pods, their connections, pod churn): heavy, a few
+        /// minutes.
+        #[arg(long)]
+        node: bool,
     },
     /// The bench's own connection loop, run inside a measured cgroup (internal).
     #[command(hide = true)]
@@ -98,10 +102,15 @@ fn main() -> Result<()> {
             kernels::run_matrix(&root, &versions)
         }
         Task::Lint => lint(&root),
-        Task::Bench { floor_only } => {
+        Task::Bench { floor_only, node } => {
             setup::all(setup::Purpose::Test)?;
             build(&root)?;
-            bench::run(&root, floor_only)
+            let parts = match (floor_only, node) {
+                (true, _) => bench::Parts::Floor,
+                (false, true) => bench::Parts::Node,
+                (false, false) => bench::Parts::All,
+            };
+            bench::run(&root, parts)
         }
         Task::BenchWorker { args } => bench::worker(&args),
     }

@@ -10,6 +10,11 @@
 //!    daemon's RSS and descriptors, and how long `kad set` takes.
 //! 3. Existing connections. 100,000 established loopback connections, then `kad set` on
 //!    their cgroup, timed, and every socket checked with getsockopt (a sample with ss).
+//! 4. A node with hundreds of pods (`--node` runs it alone): 250 pods in a kubelet's cgroupfs
+//!    layout below a bench cgroup, each with its own network namespace and 100 connections;
+//!    `kad set` on `kubepods` and a namespace default through `--pod-events` reach them all,
+//!    timed and checked; then pod churn through `--pod-events`, each pod's first connection
+//!    checked, the daemon's CPU and RSS read.
 //!
 //! The connections are made in a network namespace of the bench's own, where TIME_WAIT is
 //! switched off (`tcp_max_tw_buckets` 0): hundreds of thousands of connections leave nothing
@@ -18,15 +23,18 @@
 //! Everything it creates (cgroups under the cgroup2 root, the network namespace, pins,
 //! processes, the daemon) is removed by a guard, also on failure.
 //!
-//! Here the run and the goals' printing; `floor`, `scale` and `existing` are its three parts,
+//! Here the run and the goals' printing; `floor`, `scale`, `existing` and `node` (with
+//! `churn`) are its four parts,
 //! `measure` the alternating rounds they share, `worker` the process each round runs in,
 //! `programs` the C programs (`c/`) and kad's found with bpftool, `daemon` the kad daemon under
 //! measure, `sandbox` the bench's network namespace and cgroups, `guard` the clean-up.
+mod churn;
 mod daemon;
 mod existing;
 mod floor;
 mod guard;
 mod measure;
+mod node;
 mod programs;
 mod sandbox;
 mod scale;
@@ -67,6 +75,19 @@ const CNT: u32 = 20;
 /// Part 3's values differ, so a socket that has them got them from that `kad set`.
 const EXISTING_POLICY: (u32, u32, u32) = (190, 70, 7);
 
+/// Part 4: pods on the node, and connections held in each.
+const NODE_PODS: usize = 250;
+const NODE_CONNECTIONS: usize = 100;
+/// `kad set` on `kubepods`, then the pods' namespace default, then the churned pods' own
+/// annotation: values of their own, so a socket's values say which one reached it.
+const NODE_SET_POLICY: (u32, u32, u32) = (200, 40, 6);
+const NODE_NAMESPACE_POLICY: (u32, u32, u32) = (210, 45, 8);
+const CHURN_POLICY: (u32, u32, u32) = (220, 50, 9);
+/// Pods created (and as many deleted) a second, for how long, and how long each lives.
+const CHURN_RATE: usize = 20;
+const CHURN_SECONDS: usize = 60;
+const CHURN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One run: its names and paths, the daemon, and the guard of all it made.
 struct Bench {
     guard: Guard,
@@ -100,7 +121,17 @@ impl Attached {
     }
 }
 
-pub fn run(root: &Path, floor_only: bool) -> Result<()> {
+/// What `cargo xtask bench` runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Parts {
+    All,
+    /// `--floor-only`: part 1.
+    Floor,
+    /// `--node`: part 4.
+    Node,
+}
+
+pub fn run(root: &Path, parts: Parts) -> Result<()> {
     stop_on_signals();
     let cg_root = cgroup2_root()?;
     let name = format!("kad-bench-{}", std::process::id());
@@ -117,7 +148,7 @@ pub fn run(root: &Path, floor_only: bool) -> Result<()> {
         daemon_pid: 0,
         netns: None,
     };
-    let result = bench.run(floor_only);
+    let result = bench.run(parts);
     if result.is_err() {
         bench.report_daemon();
     }
@@ -125,13 +156,22 @@ pub fn run(root: &Path, floor_only: bool) -> Result<()> {
 }
 
 impl Bench {
-    fn run(&mut self, floor_only: bool) -> Result<()> {
+    fn run(&mut self, parts: Parts) -> Result<()> {
         std::fs::create_dir_all(&self.tmp)
             .with_context(|| format!("mkdir {}", self.tmp.display()))?;
         self.guard.tmp = Some(self.tmp.clone());
         let bpffs = Path::new("/sys/fs/bpf").join(&self.name);
         std::fs::create_dir(&bpffs).with_context(|| format!("mkdir {}", bpffs.display()))?;
         self.guard.bpffs = Some(bpffs.clone());
+        if parts == Parts::Node {
+            println!(
+                "kad bench, part 4 alone: kernel {}, {} CPUs",
+                kernel_release(),
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            );
+            println!();
+            return self.node(&bpffs);
+        }
         self.make_netns()?;
 
         let empty_cg = self.top_cgroup("empty")?;
@@ -139,7 +179,7 @@ impl Bench {
         let kad_cg = self.top_cgroup("kad")?;
         let empty = self.load_c("empty", EMPTY_C, &bpffs, &empty_cg)?;
         let anchor = self.load_c("anchor", ANCHOR_C, &bpffs, &anchor_cg)?;
-        self.start_daemon(&bpffs.join("kad"))?;
+        self.start_daemon(&bpffs.join("kad"), &[])?;
         self.set(&kad_cg, (IDLE, INTVL, CNT))?;
         let attached = Attached {
             kad: kad_programs(&bpffs.join("kad"))?,
@@ -163,7 +203,7 @@ impl Bench {
         );
         println!();
         let floor = self.floor(&attached)?;
-        if floor_only {
+        if parts == Parts::Floor {
             return Ok(());
         }
 
@@ -172,6 +212,11 @@ impl Bench {
 
         println!();
         self.existing()?;
+
+        // Part 4 has a daemon of its own, reading pod events.
+        self.stop_daemon();
+        println!();
+        self.node(&bpffs)?;
         Ok(())
     }
 }
