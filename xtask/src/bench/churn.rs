@@ -10,14 +10,14 @@ use std::{
     io::{BufRead as _, BufReader},
     path::PathBuf,
     process::{Child, ChildStdin, Stdio},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
 use super::{
-    existing::clock_ms,
+    existing::{clock_ms, clock_now_ms},
     goal,
     guard::check_interrupted,
     node::{pod_uid, LogTail, Node},
@@ -288,12 +288,4 @@ impl Bench {
         }
         node.send(&json!({"event": "pod_deleted", "uid": pod.uid}))
     }
-}
-
-/// Now as the daemon's log writes it: UTC, milliseconds since midnight.
-fn clock_now_ms() -> f64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    (now.as_secs_f64() % 86_400.0) * 1000.0
 }

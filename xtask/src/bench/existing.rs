@@ -3,7 +3,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     process::{ChildStdin, ChildStdout, Command, Stdio},
-    time::Instant,
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -221,6 +221,14 @@ pub(super) fn clock_ms(line: &str) -> Option<f64> {
         parts.next()?.parse().ok()?,
     );
     Some((h * 3600.0 + m * 60.0 + s) * 1000.0)
+}
+
+/// Now as the daemon's log writes it: UTC, milliseconds since midnight.
+pub(super) fn clock_now_ms() -> f64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (now.as_secs_f64() % 86_400.0) * 1000.0
 }
 
 pub(super) fn number_after(text: &str, key: &str) -> Option<u64> {
