@@ -343,7 +343,9 @@ pub fn in_cgroup(command: &mut Command, cgroup: &Path) -> File {
     procs
 }
 
-/// `kad daemon` with all four of its paths given, so that nothing of the host's is used.
+/// `kad daemon` with all four of its paths given, so that nothing of the host's is used, and
+/// `--no-docker`, so that a Docker of the host's is never watched (the Docker tests add
+/// `--docker SOCKET`, which overrides it).
 pub fn daemon_command(
     kad: &Path,
     socket: &Path,
@@ -361,7 +363,8 @@ pub fn daemon_command(
         .arg("--bpffs")
         .arg(bpffs)
         .arg("--config")
-        .arg(config);
+        .arg(config)
+        .arg("--no-docker");
     command
 }
 

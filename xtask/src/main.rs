@@ -44,12 +44,15 @@ enum Task {
     Bench {
         /// Only part 1 (cost per socket against the C programs): quick, for working on the
         /// eBPF program.
-        #[arg(long, conflicts_with = "node")]
+        #[arg(long, conflicts_with_all = ["node", "docker_only"])]
         floor_only: bool,
         /// Only part 4 (a node with 250 pods, their connections, pod churn): heavy, a few
         /// minutes.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "docker_only")]
         node: bool,
+        /// Only part 5 (Docker: 100 labelled containers, each first connection checked).
+        #[arg(long)]
+        docker_only: bool,
     },
     /// The bench's own connection loop, run inside a measured cgroup (internal).
     #[command(hide = true)]
@@ -102,13 +105,18 @@ fn main() -> Result<()> {
             kernels::run_matrix(&root, &versions)
         }
         Task::Lint => lint(&root),
-        Task::Bench { floor_only, node } => {
+        Task::Bench {
+            floor_only,
+            node,
+            docker_only,
+        } => {
             setup::all(setup::Purpose::Test)?;
             build(&root)?;
-            let parts = match (floor_only, node) {
-                (true, _) => bench::Parts::Floor,
-                (false, true) => bench::Parts::Node,
-                (false, false) => bench::Parts::All,
+            let parts = match (floor_only, node, docker_only) {
+                (true, _, _) => bench::Parts::Floor,
+                (_, true, _) => bench::Parts::Node,
+                (_, _, true) => bench::Parts::Docker,
+                _ => bench::Parts::All,
             };
             bench::run(&root, parts)
         }

@@ -78,6 +78,9 @@ pub struct PolicyEntry {
     /// The pod (`namespace/name`) whose annotation this is, for pod policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The Docker container (its name) whose label this is, for Docker policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<String>,
     /// The daemon knows no cgroup at the path (yet): the policy applies from the first
     /// connection of one made there. (For a moment after a `mkdir` this is still true while the
     /// kernel already holds the new cgroup's policy.)
@@ -94,6 +97,7 @@ impl PolicyEntry {
             cgroup,
             policy: *policy,
             pod: None,
+            docker: None,
             waiting: false,
             host: false,
         }
@@ -162,12 +166,16 @@ pub struct StatusReport {
     /// The pod watcher; absent when the daemon runs none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<PodsStatus>,
+    /// The Docker watcher; absent when the daemon runs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyDetail {
     pub cgroup: String,
-    /// "set" (kad set, saved in the state directory) or "config" (the config file).
+    /// "set" (kad set, saved in the state directory), "config" (the config file), "pod" (a
+    /// pod's annotation) or "docker" (a Docker container's label).
     pub source: String,
     /// The id of the cgroup the policy is attached to; null while no cgroup is at the path.
     pub cgroup_id: Option<u64>,
@@ -184,6 +192,9 @@ pub struct PolicyDetail {
     /// For a pod policy ("pod"): the pod, `namespace/name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// For a Docker policy ("docker"): the container's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<String>,
 }
 
 /// The pod watcher, when the daemon runs one.
@@ -198,6 +209,24 @@ pub struct PodsStatus {
     /// Pods of this node known to kad.
     pub pods: usize,
     /// Pods whose annotation (or namespace's) is invalid, with why: they have no policy.
+    pub invalid: Vec<String>,
+}
+
+/// The Docker watcher, when the daemon runs one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerStatus {
+    /// Docker's socket.
+    pub socket: String,
+    /// Whether the last attempt to reach Docker worked.
+    pub connected: bool,
+    /// The last error, while not connected.
+    pub error: Option<String>,
+    /// While connected: the API version spoken and Docker's cgroup driver.
+    pub api: Option<String>,
+    pub cgroup_driver: Option<String>,
+    /// Containers with the label known to kad.
+    pub containers: usize,
+    /// Containers whose label is invalid, with why: they have no policy.
     pub invalid: Vec<String>,
 }
 

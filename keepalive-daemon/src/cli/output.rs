@@ -71,9 +71,10 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
                 "; {n} connections overridden: their program set its own keepalive after kad and its values won (kad inspect shows them; --enforce makes the policy win)"
             )),
         }
-        let source = match &detail.pod {
-            Some(pod) => format!("pod {pod}"),
-            None => detail.source.clone(),
+        let source = match (&detail.pod, &detail.docker) {
+            (Some(pod), _) => format!("pod {pod}"),
+            (None, Some(name)) => format!("docker {name}"),
+            (None, None) => detail.source.clone(),
         };
         println!("  {} (from {source}): {state}", detail.cgroup);
     }
@@ -85,6 +86,24 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
         };
         println!("pods:         {}: {state}, {} pods", pods.source, pods.pods);
         for line in &pods.invalid {
+            println!("  no policy: {line}");
+        }
+    }
+    if let Some(docker) = &report.docker {
+        let state = match (&docker.error, docker.connected) {
+            (_, true) => format!(
+                "connected (API {}, {} cgroup driver)",
+                docker.api.as_deref().unwrap_or("?"),
+                docker.cgroup_driver.as_deref().unwrap_or("?")
+            ),
+            (Some(e), false) => format!("NOT connected ({e}); the Docker policies in force stay"),
+            (None, false) => "NOT connected; the Docker policies in force stay".to_string(),
+        };
+        println!(
+            "docker:       {}: {state}, {} labelled containers",
+            docker.socket, docker.containers
+        );
+        for line in &docker.invalid {
             println!("  no policy: {line}");
         }
     }
@@ -114,10 +133,11 @@ fn table(entries: &[PolicyEntry]) -> String {
             Mode::On => "on",
             Mode::Off => "off",
         };
-        let mut note = e
-            .pod
-            .as_ref()
-            .map_or_else(String::new, |pod| format!("  (pod {pod})"));
+        let mut note = match (&e.pod, &e.docker) {
+            (Some(pod), _) => format!("  (pod {pod})"),
+            (None, Some(name)) => format!("  (docker {name})"),
+            (None, None) => String::new(),
+        };
         if e.host {
             note.push_str("  (host policy: every connection without a nearer policy)");
         }

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     api::protocol::{Peer, Request, Response},
-    containers::pods::PodEvent,
+    containers::{docker::DockerEvent, pods::PodEvent},
     host::watch::Watcher,
     kernel::killlog::KillLog,
     kernel::{CounterReader, Enforcer},
@@ -60,6 +60,7 @@ pub(super) enum Command {
     /// Cgroups were created or removed at these paths (from inotify).
     CgroupEvents(Vec<PathBuf>),
     PodEvent(PodEvent),
+    DockerEvent(DockerEvent),
     /// Look for `kad exec` runs that are gone.
     CollectAbandoned,
     /// Fold the journal into the state file and stop; the commands queued before it are done
@@ -157,6 +158,10 @@ fn run(
             }
             Command::PodEvent(event) => {
                 state.on_pod_event(event);
+                (None, None)
+            }
+            Command::DockerEvent(event) => {
+                state.on_docker_event(event);
                 (None, None)
             }
             Command::CollectAbandoned => {

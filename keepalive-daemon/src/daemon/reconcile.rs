@@ -33,6 +33,8 @@ pub enum Source {
     Config,
     /// A pod's (or its namespace's) annotation, from the pod watcher.
     Pod,
+    /// A Docker container's label, from the Docker watcher.
+    Docker,
 }
 
 impl Source {
@@ -42,6 +44,7 @@ impl Source {
             Source::Set => "kad set by root",
             Source::Config => "the config file",
             Source::Pod => "a pod's annotation",
+            Source::Docker => "a Docker container's label",
         }
     }
 }

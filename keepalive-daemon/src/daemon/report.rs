@@ -67,6 +67,7 @@ impl State {
             policy,
             source,
             pod: self.pod_of(path, source),
+            docker: self.docker_of(path, source),
             in_force: self
                 .reconciler
                 .in_force()
@@ -114,6 +115,7 @@ impl State {
             counters: Vec::new(),
             kills_counted: self.reconciler.kernel.counts_kills(),
             pods: self.pods_status.clone(),
+            docker: self.docker_status.clone(),
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct DaemonConfig {
     pub kubelet: KubeletLayout,
     /// How many policies one user may hold in the cgroups delegated to them.
     pub user_policy_limit: usize,
+    /// Docker's socket, if Docker containers' labels are policies.
+    pub docker: Option<PathBuf>,
 }
 
 /// The source of pod events.

@@ -23,6 +23,8 @@ pub(super) struct Row {
     pub(super) source: Source,
     /// The pod, for a pod policy.
     pub(super) pod: Option<String>,
+    /// The container's name, for a Docker policy.
+    pub(super) docker: Option<String>,
     /// The cgroup at the path, and the policy's counters slot, while the cgroup exists.
     pub(super) in_force: Option<(u64, u32)>,
     /// Why the policy is not in force, if applying it failed.
@@ -35,6 +37,7 @@ impl Row {
     fn entry(&self, path: &Path) -> PolicyEntry {
         PolicyEntry {
             pod: self.pod.clone(),
+            docker: self.docker.clone(),
             waiting: self.in_force.is_none() && self.error.is_none(),
             host: self.host,
             ..PolicyEntry::new(path.display().to_string(), &self.policy)
@@ -125,11 +128,13 @@ impl Snapshot {
                     Source::Set => "set",
                     Source::Config => "config",
                     Source::Pod => "pod",
+                    Source::Docker => "docker",
                 }
                 .to_string(),
                 cgroup_id: r.in_force.map(|(id, _)| id),
                 error: r.error.clone(),
                 pod: r.pod.clone(),
+                docker: r.docker.clone(),
                 enforce: r.policy.enforce,
                 overridden: r.slot().map_or(0, |slot| reader.counters(slot).overridden),
             })

@@ -1,5 +1,5 @@
 //! The policy tables and how they merge: `kad set` (and `kad exec`) wins over pods' annotations,
-//! which win over the config file.
+//! which win over Docker containers' labels, which win over the config file.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
@@ -19,7 +19,7 @@ use crate::{
 
 impl State {
     /// Policies by path: the config file's, overridden by those set with `kad set`.
-    /// Pods' annotations win over the config file.
+    /// Pods' annotations, then Docker containers' labels, win over the config file.
     pub(super) fn effective(&self) -> BTreeMap<PathBuf, (Policy, Source)> {
         // Built in one pass over sorted rows rather than by inserts: it is rebuilt after every
         // command (for the snapshot), and comparing paths is what costs.
@@ -27,6 +27,11 @@ impl State {
             .from_config
             .iter()
             .map(|(path, policy)| (path, (*policy, Source::Config)))
+            .chain(
+                self.from_docker
+                    .iter()
+                    .map(|(path, (policy, _))| (path, (*policy, Source::Docker))),
+            )
             .chain(
                 self.from_pods
                     .iter()
@@ -70,12 +75,21 @@ impl State {
         if let Some((p, _)) = self.from_pods.get(path) {
             return Some((*p, Source::Pod));
         }
+        if let Some((p, _)) = self.from_docker.get(path) {
+            return Some((*p, Source::Docker));
+        }
         self.from_config.get(path).map(|p| (*p, Source::Config))
     }
 
     pub(super) fn pod_of(&self, path: &Path, source: Source) -> Option<String> {
         (source == Source::Pod)
             .then(|| self.from_pods.get(path).map(|(_, pod)| pod.clone()))
+            .flatten()
+    }
+
+    pub(super) fn docker_of(&self, path: &Path, source: Source) -> Option<String> {
+        (source == Source::Docker)
+            .then(|| self.from_docker.get(path).map(|(_, name)| name.clone()))
             .flatten()
     }
 

@@ -68,6 +68,7 @@ impl Daemon {
             config: dir.0.join("kad.toml"),
             metrics: None,
             pods: None,
+            docker: None,
             kubelet: KubeletLayout {
                 systemd: false,
                 cgroup_root: String::new(),
@@ -350,9 +351,9 @@ fn a_re_created_cgroup_gets_its_policy_under_its_new_id() {
     done(d.set("app", 100));
     let old_id = crate::host::cgroup::id_of(&app).unwrap();
     assert!(d.kernel.held().ids.contains_key(&old_id));
-    std::fs::remove_dir(&app).unwrap();
-    // Another directory first, so the new one cannot reuse the inode number.
-    let _other = d.mkdir("other");
+    // Moved away rather than removed: while the old directory lives, the new one cannot
+    // reuse its inode number (a cgroup's id).
+    std::fs::rename(&app, d.root.join("app.old")).unwrap();
     d.mkdir("app");
     let new_id = crate::host::cgroup::id_of(&app).unwrap();
     assert_ne!(old_id, new_id);
@@ -543,4 +544,76 @@ fn users_manage_policies_only_in_the_cgroups_delegated_to_them() {
     let app = d.root.join("user.slice/u/app").display().to_string();
     done(d.state.unset(&app, USER));
     assert!(!d.kernel.held().paths.contains_key("/user.slice/u/app"));
+}
+
+#[test]
+fn docker_labels_are_policies_until_the_container_is_removed() {
+    use crate::containers::docker::{DockerEvent, Driver};
+    let mut d = Daemon::start();
+    d.state.docker_status = Some(crate::api::protocol::DockerStatus {
+        socket: "/var/run/docker.sock".into(),
+        connected: false,
+        error: None,
+        api: None,
+        cgroup_driver: None,
+        containers: 0,
+        invalid: Vec::new(),
+    });
+    d.mkdir("docker");
+    let id = |c: char| c.to_string().repeat(64);
+    let created = |c: char, label: &str| DockerEvent::Container {
+        id: id(c),
+        name: format!("web-{c}"),
+        cgroup: Driver::Cgroupfs.container_path(&id(c), ""),
+        label: label.into(),
+    };
+    d.state.on_docker_event(DockerEvent::Connection {
+        ok: true,
+        message: None,
+        api: Some("1.41".into()),
+        driver: Some(Driver::Cgroupfs),
+    });
+    // Created, not started: the policy waits at the path the cgroup will have.
+    d.state.on_docker_event(created('a', "idle=180,cnt=5"));
+    let a = format!("/docker/{}", id('a'));
+    assert_eq!(d.kernel_idle(&a), Some(180));
+    let a_path = d.root.join(&a[1..]);
+    assert_eq!(
+        (
+            d.state.want(&a_path).map(|(_, s)| s),
+            d.state.docker_of(&a_path, Source::Docker)
+        ),
+        (Some(Source::Docker), Some("web-a".to_string()))
+    );
+    // A bad label: no policy; the status names the container and the label.
+    d.state.on_docker_event(created('b', "idle=0"));
+    let status = d.state.docker_status.clone().unwrap();
+    assert_eq!((status.connected, status.containers), (true, 2));
+    assert_eq!(status.invalid.len(), 1, "{status:?}");
+    assert!(
+        status.invalid[0].contains("web-b")
+            && status.invalid[0].contains("label kad.dev/keepalive"),
+        "{status:?}"
+    );
+    assert_eq!(d.kernel.held().paths.len(), 1);
+    // Saved: a restart keeps it before any event.
+    let d = d.restart();
+    assert_eq!(d.kernel_idle(&a), Some(180));
+    let mut d = d;
+    assert_eq!(
+        d.state.docker_of(&a_path, Source::Docker),
+        Some("web-a".to_string())
+    );
+    // The first full list after the restart names only c: a goes, c comes.
+    d.state.on_docker_event(DockerEvent::ListStart);
+    d.state.on_docker_event(created('c', "off"));
+    d.state.on_docker_event(DockerEvent::ListDone);
+    assert_eq!(d.kernel_idle(&a), None);
+    let c = format!("/docker/{}", id('c'));
+    assert!(d.kernel.held().paths.contains_key(c.as_str()));
+    // docker rm.
+    d.state
+        .on_docker_event(DockerEvent::Removed { id: id('c') });
+    assert!(d.kernel.held().paths.is_empty());
+    assert!(d.state.from_docker.is_empty());
 }

@@ -17,11 +17,18 @@ use serde_json::{json, Value};
 use super::{guard::check_interrupted, Bench};
 
 impl Bench {
-    /// The daemon, with `extra` arguments (part 4: the pod events and the kubelet's layout).
+    /// The daemon, with `extra` arguments (part 4: the pod events and the kubelet's layout;
+    /// part 5: `--docker SOCKET`). Without Docker (`--no-docker`) unless `extra` asks for it.
     pub(super) fn start_daemon(&mut self, bpffs: &Path, extra: &[&OsStr]) -> Result<()> {
         let state = self.tmp.join("state");
         self.guard.uninstall = Some((self.kad.clone(), bpffs.to_path_buf(), state.clone()));
         let log = File::create(&self.log)?;
+        // A Docker at the default socket would be watched otherwise.
+        let no_docker = if extra.contains(&OsStr::new("--docker")) {
+            None
+        } else {
+            Some("--no-docker")
+        };
         let daemon = Command::new(&self.kad)
             .arg("daemon")
             .arg("--socket")
@@ -32,6 +39,7 @@ impl Bench {
             .arg(bpffs)
             .arg("--config")
             .arg(self.tmp.join("none.toml"))
+            .args(no_docker)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -61,10 +69,12 @@ impl Bench {
     pub(super) fn stop_daemon(&mut self) {
         self.guard.stop_daemon();
         self.daemon_pid = 0;
+        // Gone with the daemon, unless it was killed: the next daemon binds it again.
+        let _ = std::fs::remove_file(&self.socket);
     }
 
     /// One request over the control socket (what `kad` does, without a process per call).
-    fn control(&self, request: &Value) -> Result<Value> {
+    pub(super) fn control(&self, request: &Value) -> Result<Value> {
         let mut stream = UnixStream::connect(&self.socket)
             .with_context(|| format!("connect {}", self.socket.display()))?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;

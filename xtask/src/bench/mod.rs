@@ -15,6 +15,12 @@
 //!    `kad set` on `kubepods` and a namespace default through `--pod-events` reach them all,
 //!    timed and checked; then pod churn through `--pod-events`, each pod's first connection
 //!    checked, the daemon's CPU and RSS read.
+//! 5. Docker (`--docker-only` runs it alone). 100 labelled containers started one after the
+//!    other by a dockerd of the bench's own, each first connection checked, and the time from
+//!    `create` to the policy in force.
+//!
+//! Parts 4 and 5 each start a daemon of their own (pod events; `--docker SOCKET`); the daemon
+//! of parts 1–3, and every other, runs with `--no-docker`.
 //!
 //! The connections are made in a network namespace of the bench's own, where TIME_WAIT is
 //! switched off (`tcp_max_tw_buckets` 0): hundreds of thousands of connections leave nothing
@@ -23,13 +29,14 @@
 //! Everything it creates (cgroups under the cgroup2 root, the network namespace, pins,
 //! processes, the daemon) is removed by a guard, also on failure.
 //!
-//! Here the run and the goals' printing; `floor`, `scale`, `existing` and `node` (with
-//! `churn`) are its four parts,
+//! Here the run and the goals' printing; `floor`, `scale`, `existing`, `node` (with `churn`)
+//! and `docker` are its five parts,
 //! `measure` the alternating rounds they share, `worker` the process each round runs in,
 //! `programs` the C programs (`c/`) and kad's found with bpftool, `daemon` the kad daemon under
 //! measure, `sandbox` the bench's network namespace and cgroups, `guard` the clean-up.
 mod churn;
 mod daemon;
+mod docker;
 mod existing;
 mod floor;
 mod guard;
@@ -129,6 +136,8 @@ pub enum Parts {
     Floor,
     /// `--node`: part 4.
     Node,
+    /// `--docker-only`: part 5.
+    Docker,
 }
 
 pub fn run(root: &Path, parts: Parts) -> Result<()> {
@@ -163,14 +172,23 @@ impl Bench {
         let bpffs = Path::new("/sys/fs/bpf").join(&self.name);
         std::fs::create_dir(&bpffs).with_context(|| format!("mkdir {}", bpffs.display()))?;
         self.guard.bpffs = Some(bpffs.clone());
-        if parts == Parts::Node {
+        // Parts 4 and 5 alone: each starts a daemon of its own.
+        if let Some(part) = match parts {
+            Parts::Node => Some(4),
+            Parts::Docker => Some(5),
+            Parts::All | Parts::Floor => None,
+        } {
             println!(
-                "kad bench, part 4 alone: kernel {}, {} CPUs",
+                "kad bench, part {part} alone: kernel {}, {} CPUs",
                 kernel_release(),
                 std::thread::available_parallelism().map_or(0, |n| n.get())
             );
             println!();
-            return self.node(&bpffs);
+            return if parts == Parts::Node {
+                self.node(&bpffs)
+            } else {
+                self.docker(&bpffs)
+            };
         }
         self.make_netns()?;
 
@@ -217,6 +235,10 @@ impl Bench {
         self.stop_daemon();
         println!();
         self.node(&bpffs)?;
+
+        // Part 5 too (it stops part 4's first), watching the bench's dockerd.
+        println!();
+        self.docker(&bpffs)?;
         Ok(())
     }
 }

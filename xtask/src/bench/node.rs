@@ -3,7 +3,7 @@
 //! `--cgroup-root`) and a network namespace of its own with 100 established loopback
 //! connections, held by one process per pod. Then a policy reaches them all: `kad set` on
 //! `kubepods`, and a namespace default through `--pod-events` (a FIFO the bench writes). Then
-//! pod churn (`churn`). Docker's line is not measured here yet.
+//! pod churn (`churn`). Docker's line is part 5 (`docker`).
 use std::{
     ffi::{CString, OsStr},
     fs::File,
@@ -108,14 +108,6 @@ impl Bench {
 
         println!();
         self.churn_pods(&mut node)?;
-
-        println!();
-        // Docker (issue 18, part 5's third line): `kad daemon --docker` is being built
-        // elsewhere; until it lands there is nothing to measure, and no number is printed.
-        println!(
-            "   Docker (100 labelled containers, create to policy in force): not measured by this \
-             bench yet"
-        );
 
         // The daemon's log, kept for a look at its timings (target/ is the build's).
         let kept = self.kad.with_file_name("bench-node-daemon.log");
