@@ -58,9 +58,13 @@ enum Task {
     Bench {
         /// Only part 1 (cost per socket against the C programs): quick, for working on the
         /// eBPF program.
-        #[arg(long, conflicts_with = "docker_only")]
+        #[arg(long, conflicts_with_all = ["node", "docker_only"])]
         floor_only: bool,
-        /// Only part 4 (Docker: 100 labelled containers, each first connection checked).
+        /// Only part 4 (a node with 250 pods, their connections, pod churn): heavy, a few
+        /// minutes.
+        #[arg(long, conflicts_with = "docker_only")]
+        node: bool,
+        /// Only part 5 (Docker: 100 labelled containers, each first connection checked).
         #[arg(long)]
         docker_only: bool,
     },
@@ -129,11 +133,18 @@ fn main() -> Result<()> {
         Task::Lint => lint(&root),
         Task::Bench {
             floor_only,
+            node,
             docker_only,
         } => {
             setup::all(setup::Purpose::Test)?;
             build(&root)?;
-            bench::run(&root, floor_only, docker_only)
+            let parts = match (floor_only, node, docker_only) {
+                (true, _, _) => bench::Parts::Floor,
+                (_, true, _) => bench::Parts::Node,
+                (_, _, true) => bench::Parts::Docker,
+                _ => bench::Parts::All,
+            };
+            bench::run(&root, parts)
         }
         Task::BenchWorker { args } => bench::worker(&args),
     }

@@ -2,6 +2,7 @@
 //! asked over its control socket (or with the CLI where a process per call is the point), and
 //! its RSS and descriptors read from /proc.
 use std::{
+    ffi::OsStr,
     fs::File,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,
@@ -16,11 +17,18 @@ use serde_json::{json, Value};
 use super::{guard::check_interrupted, Bench};
 
 impl Bench {
-    /// The daemon, without Docker unless `extra` says `--docker SOCKET`.
-    pub(super) fn start_daemon(&mut self, bpffs: &Path, extra: &[&str]) -> Result<()> {
+    /// The daemon, with `extra` arguments (part 4: the pod events and the kubelet's layout;
+    /// part 5: `--docker SOCKET`). Without Docker (`--no-docker`) unless `extra` asks for it.
+    pub(super) fn start_daemon(&mut self, bpffs: &Path, extra: &[&OsStr]) -> Result<()> {
         let state = self.tmp.join("state");
         self.guard.uninstall = Some((self.kad.clone(), bpffs.to_path_buf(), state.clone()));
         let log = File::create(&self.log)?;
+        // A Docker at the default socket would be watched otherwise.
+        let no_docker = if extra.contains(&OsStr::new("--docker")) {
+            None
+        } else {
+            Some("--no-docker")
+        };
         let daemon = Command::new(&self.kad)
             .arg("daemon")
             .arg("--socket")
@@ -31,7 +39,7 @@ impl Bench {
             .arg(bpffs)
             .arg("--config")
             .arg(self.tmp.join("none.toml"))
-            .arg("--no-docker")
+            .args(no_docker)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -57,24 +65,12 @@ impl Bench {
         Ok(())
     }
 
-    /// Stops the daemon (SIGTERM) and starts it again on the same paths, with `extra`.
-    pub(super) fn restart_daemon(&mut self, extra: &[&str]) -> Result<()> {
-        let bpffs = match &self.guard.uninstall {
-            Some((_, bpffs, _)) => bpffs.clone(),
-            None => bail!("no daemon to restart"),
-        };
-        if let Some(mut daemon) = self.guard.daemon.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(daemon.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = daemon.kill();
-            let _ = daemon.wait();
-        }
+    /// Stops the daemon and removes what it attached, now rather than at the end.
+    pub(super) fn stop_daemon(&mut self) {
+        self.guard.stop_daemon();
+        self.daemon_pid = 0;
+        // Gone with the daemon, unless it was killed: the next daemon binds it again.
         let _ = std::fs::remove_file(&self.socket);
-        self.start_daemon(&bpffs, extra)
     }
 
     /// One request over the control socket (what `kad` does, without a process per call).
@@ -134,6 +130,17 @@ impl Bench {
             .with_context(|| format!("kad stats has no row for {wanted}"))
     }
 
+    /// The policies' cgroup paths (`kad list`).
+    pub(super) fn policy_paths(&self) -> Result<Vec<String>> {
+        let reply = self.control(&json!({"cmd": "list"}))?;
+        Ok(reply["policies"]
+            .as_array()
+            .context("kad list: no policies array")?
+            .iter()
+            .map(|p| p["cgroup"].as_str().unwrap_or("?").to_string())
+            .collect())
+    }
+
     pub(super) fn policy_count(&self) -> Result<usize> {
         let reply = self.control(&json!({"cmd": "list"}))?;
         reply["policies"]
@@ -149,6 +156,53 @@ impl Bench {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .context("no VmRSS in the daemon's status")
+    }
+
+    /// (VmRSS, VmHWM) in kB: now and the peak of the daemon's life.
+    pub(super) fn rss_hwm_kb(&self) -> Result<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.daemon_pid))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .with_context(|| format!("no {name} in the daemon's status"))
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    /// The daemon's CPU time so far (utime + stime of /proc/PID/stat), in seconds.
+    pub(super) fn cpu_s(&self) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.daemon_pid))?;
+        // After the command's name in parentheses: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').context("daemon's stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields
+            .get(11..13)
+            .context("daemon's stat: too few fields")?
+            .iter()
+            .map(|f| f.parse::<u64>())
+            .sum::<Result<u64, _>>()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+        Ok(ticks as f64 / hz as f64)
+    }
+
+    /// Time the daemon's threads (those alive now) have waited for a CPU, in seconds: the
+    /// second field of /proc/PID/task/*/schedstat.
+    pub(super) fn cpu_wait_s(&self) -> Result<f64> {
+        let mut ns = 0u64;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.daemon_pid))? {
+            let Ok(text) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+                continue; // a thread that ended meanwhile
+            };
+            ns += text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|w| w.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Ok(ns as f64 / 1e9)
     }
 
     pub(super) fn fds(&self) -> Result<usize> {

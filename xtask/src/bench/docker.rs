@@ -1,4 +1,4 @@
-//! Part 4, Docker: 100 labelled containers started one after the other with `docker run`
+//! Part 5, Docker: 100 labelled containers started one after the other with `docker run`
 //! (create, then start at once: the race kad must win), each one's first connection checked
 //! (both ends, with ss in its network namespace), and the time from Docker's `create` event to
 //! the policy in force: the timestamp of the daemon's `docker policy` log line, written once
@@ -6,10 +6,12 @@
 //!
 //! A dockerd of the bench's own (Debian's docker.io) with its own paths, no networking of its
 //! own and the cgroupfs driver, in a bench cgroup; containers with `--network none` and a bench
-//! cgroup as `--cgroup-parent`. The guard removes the containers, stops dockerd and removes its
-//! mounts, directories and cgroups.
+//! cgroup as `--cgroup-parent`. The daemon is one of the part's own, started once dockerd
+//! answers, with `--docker SOCKET` (and none of parts 1–4's policies). The guard removes the
+//! containers, stops dockerd and removes its mounts, directories and cgroups.
 use std::{
     collections::HashMap,
+    ffi::OsStr,
     io::{BufRead as _, BufReader},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
@@ -41,7 +43,8 @@ struct Seen {
 }
 
 impl Bench {
-    pub(super) fn docker(&mut self) -> Result<()> {
+    /// Part 5. Any daemon before is stopped first: this one watches the bench's dockerd.
+    pub(super) fn docker(&mut self, bpffs: &Path) -> Result<()> {
         ensure!(
             Path::new(DOCKERD).is_file() && Path::new(DOCKER).is_file(),
             "dockerd is missing (cargo xtask setup installs docker.io)"
@@ -119,8 +122,13 @@ impl Bench {
         }
         import_busybox(&dir, &docker)?;
 
-        // kad again, now watching this dockerd (the policies and pins stay).
-        self.restart_daemon(&["--docker", &socket.display().to_string()])?;
+        // A daemon of this part's own, watching this dockerd.
+        self.stop_daemon();
+        self.log = self.tmp.join("daemon-docker.log");
+        self.start_daemon(
+            &bpffs.join("docker"),
+            &[OsStr::new("--docker"), socket.as_os_str()],
+        )?;
         let connected = Instant::now() + Duration::from_secs(30);
         loop {
             let status = self.control(&json!({"cmd": "status"}))?;
@@ -131,7 +139,7 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(50));
         }
         println!(
-            "4. Docker: {CONTAINERS} containers with the label started one after the other \
+            "5. Docker: {CONTAINERS} containers with the label started one after the other \
              (`docker run`: created, then started at once), each one's first connection checked"
         );
 

@@ -3,7 +3,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     process::{ChildStdin, ChildStdout, Command, Stdio},
-    time::Instant,
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -50,11 +50,13 @@ impl Bench {
                 .context("start a connection holder")?;
             let stdin = child.stdin.take().context("holder stdin")?;
             let stdout = BufReader::new(child.stdout.take().context("holder stdout")?);
+            let pid = child.id();
             self.guard.children.push(child);
             holders.push(Holder {
                 stdin,
                 stdout,
                 port: 0,
+                pid,
             });
         }
         for h in &mut holders {
@@ -133,15 +135,16 @@ impl Bench {
     }
 }
 
-/// One `hold` worker: its pipes, and the port of its connections (for ss).
-struct Holder {
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    port: u16,
+/// One `hold` (or `pod`) worker: its pipes, the port of its connections (for ss), its pid.
+pub(super) struct Holder {
+    pub(super) stdin: ChildStdin,
+    pub(super) stdout: BufReader<ChildStdout>,
+    pub(super) port: u16,
+    pub(super) pid: u32,
 }
 
 impl Holder {
-    fn read_line(&mut self) -> Result<String> {
+    pub(super) fn read_line(&mut self) -> Result<String> {
         let mut line = String::new();
         if self.stdout.read_line(&mut line)? == 0 {
             bail!("a connection holder exited");
@@ -151,7 +154,7 @@ impl Holder {
 }
 
 /// (sockets, with keepalive on, with exactly `values`) over all holders.
-fn check_holders(
+pub(super) fn check_holders(
     holders: &mut [Holder],
     (idle, intvl, cnt): (u32, u32, u32),
 ) -> Result<(u64, u64, u64)> {
@@ -180,10 +183,12 @@ fn check_holders(
 /// Established sockets on either side of `port`, and how many have a keepalive timer.
 fn ss_sample(netns: &str, port: u16) -> Result<(usize, usize)> {
     let filter = format!("( sport = :{port} or dport = :{port} )");
-    let out = Command::new("ss")
-        .args(["-N", netns, "-tnoH", "state", "established", &filter])
-        .output()
-        .context("run ss")?;
+    ss_count(Command::new("ss").args(["-N", netns, "-tnoH", "state", "established", &filter]))
+}
+
+/// The established sockets `ss` lists, and how many have a keepalive timer.
+pub(super) fn ss_count(command: &mut Command) -> Result<(usize, usize)> {
+    let out = command.output().context("run ss")?;
     ensure!(
         out.status.success(),
         "ss: {}",
@@ -199,24 +204,34 @@ fn ss_sample(netns: &str, port: u16) -> Result<(usize, usize)> {
 }
 
 /// Milliseconds between the first log lines with `from` and `to` (tracing's RFC 3339 times).
-fn span_ms(log: &str, from: &str, to: &str) -> Option<f64> {
-    let time = |needle: &str| -> Option<f64> {
-        let line = log.lines().find(|l| l.contains(needle))?;
-        let clock = line.split_whitespace().next()?.split('T').nth(1)?;
-        let clock = clock.trim_end_matches('Z');
-        let mut parts = clock.split(':');
-        let (h, m, s): (f64, f64, f64) = (
-            parts.next()?.parse().ok()?,
-            parts.next()?.parse().ok()?,
-            parts.next()?.parse().ok()?,
-        );
-        Some((h * 3600.0 + m * 60.0 + s) * 1000.0)
-    };
+pub(super) fn span_ms(log: &str, from: &str, to: &str) -> Option<f64> {
+    let time = |needle: &str| clock_ms(log.lines().find(|l| l.contains(needle))?);
     let span = time(to)? - time(from)?;
     (span >= 0.0).then_some(span)
 }
 
-fn number_after(text: &str, key: &str) -> Option<u64> {
+/// A log line's time of day (UTC), in milliseconds since midnight.
+pub(super) fn clock_ms(line: &str) -> Option<f64> {
+    let clock = line.split_whitespace().next()?.split('T').nth(1)?;
+    let clock = clock.trim_end_matches('Z');
+    let mut parts = clock.split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some((h * 3600.0 + m * 60.0 + s) * 1000.0)
+}
+
+/// Now as the daemon's log writes it: UTC, milliseconds since midnight.
+pub(super) fn clock_now_ms() -> f64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (now.as_secs_f64() % 86_400.0) * 1000.0
+}
+
+pub(super) fn number_after(text: &str, key: &str) -> Option<u64> {
     let rest = &text[text.find(key)? + key.len()..];
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()

@@ -59,6 +59,33 @@ pub(super) struct Guard {
 /// The kernel's accounting of BPF program runs (off by default: it costs every run).
 pub(super) const STATS_KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
+impl Guard {
+    /// SIGTERM to the daemon (killed after 10 s), then `kad uninstall --purge`.
+    pub(super) fn stop_daemon(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(daemon.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        if let Some((kad, bpffs, state)) = self.uninstall.take() {
+            let _ = Command::new(&kad)
+                .arg("uninstall")
+                .arg("--bpffs")
+                .arg(&bpffs)
+                .arg("--state-dir")
+                .arg(&state)
+                .arg("--purge")
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some((dockerd, socket, dir)) = self.dockerd.take() {
@@ -75,27 +102,7 @@ impl Drop for Guard {
         if let Some(netns) = &self.netns {
             let _ = Command::new("ip").args(["netns", "delete", netns]).status();
         }
-        if let Some(mut daemon) = self.daemon.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(daemon.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = daemon.kill();
-            let _ = daemon.wait();
-        }
-        if let Some((kad, bpffs, state)) = &self.uninstall {
-            let _ = Command::new(kad)
-                .arg("uninstall")
-                .arg("--bpffs")
-                .arg(bpffs)
-                .arg("--state-dir")
-                .arg(state)
-                .arg("--purge")
-                .stdout(Stdio::null())
-                .status();
-        }
+        self.stop_daemon();
         for (cgroup, pin) in self.attached.iter().rev() {
             let _ = Command::new("bpftool")
                 .args(["cgroup", "detach"])

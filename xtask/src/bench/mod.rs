@@ -10,9 +10,17 @@
 //!    daemon's RSS and descriptors, and how long `kad set` takes.
 //! 3. Existing connections. 100,000 established loopback connections, then `kad set` on
 //!    their cgroup, timed, and every socket checked with getsockopt (a sample with ss).
-//! 4. Docker. 100 labelled containers started one after the other by a dockerd of the bench's
-//!    own, each first connection checked, and the time from `create` to the policy in force
-//!    (`docker`; alone with `--docker-only`).
+//! 4. A node with hundreds of pods (`--node` runs it alone): 250 pods in a kubelet's cgroupfs
+//!    layout below a bench cgroup, each with its own network namespace and 100 connections;
+//!    `kad set` on `kubepods` and a namespace default through `--pod-events` reach them all,
+//!    timed and checked; then pod churn through `--pod-events`, each pod's first connection
+//!    checked, the daemon's CPU and RSS read.
+//! 5. Docker (`--docker-only` runs it alone). 100 labelled containers started one after the
+//!    other by a dockerd of the bench's own, each first connection checked, and the time from
+//!    `create` to the policy in force.
+//!
+//! Parts 4 and 5 each start a daemon of their own (pod events; `--docker SOCKET`); the daemon
+//! of parts 1–3, and every other, runs with `--no-docker`.
 //!
 //! The connections are made in a network namespace of the bench's own, where TIME_WAIT is
 //! switched off (`tcp_max_tw_buckets` 0): hundreds of thousands of connections leave nothing
@@ -21,16 +29,19 @@
 //! Everything it creates (cgroups under the cgroup2 root, the network namespace, pins,
 //! processes, the daemon) is removed by a guard, also on failure.
 //!
-//! Here the run and the goals' printing; `floor`, `scale` and `existing` are its three parts,
+//! Here the run and the goals' printing; `floor`, `scale`, `existing`, `node` (with `churn`)
+//! and `docker` are its five parts,
 //! `measure` the alternating rounds they share, `worker` the process each round runs in,
 //! `programs` the C programs (`c/`) and kad's found with bpftool, `daemon` the kad daemon under
 //! measure, `sandbox` the bench's network namespace and cgroups, `guard` the clean-up.
+mod churn;
 mod daemon;
 mod docker;
 mod existing;
 mod floor;
 mod guard;
 mod measure;
+mod node;
 mod programs;
 mod sandbox;
 mod scale;
@@ -71,6 +82,19 @@ const CNT: u32 = 20;
 /// Part 3's values differ, so a socket that has them got them from that `kad set`.
 const EXISTING_POLICY: (u32, u32, u32) = (190, 70, 7);
 
+/// Part 4: pods on the node, and connections held in each.
+const NODE_PODS: usize = 250;
+const NODE_CONNECTIONS: usize = 100;
+/// `kad set` on `kubepods`, then the pods' namespace default, then the churned pods' own
+/// annotation: values of their own, so a socket's values say which one reached it.
+const NODE_SET_POLICY: (u32, u32, u32) = (200, 40, 6);
+const NODE_NAMESPACE_POLICY: (u32, u32, u32) = (210, 45, 8);
+const CHURN_POLICY: (u32, u32, u32) = (220, 50, 9);
+/// Pods created (and as many deleted) a second, for how long, and how long each lives.
+const CHURN_RATE: usize = 20;
+const CHURN_SECONDS: usize = 60;
+const CHURN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One run: its names and paths, the daemon, and the guard of all it made.
 struct Bench {
     guard: Guard,
@@ -104,7 +128,19 @@ impl Attached {
     }
 }
 
-pub fn run(root: &Path, floor_only: bool, docker_only: bool) -> Result<()> {
+/// What `cargo xtask bench` runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Parts {
+    All,
+    /// `--floor-only`: part 1.
+    Floor,
+    /// `--node`: part 4.
+    Node,
+    /// `--docker-only`: part 5.
+    Docker,
+}
+
+pub fn run(root: &Path, parts: Parts) -> Result<()> {
     stop_on_signals();
     let cg_root = cgroup2_root()?;
     let name = format!("kad-bench-{}", std::process::id());
@@ -121,11 +157,7 @@ pub fn run(root: &Path, floor_only: bool, docker_only: bool) -> Result<()> {
         daemon_pid: 0,
         netns: None,
     };
-    let result = if docker_only {
-        bench.run_docker()
-    } else {
-        bench.run(floor_only)
-    };
+    let result = bench.run(parts);
     if result.is_err() {
         bench.report_daemon();
     }
@@ -133,27 +165,31 @@ pub fn run(root: &Path, floor_only: bool, docker_only: bool) -> Result<()> {
 }
 
 impl Bench {
-    /// Part 4 alone.
-    fn run_docker(&mut self) -> Result<()> {
+    fn run(&mut self, parts: Parts) -> Result<()> {
         std::fs::create_dir_all(&self.tmp)
             .with_context(|| format!("mkdir {}", self.tmp.display()))?;
         self.guard.tmp = Some(self.tmp.clone());
         let bpffs = Path::new("/sys/fs/bpf").join(&self.name);
         std::fs::create_dir(&bpffs).with_context(|| format!("mkdir {}", bpffs.display()))?;
         self.guard.bpffs = Some(bpffs.clone());
-        self.start_daemon(&bpffs.join("kad"), &[])?;
-        println!("kad bench: kernel {}", kernel_release());
-        println!();
-        self.docker()
-    }
-
-    fn run(&mut self, floor_only: bool) -> Result<()> {
-        std::fs::create_dir_all(&self.tmp)
-            .with_context(|| format!("mkdir {}", self.tmp.display()))?;
-        self.guard.tmp = Some(self.tmp.clone());
-        let bpffs = Path::new("/sys/fs/bpf").join(&self.name);
-        std::fs::create_dir(&bpffs).with_context(|| format!("mkdir {}", bpffs.display()))?;
-        self.guard.bpffs = Some(bpffs.clone());
+        // Parts 4 and 5 alone: each starts a daemon of its own.
+        if let Some(part) = match parts {
+            Parts::Node => Some(4),
+            Parts::Docker => Some(5),
+            Parts::All | Parts::Floor => None,
+        } {
+            println!(
+                "kad bench, part {part} alone: kernel {}, {} CPUs",
+                kernel_release(),
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            );
+            println!();
+            return if parts == Parts::Node {
+                self.node(&bpffs)
+            } else {
+                self.docker(&bpffs)
+            };
+        }
         self.make_netns()?;
 
         let empty_cg = self.top_cgroup("empty")?;
@@ -185,7 +221,7 @@ impl Bench {
         );
         println!();
         let floor = self.floor(&attached)?;
-        if floor_only {
+        if parts == Parts::Floor {
             return Ok(());
         }
 
@@ -195,8 +231,14 @@ impl Bench {
         println!();
         self.existing()?;
 
+        // Part 4 has a daemon of its own, reading pod events.
+        self.stop_daemon();
         println!();
-        self.docker()?;
+        self.node(&bpffs)?;
+
+        // Part 5 too (it stops part 4's first), watching the bench's dockerd.
+        println!();
+        self.docker(&bpffs)?;
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! Where the bench's connections are made: a network namespace of its own and cgroups under
-//! the cgroup2 root, entered by each worker before it runs.
+//! the cgroup2 root, entered by each worker before it runs (a pod's worker makes its own
+//! network namespace).
 use std::{
     fs::File,
     os::{fd::AsRawFd, unix::process::CommandExt},
@@ -44,25 +45,37 @@ impl Bench {
         Ok(path)
     }
 
-    /// This binary's bench worker, started inside `cgroup`.
+    /// This binary's bench worker, started inside `cgroup` and the bench's network namespace.
     pub(super) fn in_cgroup(&self, cgroup: &Path, args: &[&str]) -> Result<Command> {
-        let procs = File::options()
-            .write(true)
-            .open(cgroup.join("cgroup.procs"))
-            .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?;
         let netns = self
             .netns
             .as_ref()
             .context("no network namespace")?
             .try_clone()?;
+        self.worker_in(cgroup, Some(netns), args)
+    }
+
+    /// This binary's bench worker, started inside a pod's `cgroup`; it makes its own network
+    /// namespace (`pod` and `first`).
+    pub(super) fn in_pod(&self, cgroup: &Path, args: &[&str]) -> Result<Command> {
+        self.worker_in(cgroup, None, args)
+    }
+
+    fn worker_in(&self, cgroup: &Path, netns: Option<File>, args: &[&str]) -> Result<Command> {
+        let procs = File::options()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))
+            .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?;
         let mut command = Command::new(&self.worker);
         command.arg("bench-worker").args(args);
         // SAFETY: only setns(2) and write(2) between fork and exec; "0" moves the writing
         // process. The descriptors live in the closure until the command is dropped.
         unsafe {
             command.pre_exec(move || {
-                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                if let Some(netns) = &netns {
+                    if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());

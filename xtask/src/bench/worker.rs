@@ -1,5 +1,6 @@
-//! The worker: `xtask bench-worker churn N | hold N`, this same binary started inside a
-//! measured cgroup and the bench's network namespace.
+//! The worker: `xtask bench-worker churn N | hold N | pod N | first IDLE INTVL CNT`, this same
+//! binary started inside a measured cgroup and the bench's network namespace (`pod` and
+//! `first`: a network namespace of the worker's own, as a pod has).
 use std::{
     io::Write as _,
     net::{TcpListener, TcpStream},
@@ -14,7 +15,15 @@ pub fn worker(args: &[String]) -> Result<()> {
     match args {
         [mode, n] if mode == "churn" => churn(n.parse().context("churn count")?),
         [mode, n] if mode == "hold" => hold(n.parse().context("hold count")?),
-        _ => bail!("usage: xtask bench-worker churn N | hold N"),
+        [mode, n] if mode == "pod" => {
+            own_netns()?;
+            hold(n.parse().context("pod count")?)
+        }
+        [mode, idle, intvl, cnt] if mode == "first" => {
+            own_netns()?;
+            first([idle.parse()?, intvl.parse()?, cnt.parse()?])
+        }
+        _ => bail!("usage: xtask bench-worker churn N | hold N | pod N | first IDLE INTVL CNT"),
     }
 }
 
@@ -38,6 +47,58 @@ fn churn(count: u64) -> Result<()> {
     let ns = start.elapsed().as_nanos() / u128::from(count.max(1));
     println!("{ns} {client_on} {server_on}");
     Ok(())
+}
+
+/// A pod's first connection (to itself): prints "FIRST <connecting> <accepted>", each 1 if
+/// that end has keepalive on with exactly `want`, then holds the pod until its input ends.
+fn first(want: [i32; 3]) -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let client = TcpStream::connect(listener.local_addr()?).context("connect")?;
+    let (server, _) = listener.accept().context("accept")?;
+    let has = |s: &TcpStream| -> Result<u8> {
+        if getsockopt(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE)? == 0 {
+            return Ok(0);
+        }
+        let got = [
+            getsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)?,
+            getsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)?,
+            getsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT)?,
+        ];
+        Ok(u8::from(got == want))
+    };
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "FIRST {} {}", has(&client)?, has(&server)?)?;
+    stdout.flush()?;
+    for line in std::io::stdin().lines() {
+        line?;
+    }
+    Ok(())
+}
+
+/// A network namespace of this process's own, as a pod's: loopback up, no TIME_WAIT. It goes
+/// with the process, so nothing is left to remove.
+fn own_netns() -> Result<()> {
+    // SAFETY: plain syscalls on this (still single-threaded) process and a socket it owns.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        let up = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 && {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) == 0
+        };
+        let error = std::io::Error::last_os_error();
+        libc::close(fd);
+        ensure!(up, "loopback up in the pod's network namespace: {error}");
+    }
+    std::fs::write("/proc/sys/net/ipv4/tcp_max_tw_buckets", "0")
+        .context("tcp_max_tw_buckets in the pod's network namespace")
 }
 
 fn getsockopt(stream: &TcpStream, level: i32, name: i32) -> Result<i32> {
