@@ -71,10 +71,15 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
                 "; {n} connections overridden: their program set its own keepalive after kad and its values won (kad inspect shows them; --enforce makes the policy win)"
             )),
         }
-        let source = match &detail.pod {
-            Some(pod) => format!("pod {pod}"),
-            None => detail.source.clone(),
+        let source = match (&detail.pod, &detail.container) {
+            (Some(pod), _) => format!("pod {pod}"),
+            (None, Some(id)) => format!("container {}", short_id(id)),
+            (None, None) => detail.source.clone(),
         };
+        if detail.stopped && detail.error.is_none() {
+            state = "container stopped: waiting for its next start (removed with the container)"
+                .to_string();
+        }
         println!("  {} (from {source}): {state}", detail.cgroup);
     }
     if let Some(pods) = &report.pods {
@@ -114,11 +119,14 @@ fn table(entries: &[PolicyEntry]) -> String {
             Mode::On => "on",
             Mode::Off => "off",
         };
-        let mut note = e
-            .pod
-            .as_ref()
-            .map_or_else(String::new, |pod| format!("  (pod {pod})"));
-        if e.waiting {
+        let mut note = match (&e.pod, &e.container) {
+            (Some(pod), _) => format!("  (pod {pod})"),
+            (None, Some(id)) => format!("  (container {})", short_id(id)),
+            (None, None) => String::new(),
+        };
+        if e.stopped {
+            note.push_str("  (stopped: waiting for its next start)");
+        } else if e.waiting {
             note.push_str("  (waiting for the cgroup to exist)");
         }
         let user_timeout = match (e.policy.mode, e.policy.user_timeout) {
@@ -287,4 +295,9 @@ pub fn audit(audit: &Audit, json: bool) -> anyhow::Result<()> {
 /// The width of a column: its longest cell, at least `min`.
 fn width<T>(rows: &[T], min: usize, len: impl Fn(&T) -> usize) -> usize {
     rows.iter().map(len).max().unwrap_or(0).max(min)
+}
+
+/// A container id as `podman ps` and `docker ps` show it.
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }

@@ -10,8 +10,8 @@ use super::{
 };
 use crate::{
     api::client,
-    api::protocol::{Request, Response},
-    host::{cgroup, target},
+    api::protocol::{PolicyEntry, Request, Response},
+    host::cgroup,
     model::policy::Policy,
 };
 
@@ -42,11 +42,13 @@ pub(super) fn set(socket: &Path, args: &SetArgs) -> anyhow::Result<()> {
         Policy::on(values.idle, values.intvl, values.cnt)?
             .with_extras(values.user_timeout, values.enforce)?
     };
+    let target = args.target.resolve()?;
     let request = Request::Set {
-        cgroup: args.target.resolve()?,
+        cgroup: target.cgroup,
         policy,
+        container: target.container,
     };
-    if let Response::Done { cgroup } = client::call(socket, &request)? {
+    if let Response::Done { cgroup, .. } = client::call(socket, &request)? {
         println!("{cgroup}: {policy}");
     }
     Ok(())
@@ -55,9 +57,9 @@ pub(super) fn set(socket: &Path, args: &SetArgs) -> anyhow::Result<()> {
 /// `kad unset`.
 pub(super) fn unset(socket: &Path, target: &TargetArgs) -> anyhow::Result<()> {
     let request = Request::Unset {
-        cgroup: target.resolve()?,
+        cgroup: target.resolve_or_recorded(|| list_policies(socket))?.cgroup,
     };
-    if let Response::Done { cgroup } = client::call(socket, &request)? {
+    if let Response::Done { cgroup, .. } = client::call(socket, &request)? {
         println!("{cgroup}: policy removed");
     }
     Ok(())
@@ -73,8 +75,13 @@ pub(super) fn reload(socket: &Path) -> anyhow::Result<()> {
 
 /// `kad list`.
 pub(super) fn list(socket: &Path, flag: &JsonFlag) -> anyhow::Result<()> {
+    output::policies(&list_policies(socket)?, flag.json)
+}
+
+/// The daemon's policies, their paths shown below this side's cgroup2 mount point.
+pub(super) fn list_policies(socket: &Path) -> anyhow::Result<Vec<PolicyEntry>> {
     match client::call(socket, &Request::List)? {
-        Response::Policies { policies } => output::policies(&policies, flag.json),
+        Response::Policies { policies, .. } => Ok(policies),
         other => anyhow::bail!("unexpected reply to list: {other:?}"),
     }
 }
@@ -93,9 +100,12 @@ pub(super) fn stats(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
         Response::Stats {
             mut stats,
             kills_counted,
+            ..
         } => {
             if let Some(id) = &args.container {
-                let path = target::container_path(&cgroup::find_root()?, id)?;
+                let target =
+                    TargetArgs::container(id).resolve_or_recorded(|| list_policies(socket))?;
+                let path = cgroup::find_root()?.join(&target.cgroup);
                 stats.retain(|row| Path::new(&row.cgroup).starts_with(&path));
             }
             output::stats(&stats, kills_counted, args.json)

@@ -31,6 +31,13 @@ pub(super) enum Command {
     Set {
         cgroup: String,
         policy: Policy,
+        container: Option<String>,
+        reply: Reply,
+    },
+    ContainerStopped {
+        cgroup: String,
+        container: String,
+        bundle: String,
         reply: Reply,
     },
     /// `peer` is the asking process's pid, if the kernel told it.
@@ -66,6 +73,8 @@ pub(super) struct StateHandle {
     commands: mpsc::Sender<Command>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     reader: Arc<dyn CounterReader>,
+    /// The cgroup2 mount point, which the replies' paths start with.
+    root: PathBuf,
 }
 
 /// Starts the state thread and waits for the daemon's start to be done there. Returns the
@@ -75,6 +84,7 @@ pub(super) async fn start(
     root: PathBuf,
     watcher: Watcher,
 ) -> Result<(StateHandle, Option<KillLogger>), DaemonError> {
+    let daemon_root = root.clone();
     let (ready_tx, ready) = oneshot::channel();
     let (commands, queue) = mpsc::channel(QUEUE);
     std::thread::Builder::new()
@@ -104,6 +114,7 @@ pub(super) async fn start(
             commands,
             snapshot,
             reader,
+            root: daemon_root,
         },
         kill_log,
     ))
@@ -122,8 +133,18 @@ fn run(
             Command::Set {
                 cgroup,
                 policy,
+                container,
                 reply,
-            } => (Some(reply), Some(state.set(&cgroup, policy))),
+            } => (Some(reply), Some(state.set_for(&cgroup, policy, container))),
+            Command::ContainerStopped {
+                cgroup,
+                container,
+                bundle,
+                reply,
+            } => (
+                Some(reply),
+                Some(state.container_stopped(&cgroup, &container, &bundle)),
+            ),
             Command::Exec {
                 cgroup,
                 policy,
@@ -141,7 +162,8 @@ fn run(
                 (None, None)
             }
             Command::CollectAbandoned => {
-                if !state.collect_abandoned() {
+                let exec = state.collect_abandoned();
+                if !(state.collect_removed_containers() || exec) {
                     continue; // nothing changed
                 }
                 (None, None)
@@ -170,11 +192,33 @@ fn run(
 impl StateHandle {
     /// Answers a request: reads from the snapshot, changes through the state thread.
     pub(super) async fn handle(&self, request: Request, peer: Option<u32>) -> Response {
+        self.answer(request, peer).await.with_root(&self.root)
+    }
+
+    async fn answer(&self, request: Request, peer: Option<u32>) -> Response {
         match request {
-            Request::Set { cgroup, policy } => {
+            Request::Set {
+                cgroup,
+                policy,
+                container,
+            } => {
                 self.ask(|reply| Command::Set {
                     cgroup,
                     policy,
+                    container,
+                    reply,
+                })
+                .await
+            }
+            Request::ContainerStopped {
+                cgroup,
+                container,
+                bundle,
+            } => {
+                self.ask(|reply| Command::ContainerStopped {
+                    cgroup,
+                    container,
+                    bundle,
                     reply,
                 })
                 .await
@@ -192,6 +236,7 @@ impl StateHandle {
             Request::Reload => self.ask(|reply| Command::Reload { reply }).await,
             Request::List => Response::Policies {
                 policies: self.snapshot().policies(),
+                root: None,
             },
             Request::Status => Response::Status(Box::new(self.snapshot().status(&*self.reader))),
             Request::Stats => {
@@ -199,6 +244,7 @@ impl StateHandle {
                 Response::Stats {
                     stats: snapshot.stats(&*self.reader),
                     kills_counted: snapshot.kills_counted(),
+                    root: None,
                 }
             }
         }

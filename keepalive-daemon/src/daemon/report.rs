@@ -9,6 +9,7 @@ use super::{
 };
 use crate::{
     api::protocol::{AnchorEntry, FeatureEntry, StatusReport},
+    daemon::reconcile::Source,
     host::sys,
 };
 
@@ -54,7 +55,7 @@ impl State {
         let snapshot = Snapshot {
             header: Arc::new(self.header()),
             rows: rows.rows.clone(),
-            exec_runs: self.exec_owners.len(),
+            exec_runs: self.exec_owners.len() + self.stopped_containers(),
         };
         self.rows = rows;
         snapshot
@@ -67,6 +68,9 @@ impl State {
             policy,
             source,
             pod: self.pod_of(path, source),
+            container: (source == Source::Set)
+                .then(|| self.container_of(path))
+                .flatten(),
             in_force: self
                 .reconciler
                 .in_force()

@@ -23,6 +23,8 @@ pub(super) struct Row {
     pub(super) source: Source,
     /// The pod, for a pod policy.
     pub(super) pod: Option<String>,
+    /// The container (full id) a policy was set for, and whether it is stopped.
+    pub(super) container: Option<(String, bool)>,
     /// The cgroup at the path, and the policy's counters slot, while the cgroup exists.
     pub(super) in_force: Option<(u64, u32)>,
     /// Why the policy is not in force, if applying it failed.
@@ -33,6 +35,8 @@ impl Row {
     fn entry(&self, path: &Path) -> PolicyEntry {
         PolicyEntry {
             pod: self.pod.clone(),
+            container: self.container.as_ref().map(|(id, _)| id.clone()),
+            stopped: self.container.as_ref().is_some_and(|(_, stopped)| *stopped),
             waiting: self.in_force.is_none() && self.error.is_none(),
             ..PolicyEntry::new(path.display().to_string(), &self.policy)
         }
@@ -127,6 +131,8 @@ impl Snapshot {
                 cgroup_id: r.in_force.map(|(id, _)| id),
                 error: r.error.clone(),
                 pod: r.pod.clone(),
+                container: r.container.as_ref().map(|(id, _)| id.clone()),
+                stopped: r.container.as_ref().is_some_and(|(_, stopped)| *stopped),
                 enforce: r.policy.enforce,
                 overridden: r.slot().map_or(0, |slot| reader.counters(slot).overridden),
             })

@@ -80,10 +80,7 @@ impl State {
     }
 
     pub(super) fn set(&mut self, input: &str, policy: Policy) -> Response {
-        match cgroup::policy_path(&self.root, input) {
-            Ok(path) => self.set_path(path, policy),
-            Err(e) => Response::error(e.to_string()),
-        }
+        self.set_for(input, policy, None)
     }
 
     /// `kad set` on a path already resolved below the cgroup2 root: in force, then saved, or
@@ -116,9 +113,7 @@ impl State {
             return Response::error(e.to_string());
         }
         info!(cgroup = ?path.display().to_string(), %policy, waiting = !path.is_dir(), "policy set");
-        Response::Done {
-            cgroup: path.display().to_string(),
-        }
+        Response::done(path.display().to_string())
     }
 
     pub(super) fn unset(&mut self, input: &str) -> Response {
@@ -157,14 +152,13 @@ impl State {
             return Response::error(format!("{e}; the policy stays"));
         }
         self.exec_owners.remove(&path);
+        self.containers.remove(&path);
         if let Err(e) = self.sync_path(&path) {
             // The config file's policy for this path could not be put back in force.
             error!(cgroup = ?path.display().to_string(), "{e}");
         }
         info!(cgroup = ?path.display().to_string(), "policy removed");
-        Response::Done {
-            cgroup: path.display().to_string(),
-        }
+        Response::done(path.display().to_string())
     }
 
     /// Re-reads the config file; on error the previous config stays in force. A missing file

@@ -396,3 +396,71 @@ fn abandoned_exec_runs_are_collected_and_live_ones_kept() {
     assert!(!d.state.set.contains_key(&gone), "the removal was saved");
     assert!(d.state.set.contains_key(&live));
 }
+
+/// The OCI hook's life of a container's policy: set with the container's id; at a stop it
+/// stays (the path keeps its entry, so its counters slot) while the bundle exists; the
+/// bundle's removal (the container's) removes it; all of it saved.
+#[test]
+fn a_stopped_containers_policy_stays_until_the_container_is_removed() {
+    let mut d = Daemon::start();
+    let id = "ab".repeat(32);
+    let cgroup = format!("parent/libpod-{id}");
+    let path = d.mkdir(&cgroup);
+    let bundle = d.dir.0.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let policy = Policy::on(Some(100), None, None).unwrap();
+    done(d.state.set_for(&cgroup, policy, Some(id.clone())));
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), false)));
+
+    // A stop: the runtime removes the cgroup, poststop says so.
+    std::fs::remove_dir(&path).unwrap();
+    done(
+        d.state
+            .container_stopped(&cgroup, &id, &bundle.display().to_string()),
+    );
+    assert!(d.state.set.contains_key(&path), "the policy stays");
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), true)));
+    let key = format!("/parent/libpod-{id}");
+    assert_eq!(d.kernel_idle(&key), Some(100), "the path keeps its entry");
+    assert_eq!(d.state.stopped_containers(), 1);
+    assert!(!d.state.collect_removed_containers(), "the bundle is there");
+
+    // Saved with the container and its bundle; a restarted daemon goes on.
+    let mut d = d.restart();
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), true)));
+    // Started again: createRuntime sets it anew, no longer stopped.
+    d.mkdir(&cgroup);
+    done(d.state.set_for(&cgroup, policy, Some(id.clone())));
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), false)));
+    std::fs::remove_dir(&path).unwrap();
+    done(
+        d.state
+            .container_stopped(&cgroup, &id, &bundle.display().to_string()),
+    );
+
+    // Removed: the bundle goes, the policy with it.
+    std::fs::remove_dir_all(&bundle).unwrap();
+    assert!(d.state.collect_removed_containers());
+    assert!(!d.state.set.contains_key(&path));
+    assert_eq!(d.kernel_idle(&key), None);
+    assert_eq!(d.state.stopped_containers(), 0);
+    let mut d = d.restart();
+    assert!(!d.state.set.contains_key(&path), "the removal was saved");
+
+    // Another container's poststop, a bundle the daemon cannot see, a policy of no
+    // container: removed at once, as before.
+    for (owner, stopped_by, bundle) in [
+        (Some(id.clone()), "cd".repeat(32), "/nonexistent/bundle"),
+        (Some(id.clone()), id.clone(), "/nonexistent/bundle"),
+        (None, id.clone(), "/tmp"),
+    ] {
+        d.mkdir(&cgroup);
+        done(d.state.set_for(&cgroup, policy, owner));
+        done(d.state.container_stopped(&cgroup, &stopped_by, bundle));
+        assert!(!d.state.set.contains_key(&path), "{stopped_by} {bundle}");
+    }
+    // A `kad set` without a container makes the path's policy the user's.
+    done(d.state.set_for(&cgroup, policy, Some(id.clone())));
+    done(d.state.set_for(&cgroup, policy, None));
+    assert_eq!(d.state.container_of(&path), None);
+}

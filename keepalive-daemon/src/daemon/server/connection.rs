@@ -224,6 +224,7 @@ impl Replies {
             Request::Set { .. }
             | Request::Exec { .. }
             | Request::Unset { .. }
+            | Request::ContainerStopped { .. }
             | Request::Reload => None,
         }
     }

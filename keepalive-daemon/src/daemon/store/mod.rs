@@ -61,6 +61,12 @@ pub struct StoredPolicy {
     /// The pod (`namespace/name`) whose annotation this policy is (pods.json only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The container (full id) the policy was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// While that container is stopped: its bundle, whose removal removes the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
 }
 
 impl StoredPolicy {
@@ -70,6 +76,8 @@ impl StoredPolicy {
             policy: *policy,
             exec_owner,
             pod: None,
+            container: None,
+            bundle: None,
         }
     }
 }
