@@ -94,3 +94,50 @@ fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
         other => Ok(other),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::policy::Policy;
+
+    /// The previous release's requests, as its daemon decodes them (unknown fields refused).
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+    #[allow(dead_code)]
+    enum PreviousRequest {
+        Set { cgroup: String, policy: Policy },
+        Unset { cgroup: String },
+    }
+
+    fn previous_daemon_refuses(request: &Request) -> String {
+        let line = protocol::encode(request);
+        let e = serde_json::from_slice::<PreviousRequest>(&line).unwrap_err();
+        // As the daemon's decode_request words it.
+        format!("malformed request: {e}")
+    }
+
+    #[test]
+    fn the_previous_daemons_refusals_are_recognised() {
+        let set = Request::Set {
+            cgroup: "a".into(),
+            policy: Policy::OFF,
+            container: Some("ab".repeat(32)),
+        };
+        assert!(is_unknown(
+            &previous_daemon_refuses(&set),
+            "field",
+            "container"
+        ));
+        let stopped = Request::ContainerStopped {
+            cgroup: "a".into(),
+            container: "ab".into(),
+            bundle: "/b".into(),
+        };
+        assert!(is_unknown(
+            &previous_daemon_refuses(&stopped),
+            "variant",
+            "container_stopped"
+        ));
+        assert!(!is_unknown("no policy for /x", "field", "container"));
+    }
+}
