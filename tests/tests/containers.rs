@@ -681,7 +681,7 @@ fn a_daemon_in_a_container_applies_the_hosts_paths() {
     if env.root != Path::new("/sys/fs/cgroup") {
         // This host mounts cgroup2 elsewhere: the status says both.
         assert!(
-            status.contains("/sys/fs/cgroup in the daemon's mount namespace"),
+            status.contains("the daemon has it at /sys/fs/cgroup;"),
             "{status}"
         );
     }
@@ -755,6 +755,21 @@ fn a_daemon_in_a_container_applies_the_hosts_paths() {
     ];
     expected.sort();
     assert_eq!(cgroups, expected, "{list}");
+
+    // The daemon holds them by its own paths: below /sys/fs/cgroup, its mount point.
+    let saved: String = fs::read_dir(&state)
+        .expect("read the state directory")
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    for cg in [&server_cg, &client_cg] {
+        let theirs = format!("\"/sys/fs/cgroup/{}\"", cg.relative());
+        assert!(
+            saved.contains(&theirs),
+            "{theirs} not in the state files: {saved}"
+        );
+    }
 
     // A real connection between host processes in the two cgroups: each end has its policy.
     let (server, client) = connect(&env, Some(&server_cg.path), Some(&client_cg.path), false);

@@ -143,6 +143,10 @@ pub struct StatusReport {
     pub program: String,
     pub kernel: String,
     pub cgroup_root: String,
+    /// Where the daemon has the cgroup2 tree mounted, when the client has it elsewhere (set
+    /// by the client, [`Response::localize`]: the report's paths are the client's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon_cgroup_root: Option<String>,
     pub bpffs: String,
     pub state_dir: String,
     pub config: String,
@@ -313,11 +317,8 @@ impl Response {
                     .iter_mut()
                     .for_each(|a| map(&root, &mut a.cgroup));
                 if root != local_root {
-                    report.cgroup_root = format!(
-                        "{} ({} in the daemon's mount namespace)",
-                        local_root.display(),
-                        root.display()
-                    );
+                    report.cgroup_root = local_root.display().to_string();
+                    report.daemon_cgroup_root = Some(root.display().to_string());
                 }
             }
             _ => {}

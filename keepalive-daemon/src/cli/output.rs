@@ -29,7 +29,13 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
     };
     println!("program:      {loaded} (tag {})", report.program);
     println!("kernel:       {}", report.kernel);
-    println!("cgroup2 root: {}", report.cgroup_root);
+    match &report.daemon_cgroup_root {
+        Some(theirs) => println!(
+            "cgroup2 root: {} (the daemon has it at {theirs}; paths are shown as here)",
+            report.cgroup_root
+        ),
+        None => println!("cgroup2 root: {}", report.cgroup_root),
+    }
     println!("bpffs:        {}", report.bpffs);
     println!("state dir:    {}", report.state_dir);
     println!("config:       {}", report.config);

@@ -87,6 +87,7 @@ impl State {
             program: self.reconciler.kernel.program_tag().to_string(),
             kernel: sys::kernel_release(),
             cgroup_root: self.root.display().to_string(),
+            daemon_cgroup_root: None,
             bpffs: self.config.bpffs.display().to_string(),
             state_dir: self.config.state_dir.display().to_string(),
             config: self.config.config.display().to_string(),
