@@ -81,7 +81,8 @@ pub(crate) fn deciding_policy_of_task() -> Option<(u64, PolicyValue)> {
     // Option's payload registers, which the verifier refuses to read.
     let mut best_id = 0;
     let mut best = PolicyValue::default();
-    let mut level = 1;
+    // From the root (level 0: the host policy's cgroup) down, so the nearest policy wins.
+    let mut level = 0;
     while level <= MAX_LEVEL {
         // SAFETY: as above.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };

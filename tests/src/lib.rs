@@ -343,7 +343,9 @@ pub fn in_cgroup(command: &mut Command, cgroup: &Path) -> File {
     procs
 }
 
-/// `kad daemon` with all four of its paths given, so that nothing of the host's is used.
+/// `kad daemon` with all four of its paths given, so that nothing of the host's is used, and
+/// `--no-docker`, so that a Docker of the host's is never watched (the Docker tests add
+/// `--docker SOCKET`, which overrides it).
 pub fn daemon_command(
     kad: &Path,
     socket: &Path,
@@ -361,7 +363,8 @@ pub fn daemon_command(
         .arg("--bpffs")
         .arg(bpffs)
         .arg("--config")
-        .arg(config);
+        .arg(config)
+        .arg("--no-docker");
     command
 }
 
@@ -1304,5 +1307,55 @@ mod tests {
         assert!(!skip_fails(Some("true"), true));
         assert!(!skip_fails(None, false));
         assert!(!skip_fails(Some("false"), false));
+    }
+}
+
+/// (keepalive, idle, intvl, cnt) of one socket.
+pub type Values = (bool, i64, i64, i64);
+
+#[derive(Deserialize)]
+pub struct PairReport {
+    pub client: Report,
+    pub server: Report,
+}
+
+/// One connection held open by one process (both ends), in `cgroup`, in network namespace
+/// `netns` (None: the test's own).
+pub struct Pair(Process);
+
+impl Pair {
+    pub fn open(env: &Env, cgroup: &Path, netns: Option<&str>) -> (Pair, PairReport) {
+        Pair::open_at(env, cgroup, netns, "127.0.0.1:0")
+    }
+
+    pub fn open_at(
+        env: &Env,
+        cgroup: &Path,
+        netns: Option<&str>,
+        addr: &str,
+    ) -> (Pair, PairReport) {
+        let command = match netns {
+            Some(ns) => NetnsPair::command(ns, &env.peer, &["pair", addr]),
+            None => {
+                let mut c = Command::new(&env.peer);
+                c.args(["pair", addr]);
+                c
+            }
+        };
+        let mut pair = Pair(Process::spawn(command, Some(cgroup)));
+        let first = pair.read();
+        (pair, first)
+    }
+
+    pub fn read(&mut self) -> PairReport {
+        let line = self.0.line();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad pair report {line:?}: {e}"))
+    }
+
+    /// Both ends' (keepalive, idle, intvl, cnt) now.
+    pub fn now(&mut self) -> (Values, Values) {
+        self.0.write(b"\n");
+        let r = self.read();
+        (r.client.values(), r.server.values())
     }
 }

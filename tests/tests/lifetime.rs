@@ -9,54 +9,9 @@ use std::{
 };
 
 use kad_tests::{
-    kad_env, untouched, wait_for, Daemon, Env, NetnsPair, Process, Report, TestCgroup,
+    kad_env, untouched, wait_for, Daemon, Env, NetnsPair, Pair, PairReport, Process, TestCgroup,
+    Values,
 };
-use serde::Deserialize;
-
-/// (keepalive, idle, intvl, cnt) of one socket.
-type Values = (bool, i64, i64, i64);
-
-#[derive(Deserialize)]
-struct PairReport {
-    client: Report,
-    server: Report,
-}
-
-/// One connection held open by one process (both ends), in `cgroup`, in network namespace
-/// `netns` (None: the test's own).
-struct Pair(Process);
-
-impl Pair {
-    fn open(env: &Env, cgroup: &Path, netns: Option<&str>) -> (Pair, PairReport) {
-        Pair::open_at(env, cgroup, netns, "127.0.0.1:0")
-    }
-
-    fn open_at(env: &Env, cgroup: &Path, netns: Option<&str>, addr: &str) -> (Pair, PairReport) {
-        let command = match netns {
-            Some(ns) => NetnsPair::command(ns, &env.peer, &["pair", addr]),
-            None => {
-                let mut c = Command::new(&env.peer);
-                c.args(["pair", addr]);
-                c
-            }
-        };
-        let mut pair = Pair(Process::spawn(command, Some(cgroup)));
-        let first = pair.read();
-        (pair, first)
-    }
-
-    fn read(&mut self) -> PairReport {
-        let line = self.0.line();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad pair report {line:?}: {e}"))
-    }
-
-    /// Both ends' (keepalive, idle, intvl, cnt) now.
-    fn now(&mut self) -> (Values, Values) {
-        self.0.write(b"\n");
-        let r = self.read();
-        (r.client.values(), r.server.values())
-    }
-}
 
 #[test]
 fn connections_opened_before_a_policy_get_it_in_every_network_namespace() {

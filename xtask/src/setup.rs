@@ -29,8 +29,9 @@ pub fn all(purpose: Purpose) -> Result<()> {
         // golang-go (a static Go peer is built in the tests) and redis-server: real programs
         // that set their own keepalive; podman and runc: to run containers with the OCI hook
         // (runc, since crun refuses hybrid cgroup hosts; asked for in the same apt-get as
-        // podman, or podman's "crun | runc" dependency would bring crun); python3-venv: a venv
-        // for kubernetes-validate (PyPI), which checks dist/kubernetes.
+        // podman, or podman's "crun | runc" dependency would bring crun); docker.io: the dockerd
+        // the Docker tests start themselves, with paths of their own;
+        // python3-venv: a venv for kubernetes-validate (PyPI), which checks dist/kubernetes.
         let missing: Vec<&str> = [
             ("/usr/bin/clang", "clang"),
             ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
@@ -43,6 +44,7 @@ pub fn all(purpose: Purpose) -> Result<()> {
             ("/usr/bin/redis-server", "redis-server"),
             ("/usr/bin/podman", "podman"),
             ("/usr/sbin/runc", "runc"),
+            ("/usr/sbin/dockerd", "docker.io"),
             ("/usr/bin/nsenter", "util-linux"),
             ("/usr/share/doc/python3-venv", "python3-venv"),
         ]

@@ -36,6 +36,12 @@ pub enum Request {
         container: String,
         bundle: String,
     },
+    /// `kad set --host`: the host policy, kept by the cgroup2 root: every connection of the
+    /// host that no nearer policy decides for.
+    SetHost {
+        policy: Policy,
+    },
+    UnsetHost,
     /// `kad exec`: a policy for the transient cgroup the caller made. The daemon records the
     /// caller (from the socket's peer credentials) as its owner, and removes the policy and the
     /// cgroup itself if that process dies before it could.
@@ -50,14 +56,33 @@ pub enum Request {
     Status,
 }
 
+/// Who sent a request, as the kernel says (the control socket's peer credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    /// The peer's process in the daemon's PID namespace, if the kernel could tell.
+    pub pid: Option<u32>,
+}
+
 impl Request {
-    /// Whether the request changes policies (and so needs root).
+    /// Whether only root may ask it: the host policy and the config file. Other changes may
+    /// come from a user for the cgroups delegated to them (the daemon checks which).
+    pub fn root_only(&self) -> bool {
+        matches!(
+            self,
+            Request::SetHost { .. } | Request::UnsetHost | Request::Reload
+        )
+    }
+
+    /// Whether the request changes policies.
     pub fn mutates(&self) -> bool {
         matches!(
             self,
             Request::Set { .. }
                 | Request::Unset { .. }
                 | Request::ContainerStopped { .. }
+                | Request::SetHost { .. }
+                | Request::UnsetHost
                 | Request::Exec { .. }
                 | Request::Reload
         )
@@ -80,11 +105,17 @@ pub struct PolicyEntry {
     /// The container stopped and may start again: the policy waits for it, counters kept.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
+    /// The Docker container (its name) whose label this is, for Docker policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<String>,
     /// The daemon knows no cgroup at the path (yet): the policy applies from the first
     /// connection of one made there. (For a moment after a `mkdir` this is still true while the
     /// kernel already holds the new cgroup's policy.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting: bool,
+    /// The host policy (`kad set --host`); `cgroup` is then the cgroup2 root.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host: bool,
 }
 
 impl PolicyEntry {
@@ -95,7 +126,9 @@ impl PolicyEntry {
             pod: None,
             container: None,
             stopped: false,
+            docker: None,
             waiting: false,
+            host: false,
         }
     }
 }
@@ -166,12 +199,16 @@ pub struct StatusReport {
     /// The pod watcher; absent when the daemon runs none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<PodsStatus>,
+    /// The Docker watcher; absent when the daemon runs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyDetail {
     pub cgroup: String,
-    /// "set" (kad set, saved in the state directory) or "config" (the config file).
+    /// "set" (kad set, saved in the state directory), "config" (the config file), "pod" (a
+    /// pod's annotation) or "docker" (a Docker container's label).
     pub source: String,
     /// The id of the cgroup the policy is attached to; null while no cgroup is at the path.
     pub cgroup_id: Option<u64>,
@@ -194,6 +231,9 @@ pub struct PolicyDetail {
     /// The container stopped: the policy waits for its next start.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
+    /// For a Docker policy ("docker"): the container's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<String>,
 }
 
 /// The pod watcher, when the daemon runs one.
@@ -208,6 +248,24 @@ pub struct PodsStatus {
     /// Pods of this node known to kad.
     pub pods: usize,
     /// Pods whose annotation (or namespace's) is invalid, with why: they have no policy.
+    pub invalid: Vec<String>,
+}
+
+/// The Docker watcher, when the daemon runs one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerStatus {
+    /// Docker's socket.
+    pub socket: String,
+    /// Whether the last attempt to reach Docker worked.
+    pub connected: bool,
+    /// The last error, while not connected.
+    pub error: Option<String>,
+    /// While connected: the API version spoken and Docker's cgroup driver.
+    pub api: Option<String>,
+    pub cgroup_driver: Option<String>,
+    /// Containers with the label known to kad.
+    pub containers: usize,
+    /// Containers whose label is invalid, with why: they have no policy.
     pub invalid: Vec<String>,
 }
 
@@ -333,6 +391,10 @@ pub fn rebase(from: &Path, to: &Path, path: &str) -> Option<String> {
         return None;
     }
     let rest = Path::new(path).strip_prefix(from).ok()?;
+    if rest.as_os_str().is_empty() {
+        // The root itself (the host policy's path), without the trailing slash a join adds.
+        return Some(to.display().to_string());
+    }
     Some(to.join(rest).display().to_string())
 }
 
@@ -379,6 +441,10 @@ mod tests {
             Request::Unset {
                 cgroup: "app".into(),
             },
+            Request::SetHost {
+                policy: Policy::on(Some(300), None, None).unwrap(),
+            },
+            Request::UnsetHost,
             Request::Exec {
                 cgroup: "/sys/fs/cgroup/kad-exec-7".into(),
                 policy: Policy::on(Some(5), None, None).unwrap(),
@@ -414,10 +480,19 @@ mod tests {
             Request::Unset {
                 cgroup: cgroup.clone(),
             },
+            Request::SetHost { policy },
+            Request::UnsetHost,
             Request::Exec { cgroup, policy },
             Request::Reload,
         ] {
             assert!(request.mutates(), "{request:?}");
+            // A user may ask these for the cgroups delegated to them (the hook of rootless
+            // podman sends set and container_stopped); the host and the config are root's.
+            let root_only = matches!(
+                request,
+                Request::SetHost { .. } | Request::UnsetHost | Request::Reload
+            );
+            assert_eq!(request.root_only(), root_only, "{request:?}");
         }
         for request in [Request::List, Request::Stats, Request::Status] {
             assert!(!request.mutates(), "{request:?}");
@@ -473,6 +548,16 @@ mod tests {
             panic!()
         };
         assert_eq!(policies[0].cgroup, "/sys/fs/cgroup/unified/a");
+        // The host policy's path is the root itself.
+        let mut host = Response::done("/sys/fs/cgroup").with_root(daemon);
+        host.localize(local);
+        assert_eq!(
+            host,
+            Response::Done {
+                cgroup: "/sys/fs/cgroup/unified".into(),
+                root: Some("/sys/fs/cgroup".into())
+            }
+        );
         // The same mount on both sides: nothing changes.
         assert_eq!(rebase(daemon, daemon, "/sys/fs/cgroup/a"), None);
         assert_eq!(rebase(local, daemon, "/elsewhere/a"), None);

@@ -12,11 +12,15 @@ use crate::{
     model::policy::{self, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE},
 };
 
-/// Which cgroup: exactly one of --cgroup, --unit, --pid, --container.
+/// Which cgroup: exactly one of --host, --cgroup, --unit, --pid, --container.
 #[derive(Debug, Args)]
 #[group(skip)]
-#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["cgroup", "unit", "pid", "container"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false).args(["host", "cgroup", "unit", "pid", "container"])))]
 pub(super) struct TargetArgs {
+    /// The host policy: every TCP connection of the host (the cgroup2 root and every cgroup
+    /// below it) that no nearer policy decides for, like FreeBSD's always_keepalive.
+    #[arg(long)]
+    host: bool,
     /// A cgroup: an absolute path on the cgroup2 filesystem, or a path relative to its root.
     #[arg(long, value_name = "CG")]
     cgroup: Option<String>,
@@ -24,7 +28,7 @@ pub(super) struct TargetArgs {
     #[arg(long, value_name = "NAME")]
     unit: Option<String>,
     /// The slice of --unit.
-    #[arg(long, value_name = "SLICE", conflicts_with_all = ["cgroup", "pid", "container"])]
+    #[arg(long, value_name = "SLICE", conflicts_with_all = ["host", "cgroup", "pid", "container"])]
     slice: Option<String>,
     /// The cgroup process N is in now (the policy stays with that cgroup's path).
     #[arg(long, value_name = "N")]
@@ -33,6 +37,26 @@ pub(super) struct TargetArgs {
     /// containerd, CRI-O; cgroupfs or systemd driver).
     #[arg(long, value_name = "ID")]
     container: Option<String>,
+}
+
+/// What a command names: the whole host, or a cgroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Target {
+    /// The host policy: the daemon keeps it by its own cgroup2 root, so no path is sent.
+    Host,
+    Cgroup(Resolved),
+}
+
+impl Target {
+    /// The cgroup named, for the commands that need one (`inspect`).
+    pub(super) fn cgroup(self) -> anyhow::Result<Resolved> {
+        match self {
+            Target::Host => anyhow::bail!(
+                "--host names no one cgroup here: name a cgroup, or use kad audit for the whole host"
+            ),
+            Target::Cgroup(resolved) => Ok(resolved),
+        }
+    }
 }
 
 /// A target as the daemon is sent it.
@@ -47,8 +71,20 @@ pub(super) struct Resolved {
 }
 
 impl TargetArgs {
-    /// The cgroup as the daemon takes it, for a running container (`set`).
-    pub(super) fn resolve(&self) -> anyhow::Result<Resolved> {
+    /// What was named, with units, processes and running containers resolved to their
+    /// cgroup's path (`set`).
+    pub(super) fn resolve(&self) -> anyhow::Result<Target> {
+        if self.host {
+            return Ok(Target::Host);
+        }
+        self.resolve_cgroup().map(Target::Cgroup)
+    }
+
+    /// The cgroup as the daemon takes it, for a running container.
+    fn resolve_cgroup(&self) -> anyhow::Result<Resolved> {
+        if self.host {
+            return Target::Host.cgroup();
+        }
         if let Some(cgroup) = &self.cgroup {
             if !cgroup.starts_with('/') {
                 return Ok(Resolved::path(cgroup.clone()));
@@ -80,7 +116,7 @@ impl TargetArgs {
         }
         let pid = self
             .pid
-            .context("one of --cgroup, --unit, --pid, --container is required")?;
+            .context("one of --host, --cgroup, --unit, --pid, --container is required")?;
         let path = target::pid_path(&root, pid)?;
         Ok(Resolved::path(
             below_root(&root, &path)?.unwrap_or_else(|| path.display().to_string()),
@@ -92,7 +128,7 @@ impl TargetArgs {
     pub(super) fn resolve_or_recorded(
         &self,
         policies: impl FnOnce() -> anyhow::Result<Vec<PolicyEntry>>,
-    ) -> anyhow::Result<Resolved> {
+    ) -> anyhow::Result<Target> {
         let Some(id) = &self.container else {
             return self.resolve();
         };
@@ -125,10 +161,10 @@ impl TargetArgs {
                 let root = cgroup::find_root()?;
                 let cgroup = below_root(&root, Path::new(&entry.cgroup))?
                     .unwrap_or_else(|| entry.cgroup.clone());
-                Ok(Resolved {
+                Ok(Target::Cgroup(Resolved {
                     cgroup,
                     container: entry.container.clone(),
-                })
+                }))
             }
             count => anyhow::bail!(
                 "the id prefix '{prefix}' matches the policies of {count} containers that are gone ({}): give more of the id",
@@ -144,9 +180,15 @@ impl TargetArgs {
 }
 
 impl TargetArgs {
+    /// Whether `--host` was given.
+    pub(super) fn host(&self) -> bool {
+        self.host
+    }
+
     /// `--container ID` alone (for `stats`, whose --container is its own flag).
     pub(super) fn container(id: &str) -> TargetArgs {
         TargetArgs {
+            host: false,
             cgroup: None,
             unit: None,
             slice: None,

@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::{DEFAULT_BPFFS, DEFAULT_STATE_DIR};
 use crate::{
-    containers::pods::KubeletLayout,
+    containers::{docker, pods::KubeletLayout},
     daemon::{self, DaemonConfig},
     host::{logging, sys},
 };
@@ -42,6 +42,16 @@ pub(super) struct DaemonArgs {
     /// The kubelet's --cgroup-root, relative to the cgroup2 root.
     #[arg(long, value_name = "PATH", default_value = "/")]
     kubelet_cgroup_root: String,
+    /// How many policies one user may set in the cgroups delegated to them.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    user_policy_limit: usize,
+    /// Docker containers' kad.dev/keepalive labels are policies on their cgroups: watch Docker
+    /// at SOCKET (default /var/run/docker.sock). On by default when that socket exists at start.
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = docker::DEFAULT_SOCKET, overrides_with = "no_docker")]
+    docker: Option<PathBuf>,
+    /// Do not watch Docker, even if its socket exists.
+    #[arg(long, overrides_with = "docker")]
+    no_docker: bool,
 }
 
 /// `kad daemon`: runs until the daemon stops, serving `socket`.
@@ -61,6 +71,14 @@ pub(super) fn command(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
     if kubelet_root.split('/').any(|c| c == "..") {
         anyhow::bail!("--kubelet-cgroup-root '{kubelet_root}' contains '..'");
     }
+    let docker = match (args.docker, args.no_docker) {
+        (_, true) => None,
+        (Some(socket), false) => Some(socket),
+        (None, false) => {
+            let default = PathBuf::from(docker::DEFAULT_SOCKET);
+            default.exists().then_some(default)
+        }
+    };
     run(DaemonConfig {
         socket,
         state_dir: args.state_dir,
@@ -72,6 +90,8 @@ pub(super) fn command(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
             systemd: args.kubelet_cgroup_driver == "systemd",
             cgroup_root: kubelet_root.trim_matches('/').to_string(),
         },
+        user_policy_limit: args.user_policy_limit,
+        docker,
     })
 }
 

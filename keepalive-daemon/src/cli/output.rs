@@ -77,10 +77,11 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
                 "; {n} connections overridden: their program set its own keepalive after kad and its values won (kad inspect shows them; --enforce makes the policy win)"
             )),
         }
-        let source = match (&detail.pod, &detail.container) {
-            (Some(pod), _) => format!("pod {pod}"),
-            (None, Some(id)) => format!("container {}", short_id(id)),
-            (None, None) => detail.source.clone(),
+        let source = match (&detail.pod, &detail.docker, &detail.container) {
+            (Some(pod), _, _) => format!("pod {pod}"),
+            (None, Some(name), _) => format!("docker {name}"),
+            (None, None, Some(id)) => format!("container {}", short_id(id)),
+            (None, None, None) => detail.source.clone(),
         };
         if detail.stopped && detail.error.is_none() {
             state = "container stopped: waiting for its next start (removed with the container)"
@@ -96,6 +97,24 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
         };
         println!("pods:         {}: {state}, {} pods", pods.source, pods.pods);
         for line in &pods.invalid {
+            println!("  no policy: {line}");
+        }
+    }
+    if let Some(docker) = &report.docker {
+        let state = match (&docker.error, docker.connected) {
+            (_, true) => format!(
+                "connected (API {}, {} cgroup driver)",
+                docker.api.as_deref().unwrap_or("?"),
+                docker.cgroup_driver.as_deref().unwrap_or("?")
+            ),
+            (Some(e), false) => format!("NOT connected ({e}); the Docker policies in force stay"),
+            (None, false) => "NOT connected; the Docker policies in force stay".to_string(),
+        };
+        println!(
+            "docker:       {}: {state}, {} labelled containers",
+            docker.socket, docker.containers
+        );
+        for line in &docker.invalid {
             println!("  no policy: {line}");
         }
     }
@@ -125,11 +144,15 @@ fn table(entries: &[PolicyEntry]) -> String {
             Mode::On => "on",
             Mode::Off => "off",
         };
-        let mut note = match (&e.pod, &e.container) {
-            (Some(pod), _) => format!("  (pod {pod})"),
-            (None, Some(id)) => format!("  (container {})", short_id(id)),
-            (None, None) => String::new(),
+        let mut note = match (&e.pod, &e.docker, &e.container) {
+            (Some(pod), _, _) => format!("  (pod {pod})"),
+            (None, Some(name), _) => format!("  (docker {name})"),
+            (None, None, Some(id)) => format!("  (container {})", short_id(id)),
+            (None, None, None) => String::new(),
         };
+        if e.host {
+            note.push_str("  (host policy: every connection without a nearer policy)");
+        }
         if e.stopped {
             note.push_str("  (stopped: waiting for its next start)");
         } else if e.waiting {

@@ -5,7 +5,7 @@ use std::path::Path;
 use clap::Args;
 
 use super::{
-    args::{JsonFlag, TargetArgs, ValueArgs},
+    args::{JsonFlag, Target, TargetArgs, ValueArgs},
     output,
 };
 use crate::{
@@ -21,6 +21,10 @@ pub(super) struct SetArgs {
     target: TargetArgs,
     #[command(flatten)]
     values: ValueArgs,
+    /// Root only: users may not set policies below this one in the cgroups delegated to them
+    /// (by default a user may opt their own programs out, as libkeepalive's KEEPALIVE=off did).
+    #[arg(long)]
+    lock: bool,
 }
 
 #[derive(Debug, Args)]
@@ -36,31 +40,43 @@ pub(super) struct StatsArgs {
 /// `kad set`.
 pub(super) fn set(socket: &Path, args: &SetArgs) -> anyhow::Result<()> {
     let values = &args.values;
-    let policy = if values.off {
+    let mut policy = if values.off {
         Policy::OFF
     } else {
         Policy::on(values.idle, values.intvl, values.cnt)?
             .with_extras(values.user_timeout, values.enforce)?
     };
-    let target = args.target.resolve()?;
-    let request = Request::Set {
-        cgroup: target.cgroup,
-        policy,
-        container: target.container,
+    policy.locked = args.lock;
+    let request = match args.target.resolve()? {
+        Target::Host => Request::SetHost { policy },
+        Target::Cgroup(target) => Request::Set {
+            cgroup: target.cgroup,
+            policy,
+            container: target.container,
+        },
     };
     if let Response::Done { cgroup, .. } = client::call(socket, &request)? {
-        println!("{cgroup}: {policy}");
+        match request {
+            Request::SetHost { .. } => println!("host ({cgroup} and below): {policy}"),
+            _ => println!("{cgroup}: {policy}"),
+        }
     }
     Ok(())
 }
 
 /// `kad unset`.
 pub(super) fn unset(socket: &Path, target: &TargetArgs) -> anyhow::Result<()> {
-    let request = Request::Unset {
-        cgroup: target.resolve_or_recorded(|| list_policies(socket))?.cgroup,
+    let request = match target.resolve_or_recorded(|| list_policies(socket))? {
+        Target::Host => Request::UnsetHost,
+        Target::Cgroup(target) => Request::Unset {
+            cgroup: target.cgroup,
+        },
     };
     if let Response::Done { cgroup, .. } = client::call(socket, &request)? {
-        println!("{cgroup}: policy removed");
+        match request {
+            Request::UnsetHost => println!("host ({cgroup}): host policy removed"),
+            _ => println!("{cgroup}: policy removed"),
+        }
     }
     Ok(())
 }
@@ -103,8 +119,9 @@ pub(super) fn stats(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
             ..
         } => {
             if let Some(id) = &args.container {
-                let target =
-                    TargetArgs::container(id).resolve_or_recorded(|| list_policies(socket))?;
+                let target = TargetArgs::container(id)
+                    .resolve_or_recorded(|| list_policies(socket))?
+                    .cgroup()?;
                 let path = cgroup::find_root()?.join(&target.cgroup);
                 stats.retain(|row| Path::new(&row.cgroup).starts_with(&path));
             }

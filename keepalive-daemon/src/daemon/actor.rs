@@ -13,8 +13,8 @@ use super::{
     state::State,
 };
 use crate::{
-    api::protocol::{Request, Response},
-    containers::pods::PodEvent,
+    api::protocol::{Peer, Request, Response},
+    containers::{docker::DockerEvent, pods::PodEvent},
     host::watch::Watcher,
     kernel::killlog::KillLog,
     kernel::{CounterReader, Enforcer},
@@ -28,27 +28,39 @@ type Reply = oneshot::Sender<Response>;
 type KillLogger = aya_log::EbpfLogger<KillLog>;
 
 pub(super) enum Command {
+    /// `uid` is who asks: root, or a user for a cgroup delegated to them.
     Set {
         cgroup: String,
         policy: Policy,
         container: Option<String>,
+        uid: u32,
         reply: Reply,
     },
+    /// `uid` as for `Set`: a user's OCI hook (rootless podman) for the policies they set.
     ContainerStopped {
         cgroup: String,
         container: String,
         bundle: String,
+        uid: u32,
         reply: Reply,
     },
-    /// `peer` is the asking process's pid, if the kernel told it.
+    /// `peer` is the asking process, as the kernel told it.
     Exec {
         cgroup: String,
         policy: Policy,
-        peer: Option<u32>,
+        peer: Peer,
         reply: Reply,
     },
     Unset {
         cgroup: String,
+        uid: u32,
+        reply: Reply,
+    },
+    SetHost {
+        policy: Policy,
+        reply: Reply,
+    },
+    UnsetHost {
         reply: Reply,
     },
     Reload {
@@ -57,6 +69,7 @@ pub(super) enum Command {
     /// Cgroups were created or removed at these paths (from inotify).
     CgroupEvents(Vec<PathBuf>),
     PodEvent(PodEvent),
+    DockerEvent(DockerEvent),
     /// Look for `kad exec` runs that are gone.
     CollectAbandoned,
     /// Fold the journal into the state file and stop; the commands queued before it are done
@@ -134,16 +147,21 @@ fn run(
                 cgroup,
                 policy,
                 container,
+                uid,
                 reply,
-            } => (Some(reply), Some(state.set_for(&cgroup, policy, container))),
+            } => (
+                Some(reply),
+                Some(state.set_for(&cgroup, policy, container, uid)),
+            ),
             Command::ContainerStopped {
                 cgroup,
                 container,
                 bundle,
+                uid,
                 reply,
             } => (
                 Some(reply),
-                Some(state.container_stopped(&cgroup, &container, &bundle)),
+                Some(state.container_stopped(&cgroup, &container, &bundle, uid)),
             ),
             Command::Exec {
                 cgroup,
@@ -151,7 +169,15 @@ fn run(
                 peer,
                 reply,
             } => (Some(reply), Some(state.exec(&cgroup, policy, peer))),
-            Command::Unset { cgroup, reply } => (Some(reply), Some(state.unset(&cgroup))),
+            Command::Unset { cgroup, uid, reply } => (Some(reply), Some(state.unset(&cgroup, uid))),
+            Command::SetHost { policy, reply } => {
+                let root = state.root.clone();
+                (Some(reply), Some(state.set_path(root, policy)))
+            }
+            Command::UnsetHost { reply } => {
+                let root = state.root.clone();
+                (Some(reply), Some(state.unset_path(root)))
+            }
             Command::Reload { reply } => (Some(reply), Some(state.reload())),
             Command::CgroupEvents(paths) => {
                 state.on_cgroup_events(&paths);
@@ -159,6 +185,10 @@ fn run(
             }
             Command::PodEvent(event) => {
                 state.on_pod_event(event);
+                (None, None)
+            }
+            Command::DockerEvent(event) => {
+                state.on_docker_event(event);
                 (None, None)
             }
             Command::CollectAbandoned => {
@@ -191,11 +221,12 @@ fn run(
 
 impl StateHandle {
     /// Answers a request: reads from the snapshot, changes through the state thread.
-    pub(super) async fn handle(&self, request: Request, peer: Option<u32>) -> Response {
+    /// Replies with paths say which cgroup2 mount point they are below.
+    pub(super) async fn handle(&self, request: Request, peer: Peer) -> Response {
         self.answer(request, peer).await.with_root(&self.root)
     }
 
-    async fn answer(&self, request: Request, peer: Option<u32>) -> Response {
+    async fn answer(&self, request: Request, peer: Peer) -> Response {
         match request {
             Request::Set {
                 cgroup,
@@ -206,6 +237,7 @@ impl StateHandle {
                     cgroup,
                     policy,
                     container,
+                    uid: peer.uid,
                     reply,
                 })
                 .await
@@ -219,6 +251,7 @@ impl StateHandle {
                     cgroup,
                     container,
                     bundle,
+                    uid: peer.uid,
                     reply,
                 })
                 .await
@@ -232,7 +265,18 @@ impl StateHandle {
                 })
                 .await
             }
-            Request::Unset { cgroup } => self.ask(|reply| Command::Unset { cgroup, reply }).await,
+            Request::Unset { cgroup } => {
+                self.ask(|reply| Command::Unset {
+                    cgroup,
+                    uid: peer.uid,
+                    reply,
+                })
+                .await
+            }
+            Request::SetHost { policy } => {
+                self.ask(|reply| Command::SetHost { policy, reply }).await
+            }
+            Request::UnsetHost => self.ask(|reply| Command::UnsetHost { reply }).await,
             Request::Reload => self.ask(|reply| Command::Reload { reply }).await,
             Request::List => Response::Policies {
                 policies: self.snapshot().policies(),

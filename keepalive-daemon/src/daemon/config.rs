@@ -49,6 +49,9 @@ struct File {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Entry {
+    /// The host policy: every connection of the host that no nearer policy decides for.
+    #[serde(default)]
+    host: bool,
     cgroup: Option<String>,
     unit: Option<String>,
     slice: Option<String>,
@@ -60,6 +63,9 @@ struct Entry {
     user_timeout: Option<u32>,
     #[serde(default)]
     enforce: bool,
+    /// Users may not set policies below this one.
+    #[serde(default)]
+    locked: bool,
 }
 
 /// The policies of the config file at `path`, keyed by absolute cgroup path; `None` when there
@@ -78,7 +84,10 @@ pub fn load(path: &Path, root: &Path) -> Result<Option<BTreeMap<PathBuf, Policy>
     };
     // Paths are checked on the filesystem like the CLI's: no symbolic links, on cgroup2, not
     // the root (the cgroup itself may appear later).
-    let check = |input: &str| cgroup::checked_path(root, input);
+    let check = |input: Option<&str>| match input {
+        Some(input) => cgroup::checked_path(root, input),
+        None => Ok(root.to_path_buf()),
+    };
     parse(&text, check)
         .map(Some)
         .map_err(|(offset, message)| ConfigError::Invalid {
@@ -88,11 +97,11 @@ pub fn load(path: &Path, root: &Path) -> Result<Option<BTreeMap<PathBuf, Policy>
         })
 }
 
-/// Parses config text, turning each path into the key it is kept by with `check`; an error
-/// carries the byte offset it is about.
+/// Parses config text, turning each path into the key it is kept by with `check` (`None`: the
+/// host policy, kept by the cgroup2 root); an error carries the byte offset it is about.
 fn parse(
     text: &str,
-    check: impl Fn(&str) -> Result<PathBuf, cgroup::CgroupError>,
+    check: impl Fn(Option<&str>) -> Result<PathBuf, cgroup::CgroupError>,
 ) -> Result<BTreeMap<PathBuf, Policy>, (usize, String)> {
     let file: File = toml::from_str(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
@@ -103,18 +112,20 @@ fn parse(
         let offset = spanned.span().start;
         let entry = spanned.into_inner();
         let fail = |message: String| (offset, message);
-        let relative = match (&entry.cgroup, &entry.unit) {
-            (Some(cg), None) if entry.slice.is_none() => cg.clone(),
-            (None, Some(unit)) => {
-                target::unit_path(unit, entry.slice.as_deref()).map_err(|e| fail(e.to_string()))?
-            }
+        let relative = match (entry.host, &entry.cgroup, &entry.unit) {
+            (true, None, None) if entry.slice.is_none() => None,
+            (false, Some(cg), None) if entry.slice.is_none() => Some(cg.clone()),
+            (false, None, Some(unit)) => Some(
+                target::unit_path(unit, entry.slice.as_deref()).map_err(|e| fail(e.to_string()))?,
+            ),
             _ => {
                 return Err(fail(
-                    "a policy needs either cgroup or unit (with an optional slice)".into(),
+                    "a policy needs one of host = true, cgroup, or unit (with an optional slice)"
+                        .into(),
                 ))
             }
         };
-        let path = check(&relative).map_err(|e| fail(e.to_string()))?;
+        let path = check(relative.as_deref()).map_err(|e| fail(e.to_string()))?;
         let policy = if entry.off {
             if entry.enforce {
                 return Err(fail(
@@ -137,6 +148,10 @@ fn parse(
                 .and_then(|p| p.with_extras(entry.user_timeout, entry.enforce))
                 .map_err(|e| fail(e.to_string()))?
         };
+        let policy = Policy {
+            locked: entry.locked,
+            ..policy
+        };
         if policies.insert(path.clone(), policy).is_some() {
             return Err(fail(format!("{} has two policies", path.display())));
         }
@@ -158,12 +173,41 @@ mod tests {
     /// The lexical part of the checks, for text without a filesystem behind it.
     fn parse(text: &str, root: &Path) -> Result<BTreeMap<PathBuf, Policy>, (usize, String)> {
         super::parse(text, |input| {
+            let Some(input) = input else {
+                return Ok(root.to_path_buf());
+            };
             let path = cgroup::lexical_path(root, input)?;
             if path == root {
                 return Err(cgroup::CgroupError::Root(root.to_path_buf()));
             }
             Ok(path)
         })
+    }
+
+    #[test]
+    fn host_true_is_the_host_policy_and_takes_no_path() {
+        let policies = parse("[[policy]]\nhost = true\nidle = 300\n", Path::new(ROOT)).unwrap();
+        assert_eq!(
+            policies.get(Path::new(ROOT)).and_then(|p| p.idle),
+            Some(300)
+        );
+        for text in [
+            "[[policy]]\nhost = true\ncgroup = \"app\"\nidle = 1\n",
+            "[[policy]]\nhost = true\nunit = \"x\"\nidle = 1\n",
+            "[[policy]]\nidle = 1\n",
+        ] {
+            let (_, message) = parse(text, Path::new(ROOT)).unwrap_err();
+            assert!(message.contains("host = true"), "{text}: {message}");
+        }
+        let (_, message) = parse(
+            &format!("[[policy]]\ncgroup = \"{ROOT}\"\nidle = 1\n"),
+            Path::new(ROOT),
+        )
+        .unwrap_err();
+        assert!(
+            message.contains("--host"),
+            "the root by path points at the host policy: {message}"
+        );
     }
 
     #[test]
@@ -231,7 +275,11 @@ idle = 300
             ),
             ("[[policy]]\ncgroup = \"a\"\ncolour = 1\n", 3, "colour"),
             ("[[policy]]\ncgroup = \"a/../..\"\n", 1, ".."),
-            ("[[policy]]\nidle = 5\n", 1, "either cgroup or unit"),
+            (
+                "[[policy]]\nidle = 5\n",
+                1,
+                "one of host = true, cgroup, or unit",
+            ),
             (
                 "[[policy]]\ncgroup = \"a\"\noff = true\nidle = 5\n",
                 1,

@@ -1,12 +1,16 @@
 //! Policies set for a container (the OCI hook, `kad set --container`): recorded with the
 //! container's id, so that they can be found by it once the container is gone, shown with it,
-//! and kept with their counters while a stopped container may start again.
-use std::path::{Path, PathBuf};
+//! and kept with their counters while a stopped container may start again. A policy is set
+//! for a container by `State::set_for` (table.rs), with the checks of a user's `kad set`.
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 use tracing::{error, info};
 
 use super::state::State;
-use crate::{api::protocol::Response, host::cgroup, model::policy::Policy};
+use crate::{api::protocol::Response, host::cgroup};
 
 /// The container a policy of the `kad set` table was set for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,43 +23,18 @@ pub(super) struct Container {
 }
 
 impl State {
-    /// `kad set`, recording the container the policy is for (or, without one, that it is for
-    /// none: a `kad set --cgroup` on a container's path makes the policy the user's).
-    pub(super) fn set_for(
-        &mut self,
-        input: &str,
-        policy: Policy,
-        container: Option<String>,
-    ) -> Response {
-        let path = match cgroup::policy_path(&self.root, input) {
-            Ok(path) => path,
-            Err(e) => return Response::error(e.to_string()),
-        };
-        let previous = match container {
-            Some(id) => self.containers.insert(
-                path.clone(),
-                Container {
-                    id,
-                    stopped_bundle: None,
-                },
-            ),
-            None => self.containers.remove(&path),
-        };
-        let reply = self.set_path(path.clone(), policy);
-        if let Response::Error { .. } = reply {
-            match previous {
-                Some(c) => self.containers.insert(path, c),
-                None => self.containers.remove(&path),
-            };
-        }
-        reply
-    }
-
     /// The OCI hook's poststop: the container's policy stays, counters and all, while its bundle
     /// exists (a stop, after which it may start again); it goes once the bundle is gone (see
     /// [`State::collect_removed_containers`]), or now when this daemon cannot see the bundle or
-    /// the policy is not this container's.
-    pub(super) fn container_stopped(&mut self, input: &str, id: &str, bundle: &str) -> Response {
+    /// the policy is not this container's. From a user (the hook of rootless podman runs as
+    /// them), only for a policy they set, as `kad unset`, and with a bundle of theirs.
+    pub(super) fn container_stopped(
+        &mut self,
+        input: &str,
+        id: &str,
+        bundle: &str,
+        uid: u32,
+    ) -> Response {
         let path = match cgroup::policy_path(&self.root, input) {
             Ok(path) => path,
             Err(cgroup::CgroupError::NotFound(_)) => {
@@ -66,10 +45,19 @@ impl State {
             }
             Err(e) => return Response::error(e.to_string()),
         };
+        if uid != 0 && self.set.contains_key(&path) && self.owners.get(&path) != Some(&uid) {
+            return Response::error(format!(
+                "permission denied: uid {uid} set no policy for {}; a user may remove only \
+                 their own",
+                path.display()
+            ));
+        }
         let bundle = PathBuf::from(bundle);
         let ours =
             self.set.contains_key(&path) && self.containers.get(&path).is_some_and(|c| c.id == id);
-        if !ours || !bundle.is_absolute() || !bundle.is_dir() {
+        let seen = bundle.is_absolute()
+            && std::fs::metadata(&bundle).is_ok_and(|m| m.is_dir() && (uid == 0 || m.uid() == uid));
+        if !ours || !seen {
             return self.unset_path(path);
         }
         if let Some(c) = self.containers.get_mut(&path) {

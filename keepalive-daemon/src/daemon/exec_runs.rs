@@ -5,7 +5,7 @@ use tracing::{error, info, warn};
 
 use super::state::State;
 use crate::{
-    api::protocol::Response,
+    api::protocol::{Peer, Response},
     host::cgroup,
     host::process::{self, ExecOwner},
     model::policy::Policy,
@@ -15,8 +15,8 @@ impl State {
     /// `kad exec`: a policy for the caller's transient cgroup, recorded as owned by the caller
     /// so that it is collected if the caller dies first. Only a cgroup kad recorded this way is
     /// ever removed by the daemon.
-    pub(super) fn exec(&mut self, input: &str, policy: Policy, peer: Option<u32>) -> Response {
-        let Some(pid) = peer.filter(|&pid| pid != 0) else {
+    pub(super) fn exec(&mut self, input: &str, policy: Policy, peer: Peer) -> Response {
+        let Some(pid) = peer.pid.filter(|&pid| pid != 0) else {
             return Response::error(
                 "kad exec: the kernel did not say which process is asking (its PID namespace is not below the daemon's)",
             );
@@ -38,7 +38,7 @@ impl State {
             ));
         }
         let previous = self.exec_owners.insert(path.clone(), owner);
-        let reply = self.set(input, policy);
+        let reply = self.set(input, policy, peer.uid);
         if let Response::Error { .. } = reply {
             match previous {
                 Some(owner) => self.exec_owners.insert(path, owner),

@@ -1,8 +1,8 @@
 //! `kad daemon`: owns the enforcer and the policy table, and serves the control socket.
 //!
 //! One thread (`kad-state`, `actor.rs`) owns the kernel and disk state and takes commands; the
-//! async side (control socket, `/metrics`, signals, inotify, pod events, ticks) only sends them,
-//! and answers reads from the snapshot the thread publishes after its commands.
+//! async side (control socket, `/metrics`, signals, inotify, pod and Docker events, ticks) only
+//! sends them, and answers reads from the snapshot the thread publishes after its commands.
 use std::{path::PathBuf, time::Duration};
 
 use tokio::{
@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 mod actor;
 pub mod config;
 mod container_policies;
+mod docker_policies;
 mod exec_runs;
 pub mod metrics;
 mod pod_policies;
@@ -35,9 +36,9 @@ use pod_policies::read_pod_events;
 pub use settings::{DaemonConfig, DaemonError, PodSource};
 
 use crate::{
-    api::protocol::Response, containers::kube_watch, containers::pods::PodEvent,
-    daemon::store::StateLock, host::cgroup, host::notify, host::pathio::io_err, host::sys,
-    host::watch::Watcher,
+    api::protocol::Response, containers::docker::DockerEvent, containers::docker_watch,
+    containers::kube_watch, containers::pods::PodEvent, daemon::store::StateLock, host::cgroup,
+    host::notify, host::pathio::io_err, host::sys, host::watch::Watcher,
 };
 
 /// How often the cgroups of `kad exec` runs are checked for being abandoned (only they: policy
@@ -106,9 +107,9 @@ async fn run_bound(
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("cannot catch", "SIGHUP"))?;
     tokio::spawn(server::serve(listener, server::LIMITS, {
         let state = state.clone();
-        move |request, pid| {
+        move |request, peer| {
             let state = state.clone();
-            async move { state.handle(request, pid).await }
+            async move { state.handle(request, peer).await }
         }
     }));
     let (pods_tx, mut pod_events) = tokio::sync::mpsc::channel::<PodEvent>(256);
@@ -130,6 +131,17 @@ async fn run_bound(
             }
         }
     });
+    if let Some(socket) = config.docker.clone() {
+        info!(socket = %socket.display(), "watching Docker's containers");
+        let (docker_tx, mut docker_events) = tokio::sync::mpsc::channel::<DockerEvent>(256);
+        tokio::spawn(docker_watch::run(socket.display().to_string(), docker_tx));
+        let state = state.clone();
+        tokio::spawn(async move {
+            while let Some(event) = docker_events.recv().await {
+                state.send(Command::DockerEvent(event)).await;
+            }
+        });
+    }
     tokio::spawn({
         let state = state.clone();
         async move {

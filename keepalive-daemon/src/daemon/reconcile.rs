@@ -4,7 +4,8 @@
 //!
 //! Anchors: a policy's programs are attached to the parent of its cgroup (or, while that does
 //! not exist, its nearest existing ancestor), never to the cgroup2 root; a policy on a child of
-//! the root is anchored on its own cgroup. So a cgroup created at a policy path is already
+//! the root is anchored on its own cgroup. The one exception is the host policy (kept by the
+//! root's path): it is anchored on the root, which then covers every other anchor. So a cgroup created at a policy path is already
 //! below an anchor, and the `mkdir` hook gives it its policy before a process can join it.
 //! Only anchors with no anchor above them are attached: a socket runs kad's programs once.
 use std::{
@@ -32,6 +33,20 @@ pub enum Source {
     Config,
     /// A pod's (or its namespace's) annotation, from the pod watcher.
     Pod,
+    /// A Docker container's label, from the Docker watcher.
+    Docker,
+}
+
+impl Source {
+    /// Where such a policy comes from, for messages.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Source::Set => "kad set by root",
+            Source::Config => "the config file",
+            Source::Pod => "a pod's annotation",
+            Source::Docker => "a Docker container's label",
+        }
+    }
 }
 
 /// What the kernel holds for one policy path.
@@ -176,7 +191,9 @@ impl Reconciler {
     /// Updates the anchor candidate and the watched directory of a path in force.
     fn place(&mut self, path: &Path, previous: Option<&InForce>) {
         let anchor = self.anchor_for(path);
-        let watch = if path.is_dir() {
+        let watch = if path == self.root {
+            self.root.clone()
+        } else if path.is_dir() {
             path.parent().unwrap_or(&self.root).to_path_buf()
         } else {
             cgroup::nearest_existing(path.parent().unwrap_or(&self.root)).to_path_buf()
@@ -219,6 +236,10 @@ impl Reconciler {
 
     /// The directory a policy's programs hang from (see the module comment), if one exists.
     fn anchor_for(&self, path: &Path) -> Option<PathBuf> {
+        if path == self.root {
+            // The host policy: the only policy whose programs hang from the root.
+            return Some(self.root.clone());
+        }
         let parent = path.parent()?;
         let start = if parent == self.root { path } else { parent };
         let existing = cgroup::nearest_existing(start);

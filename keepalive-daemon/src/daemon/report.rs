@@ -71,12 +71,14 @@ impl State {
             container: (source == Source::Set)
                 .then(|| self.container_of(path))
                 .flatten(),
+            docker: self.docker_of(path, source),
             in_force: self
                 .reconciler
                 .in_force()
                 .get(path)
                 .and_then(|e| Some((e.id?, e.slot))),
             error: self.reconciler.failing(path).cloned(),
+            host: path == self.root,
         })
     }
 
@@ -118,6 +120,7 @@ impl State {
             counters: Vec::new(),
             kills_counted: self.reconciler.kernel.counts_kills(),
             pods: self.pods_status.clone(),
+            docker: self.docker_status.clone(),
         }
     }
 }

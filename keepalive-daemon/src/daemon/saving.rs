@@ -43,6 +43,7 @@ impl State {
     fn stored(&self, path: &Path, policy: &Policy) -> StoredPolicy {
         let container = self.containers.get(path);
         StoredPolicy {
+            uid: self.owners.get(path).copied(),
             container: container.map(|c| c.id.clone()),
             bundle: container
                 .and_then(|c| c.stopped_bundle.as_ref())

@@ -21,6 +21,10 @@ pub struct DaemonConfig {
     pub pods: Option<PodSource>,
     /// Where the kubelet puts pod cgroups.
     pub kubelet: KubeletLayout,
+    /// How many policies one user may hold in the cgroups delegated to them.
+    pub user_policy_limit: usize,
+    /// Docker's socket, if Docker containers' labels are policies.
+    pub docker: Option<PathBuf>,
 }
 
 /// The source of pod events.

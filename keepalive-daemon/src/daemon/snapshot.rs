@@ -25,10 +25,14 @@ pub(super) struct Row {
     pub(super) pod: Option<String>,
     /// The container (full id) a policy was set for, and whether it is stopped.
     pub(super) container: Option<(String, bool)>,
+    /// The container's name, for a Docker policy.
+    pub(super) docker: Option<String>,
     /// The cgroup at the path, and the policy's counters slot, while the cgroup exists.
     pub(super) in_force: Option<(u64, u32)>,
     /// Why the policy is not in force, if applying it failed.
     pub(super) error: Option<String>,
+    /// The host policy's row (its path is the cgroup2 root).
+    pub(super) host: bool,
 }
 
 impl Row {
@@ -37,7 +41,9 @@ impl Row {
             pod: self.pod.clone(),
             container: self.container.as_ref().map(|(id, _)| id.clone()),
             stopped: self.container.as_ref().is_some_and(|(_, stopped)| *stopped),
+            docker: self.docker.clone(),
             waiting: self.in_force.is_none() && self.error.is_none(),
+            host: self.host,
             ..PolicyEntry::new(path.display().to_string(), &self.policy)
         }
     }
@@ -126,6 +132,7 @@ impl Snapshot {
                     Source::Set => "set",
                     Source::Config => "config",
                     Source::Pod => "pod",
+                    Source::Docker => "docker",
                 }
                 .to_string(),
                 cgroup_id: r.in_force.map(|(id, _)| id),
@@ -133,6 +140,7 @@ impl Snapshot {
                 pod: r.pod.clone(),
                 container: r.container.as_ref().map(|(id, _)| id.clone()),
                 stopped: r.container.as_ref().is_some_and(|(_, stopped)| *stopped),
+                docker: r.docker.clone(),
                 enforce: r.policy.enforce,
                 overridden: r.slot().map_or(0, |slot| reader.counters(slot).overridden),
             })

@@ -13,8 +13,8 @@ use super::{
     snapshot::Rows,
 };
 use crate::{
-    api::protocol::PodsStatus,
-    containers::pods::PodTable,
+    api::protocol::{DockerStatus, PodsStatus},
+    containers::{docker::DockerTable, pods::PodTable},
     daemon::config as config_file,
     daemon::reconcile::Reconciler,
     daemon::store::Store,
@@ -34,6 +34,9 @@ pub(super) struct State {
     pub(super) exec_owners: BTreeMap<PathBuf, ExecOwner>,
     /// The container each of the paths in `set` that were set for one belongs to.
     pub(super) containers: BTreeMap<PathBuf, Container>,
+    /// The user who set each of the paths in `set` that a user set (in a cgroup delegated to
+    /// them); root's have none.
+    pub(super) owners: BTreeMap<PathBuf, u32>,
     /// Policies of the config file, by path.
     pub(super) from_config: BTreeMap<PathBuf, Policy>,
     /// Policies of pods' annotations, by path, with the pod (`namespace/name`); saved in
@@ -43,6 +46,13 @@ pub(super) struct State {
     pub(super) pods_store: Store,
     /// The watcher's state for `kad status`, when there is one.
     pub(super) pods_status: Option<PodsStatus>,
+    /// Policies of Docker containers' labels, by path, with the container's name; saved in
+    /// docker.json. `kad set` and pods win over them; they win over the config file.
+    pub(super) from_docker: BTreeMap<PathBuf, (Policy, String)>,
+    pub(super) docker_table: DockerTable,
+    pub(super) docker_store: Store,
+    /// The Docker watcher's state for `kad status`, when there is one.
+    pub(super) docker_status: Option<DockerStatus>,
     /// The kernel side: map entries, anchors, watched directories, refreshes.
     pub(super) reconciler: Reconciler,
     /// inotify on the directories the policies need watched, set before a request is answered.
@@ -82,6 +92,10 @@ impl State {
                 ))
             })
             .collect();
+        let owners = saved
+            .iter()
+            .filter_map(|e| Some((PathBuf::from(&e.cgroup), e.uid?)))
+            .collect();
         let set = policies_of(saved);
         let config_copy = Store::config_copy(&config.state_dir);
         let loaded_config = config_file::load(&config.config, &root)?;
@@ -109,6 +123,25 @@ impl State {
             pods: 0,
             invalid: Vec::new(),
         });
+        let docker_store = Store::docker(&config.state_dir);
+        // Kept (and enforced) until the Docker watcher's first full list says otherwise.
+        let from_docker = docker_store
+            .load(&root)?
+            .into_iter()
+            .map(|e| {
+                let name = e.docker.clone().unwrap_or_default();
+                (PathBuf::from(&e.cgroup), (e.policy, name))
+            })
+            .collect();
+        let docker_status = config.docker.as_ref().map(|socket| DockerStatus {
+            socket: socket.display().to_string(),
+            connected: false,
+            error: Some("not connected yet".into()),
+            api: None,
+            cgroup_driver: None,
+            containers: 0,
+            invalid: Vec::new(),
+        });
         let state_file_exists = store.exists();
         let kernel = open_kernel(&config)?;
         let mut state = State {
@@ -119,11 +152,16 @@ impl State {
             set,
             exec_owners,
             containers,
+            owners,
             from_config,
             from_pods,
             pod_table: PodTable::default(),
             pods_store,
             pods_status,
+            from_docker,
+            docker_table: DockerTable::default(),
+            docker_store,
+            docker_status,
             watcher,
             rows: Rows::default(),
         };
@@ -136,6 +174,14 @@ impl State {
                  `kad reload`",
                 config.config.display(),
                 config_copy.path().display()
+            );
+        }
+        if state.docker_status.is_none() && !state.from_docker.is_empty() {
+            warn!(
+                policies = state.from_docker.len(),
+                "{} holds Docker containers' policies, which stay in force, but no Docker \
+                 watcher runs to keep them up to date: start the daemon with --docker [SOCKET]",
+                state.docker_store.path().display()
             );
         }
         if state.store.journal_len() > 0 {

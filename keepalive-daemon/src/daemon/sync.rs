@@ -119,6 +119,7 @@ impl State {
             if self.set.contains_key(&path)
                 || self.from_config.contains_key(&path)
                 || self.from_pods.contains_key(&path)
+                || self.from_docker.contains_key(&path)
             {
                 continue;
             }

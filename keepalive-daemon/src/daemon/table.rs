@@ -1,5 +1,5 @@
 //! The policy tables and how they merge: `kad set` (and `kad exec`) wins over pods' annotations,
-//! which win over the config file.
+//! which win over Docker containers' labels, which win over the config file.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
@@ -7,7 +7,7 @@ use std::{
 
 use tracing::{error, info};
 
-use super::state::State;
+use super::{container_policies::Container, state::State};
 use crate::{
     api::protocol::Response,
     daemon::config as config_file,
@@ -19,7 +19,7 @@ use crate::{
 
 impl State {
     /// Policies by path: the config file's, overridden by those set with `kad set`.
-    /// Pods' annotations win over the config file.
+    /// Pods' annotations, then Docker containers' labels, win over the config file.
     pub(super) fn effective(&self) -> BTreeMap<PathBuf, (Policy, Source)> {
         // Built in one pass over sorted rows rather than by inserts: it is rebuilt after every
         // command (for the snapshot), and comparing paths is what costs.
@@ -27,6 +27,11 @@ impl State {
             .from_config
             .iter()
             .map(|(path, policy)| (path, (*policy, Source::Config)))
+            .chain(
+                self.from_docker
+                    .iter()
+                    .map(|(path, (policy, _))| (path, (*policy, Source::Docker))),
+            )
             .chain(
                 self.from_pods
                     .iter()
@@ -70,6 +75,9 @@ impl State {
         if let Some((p, _)) = self.from_pods.get(path) {
             return Some((*p, Source::Pod));
         }
+        if let Some((p, _)) = self.from_docker.get(path) {
+            return Some((*p, Source::Docker));
+        }
         self.from_config.get(path).map(|p| (*p, Source::Config))
     }
 
@@ -79,8 +87,112 @@ impl State {
             .flatten()
     }
 
-    pub(super) fn set(&mut self, input: &str, policy: Policy) -> Response {
-        self.set_for(input, policy, None)
+    pub(super) fn docker_of(&self, path: &Path, source: Source) -> Option<String> {
+        (source == Source::Docker)
+            .then(|| self.from_docker.get(path).map(|(_, name)| name.clone()))
+            .flatten()
+    }
+
+    /// `kad set` from `uid`: root anywhere, a user in the cgroups delegated to them.
+    pub(super) fn set(&mut self, input: &str, policy: Policy, uid: u32) -> Response {
+        self.set_for(input, policy, None, uid)
+    }
+
+    /// `kad set` from `uid`, recording the container the policy is for (the OCI hook, `kad set
+    /// --container`) or, without one, that it is for none: a `kad set --cgroup` on a
+    /// container's path makes the policy the user's. `input` is relative to the daemon's
+    /// cgroup2 root (or absolute below it): resolved first, so that a user's permission is
+    /// checked on the path the policy would be kept by.
+    pub(super) fn set_for(
+        &mut self,
+        input: &str,
+        policy: Policy,
+        container: Option<String>,
+        uid: u32,
+    ) -> Response {
+        let path = match cgroup::policy_path(&self.root, input) {
+            Ok(path) => path,
+            Err(e) => return Response::error(e.to_string()),
+        };
+        if uid != 0 {
+            if let Err(message) = self.user_may_set(&path, &policy, uid) {
+                return Response::error(message);
+            }
+        }
+        // Recorded before the policy is saved, so that its entry holds them.
+        let previous_owner = if uid != 0 {
+            self.owners.insert(path.clone(), uid)
+        } else {
+            self.owners.remove(&path)
+        };
+        let previous_container = match container {
+            Some(id) => self.containers.insert(
+                path.clone(),
+                Container {
+                    id,
+                    stopped_bundle: None,
+                },
+            ),
+            None => self.containers.remove(&path),
+        };
+        let reply = self.set_path(path.clone(), policy);
+        if let Response::Error { .. } = reply {
+            match previous_owner {
+                Some(owner) => self.owners.insert(path.clone(), owner),
+                None => self.owners.remove(&path),
+            };
+            match previous_container {
+                Some(c) => self.containers.insert(path, c),
+                None => self.containers.remove(&path),
+            };
+        }
+        reply
+    }
+
+    /// Why user `uid` may not set `policy` at `path`, if they may not.
+    fn user_may_set(&self, path: &Path, policy: &Policy, uid: u32) -> Result<(), String> {
+        if cgroup::delegated_to(&self.root, path, uid).is_none() {
+            return Err(format!(
+                "permission denied: {} is not in a cgroup delegated to uid {uid} (one that it \
+                 and its cgroup.procs are owned by, as systemd's Delegate= makes them); only \
+                 root may change policies elsewhere",
+                path.display()
+            ));
+        }
+        if policy.locked {
+            return Err("permission denied: only root may set a locked policy".into());
+        }
+        if let Some((_, source)) = self.want(path) {
+            if self.owners.get(path) != Some(&uid) {
+                return Err(format!(
+                    "permission denied: the policy for {} is not yours (it comes from {}); \
+                     only root may replace it",
+                    path.display(),
+                    source.describe()
+                ));
+            }
+        }
+        for above in path.ancestors().skip(1) {
+            if let Some((p, _)) = self.want(above).filter(|(p, _)| p.locked) {
+                return Err(format!(
+                    "permission denied: the policy for {} ({p}) is locked by root: users may \
+                     not set policies below it",
+                    above.display()
+                ));
+            }
+            if above == self.root {
+                break;
+            }
+        }
+        let held = self.owners.values().filter(|&&o| o == uid).count();
+        let limit = self.config.user_policy_limit;
+        if !self.owners.contains_key(path) && held >= limit {
+            return Err(format!(
+                "uid {uid} has {held} policies, the most a user may have (kad daemon \
+                 --user-policy-limit {limit}): unset one first"
+            ));
+        }
+        Ok(())
     }
 
     /// `kad set` on a path already resolved below the cgroup2 root: in force, then saved, or
@@ -116,7 +228,8 @@ impl State {
         Response::done(path.display().to_string())
     }
 
-    pub(super) fn unset(&mut self, input: &str) -> Response {
+    /// `kad unset` from `uid`: root any policy, a user only their own.
+    pub(super) fn unset(&mut self, input: &str, uid: u32) -> Response {
         // A cgroup that is gone can still have its policy removed, by the path it had.
         let path = match cgroup::policy_path(&self.root, input) {
             Ok(path) => path,
@@ -126,6 +239,13 @@ impl State {
             },
             Err(e) => return Response::error(e.to_string()),
         };
+        if uid != 0 && self.owners.get(&path) != Some(&uid) {
+            return Response::error(format!(
+                "permission denied: uid {uid} set no policy for {}; a user may remove only \
+                 their own",
+                path.display()
+            ));
+        }
         self.unset_path(path)
     }
 
@@ -144,6 +264,9 @@ impl State {
                     self.config.config.display()
                 ));
             }
+            if path == self.root {
+                return Response::error("no host policy (kad set --host sets one)");
+            }
             return Response::error(format!("no policy for {}", path.display()));
         };
         // A full disk: the policy stays, in force and in the file, and the error says why.
@@ -153,6 +276,7 @@ impl State {
         }
         self.exec_owners.remove(&path);
         self.containers.remove(&path);
+        self.owners.remove(&path);
         if let Err(e) = self.sync_path(&path) {
             // The config file's policy for this path could not be put back in force.
             error!(cgroup = ?path.display().to_string(), "{e}");

@@ -68,10 +68,12 @@ impl Daemon {
             config: dir.0.join("kad.toml"),
             metrics: None,
             pods: None,
+            docker: None,
             kubelet: KubeletLayout {
                 systemd: false,
                 cgroup_root: String::new(),
             },
+            user_policy_limit: 2,
         };
         let opened = kernel.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -349,9 +351,9 @@ fn a_re_created_cgroup_gets_its_policy_under_its_new_id() {
     done(d.set("app", 100));
     let old_id = crate::host::cgroup::id_of(&app).unwrap();
     assert!(d.kernel.held().ids.contains_key(&old_id));
-    std::fs::remove_dir(&app).unwrap();
-    // Another directory first, so the new one cannot reuse the inode number.
-    let _other = d.mkdir("other");
+    // Moved away rather than removed: while the old directory lives, the new one cannot
+    // reuse its inode number (a cgroup's id).
+    std::fs::rename(&app, d.root.join("app.old")).unwrap();
     d.mkdir("app");
     let new_id = crate::host::cgroup::id_of(&app).unwrap();
     assert_ne!(old_id, new_id);
@@ -409,14 +411,14 @@ fn a_stopped_containers_policy_stays_until_the_container_is_removed() {
     let bundle = d.dir.0.join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();
     let policy = Policy::on(Some(100), None, None).unwrap();
-    done(d.state.set_for(&cgroup, policy, Some(id.clone())));
+    done(d.state.set_for(&cgroup, policy, Some(id.clone()), 0));
     assert_eq!(d.state.container_of(&path), Some((id.clone(), false)));
 
     // A stop: the runtime removes the cgroup, poststop says so.
     std::fs::remove_dir(&path).unwrap();
     done(
         d.state
-            .container_stopped(&cgroup, &id, &bundle.display().to_string()),
+            .container_stopped(&cgroup, &id, &bundle.display().to_string(), 0),
     );
     assert!(d.state.set.contains_key(&path), "the policy stays");
     assert_eq!(d.state.container_of(&path), Some((id.clone(), true)));
@@ -430,12 +432,12 @@ fn a_stopped_containers_policy_stays_until_the_container_is_removed() {
     assert_eq!(d.state.container_of(&path), Some((id.clone(), true)));
     // Started again: createRuntime sets it anew, no longer stopped.
     d.mkdir(&cgroup);
-    done(d.state.set_for(&cgroup, policy, Some(id.clone())));
+    done(d.state.set_for(&cgroup, policy, Some(id.clone()), 0));
     assert_eq!(d.state.container_of(&path), Some((id.clone(), false)));
     std::fs::remove_dir(&path).unwrap();
     done(
         d.state
-            .container_stopped(&cgroup, &id, &bundle.display().to_string()),
+            .container_stopped(&cgroup, &id, &bundle.display().to_string(), 0),
     );
 
     // Removed: the bundle goes, the policy with it.
@@ -455,12 +457,295 @@ fn a_stopped_containers_policy_stays_until_the_container_is_removed() {
         (None, id.clone(), "/tmp"),
     ] {
         d.mkdir(&cgroup);
-        done(d.state.set_for(&cgroup, policy, owner));
-        done(d.state.container_stopped(&cgroup, &stopped_by, bundle));
+        done(d.state.set_for(&cgroup, policy, owner, 0));
+        done(d.state.container_stopped(&cgroup, &stopped_by, bundle, 0));
         assert!(!d.state.set.contains_key(&path), "{stopped_by} {bundle}");
     }
     // A `kad set` without a container makes the path's policy the user's.
-    done(d.state.set_for(&cgroup, policy, Some(id.clone())));
-    done(d.state.set_for(&cgroup, policy, None));
+    done(d.state.set_for(&cgroup, policy, Some(id.clone()), 0));
+    done(d.state.set_for(&cgroup, policy, None, 0));
+    assert_eq!(d.state.container_of(&path), None);
+}
+
+#[test]
+fn the_host_policy_is_the_one_anchor_while_it_exists() {
+    let mut d = Daemon::start();
+    d.mkdir("a/b");
+    d.mkdir("x");
+    done(d.set("a/b", 100));
+    done(d.set("x", 100));
+    assert!(
+        !d.anchors().contains(&String::new()),
+        "nothing at the root yet"
+    );
+    assert_eq!(d.anchors().len(), 2);
+
+    let root = d.root.clone();
+    done(
+        d.state
+            .set_path(root.clone(), Policy::on(Some(300), None, None).unwrap()),
+    );
+    assert_eq!(
+        d.anchors(),
+        vec![""],
+        "only the root: a socket runs kad's programs once"
+    );
+    assert_eq!(d.kernel_idle("/"), Some(300), "kept by the root's path");
+    let root_id = crate::host::cgroup::id_of(&root).unwrap();
+    assert_eq!(d.kernel.held().ids.get(&root_id).map(|v| v.idle), Some(300));
+    assert_eq!(d.kernel_idle("/a/b"), Some(100), "nearer policies stay");
+
+    let d = d.restart();
+    assert_eq!(d.anchors(), vec![""], "saved and restored");
+    assert!(d.state.set.contains_key(&d.root), "the state file keeps it");
+
+    let mut d = d;
+    done(d.state.unset_path(d.root.clone()));
+    let mut anchors = d.anchors();
+    anchors.sort();
+    assert_eq!(
+        anchors,
+        vec!["a", "x"],
+        "the root is left, the others are back"
+    );
+    assert_eq!(d.kernel_idle("/"), None);
+    let message = error(d.state.unset_path(d.root.clone()));
+    assert!(message.contains("no host policy"), "{message}");
+}
+
+#[test]
+fn the_host_policy_comes_from_the_config_file_too() {
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.0.join("kad.toml"),
+        "[[policy]]\nhost = true\nidle = 400\n",
+    )
+    .unwrap();
+    let d = Daemon::start_with(dir, FakeKernel::default());
+    assert_eq!(d.kernel_idle("/"), Some(400));
+    assert_eq!(d.anchors(), vec![""]);
+    assert_ne!(d.kernel.held().paths["/"].flags & FLAG_CONFIG, 0);
+}
+
+/// Gives `path` (a directory standing for a cgroup) to `uid` as systemd's `Delegate=` does:
+/// the directory and its `cgroup.procs`.
+fn delegate(path: &std::path::Path, uid: u32) {
+    use std::os::unix::fs::chown;
+    let procs = path.join("cgroup.procs");
+    std::fs::write(&procs, "").unwrap();
+    chown(path, Some(uid), Some(uid)).unwrap();
+    chown(&procs, Some(uid), Some(uid)).unwrap();
+}
+
+#[test]
+fn users_manage_policies_only_in_the_cgroups_delegated_to_them() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: giving a directory to another user needs root");
+        return;
+    }
+    const USER: u32 = 65534;
+    let mut d = Daemon::start();
+    let delegated = d.mkdir("user.slice/u");
+    delegate(&delegated, USER);
+    d.mkdir("other");
+    let user_set = |d: &mut Daemon, relative: &str, policy: Policy| {
+        let path = d.root.join(relative).display().to_string();
+        d.state.set(&path, policy, USER)
+    };
+    let on = Policy::on(Some(100), None, None).unwrap();
+    done(d.set("user.slice", 200));
+
+    done(user_set(&mut d, "user.slice/u/app", Policy::OFF));
+    let value = d.kernel.held().paths["/user.slice/u/app"];
+    assert_eq!(
+        Policy::from_value(&value),
+        Policy::OFF,
+        "a user opts their own programs out below root's policy"
+    );
+    done(user_set(&mut d, "user.slice/u/later/deeper", on));
+
+    for (relative, expected) in [
+        ("other", "not in a cgroup delegated to uid 65534"),
+        ("user.slice", "not in a cgroup delegated"),
+    ] {
+        let message = error(user_set(&mut d, relative, on));
+        assert!(message.contains(expected), "{relative}: {message}");
+    }
+    let locked = Policy { locked: true, ..on };
+    let message = error(user_set(&mut d, "user.slice/u/x", locked));
+    assert!(message.contains("only root"), "{message}");
+    let message = error(user_set(&mut d, "user.slice/u/third", on));
+    assert!(
+        message.contains("--user-policy-limit 2"),
+        "the limit is named: {message}"
+    );
+    assert!(!d.kernel.held().paths.contains_key("/user.slice/u/third"));
+
+    let root_path = d.root.join("user.slice").display().to_string();
+    let message = error(d.state.unset(&root_path, USER));
+    assert!(
+        message.contains("set no policy"),
+        "root's policy stays: {message}"
+    );
+    assert_eq!(d.kernel_idle("/user.slice"), Some(200));
+
+    // Root locks the subtree: the user's new policies below it are refused.
+    done(
+        d.state
+            .set_path(d.root.join("user.slice"), Policy { locked: true, ..on }),
+    );
+    done(
+        d.state.unset(
+            &d.root
+                .join("user.slice/u/later/deeper")
+                .display()
+                .to_string(),
+            USER,
+        ),
+    );
+    let message = error(user_set(&mut d, "user.slice/u/new", Policy::OFF));
+    assert!(message.contains("locked by root"), "{message}");
+
+    // Who set what is saved: after a restart the user still owns theirs, and only theirs.
+    let mut d = d.restart();
+    let app = d.root.join("user.slice/u/app").display().to_string();
+    done(d.state.unset(&app, USER));
+    assert!(!d.kernel.held().paths.contains_key("/user.slice/u/app"));
+}
+
+#[test]
+fn docker_labels_are_policies_until_the_container_is_removed() {
+    use crate::containers::docker::{DockerEvent, Driver};
+    let mut d = Daemon::start();
+    d.state.docker_status = Some(crate::api::protocol::DockerStatus {
+        socket: "/var/run/docker.sock".into(),
+        connected: false,
+        error: None,
+        api: None,
+        cgroup_driver: None,
+        containers: 0,
+        invalid: Vec::new(),
+    });
+    d.mkdir("docker");
+    let id = |c: char| c.to_string().repeat(64);
+    let created = |c: char, label: &str| DockerEvent::Container {
+        id: id(c),
+        name: format!("web-{c}"),
+        cgroup: Driver::Cgroupfs.container_path(&id(c), ""),
+        label: label.into(),
+    };
+    d.state.on_docker_event(DockerEvent::Connection {
+        ok: true,
+        message: None,
+        api: Some("1.41".into()),
+        driver: Some(Driver::Cgroupfs),
+    });
+    // Created, not started: the policy waits at the path the cgroup will have.
+    d.state.on_docker_event(created('a', "idle=180,cnt=5"));
+    let a = format!("/docker/{}", id('a'));
+    assert_eq!(d.kernel_idle(&a), Some(180));
+    let a_path = d.root.join(&a[1..]);
+    assert_eq!(
+        (
+            d.state.want(&a_path).map(|(_, s)| s),
+            d.state.docker_of(&a_path, Source::Docker)
+        ),
+        (Some(Source::Docker), Some("web-a".to_string()))
+    );
+    // A bad label: no policy; the status names the container and the label.
+    d.state.on_docker_event(created('b', "idle=0"));
+    let status = d.state.docker_status.clone().unwrap();
+    assert_eq!((status.connected, status.containers), (true, 2));
+    assert_eq!(status.invalid.len(), 1, "{status:?}");
+    assert!(
+        status.invalid[0].contains("web-b")
+            && status.invalid[0].contains("label kad.dev/keepalive"),
+        "{status:?}"
+    );
+    assert_eq!(d.kernel.held().paths.len(), 1);
+    // Saved: a restart keeps it before any event.
+    let d = d.restart();
+    assert_eq!(d.kernel_idle(&a), Some(180));
+    let mut d = d;
+    assert_eq!(
+        d.state.docker_of(&a_path, Source::Docker),
+        Some("web-a".to_string())
+    );
+    // The first full list after the restart names only c: a goes, c comes.
+    d.state.on_docker_event(DockerEvent::ListStart);
+    d.state.on_docker_event(created('c', "off"));
+    d.state.on_docker_event(DockerEvent::ListDone);
+    assert_eq!(d.kernel_idle(&a), None);
+    let c = format!("/docker/{}", id('c'));
+    assert!(d.kernel.held().paths.contains_key(c.as_str()));
+    // docker rm.
+    d.state
+        .on_docker_event(DockerEvent::Removed { id: id('c') });
+    assert!(d.kernel.held().paths.is_empty());
+    assert!(d.state.from_docker.is_empty());
+}
+
+/// The hook of rootless podman runs as the user: a container's policy in a cgroup delegated to
+/// them is theirs (relative paths resolved below the daemon's root before the check), kept at a
+/// stop when the bundle is theirs too, and only they (or root) may stop or remove it.
+#[test]
+fn a_users_container_policy_follows_the_delegation_rules() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: giving a directory to another user needs root");
+        return;
+    }
+    const USER: u32 = 65534;
+    let mut d = Daemon::start();
+    delegate(&d.mkdir("user.slice/u"), USER);
+    let id = "cd".repeat(32);
+    let cgroup = format!("user.slice/u/libpod-{id}");
+    // The cgroup the runtime made as the user is theirs, as the kernel makes it.
+    let path = d.mkdir(&cgroup);
+    delegate(&path, USER);
+    let policy = Policy::on(Some(120), None, None).unwrap();
+
+    // Not delegated: refused, container or not.
+    d.mkdir("other");
+    let message = error(
+        d.state
+            .set_for("other/libpod-x", policy, Some(id.clone()), USER),
+    );
+    assert!(message.contains("not in a cgroup delegated"), "{message}");
+    assert_eq!(d.state.container_of(&d.root.join("other/libpod-x")), None);
+
+    done(d.state.set_for(&cgroup, policy, Some(id.clone()), USER));
+    assert_eq!(d.state.owners.get(&path), Some(&USER));
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), false)));
+
+    // Another user's poststop for it: refused, the policy stays.
+    let bundle = d.dir.0.join("user-bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::os::unix::fs::chown(&bundle, Some(USER), Some(USER)).unwrap();
+    let message =
+        error(
+            d.state
+                .container_stopped(&cgroup, &id, &bundle.display().to_string(), USER - 1),
+        );
+    assert!(message.contains("permission denied"), "{message}");
+    assert!(d.state.set.contains_key(&path));
+
+    // The user's poststop with their bundle: kept, saved with who set it.
+    done(
+        d.state
+            .container_stopped(&cgroup, &id, &bundle.display().to_string(), USER),
+    );
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), true)));
+    let mut d = d.restart();
+    assert_eq!(d.state.owners.get(&path), Some(&USER));
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), true)));
+
+    // Started again, then stopped with a bundle that is not theirs: removed at once.
+    done(d.state.set_for(&cgroup, policy, Some(id.clone()), USER));
+    let roots = d.dir.0.display().to_string();
+    done(d.state.container_stopped(&cgroup, &id, &roots, USER));
+    assert!(!d.state.set.contains_key(&path));
+    assert_eq!(d.state.owners.get(&path), None);
     assert_eq!(d.state.container_of(&path), None);
 }

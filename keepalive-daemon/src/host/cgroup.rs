@@ -26,7 +26,7 @@ pub enum CgroupError {
     NotADirectory(PathBuf),
     #[error("{path} is not on the cgroup2 filesystem (mounted at {root})")]
     NotCgroup2 { path: PathBuf, root: PathBuf },
-    #[error("refusing the cgroup2 root {0}: a policy there would touch every TCP connection of the host; name a child cgroup such as system.slice")]
+    #[error("refusing the cgroup2 root {0} as a cgroup: for a policy on every TCP connection of the host, use --host (`host = true` in the config file); otherwise name a child cgroup such as system.slice")]
     Root(PathBuf),
     #[error(
         "{path} goes through a symbolic link (to {target}{root_note}): give the cgroup's own path"
@@ -301,6 +301,19 @@ pub fn lexical_path(root: &Path, input: &str) -> Result<PathBuf, CgroupError> {
 /// The cgroup's id as BPF sees it, if the directory still exists.
 pub fn id_of(path: &Path) -> io::Result<u64> {
     Ok(std::fs::metadata(path)?.ino())
+}
+
+/// The cgroup delegated to `uid` that `path` is at or below: the nearest existing directory on
+/// the way up from `path`, when it is below the root and it and its `cgroup.procs` are owned by
+/// `uid`, as systemd's `Delegate=` (or a `chown` by root) leaves them, and as the kernel makes
+/// the cgroups a user creates in one.
+pub fn delegated_to(root: &Path, path: &Path, uid: u32) -> Option<PathBuf> {
+    let existing = nearest_existing(path);
+    if existing == root || !existing.starts_with(root) {
+        return None;
+    }
+    let owned = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.uid() == uid);
+    (owned(existing) && owned(&existing.join("cgroup.procs"))).then(|| existing.to_path_buf())
 }
 
 /// Whether `path` is on the filesystem mounted at `root`. The root is the cgroup2 mount

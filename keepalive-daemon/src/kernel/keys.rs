@@ -24,7 +24,11 @@ pub fn path_key(root: &Path, path: &Path) -> Option<PathKey> {
 pub fn key_path(root: &Path, key: &PathKey) -> Option<PathBuf> {
     let len = key.bytes.iter().position(|&b| b == 0)?;
     let text = std::str::from_utf8(&key.bytes[..len]).ok()?;
-    Some(root.join(text.strip_prefix('/')?))
+    match text.strip_prefix('/')? {
+        // The host policy's key: the root itself, spelled without a trailing slash.
+        "" => Some(root.to_path_buf()),
+        relative => Some(root.join(relative)),
+    }
 }
 
 #[cfg(test)]
@@ -41,6 +45,9 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified/a/b"))
         );
         assert!(path_key(root, Path::new("/elsewhere/a")).is_none());
+        let host = path_key(root, root).expect("the host policy's key");
+        assert_eq!(&host.bytes[..2], b"/\0");
+        assert_eq!(key_path(root, &host).as_deref(), Some(root));
         let long = root.join("x".repeat(PATH_KEY_LEN));
         assert!(path_key(root, &long).is_none());
     }

@@ -47,6 +47,10 @@ pub struct Policy {
     /// A program's own keepalive `setsockopt` is rewritten to the policy's values.
     #[serde(default)]
     pub enforce: bool,
+    /// Set by root: users may not set policies of their own below it (no opt-out, no other
+    /// values in the cgroups delegated to them). Not part of the kernel's value.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub locked: bool,
 }
 
 impl Policy {
@@ -57,6 +61,7 @@ impl Policy {
         cnt: None,
         user_timeout: None,
         enforce: false,
+        locked: false,
     };
 
     /// Keepalive on with the given values, each checked against the kernel's limits.
@@ -72,6 +77,7 @@ impl Policy {
             cnt,
             user_timeout: None,
             enforce: false,
+            locked: false,
         };
         policy.validate()?;
         Ok(policy)
@@ -144,6 +150,7 @@ impl Policy {
             cnt: set(value.cnt),
             user_timeout: set(value.user_timeout),
             enforce: value.flags & FLAG_ENFORCE != 0,
+            locked: false,
         }
     }
 
@@ -190,6 +197,9 @@ impl fmt::Display for Policy {
         }
         if self.enforce {
             f.write_str(" enforced")?;
+        }
+        if self.locked {
+            f.write_str(" locked")?;
         }
         Ok(())
     }

@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 use super::{guard::check_interrupted, Bench};
 
 impl Bench {
-    pub(super) fn start_daemon(&mut self, bpffs: &Path) -> Result<()> {
+    /// The daemon, without Docker unless `extra` says `--docker SOCKET`.
+    pub(super) fn start_daemon(&mut self, bpffs: &Path, extra: &[&str]) -> Result<()> {
         let state = self.tmp.join("state");
         self.guard.uninstall = Some((self.kad.clone(), bpffs.to_path_buf(), state.clone()));
         let log = File::create(&self.log)?;
@@ -30,6 +31,8 @@ impl Bench {
             .arg(bpffs)
             .arg("--config")
             .arg(self.tmp.join("none.toml"))
+            .arg("--no-docker")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -54,8 +57,28 @@ impl Bench {
         Ok(())
     }
 
+    /// Stops the daemon (SIGTERM) and starts it again on the same paths, with `extra`.
+    pub(super) fn restart_daemon(&mut self, extra: &[&str]) -> Result<()> {
+        let bpffs = match &self.guard.uninstall {
+            Some((_, bpffs, _)) => bpffs.clone(),
+            None => bail!("no daemon to restart"),
+        };
+        if let Some(mut daemon) = self.guard.daemon.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(daemon.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        self.start_daemon(&bpffs, extra)
+    }
+
     /// One request over the control socket (what `kad` does, without a process per call).
-    fn control(&self, request: &Value) -> Result<Value> {
+    pub(super) fn control(&self, request: &Value) -> Result<Value> {
         let mut stream = UnixStream::connect(&self.socket)
             .with_context(|| format!("connect {}", self.socket.display()))?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;

@@ -50,6 +50,10 @@ pub(super) struct Guard {
     pub(super) netns: Option<String>,
     /// `STATS_KNOB` as it was before the bench switched it on.
     pub(super) stats_before: Option<String>,
+    /// The bench's dockerd: (process, socket, directory).
+    pub(super) dockerd: Option<(Child, PathBuf, PathBuf)>,
+    /// Cgroups runc also made in each cgroup v1 hierarchy (names below their roots).
+    pub(super) v1_cgroups: Vec<String>,
 }
 
 /// The kernel's accounting of BPF program runs (off by default: it costs every run).
@@ -57,6 +61,9 @@ pub(super) const STATS_KNOB: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if let Some((dockerd, socket, dir)) = self.dockerd.take() {
+            stop_dockerd(dockerd, &socket, &dir);
+        }
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -104,6 +111,14 @@ impl Drop for Guard {
         for cgroup in self.cgroups.iter().rev() {
             remove_cgroup_tree(cgroup);
         }
+        for v1 in cgroup_v1_mounts() {
+            for name in &self.v1_cgroups {
+                let path = v1.join(name);
+                if path.exists() {
+                    remove_cgroup_tree(&path);
+                }
+            }
+        }
         if let Some(before) = &self.stats_before {
             let _ = std::fs::write(STATS_KNOB, before.trim());
         }
@@ -129,4 +144,61 @@ fn remove_cgroup_tree(path: &Path) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Removes the containers, stops dockerd by its pid (SIGKILL after 20 s) and unmounts what it
+/// left below its directory.
+fn stop_dockerd(mut dockerd: Child, socket: &Path, dir: &Path) {
+    let docker = |args: &[&str]| {
+        Command::new("/usr/bin/docker")
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+    };
+    if let Ok(out) = docker(&["ps", "-aq"]) {
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids.iter().map(String::as_str));
+            let _ = docker(&args);
+        }
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(dockerd.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while matches!(dockerd.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = dockerd.kill();
+    let _ = dockerd.wait();
+    let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for m in mounts {
+        if let Ok(path) = std::ffi::CString::new(m.display().to_string()) {
+            // SAFETY: a NUL-terminated path; a lazy unmount of what the bench's dockerd mounted.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn cgroup_v1_mounts() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let point = mount.split_whitespace().nth(4)?;
+            (fs.split_whitespace().next()? == "cgroup").then(|| PathBuf::from(point))
+        })
+        .collect()
 }

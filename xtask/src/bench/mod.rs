@@ -10,6 +10,9 @@
 //!    daemon's RSS and descriptors, and how long `kad set` takes.
 //! 3. Existing connections. 100,000 established loopback connections, then `kad set` on
 //!    their cgroup, timed, and every socket checked with getsockopt (a sample with ss).
+//! 4. Docker. 100 labelled containers started one after the other by a dockerd of the bench's
+//!    own, each first connection checked, and the time from `create` to the policy in force
+//!    (`docker`; alone with `--docker-only`).
 //!
 //! The connections are made in a network namespace of the bench's own, where TIME_WAIT is
 //! switched off (`tcp_max_tw_buckets` 0): hundreds of thousands of connections leave nothing
@@ -23,6 +26,7 @@
 //! `programs` the C programs (`c/`) and kad's found with bpftool, `daemon` the kad daemon under
 //! measure, `sandbox` the bench's network namespace and cgroups, `guard` the clean-up.
 mod daemon;
+mod docker;
 mod existing;
 mod floor;
 mod guard;
@@ -100,7 +104,7 @@ impl Attached {
     }
 }
 
-pub fn run(root: &Path, floor_only: bool) -> Result<()> {
+pub fn run(root: &Path, floor_only: bool, docker_only: bool) -> Result<()> {
     stop_on_signals();
     let cg_root = cgroup2_root()?;
     let name = format!("kad-bench-{}", std::process::id());
@@ -117,7 +121,11 @@ pub fn run(root: &Path, floor_only: bool) -> Result<()> {
         daemon_pid: 0,
         netns: None,
     };
-    let result = bench.run(floor_only);
+    let result = if docker_only {
+        bench.run_docker()
+    } else {
+        bench.run(floor_only)
+    };
     if result.is_err() {
         bench.report_daemon();
     }
@@ -125,6 +133,20 @@ pub fn run(root: &Path, floor_only: bool) -> Result<()> {
 }
 
 impl Bench {
+    /// Part 4 alone.
+    fn run_docker(&mut self) -> Result<()> {
+        std::fs::create_dir_all(&self.tmp)
+            .with_context(|| format!("mkdir {}", self.tmp.display()))?;
+        self.guard.tmp = Some(self.tmp.clone());
+        let bpffs = Path::new("/sys/fs/bpf").join(&self.name);
+        std::fs::create_dir(&bpffs).with_context(|| format!("mkdir {}", bpffs.display()))?;
+        self.guard.bpffs = Some(bpffs.clone());
+        self.start_daemon(&bpffs.join("kad"), &[])?;
+        println!("kad bench: kernel {}", kernel_release());
+        println!();
+        self.docker()
+    }
+
     fn run(&mut self, floor_only: bool) -> Result<()> {
         std::fs::create_dir_all(&self.tmp)
             .with_context(|| format!("mkdir {}", self.tmp.display()))?;
@@ -139,7 +161,7 @@ impl Bench {
         let kad_cg = self.top_cgroup("kad")?;
         let empty = self.load_c("empty", EMPTY_C, &bpffs, &empty_cg)?;
         let anchor = self.load_c("anchor", ANCHOR_C, &bpffs, &anchor_cg)?;
-        self.start_daemon(&bpffs.join("kad"))?;
+        self.start_daemon(&bpffs.join("kad"), &[])?;
         self.set(&kad_cg, (IDLE, INTVL, CNT))?;
         let attached = Attached {
             kad: kad_programs(&bpffs.join("kad"))?,
@@ -172,6 +194,9 @@ impl Bench {
 
         println!();
         self.existing()?;
+
+        println!();
+        self.docker()?;
         Ok(())
     }
 }

@@ -65,7 +65,8 @@ pub(super) fn test_binaries(root: &Path) -> Result<Vec<PathBuf>> {
 const HOLD_KEYS: &str = include_str!("hold_keys.sh");
 
 /// The script the guest runs: bpffs and cgroup2 mounted as on a host, then each test binary,
-/// its output into `out`, then the marker that says the run finished.
+/// its output into `out`, then the marker that says the run finished. The tests `#[ignore]`d on
+/// the host (they attach to the cgroup2 root, which is the guest's own here) run too.
 pub(super) fn guest_script(root: &Path, out: &Path, tests: &[PathBuf]) -> String {
     let ci = std::env::var("CI").unwrap_or_default();
     let mut script = format!(
@@ -86,7 +87,7 @@ pub(super) fn guest_script(root: &Path, out: &Path, tests: &[PathBuf]) -> String
     );
     for test in tests {
         script.push_str(&format!(
-            "echo '### {name}'; '{path}'; echo \"### exit $?\"\n",
+            "echo '### {name}'; '{path}' --include-ignored; echo \"### exit $?\"\n",
             name = test_name(test),
             path = test.display()
         ));

@@ -74,6 +74,17 @@ pub enum ExecError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "kad exec as uid {uid} makes its cgroup below your own, {parent}, which is not delegated \
+         to you ({source}); run it in a cgroup that is, e.g. `systemd-run --user --scope kad \
+         exec ...`, or as root"
+    )]
+    NotDelegated {
+        uid: u32,
+        parent: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]

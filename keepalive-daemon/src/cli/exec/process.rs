@@ -42,9 +42,20 @@ impl TransientCgroup {
         let path = root
             .join(own.trim_start_matches('/'))
             .join(format!("{TRANSIENT_PREFIX}{}", std::process::id()));
-        std::fs::create_dir(&path).map_err(|source| ExecError::Create {
-            path: path.clone(),
-            source,
+        std::fs::create_dir(&path).map_err(|source| {
+            // SAFETY: getuid has no preconditions.
+            let uid = unsafe { libc::getuid() };
+            match (uid, source.kind()) {
+                (1.., io::ErrorKind::PermissionDenied) => ExecError::NotDelegated {
+                    uid,
+                    parent: path.parent().unwrap_or(root).to_path_buf(),
+                    source,
+                },
+                _ => ExecError::Create {
+                    path: path.clone(),
+                    source,
+                },
+            }
         })?;
         Ok(TransientCgroup { path })
     }

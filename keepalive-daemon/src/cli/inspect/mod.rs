@@ -21,7 +21,10 @@ use serde::Serialize;
 
 pub use processes::cgroup_pids;
 
-use super::{args::TargetArgs, one_line, output};
+use super::{
+    args::{Target, TargetArgs},
+    one_line, output,
+};
 use crate::{
     api::client,
     api::protocol::{PolicyEntry, Request, Response},
@@ -43,6 +46,9 @@ pub(super) struct InspectArgs {
 pub(super) fn command(socket: &Path, args: &InspectArgs) -> anyhow::Result<()> {
     // --pid N as for every command: the cgroup N is in, and so all of its processes.
     let root = cgroup::find_root()?;
+    if args.target.host() {
+        Target::Host.cgroup()?;
+    }
     // Which policy is in force is the daemon's to say; the values are the kernel's,
     // shown without it too.
     let policies = match client::call(socket, &Request::List) {
@@ -56,11 +62,14 @@ pub(super) fn command(socket: &Path, args: &InspectArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let target = args.target.resolve_or_recorded(|| {
-        policies
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("the daemon did not answer"))
-    });
+    let target = args
+        .target
+        .resolve_or_recorded(|| {
+            policies
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("the daemon did not answer"))
+        })
+        .and_then(Target::cgroup);
     let target = match target {
         Err(e) => match e.downcast::<cgroup::CgroupError>() {
             Ok(cgroup::CgroupError::Root(root)) => anyhow::bail!(

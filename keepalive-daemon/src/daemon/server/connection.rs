@@ -16,7 +16,7 @@ use tracing::warn;
 
 use super::{slots::Slot, LOG_BURST, LOG_PERIOD};
 use crate::{
-    api::protocol::{self, Request, Response, MAX_REQUEST_BYTES},
+    api::protocol::{self, Peer, Request, Response, MAX_REQUEST_BYTES},
     host::logging::{escape, held_note, LogLimiter},
 };
 
@@ -110,7 +110,7 @@ impl<F> Shared<F> {
 
 impl<F, Fut> Shared<F>
 where
-    F: Fn(Request, Option<u32>) -> Fut,
+    F: Fn(Request, Peer) -> Fut,
     Fut: Future<Output = Response>,
 {
     /// Reads the request, replies, and closes; `_slot` is held until then.
@@ -122,16 +122,17 @@ where
         };
         let reply: Arc<[u8]> = match request {
             Err(message) => self.refused(uid, message),
-            Ok(request) if request.mutates() && uid != 0 => self.refused(
+            Ok(request) if request.root_only() && uid != 0 => self.refused(
                 uid,
-                "permission denied: only root may change policies".to_string(),
+                "permission denied: only root may change the host policy or reload the config file"
+                    .to_string(),
             ),
             Ok(request) => {
                 let arrived = Instant::now();
                 match self.replies.slot(uid, &request) {
                     Some(cache) => self.shared_reply(cache, uid, request, arrived).await,
                     None => {
-                        let reply = (self.handle)(request, pid).await;
+                        let reply = (self.handle)(request, Peer { uid, pid }).await;
                         if let Response::Error { message } = &reply {
                             self.log_refused(uid, message);
                         }
@@ -182,7 +183,8 @@ where
         }
         let began = Instant::now();
         // Shared replies (list, status, stats) do not depend on who asked.
-        let reply: Arc<[u8]> = protocol::encode(&(self.handle)(request, None).await).into();
+        let reply: Arc<[u8]> =
+            protocol::encode(&(self.handle)(request, Peer { uid, pid: None }).await).into();
         if reply.len() > BIG_REPLY {
             // Building it left as many small allocations freed, scattered over the heap.
             crate::host::sys::release_free_memory();
@@ -225,6 +227,8 @@ impl Replies {
             | Request::Exec { .. }
             | Request::Unset { .. }
             | Request::ContainerStopped { .. }
+            | Request::SetHost { .. }
+            | Request::UnsetHost
             | Request::Reload => None,
         }
     }

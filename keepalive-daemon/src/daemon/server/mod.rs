@@ -16,7 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::warn;
 
 use crate::{
-    api::protocol::{self, Request, Response},
+    api::protocol::{self, Peer, Request, Response},
     host::logging::{held_note, LogLimiter},
     host::pathio::{io_err, PathIoError},
 };
@@ -79,11 +79,11 @@ pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
-/// Serves the control socket for ever, answering each request with `handle(request, pid)`,
-/// `pid` being the peer's process in our PID namespace (the kernel translates it), if known.
+/// Serves the control socket for ever, answering each request with `handle(request, peer)`:
+/// the peer's uid and its process in our PID namespace (the kernel translates it), if known.
 pub async fn serve<F, Fut>(listener: UnixListener, limits: Limits, handle: F)
 where
-    F: Fn(Request, Option<u32>) -> Fut + Send + Sync + 'static,
+    F: Fn(Request, Peer) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response> + Send,
 {
     let shared = Arc::new(Shared::new(handle));

@@ -7,10 +7,7 @@ use std::{
 };
 
 use super::{StoreError, StoredPolicy};
-use crate::{
-    host::cgroup,
-    host::pathio::{io_err, PathIoError},
-};
+use crate::host::pathio::{io_err, PathIoError};
 
 /// Where a new version of `path` is written before it replaces the old one.
 pub(super) fn tmp_path(path: &Path) -> PathBuf {
@@ -42,8 +39,7 @@ pub(super) fn load(path: &Path, root: &Path) -> Result<Vec<StoredPolicy>, StoreE
             .policy
             .validate()
             .map_err(|e| corrupt(e.to_string()))?;
-        let checked =
-            cgroup::checked_path(root, &entry.cgroup).map_err(|e| corrupt(e.to_string()))?;
+        let checked = super::kept_path(root, &entry.cgroup).map_err(|e| corrupt(e.to_string()))?;
         entry.cgroup = checked.display().to_string();
     }
     Ok(entries)

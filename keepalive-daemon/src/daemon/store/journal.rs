@@ -13,10 +13,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{StoreError, StoredPolicy};
-use crate::{
-    host::cgroup,
-    host::pathio::{io_err, PathIoError},
-};
+use crate::host::pathio::{io_err, PathIoError};
 
 /// The journal's file name in the state directory.
 pub(super) const NAME: &str = "policies.journal";
@@ -107,7 +104,7 @@ pub(super) fn replay(
                     .policy
                     .validate()
                     .map_err(|e| corrupt(format!("{}: {e}", entry.cgroup)))?;
-                let path = cgroup::checked_path(root, &entry.cgroup)
+                let path = super::kept_path(root, &entry.cgroup)
                     .map_err(|e| corrupt(format!("{}: {e}", entry.cgroup)))?;
                 entry.cgroup = path.display().to_string();
                 table.insert(entry.cgroup.clone(), entry);

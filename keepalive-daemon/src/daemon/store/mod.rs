@@ -1,5 +1,5 @@
 //! The state directory on disk: the policy table (`policies.json` and its journal), the pod
-//! policies (`pods.json`), the copy of the config file's policies (`config.json`), and the lock
+//! policies (`pods.json`), Docker containers' (`docker.json`), the copy of the config file's policies (`config.json`), and the lock
 //! that gives a state directory to one daemon.
 //!
 //! - `file`: a table file, read and replaced whole (atomically);
@@ -29,6 +29,8 @@ const FILE_NAME: &str = "policies.json";
 /// Pod policies (`kad daemon --kubernetes`), kept so that they stay known, and enforced,
 /// across a restart while the API server cannot be reached.
 const PODS_FILE_NAME: &str = "pods.json";
+/// Docker containers' policies (`kad daemon --docker`), kept as the pods' are.
+const DOCKER_FILE_NAME: &str = "docker.json";
 /// The config file's policies as last read: what stays in force if the file goes missing.
 const CONFIG_COPY_NAME: &str = "config.json";
 
@@ -67,6 +69,12 @@ pub struct StoredPolicy {
     /// While that container is stopped: its bundle, whose removal removes the policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<String>,
+    /// The user who set it in a cgroup delegated to them; absent for root's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The Docker container (its name) whose label this policy is (docker.json only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<String>,
 }
 
 impl StoredPolicy {
@@ -78,8 +86,19 @@ impl StoredPolicy {
             pod: None,
             container: None,
             bundle: None,
+            uid: None,
+            docker: None,
         }
     }
+}
+
+/// The path a saved entry is kept by: checked like the CLI's paths, except that the cgroup2
+/// root itself is the host policy's.
+fn kept_path(root: &Path, cgroup: &str) -> Result<PathBuf, crate::host::cgroup::CgroupError> {
+    if Path::new(cgroup) == root {
+        return Ok(root.to_path_buf());
+    }
+    crate::host::cgroup::checked_path(root, cgroup)
 }
 
 pub struct Store {
@@ -105,6 +124,16 @@ impl Store {
     pub fn pods(state_dir: &Path) -> Self {
         Store {
             path: state_dir.join(PODS_FILE_NAME),
+            journal: None,
+            journal_lines: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Docker containers' policies' file in the state directory (written whole, with no
+    /// journal, as the pods').
+    pub fn docker(state_dir: &Path) -> Self {
+        Store {
+            path: state_dir.join(DOCKER_FILE_NAME),
             journal: None,
             journal_lines: std::cell::Cell::new(0),
         }
