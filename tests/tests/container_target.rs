@@ -127,3 +127,56 @@ fn container_ids_find_their_cgroup_for_each_runtime_and_driver() {
     }
     assert_eq!(daemon.list(), serde_json::json!([]));
 }
+
+/// A container that is gone (its cgroup removed, as a runtime does when it stops) is found by
+/// the id its policy was set with: `kad list` names it, `inspect` and `stats` say it has
+/// nothing running, `unset --container` removes its policy; an id no policy was set for says
+/// to unset by path.
+#[test]
+fn a_gone_containers_policy_is_found_by_its_id() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let base = TestCgroup::new(&env, "gone");
+    let id = random_id();
+    let path = base.child(&format!("libpod_parent/libpod-{id}"));
+    daemon.kad_ok(&["set", "--container", &id[..12], "--idle", "78"]);
+    let list = daemon.list();
+    assert_eq!(list[0]["container"], id.as_str(), "{list}");
+    let table = daemon.kad_ok(&["list"]);
+    assert!(
+        table.contains(&format!("(container {})", &id[..12])),
+        "{table}"
+    );
+    let status = daemon.kad_ok(&["status"]);
+    assert!(
+        status.contains(&format!("(from container {})", &id[..12])),
+        "{status}"
+    );
+
+    fs::remove_dir(&path).expect("rmdir the container's cgroup");
+    let list = daemon.list();
+    assert_eq!(
+        (&list[0]["cgroup"], &list[0]["waiting"]),
+        (&path.display().to_string().into(), &true.into()),
+        "{list}"
+    );
+    let out = daemon.kad(&["inspect", "--container", &id[..12]]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("is not running"), "{stderr}");
+    let stats = daemon.kad_ok(&["stats", "--container", &id[..12], "--json"]);
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats --json");
+    assert_eq!(stats["cgroups"], serde_json::json!([]), "{stats}");
+    let out = daemon.kad_ok(&["unset", "--container", &id[..12]]);
+    assert_eq!(out.trim(), format!("{}: policy removed", path.display()));
+    assert_eq!(daemon.list(), serde_json::json!([]));
+
+    let out = daemon.kad(&["unset", "--container", &id[..12]]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no running container") && stderr.contains("kad unset --cgroup PATH"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}

@@ -11,7 +11,8 @@ use std::{
 };
 
 use kad_tests::{
-    busybox, kad_env, remove_cgroup_tree, unique, wait_for, Daemon, Env, TempDir, TestCgroup,
+    busybox, connect, kad_env, remove_cgroup_tree, unique, wait_for, Daemon, Env, Process, TempDir,
+    TestCgroup,
 };
 
 const ANNOTATION: &str = "kad.dev/keepalive";
@@ -149,8 +150,8 @@ impl Podman {
             "--cgroup-parent",
             &parent,
         ];
-        // Quoted: podman's --annotation splits an unquoted value at its commas.
-        let annotation = annotation.map(|v| format!("\"{ANNOTATION}={v}\""));
+        // As a user types it: podman splits the value at its commas, the hook puts it back.
+        let annotation = annotation.map(|v| format!("{ANNOTATION}={v}"));
         if let Some(a) = &annotation {
             args.extend(["--annotation", a]);
         }
@@ -376,22 +377,56 @@ fn annotated_container_has_the_policy_from_its_first_connection() {
     assert_eq!(entry["idle"], 151, "{entry}");
     assert_eq!(podman.records(), 1);
 
-    // A restart: poststop removes the policy, createRuntime puts it back before the new
-    // process's first connection.
+    assert_eq!(entry["container"], id.as_str(), "{entry}");
+    let status = daemon.kad_ok(&["status"]);
+    assert!(
+        status.contains(&format!("(from container {})", &id[..12])),
+        "{status}"
+    );
+
+    // A stop: the policy stays, waiting for the container's next start.
+    let out = podman.run(&["stop", "-t", "0", &name]);
+    assert!(out.status.success(), "podman stop: {}", stderr(&out));
+    assert!(!cgroup.exists());
+    let list = daemon.list();
+    assert_eq!(list[0]["stopped"], true, "{list}");
+    let table = daemon.kad_ok(&["list"]);
+    assert!(
+        table.contains("stopped: waiting for its next start"),
+        "{table}"
+    );
+
+    // Started again, then a restart: createRuntime puts it in force before the new process's
+    // first connection, and the counters go on from where they were.
+    let out = podman.run(&["start", &name]);
+    assert!(out.status.success(), "podman start: {}", stderr(&out));
+    assert_first_connection_has_the_policy(&daemon, podman.pid(&name), &id);
     let out = podman.run(&["restart", "-t", "0", &name]);
     assert!(out.status.success(), "podman restart: {}", stderr(&out));
     let new_pid = podman.pid(&name);
     assert_ne!(new_pid, pid);
     assert_first_connection_has_the_policy(&daemon, new_pid, &id);
     assert_eq!(podman.records(), 1);
+    let stats = daemon.kad_ok(&["stats", "--container", &id[..12], "--json"]);
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats --json");
+    let rows = stats["cgroups"].as_array().expect("rows");
+    // Three first connections: the run's, the start's and the restart's.
+    assert_eq!(
+        (&rows[0]["connect"], &rows[0]["accept"]),
+        (&3.into(), &3.into()),
+        "counters across restarts: {stats}"
+    );
 
-    // poststop (podman runs it at stop and again at rm) removes it.
+    // Removed: its bundle goes, and the policy with it.
     let out = podman.run(&["rm", "-f", "-t", "0", &name]);
     assert!(out.status.success(), "podman rm: {}", stderr(&out));
     assert!(!cgroup.exists());
-    let list = daemon.list();
+    let mut list = serde_json::Value::Null;
     assert!(
-        !list.to_string().contains(&id),
+        wait_for(Duration::from_secs(10), || {
+            list = daemon.list();
+            !list.to_string().contains(&id)
+        }),
         "policy left after podman rm: {list}\n{}",
         daemon.log()
     );
@@ -420,37 +455,10 @@ fn a_bad_annotation_stops_the_start_with_the_message() {
     assert_eq!(daemon.list(), serde_json::json!([]));
     assert_eq!(podman.records(), 0);
 
-    // Unquoted, podman splits the value at its commas: refused rather than run with idle only.
-    let unquoted = format!("{ANNOTATION}=idle=151,intvl=15,cnt=3");
-    let split_name = podman.name();
-    let parent = format!("/{}", podman.parent.relative());
-    let rootfs = podman.rootfs.display().to_string();
-    let out = podman.run(&[
-        "run",
-        "-d",
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1024:1024",
-        "--cgroup-parent",
-        &parent,
-        "--annotation",
-        &unquoted,
-        "--name",
-        &split_name,
-        "--rootfs",
-        &rootfs,
-        "/bin/sleep",
-        "1000",
-    ]);
-    assert!(
-        !out.status.success(),
-        "a split annotation started the container"
-    );
-    let message = stderr(&out);
-    assert!(message.contains("split at its commas"), "{message}");
+    // An item without `=` after a comma: podman itself refuses the command.
+    let (_, out) = podman.start(Some("idle=151,enforce"), "sleep 1000");
+    assert!(!out.status.success(), "podman took idle=151,enforce");
+    assert!(stderr(&out).contains("KEY=VALUE"), "{}", stderr(&out));
     assert_eq!(daemon.list(), serde_json::json!([]));
 
     // A container without the annotation does not run the hook at all.
@@ -458,6 +466,74 @@ fn a_bad_annotation_stops_the_start_with_the_message() {
     assert!(out.status.success(), "podman run: {}", stderr(&out));
     assert!(podman.pid(&plain) > 0);
     assert_eq!(daemon.list(), serde_json::json!([]));
+}
+
+/// The forms of the annotation podman takes: as typed (split by podman at its commas, put back
+/// by the hook), quoted whole, with `enforce` first; each is the policy, read from the daemon.
+#[test]
+fn podmans_annotation_forms_give_the_same_policy() {
+    let env = kad_env!();
+    if !podman_available() {
+        return;
+    }
+    let daemon = Daemon::start(&env);
+    let mut podman = Podman::new(&env, &daemon.socket);
+    for (typed, idle, enforce) in [
+        (format!("{ANNOTATION}=idle=151,intvl=15,cnt=3"), 151, false),
+        (
+            format!("\"{ANNOTATION}=idle=152,intvl=15,cnt=3\""),
+            152,
+            false,
+        ),
+        (
+            format!("{ANNOTATION}=enforce,idle=153,intvl=15,cnt=3"),
+            153,
+            true,
+        ),
+    ] {
+        let name = podman.name();
+        let parent = format!("/{}", podman.parent.relative());
+        let rootfs = podman.rootfs.display().to_string();
+        let out = podman.run(&[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=1024:1024",
+            "--cgroup-parent",
+            &parent,
+            "--annotation",
+            &typed,
+            "--name",
+            &name,
+            "--rootfs",
+            &rootfs,
+            "/bin/sleep",
+            "1000",
+        ]);
+        assert!(out.status.success(), "{typed}: {}", stderr(&out));
+        let cgroup = podman.cgroup_of(&podman.id(&name)).display().to_string();
+        let list = daemon.list();
+        let entry = list
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|p| p["cgroup"] == cgroup)
+            .unwrap_or_else(|| panic!("{typed}: no policy for {cgroup}: {list}"));
+        assert_eq!(
+            (
+                &entry["idle"],
+                &entry["intvl"],
+                &entry["cnt"],
+                &entry["enforce"]
+            ),
+            (&idle.into(), &15.into(), &3.into(), &enforce.into()),
+            "{typed}: {entry}"
+        );
+    }
 }
 
 #[test]
@@ -474,4 +550,250 @@ fn without_the_daemon_the_container_does_not_start() {
     assert!(message.contains("kad daemon is not running"), "{message}");
     assert!(message.contains("start it with"), "{message}");
     assert_eq!(podman.records(), 0);
+}
+
+/// A root filesystem with `kad` and the shared libraries it needs (none if it is static), as a
+/// `FROM scratch` image of it would hold; with the mount points of the daemon's directories.
+fn kad_rootfs(kad: &Path, dir: &Path) -> PathBuf {
+    let rootfs = dir.join("kad-rootfs");
+    for mount in [
+        "sys/fs/cgroup",
+        "sys/fs/bpf",
+        "run/kad",
+        "var/lib/kad",
+        "proc",
+        "dev",
+    ] {
+        fs::create_dir_all(rootfs.join(mount)).expect("mkdir in rootfs");
+    }
+    fs::copy(kad, rootfs.join("kad")).expect("copy kad");
+    let ldd = Command::new("ldd").arg(kad).output().expect("run ldd");
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let Some(lib) = line
+            .split_whitespace()
+            .find(|word| word.starts_with('/'))
+            .map(PathBuf::from)
+        else {
+            continue;
+        };
+        let target = rootfs.join(lib.strip_prefix("/").expect("absolute"));
+        fs::create_dir_all(target.parent().expect("parent")).expect("mkdir lib dir");
+        fs::copy(&lib, &target).unwrap_or_else(|e| panic!("copy {}: {e}", lib.display()));
+    }
+    rootfs
+}
+
+/// The daemon in a podman container, run as the DaemonSet runs it (host PID namespace, no
+/// capabilities but kad's, read-only root), with the host's cgroup2 tree mounted at
+/// /sys/fs/cgroup, where a hybrid host has it at /sys/fs/cgroup/unified: the host's CLI names
+/// cgroups by the host's absolute paths and by --pid, the daemon puts the policies on those same
+/// cgroups, and the host's processes there get them; the CLI shows the host's paths.
+#[test]
+fn a_daemon_in_a_container_applies_the_hosts_paths() {
+    let env = kad_env!();
+    if !podman_available() {
+        return;
+    }
+    let run = TempDir::new("ctr-daemon-run");
+    let socket = run.0.join("kad.sock");
+    let mut podman = Podman::new(&env, &socket);
+    let state = podman.dir.0.join("kad-state");
+    fs::create_dir_all(&state).expect("mkdir state");
+    let rootfs = kad_rootfs(&env.kad, &podman.dir.0);
+    let bpffs_name = unique("ctr-daemon");
+    // Removed (pins and all) when the test ends, after the container (dropped before it).
+    let bpffs = TempBpffs(PathBuf::from("/sys/fs/bpf").join(&bpffs_name));
+    let name = podman.name();
+    let parent = format!("/{}", podman.parent.relative());
+    let host_root = env.root.display().to_string();
+    let mounts = [
+        format!("{host_root}:/sys/fs/cgroup"),
+        "/sys/fs/bpf:/sys/fs/bpf".to_string(),
+        format!("{}:/run/kad", run.0.display()),
+        format!("{}:/var/lib/kad", state.display()),
+    ];
+    let inner_bpffs = format!("/sys/fs/bpf/{bpffs_name}");
+    let rootfs = rootfs.display().to_string();
+    let mut args = vec![
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--pid",
+        "host",
+        "--network",
+        "host",
+        "--read-only",
+        "--cap-drop",
+        "all",
+        "--cap-add",
+        "BPF,PERFMON,NET_ADMIN,SYS_ADMIN,SYS_PTRACE",
+        "--security-opt",
+        "no-new-privileges",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        "--cgroup-parent",
+        &parent,
+    ];
+    for mount in &mounts {
+        args.extend(["-v", mount]);
+    }
+    args.extend([
+        "--rootfs",
+        &rootfs,
+        "/kad",
+        "daemon",
+        "--socket",
+        "/run/kad/kad.sock",
+        "--state-dir",
+        "/var/lib/kad",
+        "--bpffs",
+        &inner_bpffs,
+        "--config",
+        "/var/lib/kad/kad.toml",
+    ]);
+    let out = podman.run(&args);
+    assert!(
+        out.status.success(),
+        "podman run kad daemon: {}",
+        stderr(&out)
+    );
+    let kad = |args: &[&str]| {
+        Command::new(&env.kad)
+            .args(args)
+            .env("KAD_SOCKET", &socket)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kad")
+    };
+    let logs = || stderr(&podman.run(&["logs", &name]));
+    assert!(
+        wait_for(Duration::from_secs(60), || kad(&["status"])
+            .status
+            .success()),
+        "the daemon in the container did not answer: {}",
+        logs()
+    );
+    let status = String::from_utf8_lossy(&kad(&["status"]).stdout).into_owned();
+    if env.root != Path::new("/sys/fs/cgroup") {
+        // This host mounts cgroup2 elsewhere: the status says both.
+        assert!(
+            status.contains("the daemon has it at /sys/fs/cgroup;"),
+            "{status}"
+        );
+    }
+
+    // By the host's absolute path, and by a host process's pid.
+    let server_cg = TestCgroup::new(&env, "inctr-srv");
+    let client_cg = TestCgroup::new(&env, "inctr-cli");
+    let out = kad(&[
+        "set",
+        "--cgroup",
+        &server_cg.path.display().to_string(),
+        "--idle",
+        "151",
+        "--intvl",
+        "15",
+        "--cnt",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "kad set --cgroup: {}\n{}",
+        stderr(&out),
+        logs()
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        printed.starts_with(&format!("{}: ", server_cg.path.display())),
+        "{printed}"
+    );
+    let holder = Process::spawn(
+        {
+            let mut c = Command::new("sleep");
+            c.arg("1000");
+            c
+        },
+        Some(&client_cg.path),
+    );
+    let out = kad(&[
+        "set",
+        "--pid",
+        &holder.id().to_string(),
+        "--idle",
+        "152",
+        "--intvl",
+        "15",
+        "--cnt",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "kad set --pid: {}\n{}",
+        stderr(&out),
+        logs()
+    );
+
+    let list: serde_json::Value =
+        serde_json::from_slice(&kad(&["list", "--json"]).stdout).expect("list --json");
+    let mut cgroups: Vec<String> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|p| {
+            assert_eq!(p.get("waiting"), None, "a policy waits: {p}");
+            p["cgroup"].as_str().expect("cgroup").to_string()
+        })
+        .collect();
+    cgroups.sort();
+    let mut expected = vec![
+        server_cg.path.display().to_string(),
+        client_cg.path.display().to_string(),
+    ];
+    expected.sort();
+    assert_eq!(cgroups, expected, "{list}");
+
+    // The daemon holds them by its own paths: below /sys/fs/cgroup, its mount point.
+    let saved: String = fs::read_dir(&state)
+        .expect("read the state directory")
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    for cg in [&server_cg, &client_cg] {
+        let theirs = format!("\"/sys/fs/cgroup/{}\"", cg.relative());
+        assert!(
+            saved.contains(&theirs),
+            "{theirs} not in the state files: {saved}"
+        );
+    }
+
+    // A real connection between host processes in the two cgroups: each end has its policy.
+    let (server, client) = connect(&env, Some(&server_cg.path), Some(&client_cg.path), false);
+    assert_eq!(server.values(), (true, 151, 15, 3));
+    assert_eq!(client.values(), (true, 152, 15, 3));
+
+    for cg in [&server_cg, &client_cg] {
+        let out = kad(&["unset", "--cgroup", &cg.path.display().to_string()]);
+        assert!(out.status.success(), "kad unset: {}", stderr(&out));
+    }
+    let list: serde_json::Value =
+        serde_json::from_slice(&kad(&["list", "--json"]).stdout).expect("list --json");
+    assert_eq!(list, serde_json::json!([]));
+    drop(holder);
+    // The container goes before its bpffs directory and the test cgroups.
+    let _ = podman.run(&["rm", "-f", "-t", "5", &name]);
+    drop(bpffs);
+}
+
+/// A bpffs directory of a daemon that is not the test's `Daemon`, removed when dropped.
+struct TempBpffs(PathBuf);
+
+impl Drop for TempBpffs {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }

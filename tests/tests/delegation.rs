@@ -217,3 +217,129 @@ fn keepalive_off_kad_exec_works_for_a_user_in_a_delegated_cgroup() {
     let out = out.output().expect("run kad exec");
     refused(&out, "systemd-run --user --scope");
 }
+
+/// Rootless podman runs the OCI hook as the user: the hook's relative path is resolved below
+/// the daemon's root and checked for delegation there; the policy is the user's, recorded with
+/// the container, kept at a stop while the user's bundle exists, and removed with it.
+#[test]
+fn rootless_podmans_hook_keeps_the_users_container_policy() {
+    use std::io::Write as _;
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "deleg-hook");
+    let user = cg.child("user");
+    delegate(&user);
+    let bin = UserBin::new(&env);
+    let dir = TempDir::new("deleg-hook");
+    let give = |path: &Path| chown(path, Some(USER), Some(USER)).expect("chown");
+    give(&dir.0);
+    let records = dir.0.join("records");
+    fs::create_dir(&records).expect("mkdir records");
+    give(&records);
+    // The hook as podman runs it: the container's state on stdin, as the user.
+    let hook = |id: &str, bundle: &Path, stage: &str| -> Output {
+        let state = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "id": id,
+            "status": if stage == "poststop" { "stopped" } else { "created" },
+            "bundle": bundle,
+            "annotations": {"kad.dev/keepalive": "idle=151,intvl=15,cnt=3"},
+        });
+        let mut child = Command::new(&bin.kad)
+            .args(["oci-hook", stage, "--run-dir"])
+            .arg(&records)
+            .env("KAD_SOCKET", &daemon.socket)
+            .current_dir("/")
+            .uid(USER)
+            .gid(USER)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the hook as the user");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(state.to_string().as_bytes())
+            .expect("write the state");
+        child.wait_with_output().expect("the hook's output")
+    };
+    // A bundle of the user's, whose config names the container's cgroup.
+    let bundle = |name: &str, cgroups_path: &str| -> PathBuf {
+        let bundle = dir.0.join(name);
+        fs::create_dir(&bundle).expect("mkdir bundle");
+        let config = bundle.join("config.json");
+        let text = serde_json::json!({"linux": {"cgroupsPath": cgroups_path}}).to_string();
+        fs::write(&config, text).expect("write config.json");
+        give(&bundle);
+        give(&config);
+        bundle
+    };
+
+    // Outside the user's cgroup: refused, and the container does not start.
+    let elsewhere = "ab".repeat(32);
+    let out = hook(
+        &elsewhere,
+        &bundle(
+            "elsewhere",
+            &format!("/{}/libpod-{elsewhere}", cg.relative()),
+        ),
+        "createRuntime",
+    );
+    refused(&out, "not in a cgroup delegated to uid 65534");
+
+    // In it (the cgroup made by the user's runtime, so theirs): the user's policy.
+    let id = "cd".repeat(32);
+    let container_cg = user.join(format!("libpod-{id}"));
+    fs::create_dir(&container_cg).expect("mkdir the container's cgroup");
+    delegate(&container_cg);
+    let users_bundle = bundle("users", &format!("/{}/user/libpod-{id}", cg.relative()));
+    succeeded(&hook(&id, &users_bundle, "createRuntime"));
+    let entry = |list: &serde_json::Value| {
+        list.as_array()
+            .expect("an array")
+            .iter()
+            .find(|e| e["container"] == id.as_str())
+            .cloned()
+    };
+    let list = daemon.list();
+    let found = entry(&list).unwrap_or_else(|| panic!("no policy for the container: {list}"));
+    assert_eq!(found["cgroup"], container_cg.display().to_string());
+    assert_eq!(found["idle"], 151);
+    let saved = kad_tests::saved_table(&daemon.state_dir);
+    let saved = saved
+        .as_array()
+        .expect("an array")
+        .iter()
+        .find(|e| e["cgroup"] == container_cg.display().to_string())
+        .unwrap_or_else(|| panic!("not saved: {saved}"));
+    assert_eq!(
+        (&saved["uid"], &saved["container"]),
+        (&USER.into(), &id.as_str().into()),
+        "saved as the user's, with the container: {saved}"
+    );
+
+    // Stopped: kept while the user's bundle exists; then removed with it.
+    fs::remove_dir(&container_cg).expect("rmdir the container's cgroup");
+    let out = hook(&id, &users_bundle, "poststop");
+    succeeded(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("its policy stays"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let list = daemon.list();
+    assert_eq!(
+        entry(&list).map(|e| e["stopped"].clone()),
+        Some(true.into()),
+        "{list}"
+    );
+    fs::remove_dir_all(&users_bundle).expect("remove the bundle");
+    assert!(
+        kad_tests::wait_for(std::time::Duration::from_secs(10), || entry(&daemon.list())
+            .is_none()),
+        "the policy stayed after its bundle went: {}",
+        daemon.list()
+    );
+}

@@ -7,6 +7,7 @@ use std::{
 };
 
 use super::protocol::{self, Request, Response};
+use crate::host::cgroup;
 
 /// Setting a policy loads and attaches a program; this is far more than it takes.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,8 +31,39 @@ pub enum ClientError {
     Refused(String),
 }
 
-/// Sends one request and returns the daemon's reply; an error reply becomes `Refused`.
+/// Sends one request and returns the daemon's reply, its paths shown below this side's cgroup2
+/// mount point; an error reply becomes `Refused`. A daemon of the previous release, which
+/// knows no container field, gets the request without it.
 pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+    let mut response = match exchange(socket, request) {
+        Err(ClientError::Refused(message)) if is_unknown(&message, "field", "container") => {
+            match request {
+                Request::Set { cgroup, policy, .. } => exchange(
+                    socket,
+                    &Request::Set {
+                        cgroup: cgroup.clone(),
+                        policy: *policy,
+                        container: None,
+                    },
+                ),
+                _ => Err(ClientError::Refused(message)),
+            }
+        }
+        other => other,
+    }?;
+    if let Ok(root) = cgroup::find_root() {
+        response.localize(&root);
+    }
+    Ok(response)
+}
+
+/// Whether a daemon's refusal says it does not know this field or variant (an older daemon).
+pub fn is_unknown(message: &str, what: &str, name: &str) -> bool {
+    message.starts_with("malformed request")
+        && message.contains(&format!("unknown {what} `{name}`"))
+}
+
+fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let io_err = |source: io::Error| ClientError::Io {
         path: socket.to_path_buf(),
         source,
@@ -60,5 +92,52 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     match response {
         Response::Error { message } => Err(ClientError::Refused(message)),
         other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::policy::Policy;
+
+    /// The previous release's requests, as its daemon decodes them (unknown fields refused).
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+    #[allow(dead_code)]
+    enum PreviousRequest {
+        Set { cgroup: String, policy: Policy },
+        Unset { cgroup: String },
+    }
+
+    fn previous_daemon_refuses(request: &Request) -> String {
+        let line = protocol::encode(request);
+        let e = serde_json::from_slice::<PreviousRequest>(&line).unwrap_err();
+        // As the daemon's decode_request words it.
+        format!("malformed request: {e}")
+    }
+
+    #[test]
+    fn the_previous_daemons_refusals_are_recognised() {
+        let set = Request::Set {
+            cgroup: "a".into(),
+            policy: Policy::OFF,
+            container: Some("ab".repeat(32)),
+        };
+        assert!(is_unknown(
+            &previous_daemon_refuses(&set),
+            "field",
+            "container"
+        ));
+        let stopped = Request::ContainerStopped {
+            cgroup: "a".into(),
+            container: "ab".into(),
+            bundle: "/b".into(),
+        };
+        assert!(is_unknown(
+            &previous_daemon_refuses(&stopped),
+            "variant",
+            "container_stopped"
+        ));
+        assert!(!is_unknown("no policy for /x", "field", "container"));
     }
 }

@@ -1,4 +1,6 @@
 //! The control socket's protocol: one JSON request per line, one JSON reply per line.
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::policy::Policy;
@@ -9,12 +11,30 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
+    /// `cgroup` is relative to the cgroup2 root (what the CLI sends since paths mean the same
+    /// on both sides of a container's mount), or absolute below the daemon's root (older CLIs).
     Set {
         cgroup: String,
         policy: Policy,
+        /// The container (full id) whose cgroup this is, when the policy was set for one (the
+        /// OCI hook, `kad set --container`): kept with the policy, so that it can be found by
+        /// the id once the container is gone. Not sent when absent, so an older daemon reads
+        /// the request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container: Option<String>,
     },
     Unset {
         cgroup: String,
+    },
+    /// The OCI hook at poststop: the container stopped. Its policy (set with `container`) stays,
+    /// with its counters, while the container's `bundle` exists (it may start again); the daemon
+    /// removes it once the bundle is gone (the container was removed), or now if the daemon
+    /// cannot see the bundle. A policy at `cgroup` of another container, or of none, is removed
+    /// now, as `unset` does.
+    ContainerStopped {
+        cgroup: String,
+        container: String,
+        bundle: String,
     },
     /// `kad set --host`: the host policy, kept by the cgroup2 root: every connection of the
     /// host that no nearer policy decides for.
@@ -60,6 +80,7 @@ impl Request {
             self,
             Request::Set { .. }
                 | Request::Unset { .. }
+                | Request::ContainerStopped { .. }
                 | Request::SetHost { .. }
                 | Request::UnsetHost
                 | Request::Exec { .. }
@@ -78,6 +99,12 @@ pub struct PolicyEntry {
     /// The pod (`namespace/name`) whose annotation this is, for pod policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The container (full id) the policy was set for (OCI hook, `kad set --container`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// The container stopped and may start again: the policy waits for it, counters kept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
     /// The Docker container (its name) whose label this is, for Docker policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<String>,
@@ -97,6 +124,8 @@ impl PolicyEntry {
             cgroup,
             policy: *policy,
             pod: None,
+            container: None,
+            stopped: false,
             docker: None,
             waiting: false,
             host: false,
@@ -147,6 +176,10 @@ pub struct StatusReport {
     pub program: String,
     pub kernel: String,
     pub cgroup_root: String,
+    /// Where the daemon has the cgroup2 tree mounted, when the client has it elsewhere (set
+    /// by the client, [`Response::localize`]: the report's paths are the client's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon_cgroup_root: Option<String>,
     pub bpffs: String,
     pub state_dir: String,
     pub config: String,
@@ -192,6 +225,12 @@ pub struct PolicyDetail {
     /// For a pod policy ("pod"): the pod, `namespace/name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// For a policy set for a container: its full id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// The container stopped: the policy waits for its next start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
     /// For a Docker policy ("docker"): the container's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<String>,
@@ -233,11 +272,18 @@ pub struct DockerStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Response {
+    /// `root` (in `done`, `policies` and `stats`): the daemon's cgroup2 mount point, which its
+    /// paths start with, so that a client whose mount is elsewhere (the daemon in a container,
+    /// a hybrid host) shows them as its own ([`Response::localize`]). Absent from older daemons.
     Done {
         cgroup: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        root: Option<String>,
     },
     Policies {
         policies: Vec<PolicyEntry>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        root: Option<String>,
     },
     Reloaded {
         policies: usize,
@@ -246,6 +292,8 @@ pub enum Response {
         stats: Vec<StatsEntry>,
         /// False when the kernel's BTF lacked what is needed to recognise keepalive kills.
         kills_counted: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        root: Option<String>,
     },
     Status(Box<StatusReport>),
     Error {
@@ -259,6 +307,95 @@ impl Response {
             message: message.into(),
         }
     }
+
+    pub fn done(cgroup: impl Into<String>) -> Self {
+        Response::Done {
+            cgroup: cgroup.into(),
+            root: None,
+        }
+    }
+
+    /// The daemon's side: says where its paths are rooted.
+    pub fn with_root(mut self, daemon_root: &Path) -> Self {
+        let shown = Some(daemon_root.display().to_string());
+        match &mut self {
+            Response::Done { root, .. }
+            | Response::Policies { root, .. }
+            | Response::Stats { root, .. } => *root = shown,
+            _ => {}
+        }
+        self
+    }
+
+    /// The client's side: the daemon's paths as paths below `local_root`, the client's cgroup2
+    /// mount point. A reply without the daemon's root (an older daemon) is taken as it is.
+    pub fn localize(&mut self, local_root: &Path) {
+        let map = |daemon_root: &Path, path: &mut String| {
+            if let Some(local) = rebase(daemon_root, local_root, path) {
+                *path = local;
+            }
+        };
+        match self {
+            Response::Done {
+                cgroup,
+                root: Some(root),
+            } => map(Path::new(&root.clone()), cgroup),
+            Response::Policies {
+                policies,
+                root: Some(root),
+            } => {
+                let root = PathBuf::from(&*root);
+                policies.iter_mut().for_each(|p| map(&root, &mut p.cgroup));
+            }
+            Response::Stats {
+                stats,
+                root: Some(root),
+                ..
+            } => {
+                let root = PathBuf::from(&*root);
+                stats.iter_mut().for_each(|s| map(&root, &mut s.cgroup));
+            }
+            Response::Status(report) => {
+                let root = PathBuf::from(&report.cgroup_root);
+                let report = &mut **report;
+                report
+                    .policies
+                    .iter_mut()
+                    .for_each(|p| map(&root, &mut p.cgroup));
+                report
+                    .details
+                    .iter_mut()
+                    .for_each(|d| map(&root, &mut d.cgroup));
+                report
+                    .counters
+                    .iter_mut()
+                    .for_each(|c| map(&root, &mut c.cgroup));
+                report
+                    .anchors
+                    .iter_mut()
+                    .for_each(|a| map(&root, &mut a.cgroup));
+                if root != local_root {
+                    report.cgroup_root = local_root.display().to_string();
+                    report.daemon_cgroup_root = Some(root.display().to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `path` (below `from`) as the same path below `to`; `None` when it is not below `from` or
+/// the roots are the same.
+pub fn rebase(from: &Path, to: &Path, path: &str) -> Option<String> {
+    if from == to {
+        return None;
+    }
+    let rest = Path::new(path).strip_prefix(from).ok()?;
+    if rest.as_os_str().is_empty() {
+        // The root itself (the host policy's path), without the trailing slash a join adds.
+        return Some(to.display().to_string());
+    }
+    Some(to.join(rest).display().to_string())
 }
 
 /// Encodes one message as a single line.
@@ -289,14 +426,25 @@ mod tests {
             Request::Set {
                 cgroup: "app".into(),
                 policy: Policy::on(Some(180), None, Some(20)).unwrap(),
+                container: None,
             },
             Request::Set {
                 cgroup: "/sys/fs/cgroup/x".into(),
                 policy: Policy::OFF,
+                container: Some("ab".repeat(32)),
+            },
+            Request::ContainerStopped {
+                cgroup: "p/libpod-ab".into(),
+                container: "ab".repeat(32),
+                bundle: "/var/lib/containers/storage/overlay-containers/ab/userdata".into(),
             },
             Request::Unset {
                 cgroup: "app".into(),
             },
+            Request::SetHost {
+                policy: Policy::on(Some(300), None, None).unwrap(),
+            },
+            Request::UnsetHost,
             Request::Exec {
                 cgroup: "/sys/fs/cgroup/kad-exec-7".into(),
                 policy: Policy::on(Some(5), None, None).unwrap(),
@@ -322,18 +470,97 @@ mod tests {
             Request::Set {
                 cgroup: cgroup.clone(),
                 policy,
+                container: None,
+            },
+            Request::ContainerStopped {
+                cgroup: cgroup.clone(),
+                container: "a".into(),
+                bundle: "/b".into(),
             },
             Request::Unset {
                 cgroup: cgroup.clone(),
             },
+            Request::SetHost { policy },
+            Request::UnsetHost,
             Request::Exec { cgroup, policy },
             Request::Reload,
         ] {
             assert!(request.mutates(), "{request:?}");
+            // A user may ask these for the cgroups delegated to them (the hook of rootless
+            // podman sends set and container_stopped); the host and the config are root's.
+            let root_only = matches!(
+                request,
+                Request::SetHost { .. } | Request::UnsetHost | Request::Reload
+            );
+            assert_eq!(request.root_only(), root_only, "{request:?}");
         }
         for request in [Request::List, Request::Stats, Request::Status] {
             assert!(!request.mutates(), "{request:?}");
         }
+    }
+
+    /// What the previous release sends and reads: a set without a container is the same line,
+    /// and its replies without a root are taken as they are.
+    #[test]
+    fn the_previous_release_reads_and_is_read() {
+        let set = Request::Set {
+            cgroup: "app".into(),
+            policy: Policy::OFF,
+            container: None,
+        };
+        let line = String::from_utf8(encode(&set)).unwrap();
+        assert!(!line.contains("container"), "{line}");
+        assert_eq!(
+            decode_request(br#"{"cmd":"set","cgroup":"/sys/fs/cgroup/a","policy":{"mode":"off","idle":null,"intvl":null,"cnt":null}}"#)
+                .unwrap(),
+            Request::Set {
+                cgroup: "/sys/fs/cgroup/a".into(),
+                policy: Policy::OFF,
+                container: None
+            }
+        );
+        let mut old: Response =
+            serde_json::from_str(r#"{"reply":"done","cgroup":"/sys/fs/cgroup/a"}"#).unwrap();
+        old.localize(Path::new("/sys/fs/cgroup/unified"));
+        assert_eq!(old, Response::done("/sys/fs/cgroup/a"));
+    }
+
+    /// A daemon in a container sees the host's cgroup2 tree at /sys/fs/cgroup; the host's CLI
+    /// (a hybrid host) at /sys/fs/cgroup/unified.
+    #[test]
+    fn replies_are_shown_in_the_clients_mount() {
+        let daemon = Path::new("/sys/fs/cgroup");
+        let local = Path::new("/sys/fs/cgroup/unified");
+        let mut done = Response::done("/sys/fs/cgroup/app/x").with_root(daemon);
+        let line = encode(&done);
+        assert!(String::from_utf8_lossy(&line).contains(r#""root":"/sys/fs/cgroup""#));
+        done.localize(local);
+        assert!(
+            matches!(&done, Response::Done { cgroup, .. } if cgroup == "/sys/fs/cgroup/unified/app/x")
+        );
+        let mut list = Response::Policies {
+            policies: vec![PolicyEntry::new("/sys/fs/cgroup/a".into(), &Policy::OFF)],
+            root: None,
+        }
+        .with_root(daemon);
+        list.localize(local);
+        let Response::Policies { policies, .. } = list else {
+            panic!()
+        };
+        assert_eq!(policies[0].cgroup, "/sys/fs/cgroup/unified/a");
+        // The host policy's path is the root itself.
+        let mut host = Response::done("/sys/fs/cgroup").with_root(daemon);
+        host.localize(local);
+        assert_eq!(
+            host,
+            Response::Done {
+                cgroup: "/sys/fs/cgroup/unified".into(),
+                root: Some("/sys/fs/cgroup".into())
+            }
+        );
+        // The same mount on both sides: nothing changes.
+        assert_eq!(rebase(daemon, daemon, "/sys/fs/cgroup/a"), None);
+        assert_eq!(rebase(local, daemon, "/elsewhere/a"), None);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The arguments several commands share: which cgroup (`set`, `unset`, `inspect`), the
 //! policy's values (`set`, `exec`) and `--json` (`list`, `status`, `probe`).
+use std::path::Path;
+
 use anyhow::Context as _;
 use clap::Args;
 
 use super::exec;
 use crate::{
+    api::protocol::PolicyEntry,
     host::{cgroup, target},
     model::policy::{self, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE},
 };
@@ -39,13 +42,37 @@ pub(super) struct TargetArgs {
 /// What a command names: the whole host, or a cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Target {
+    /// The host policy: the daemon keeps it by its own cgroup2 root, so no path is sent.
     Host,
-    /// A path as the daemon takes it: absolute or relative to the cgroup2 root.
-    Cgroup(String),
+    Cgroup(Resolved),
+}
+
+impl Target {
+    /// The cgroup named, for the commands that need one (`inspect`).
+    pub(super) fn cgroup(self) -> anyhow::Result<Resolved> {
+        match self {
+            Target::Host => anyhow::bail!(
+                "--host names no one cgroup here: name a cgroup, or use kad audit for the whole host"
+            ),
+            Target::Cgroup(resolved) => Ok(resolved),
+        }
+    }
+}
+
+/// A target as the daemon is sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Resolved {
+    /// Relative to the cgroup2 root, resolved on this side, so that a daemon whose cgroup2
+    /// mount is elsewhere (in a container, on a hybrid host) applies it to the same cgroup. An
+    /// absolute path that is not below this side's root is sent as given.
+    pub(super) cgroup: String,
+    /// For `--container`: the container's full id.
+    pub(super) container: Option<String>,
 }
 
 impl TargetArgs {
-    /// What was named, with units, processes and containers resolved to their cgroup's path.
+    /// What was named, with units, processes and running containers resolved to their
+    /// cgroup's path (`set`).
     pub(super) fn resolve(&self) -> anyhow::Result<Target> {
         if self.host {
             return Ok(Target::Host);
@@ -53,25 +80,142 @@ impl TargetArgs {
         self.resolve_cgroup().map(Target::Cgroup)
     }
 
-    /// The cgroup as the daemon takes it: a path, absolute or relative to the cgroup2 root.
-    pub(super) fn resolve_cgroup(&self) -> anyhow::Result<String> {
+    /// The cgroup as the daemon takes it, for a running container.
+    fn resolve_cgroup(&self) -> anyhow::Result<Resolved> {
         if self.host {
-            anyhow::bail!("--host names no one cgroup here: name a cgroup, or use kad audit for the whole host");
+            return Target::Host.cgroup();
         }
         if let Some(cgroup) = &self.cgroup {
-            return Ok(cgroup.clone());
+            if !cgroup.starts_with('/') {
+                return Ok(Resolved::path(cgroup.clone()));
+            }
+            let root = cgroup::find_root()?;
+            let path = cgroup::lexical_path(&root, cgroup)?;
+            return Ok(Resolved::path(
+                below_root(&root, &path)?.unwrap_or_else(|| cgroup.clone()),
+            ));
         }
         if let Some(unit) = &self.unit {
-            return Ok(target::unit_path(unit, self.slice.as_deref())?);
+            return Ok(Resolved::path(target::unit_path(
+                unit,
+                self.slice.as_deref(),
+            )?));
         }
         let root = cgroup::find_root()?;
         if let Some(id) = &self.container {
-            return Ok(target::container_path(&root, id)?.display().to_string());
+            let path = target::container_path(&root, id)?;
+            let container = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(target::container_id_of)
+                .map(str::to_string);
+            return Ok(Resolved {
+                cgroup: below_root(&root, &path)?.unwrap_or_else(|| path.display().to_string()),
+                container,
+            });
         }
         let pid = self
             .pid
             .context("one of --host, --cgroup, --unit, --pid, --container is required")?;
-        Ok(target::pid_path(&root, pid)?.display().to_string())
+        let path = target::pid_path(&root, pid)?;
+        Ok(Resolved::path(
+            below_root(&root, &path)?.unwrap_or_else(|| path.display().to_string()),
+        ))
+    }
+
+    /// As [`TargetArgs::resolve`], and for a container that is gone (`unset`, `inspect`,
+    /// `stats`): the policy the daemon recorded for that id. `policies` asks the daemon.
+    pub(super) fn resolve_or_recorded(
+        &self,
+        policies: impl FnOnce() -> anyhow::Result<Vec<PolicyEntry>>,
+    ) -> anyhow::Result<Target> {
+        let Some(id) = &self.container else {
+            return self.resolve();
+        };
+        let missing = match self.resolve() {
+            Err(e) => match e.downcast::<target::TargetError>() {
+                Ok(missing @ target::TargetError::NoContainer { .. }) => missing,
+                Ok(other) => return Err(other.into()),
+                Err(e) => return Err(e),
+            },
+            found => return found,
+        };
+        let prefix = id.trim().to_ascii_lowercase();
+        let Ok(policies) = policies() else {
+            return Err(missing.into());
+        };
+        let mut found: Vec<&PolicyEntry> = policies
+            .iter()
+            .filter(|p| {
+                p.container
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with(&prefix))
+            })
+            .collect();
+        match found.len() {
+            0 => anyhow::bail!(
+                "{missing}, and the daemon has no policy set for a container with that id: `kad list` shows the policies, `kad unset --cgroup PATH` removes one by its path"
+            ),
+            1 => {
+                let entry = found.remove(0);
+                let root = cgroup::find_root()?;
+                let cgroup = below_root(&root, Path::new(&entry.cgroup))?
+                    .unwrap_or_else(|| entry.cgroup.clone());
+                Ok(Target::Cgroup(Resolved {
+                    cgroup,
+                    container: entry.container.clone(),
+                }))
+            }
+            count => anyhow::bail!(
+                "the id prefix '{prefix}' matches the policies of {count} containers that are gone ({}): give more of the id",
+                found
+                    .iter()
+                    .take(3)
+                    .map(|p| p.cgroup.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
+impl TargetArgs {
+    /// Whether `--host` was given.
+    pub(super) fn host(&self) -> bool {
+        self.host
+    }
+
+    /// `--container ID` alone (for `stats`, whose --container is its own flag).
+    pub(super) fn container(id: &str) -> TargetArgs {
+        TargetArgs {
+            host: false,
+            cgroup: None,
+            unit: None,
+            slice: None,
+            pid: None,
+            container: Some(id.to_string()),
+        }
+    }
+}
+
+impl Resolved {
+    fn path(cgroup: String) -> Resolved {
+        Resolved {
+            cgroup,
+            container: None,
+        }
+    }
+}
+
+/// `path` relative to the cgroup2 root `root`; `None` when it is not below it. The root itself
+/// is refused, as the daemon would.
+fn below_root(root: &Path, path: &Path) -> Result<Option<String>, cgroup::CgroupError> {
+    match path.strip_prefix(root) {
+        Ok(rest) if rest.as_os_str().is_empty() => {
+            Err(cgroup::CgroupError::Root(root.to_path_buf()))
+        }
+        Ok(rest) => Ok(Some(rest.display().to_string())),
+        Err(_) => Ok(None),
     }
 }
 

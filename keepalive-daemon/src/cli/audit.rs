@@ -45,7 +45,7 @@ pub(super) fn command(socket: &Path, args: &AuditArgs) -> anyhow::Result<()> {
     let policies = match client::call(socket, &Request::List)
         .context("kad audit compares connections with the daemon's policies")?
     {
-        Response::Policies { policies } => policies,
+        Response::Policies { policies, .. } => policies,
         other => anyhow::bail!("unexpected reply to list: {other:?}"),
     };
     output::audit(&audit(&root, &top, &policies)?, args.json)

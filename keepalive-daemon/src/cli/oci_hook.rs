@@ -23,6 +23,9 @@ pub(super) fn command(socket: &Path, args: &OciHookArgs) -> anyhow::Result<()> {
     match oci::run(socket, &args.run_dir, args.stage.as_deref(), &state)? {
         oci::Outcome::Applied { cgroup, policy } => println!("{cgroup}: {policy}"),
         oci::Outcome::Removed { cgroup } => println!("{cgroup}: policy removed"),
+        oci::Outcome::Kept { cgroup } => {
+            println!("{cgroup}: container stopped; its policy stays until it is removed")
+        }
         oci::Outcome::NotAnnotated | oci::Outcome::NothingToRemove => {}
     }
     Ok(())

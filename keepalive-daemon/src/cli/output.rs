@@ -29,7 +29,13 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
     };
     println!("program:      {loaded} (tag {})", report.program);
     println!("kernel:       {}", report.kernel);
-    println!("cgroup2 root: {}", report.cgroup_root);
+    match &report.daemon_cgroup_root {
+        Some(theirs) => println!(
+            "cgroup2 root: {} (the daemon has it at {theirs}; paths are shown as here)",
+            report.cgroup_root
+        ),
+        None => println!("cgroup2 root: {}", report.cgroup_root),
+    }
     println!("bpffs:        {}", report.bpffs);
     println!("state dir:    {}", report.state_dir);
     println!("config:       {}", report.config);
@@ -71,11 +77,16 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
                 "; {n} connections overridden: their program set its own keepalive after kad and its values won (kad inspect shows them; --enforce makes the policy win)"
             )),
         }
-        let source = match (&detail.pod, &detail.docker) {
-            (Some(pod), _) => format!("pod {pod}"),
-            (None, Some(name)) => format!("docker {name}"),
-            (None, None) => detail.source.clone(),
+        let source = match (&detail.pod, &detail.docker, &detail.container) {
+            (Some(pod), _, _) => format!("pod {pod}"),
+            (None, Some(name), _) => format!("docker {name}"),
+            (None, None, Some(id)) => format!("container {}", short_id(id)),
+            (None, None, None) => detail.source.clone(),
         };
+        if detail.stopped && detail.error.is_none() {
+            state = "container stopped: waiting for its next start (removed with the container)"
+                .to_string();
+        }
         println!("  {} (from {source}): {state}", detail.cgroup);
     }
     if let Some(pods) = &report.pods {
@@ -133,15 +144,18 @@ fn table(entries: &[PolicyEntry]) -> String {
             Mode::On => "on",
             Mode::Off => "off",
         };
-        let mut note = match (&e.pod, &e.docker) {
-            (Some(pod), _) => format!("  (pod {pod})"),
-            (None, Some(name)) => format!("  (docker {name})"),
-            (None, None) => String::new(),
+        let mut note = match (&e.pod, &e.docker, &e.container) {
+            (Some(pod), _, _) => format!("  (pod {pod})"),
+            (None, Some(name), _) => format!("  (docker {name})"),
+            (None, None, Some(id)) => format!("  (container {})", short_id(id)),
+            (None, None, None) => String::new(),
         };
         if e.host {
             note.push_str("  (host policy: every connection without a nearer policy)");
         }
-        if e.waiting {
+        if e.stopped {
+            note.push_str("  (stopped: waiting for its next start)");
+        } else if e.waiting {
             note.push_str("  (waiting for the cgroup to exist)");
         }
         let user_timeout = match (e.policy.mode, e.policy.user_timeout) {
@@ -310,4 +324,9 @@ pub fn audit(audit: &Audit, json: bool) -> anyhow::Result<()> {
 /// The width of a column: its longest cell, at least `min`.
 fn width<T>(rows: &[T], min: usize, len: impl Fn(&T) -> usize) -> usize {
     rows.iter().map(len).max().unwrap_or(0).max(min)
+}
+
+/// A container id as `podman ps` and `docker ps` show it.
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }

@@ -10,8 +10,8 @@ use super::{
 };
 use crate::{
     api::client,
-    api::protocol::{Request, Response},
-    host::{cgroup, target},
+    api::protocol::{PolicyEntry, Request, Response},
+    host::cgroup,
     model::policy::Policy,
 };
 
@@ -49,9 +49,13 @@ pub(super) fn set(socket: &Path, args: &SetArgs) -> anyhow::Result<()> {
     policy.locked = args.lock;
     let request = match args.target.resolve()? {
         Target::Host => Request::SetHost { policy },
-        Target::Cgroup(cgroup) => Request::Set { cgroup, policy },
+        Target::Cgroup(target) => Request::Set {
+            cgroup: target.cgroup,
+            policy,
+            container: target.container,
+        },
     };
-    if let Response::Done { cgroup } = client::call(socket, &request)? {
+    if let Response::Done { cgroup, .. } = client::call(socket, &request)? {
         match request {
             Request::SetHost { .. } => println!("host ({cgroup} and below): {policy}"),
             _ => println!("{cgroup}: {policy}"),
@@ -62,11 +66,13 @@ pub(super) fn set(socket: &Path, args: &SetArgs) -> anyhow::Result<()> {
 
 /// `kad unset`.
 pub(super) fn unset(socket: &Path, target: &TargetArgs) -> anyhow::Result<()> {
-    let request = match target.resolve()? {
+    let request = match target.resolve_or_recorded(|| list_policies(socket))? {
         Target::Host => Request::UnsetHost,
-        Target::Cgroup(cgroup) => Request::Unset { cgroup },
+        Target::Cgroup(target) => Request::Unset {
+            cgroup: target.cgroup,
+        },
     };
-    if let Response::Done { cgroup } = client::call(socket, &request)? {
+    if let Response::Done { cgroup, .. } = client::call(socket, &request)? {
         match request {
             Request::UnsetHost => println!("host ({cgroup}): host policy removed"),
             _ => println!("{cgroup}: policy removed"),
@@ -85,8 +91,13 @@ pub(super) fn reload(socket: &Path) -> anyhow::Result<()> {
 
 /// `kad list`.
 pub(super) fn list(socket: &Path, flag: &JsonFlag) -> anyhow::Result<()> {
+    output::policies(&list_policies(socket)?, flag.json)
+}
+
+/// The daemon's policies, their paths shown below this side's cgroup2 mount point.
+pub(super) fn list_policies(socket: &Path) -> anyhow::Result<Vec<PolicyEntry>> {
     match client::call(socket, &Request::List)? {
-        Response::Policies { policies } => output::policies(&policies, flag.json),
+        Response::Policies { policies, .. } => Ok(policies),
         other => anyhow::bail!("unexpected reply to list: {other:?}"),
     }
 }
@@ -105,9 +116,13 @@ pub(super) fn stats(socket: &Path, args: &StatsArgs) -> anyhow::Result<()> {
         Response::Stats {
             mut stats,
             kills_counted,
+            ..
         } => {
             if let Some(id) = &args.container {
-                let path = target::container_path(&cgroup::find_root()?, id)?;
+                let target = TargetArgs::container(id)
+                    .resolve_or_recorded(|| list_policies(socket))?
+                    .cgroup()?;
+                let path = cgroup::find_root()?.join(&target.cgroup);
                 stats.retain(|row| Path::new(&row.cgroup).starts_with(&path));
             }
             output::stats(&stats, kills_counted, args.json)

@@ -1,6 +1,9 @@
 //! The `kad.dev/keepalive` annotation of a container or pod: a policy in the CLI's words,
 //! `idle=180,intvl=60,cnt=20` with optional `user-timeout=MS` and `enforce`, or `off`.
 //! Checked as the CLI checks its flags (same ranges), with errors that name the annotation.
+//! The one parser of that grammar: OCI annotations, pods' annotations and Docker labels use it.
+use std::collections::BTreeMap;
+
 use crate::model::policy::{self, Policy, PolicyError, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE};
 
 /// The annotation's key, the same for containers (OCI) and pods.
@@ -25,6 +28,26 @@ fn invalid(value: &str, problem: impl Into<String>) -> AnnotationError {
         value: shown,
         problem: problem.into(),
     }
+}
+
+/// The items `podman run --annotation kad.dev/keepalive=idle=180,intvl=60,cnt=20` splits off
+/// the value: podman's `--annotation` is a comma-separated list of `KEY=VALUE`, so it gives the
+/// annotations `kad.dev/keepalive=idle=180`, `intvl=60` and `cnt=20`. (An item without `=`,
+/// such as `enforce`, after a comma makes podman itself refuse the command.)
+pub const SPLIT_ITEMS: [&str; 4] = ["idle", "intvl", "cnt", "user-timeout"];
+
+/// The annotation's value among a container's annotations, with the items podman split off it
+/// (annotations named as in [`SPLIT_ITEMS`]) put back: what the user typed, in another order,
+/// which the grammar does not mind. `None` without the annotation.
+pub fn value_of(annotations: &BTreeMap<String, String>) -> Option<String> {
+    let value = annotations.get(KEY)?;
+    let mut items = vec![value.clone()];
+    for key in SPLIT_ITEMS {
+        if let Some(text) = annotations.get(key) {
+            items.push(format!("{key}={text}"));
+        }
+    }
+    Some(items.join(","))
 }
 
 /// Parses an annotation's value into a policy.
@@ -135,6 +158,46 @@ mod tests {
         let on = parse("on").unwrap();
         assert_eq!((on.mode, on.idle, on.enforce), (Mode::On, None, false));
         assert!(parse("user-timeout=2147483647").is_ok());
+    }
+
+    /// What podman 4.3 hands the OCI hook for `--annotation kad.dev/keepalive=idle=180,intvl=60,cnt=20`
+    /// typed unquoted (seen in a hook's stdin): the value, split at its commas.
+    #[test]
+    fn podmans_split_value_is_put_back_together() {
+        let annotations = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let split = annotations(&[
+            ("cnt", "20"),
+            ("intvl", "60"),
+            ("io.container.manager", "libpod"),
+            (KEY, "idle=180"),
+        ]);
+        let value = value_of(&split).unwrap();
+        assert_eq!(
+            parse(&value).unwrap(),
+            parse("idle=180,intvl=60,cnt=20").unwrap()
+        );
+        // Quoted, podman leaves it whole: the same policy.
+        let whole = annotations(&[(KEY, "idle=180,intvl=60,cnt=20")]);
+        assert_eq!(value_of(&whole).unwrap(), "idle=180,intvl=60,cnt=20");
+        let first = annotations(&[(KEY, "enforce"), ("idle", "5"), ("user-timeout", "9000")]);
+        let p = parse(&value_of(&first).unwrap()).unwrap();
+        assert_eq!(
+            (p.idle, p.user_timeout, p.enforce),
+            (Some(5), Some(9000), true)
+        );
+        // An item given both ways is given twice; off takes no company, split or not.
+        let twice = annotations(&[(KEY, "idle=5"), ("idle", "6")]);
+        let err = parse(&value_of(&twice).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("idle is given twice"), "{err}");
+        let off = annotations(&[(KEY, "off"), ("cnt", "3")]);
+        let err = parse(&value_of(&off).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("off alone"), "{err}");
+        assert_eq!(value_of(&annotations(&[("cnt", "3")])), None);
     }
 
     #[test]

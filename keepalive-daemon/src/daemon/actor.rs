@@ -32,6 +32,15 @@ pub(super) enum Command {
     Set {
         cgroup: String,
         policy: Policy,
+        container: Option<String>,
+        uid: u32,
+        reply: Reply,
+    },
+    /// `uid` as for `Set`: a user's OCI hook (rootless podman) for the policies they set.
+    ContainerStopped {
+        cgroup: String,
+        container: String,
+        bundle: String,
         uid: u32,
         reply: Reply,
     },
@@ -77,6 +86,8 @@ pub(super) struct StateHandle {
     commands: mpsc::Sender<Command>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     reader: Arc<dyn CounterReader>,
+    /// The cgroup2 mount point, which the replies' paths start with.
+    root: PathBuf,
 }
 
 /// Starts the state thread and waits for the daemon's start to be done there. Returns the
@@ -86,6 +97,7 @@ pub(super) async fn start(
     root: PathBuf,
     watcher: Watcher,
 ) -> Result<(StateHandle, Option<KillLogger>), DaemonError> {
+    let daemon_root = root.clone();
     let (ready_tx, ready) = oneshot::channel();
     let (commands, queue) = mpsc::channel(QUEUE);
     std::thread::Builder::new()
@@ -115,6 +127,7 @@ pub(super) async fn start(
             commands,
             snapshot,
             reader,
+            root: daemon_root,
         },
         kill_log,
     ))
@@ -133,9 +146,23 @@ fn run(
             Command::Set {
                 cgroup,
                 policy,
+                container,
                 uid,
                 reply,
-            } => (Some(reply), Some(state.set(&cgroup, policy, uid))),
+            } => (
+                Some(reply),
+                Some(state.set_for(&cgroup, policy, container, uid)),
+            ),
+            Command::ContainerStopped {
+                cgroup,
+                container,
+                bundle,
+                uid,
+                reply,
+            } => (
+                Some(reply),
+                Some(state.container_stopped(&cgroup, &container, &bundle, uid)),
+            ),
             Command::Exec {
                 cgroup,
                 policy,
@@ -165,7 +192,8 @@ fn run(
                 (None, None)
             }
             Command::CollectAbandoned => {
-                if !state.collect_abandoned() {
+                let exec = state.collect_abandoned();
+                if !(state.collect_removed_containers() || exec) {
                     continue; // nothing changed
                 }
                 (None, None)
@@ -193,12 +221,36 @@ fn run(
 
 impl StateHandle {
     /// Answers a request: reads from the snapshot, changes through the state thread.
+    /// Replies with paths say which cgroup2 mount point they are below.
     pub(super) async fn handle(&self, request: Request, peer: Peer) -> Response {
+        self.answer(request, peer).await.with_root(&self.root)
+    }
+
+    async fn answer(&self, request: Request, peer: Peer) -> Response {
         match request {
-            Request::Set { cgroup, policy } => {
+            Request::Set {
+                cgroup,
+                policy,
+                container,
+            } => {
                 self.ask(|reply| Command::Set {
                     cgroup,
                     policy,
+                    container,
+                    uid: peer.uid,
+                    reply,
+                })
+                .await
+            }
+            Request::ContainerStopped {
+                cgroup,
+                container,
+                bundle,
+            } => {
+                self.ask(|reply| Command::ContainerStopped {
+                    cgroup,
+                    container,
+                    bundle,
                     uid: peer.uid,
                     reply,
                 })
@@ -228,6 +280,7 @@ impl StateHandle {
             Request::Reload => self.ask(|reply| Command::Reload { reply }).await,
             Request::List => Response::Policies {
                 policies: self.snapshot().policies(),
+                root: None,
             },
             Request::Status => Response::Status(Box::new(self.snapshot().status(&*self.reader))),
             Request::Stats => {
@@ -235,6 +288,7 @@ impl StateHandle {
                 Response::Stats {
                     stats: snapshot.stats(&*self.reader),
                     kills_counted: snapshot.kills_counted(),
+                    root: None,
                 }
             }
         }

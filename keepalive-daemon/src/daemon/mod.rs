@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 mod actor;
 pub mod config;
+mod container_policies;
 mod docker_policies;
 mod exec_runs;
 pub mod metrics;

@@ -9,6 +9,7 @@ use super::{
 };
 use crate::{
     api::protocol::{AnchorEntry, FeatureEntry, StatusReport},
+    daemon::reconcile::Source,
     host::sys,
 };
 
@@ -54,7 +55,7 @@ impl State {
         let snapshot = Snapshot {
             header: Arc::new(self.header()),
             rows: rows.rows.clone(),
-            exec_runs: self.exec_owners.len(),
+            exec_runs: self.exec_owners.len() + self.stopped_containers(),
         };
         self.rows = rows;
         snapshot
@@ -67,6 +68,9 @@ impl State {
             policy,
             source,
             pod: self.pod_of(path, source),
+            container: (source == Source::Set)
+                .then(|| self.container_of(path))
+                .flatten(),
             docker: self.docker_of(path, source),
             in_force: self
                 .reconciler
@@ -85,6 +89,7 @@ impl State {
             program: self.reconciler.kernel.program_tag().to_string(),
             kernel: sys::kernel_release(),
             cgroup_root: self.root.display().to_string(),
+            daemon_cgroup_root: None,
             bpffs: self.config.bpffs.display().to_string(),
             state_dir: self.config.state_dir.display().to_string(),
             config: self.config.config.display().to_string(),

@@ -5,6 +5,7 @@ use tracing::warn;
 
 use super::state::State;
 use super::store::{Change, StoreError, StoredPolicy};
+use crate::model::policy::Policy;
 
 /// The state file is rewritten whole once its journal has more lines than this, or than the
 /// table has entries.
@@ -16,10 +17,7 @@ impl State {
     pub(super) fn persist(&self, path: &Path) -> Result<(), StoreError> {
         let cgroup = path.display().to_string();
         let change = match self.set.get(path) {
-            Some(policy) => Change::Set(StoredPolicy {
-                uid: self.owners.get(path).copied(),
-                ..StoredPolicy::new(cgroup, policy, self.exec_owners.get(path).cloned())
-            }),
+            Some(policy) => Change::Set(self.stored(path, policy)),
             None => Change::Unset(cgroup),
         };
         self.store.record(&change)?;
@@ -36,14 +34,25 @@ impl State {
         let entries: Vec<StoredPolicy> = self
             .set
             .iter()
-            .map(|(path, policy)| {
-                let owner = self.exec_owners.get(path).cloned();
-                StoredPolicy {
-                    uid: self.owners.get(path).copied(),
-                    ..StoredPolicy::new(path.display().to_string(), policy, owner)
-                }
-            })
+            .map(|(path, policy)| self.stored(path, policy))
             .collect();
         self.store.save(&entries)
+    }
+
+    /// The state file's entry for a policy of the `kad set` table.
+    fn stored(&self, path: &Path, policy: &Policy) -> StoredPolicy {
+        let container = self.containers.get(path);
+        StoredPolicy {
+            uid: self.owners.get(path).copied(),
+            container: container.map(|c| c.id.clone()),
+            bundle: container
+                .and_then(|c| c.stopped_bundle.as_ref())
+                .map(|b| b.display().to_string()),
+            ..StoredPolicy::new(
+                path.display().to_string(),
+                policy,
+                self.exec_owners.get(path).cloned(),
+            )
+        }
     }
 }

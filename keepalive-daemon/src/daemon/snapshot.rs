@@ -23,6 +23,8 @@ pub(super) struct Row {
     pub(super) source: Source,
     /// The pod, for a pod policy.
     pub(super) pod: Option<String>,
+    /// The container (full id) a policy was set for, and whether it is stopped.
+    pub(super) container: Option<(String, bool)>,
     /// The container's name, for a Docker policy.
     pub(super) docker: Option<String>,
     /// The cgroup at the path, and the policy's counters slot, while the cgroup exists.
@@ -37,6 +39,8 @@ impl Row {
     fn entry(&self, path: &Path) -> PolicyEntry {
         PolicyEntry {
             pod: self.pod.clone(),
+            container: self.container.as_ref().map(|(id, _)| id.clone()),
+            stopped: self.container.as_ref().is_some_and(|(_, stopped)| *stopped),
             docker: self.docker.clone(),
             waiting: self.in_force.is_none() && self.error.is_none(),
             host: self.host,
@@ -134,6 +138,8 @@ impl Snapshot {
                 cgroup_id: r.in_force.map(|(id, _)| id),
                 error: r.error.clone(),
                 pod: r.pod.clone(),
+                container: r.container.as_ref().map(|(id, _)| id.clone()),
+                stopped: r.container.as_ref().is_some_and(|(_, stopped)| *stopped),
                 docker: r.docker.clone(),
                 enforce: r.policy.enforce,
                 overridden: r.slot().map_or(0, |slot| reader.counters(slot).overridden),

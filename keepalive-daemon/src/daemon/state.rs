@@ -8,6 +8,7 @@ use std::{
 use tracing::{info, warn};
 
 use super::{
+    container_policies::Container,
     settings::{DaemonConfig, DaemonError},
     snapshot::Rows,
 };
@@ -31,6 +32,8 @@ pub(super) struct State {
     pub(super) set: BTreeMap<PathBuf, Policy>,
     /// The `kad exec` run that owns each of the paths in `set` that are its transient cgroups.
     pub(super) exec_owners: BTreeMap<PathBuf, ExecOwner>,
+    /// The container each of the paths in `set` that were set for one belongs to.
+    pub(super) containers: BTreeMap<PathBuf, Container>,
     /// The user who set each of the paths in `set` that a user set (in a cgroup delegated to
     /// them); root's have none.
     pub(super) owners: BTreeMap<PathBuf, u32>,
@@ -76,6 +79,18 @@ impl State {
         let exec_owners = saved
             .iter()
             .filter_map(|e| Some((PathBuf::from(&e.cgroup), e.exec_owner.clone()?)))
+            .collect();
+        let containers = saved
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    PathBuf::from(&e.cgroup),
+                    Container {
+                        id: e.container.clone()?,
+                        stopped_bundle: e.bundle.as_ref().map(PathBuf::from),
+                    },
+                ))
+            })
             .collect();
         let owners = saved
             .iter()
@@ -136,6 +151,7 @@ impl State {
             store,
             set,
             exec_owners,
+            containers,
             owners,
             from_config,
             from_pods,

@@ -7,7 +7,7 @@ use std::{
 
 use tracing::{error, info};
 
-use super::state::State;
+use super::{container_policies::Container, state::State};
 use crate::{
     api::protocol::Response,
     daemon::config as config_file,
@@ -95,6 +95,21 @@ impl State {
 
     /// `kad set` from `uid`: root anywhere, a user in the cgroups delegated to them.
     pub(super) fn set(&mut self, input: &str, policy: Policy, uid: u32) -> Response {
+        self.set_for(input, policy, None, uid)
+    }
+
+    /// `kad set` from `uid`, recording the container the policy is for (the OCI hook, `kad set
+    /// --container`) or, without one, that it is for none: a `kad set --cgroup` on a
+    /// container's path makes the policy the user's. `input` is relative to the daemon's
+    /// cgroup2 root (or absolute below it): resolved first, so that a user's permission is
+    /// checked on the path the policy would be kept by.
+    pub(super) fn set_for(
+        &mut self,
+        input: &str,
+        policy: Policy,
+        container: Option<String>,
+        uid: u32,
+    ) -> Response {
         let path = match cgroup::policy_path(&self.root, input) {
             Ok(path) => path,
             Err(e) => return Response::error(e.to_string()),
@@ -104,17 +119,31 @@ impl State {
                 return Response::error(message);
             }
         }
-        let previous_owner = self.owners.get(&path).copied();
-        if uid != 0 {
-            self.owners.insert(path.clone(), uid);
+        // Recorded before the policy is saved, so that its entry holds them.
+        let previous_owner = if uid != 0 {
+            self.owners.insert(path.clone(), uid)
         } else {
-            self.owners.remove(&path);
-        }
+            self.owners.remove(&path)
+        };
+        let previous_container = match container {
+            Some(id) => self.containers.insert(
+                path.clone(),
+                Container {
+                    id,
+                    stopped_bundle: None,
+                },
+            ),
+            None => self.containers.remove(&path),
+        };
         let reply = self.set_path(path.clone(), policy);
         if let Response::Error { .. } = reply {
             match previous_owner {
-                Some(owner) => self.owners.insert(path, owner),
+                Some(owner) => self.owners.insert(path.clone(), owner),
                 None => self.owners.remove(&path),
+            };
+            match previous_container {
+                Some(c) => self.containers.insert(path, c),
+                None => self.containers.remove(&path),
             };
         }
         reply
@@ -196,9 +225,7 @@ impl State {
             return Response::error(e.to_string());
         }
         info!(cgroup = ?path.display().to_string(), %policy, waiting = !path.is_dir(), "policy set");
-        Response::Done {
-            cgroup: path.display().to_string(),
-        }
+        Response::done(path.display().to_string())
     }
 
     /// `kad unset` from `uid`: root any policy, a user only their own.
@@ -248,15 +275,14 @@ impl State {
             return Response::error(format!("{e}; the policy stays"));
         }
         self.exec_owners.remove(&path);
+        self.containers.remove(&path);
         self.owners.remove(&path);
         if let Err(e) = self.sync_path(&path) {
             // The config file's policy for this path could not be put back in force.
             error!(cgroup = ?path.display().to_string(), "{e}");
         }
         info!(cgroup = ?path.display().to_string(), "policy removed");
-        Response::Done {
-            cgroup: path.display().to_string(),
-        }
+        Response::done(path.display().to_string())
     }
 
     /// Re-reads the config file; on error the previous config stays in force. A missing file

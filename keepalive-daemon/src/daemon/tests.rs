@@ -399,6 +399,74 @@ fn abandoned_exec_runs_are_collected_and_live_ones_kept() {
     assert!(d.state.set.contains_key(&live));
 }
 
+/// The OCI hook's life of a container's policy: set with the container's id; at a stop it
+/// stays (the path keeps its entry, so its counters slot) while the bundle exists; the
+/// bundle's removal (the container's) removes it; all of it saved.
+#[test]
+fn a_stopped_containers_policy_stays_until_the_container_is_removed() {
+    let mut d = Daemon::start();
+    let id = "ab".repeat(32);
+    let cgroup = format!("parent/libpod-{id}");
+    let path = d.mkdir(&cgroup);
+    let bundle = d.dir.0.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let policy = Policy::on(Some(100), None, None).unwrap();
+    done(d.state.set_for(&cgroup, policy, Some(id.clone()), 0));
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), false)));
+
+    // A stop: the runtime removes the cgroup, poststop says so.
+    std::fs::remove_dir(&path).unwrap();
+    done(
+        d.state
+            .container_stopped(&cgroup, &id, &bundle.display().to_string(), 0),
+    );
+    assert!(d.state.set.contains_key(&path), "the policy stays");
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), true)));
+    let key = format!("/parent/libpod-{id}");
+    assert_eq!(d.kernel_idle(&key), Some(100), "the path keeps its entry");
+    assert_eq!(d.state.stopped_containers(), 1);
+    assert!(!d.state.collect_removed_containers(), "the bundle is there");
+
+    // Saved with the container and its bundle; a restarted daemon goes on.
+    let mut d = d.restart();
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), true)));
+    // Started again: createRuntime sets it anew, no longer stopped.
+    d.mkdir(&cgroup);
+    done(d.state.set_for(&cgroup, policy, Some(id.clone()), 0));
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), false)));
+    std::fs::remove_dir(&path).unwrap();
+    done(
+        d.state
+            .container_stopped(&cgroup, &id, &bundle.display().to_string(), 0),
+    );
+
+    // Removed: the bundle goes, the policy with it.
+    std::fs::remove_dir_all(&bundle).unwrap();
+    assert!(d.state.collect_removed_containers());
+    assert!(!d.state.set.contains_key(&path));
+    assert_eq!(d.kernel_idle(&key), None);
+    assert_eq!(d.state.stopped_containers(), 0);
+    let mut d = d.restart();
+    assert!(!d.state.set.contains_key(&path), "the removal was saved");
+
+    // Another container's poststop, a bundle the daemon cannot see, a policy of no
+    // container: removed at once, as before.
+    for (owner, stopped_by, bundle) in [
+        (Some(id.clone()), "cd".repeat(32), "/nonexistent/bundle"),
+        (Some(id.clone()), id.clone(), "/nonexistent/bundle"),
+        (None, id.clone(), "/tmp"),
+    ] {
+        d.mkdir(&cgroup);
+        done(d.state.set_for(&cgroup, policy, owner, 0));
+        done(d.state.container_stopped(&cgroup, &stopped_by, bundle, 0));
+        assert!(!d.state.set.contains_key(&path), "{stopped_by} {bundle}");
+    }
+    // A `kad set` without a container makes the path's policy the user's.
+    done(d.state.set_for(&cgroup, policy, Some(id.clone()), 0));
+    done(d.state.set_for(&cgroup, policy, None, 0));
+    assert_eq!(d.state.container_of(&path), None);
+}
+
 #[test]
 fn the_host_policy_is_the_one_anchor_while_it_exists() {
     let mut d = Daemon::start();
@@ -616,4 +684,68 @@ fn docker_labels_are_policies_until_the_container_is_removed() {
         .on_docker_event(DockerEvent::Removed { id: id('c') });
     assert!(d.kernel.held().paths.is_empty());
     assert!(d.state.from_docker.is_empty());
+}
+
+/// The hook of rootless podman runs as the user: a container's policy in a cgroup delegated to
+/// them is theirs (relative paths resolved below the daemon's root before the check), kept at a
+/// stop when the bundle is theirs too, and only they (or root) may stop or remove it.
+#[test]
+fn a_users_container_policy_follows_the_delegation_rules() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: giving a directory to another user needs root");
+        return;
+    }
+    const USER: u32 = 65534;
+    let mut d = Daemon::start();
+    delegate(&d.mkdir("user.slice/u"), USER);
+    let id = "cd".repeat(32);
+    let cgroup = format!("user.slice/u/libpod-{id}");
+    // The cgroup the runtime made as the user is theirs, as the kernel makes it.
+    let path = d.mkdir(&cgroup);
+    delegate(&path, USER);
+    let policy = Policy::on(Some(120), None, None).unwrap();
+
+    // Not delegated: refused, container or not.
+    d.mkdir("other");
+    let message = error(
+        d.state
+            .set_for("other/libpod-x", policy, Some(id.clone()), USER),
+    );
+    assert!(message.contains("not in a cgroup delegated"), "{message}");
+    assert_eq!(d.state.container_of(&d.root.join("other/libpod-x")), None);
+
+    done(d.state.set_for(&cgroup, policy, Some(id.clone()), USER));
+    assert_eq!(d.state.owners.get(&path), Some(&USER));
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), false)));
+
+    // Another user's poststop for it: refused, the policy stays.
+    let bundle = d.dir.0.join("user-bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::os::unix::fs::chown(&bundle, Some(USER), Some(USER)).unwrap();
+    let message =
+        error(
+            d.state
+                .container_stopped(&cgroup, &id, &bundle.display().to_string(), USER - 1),
+        );
+    assert!(message.contains("permission denied"), "{message}");
+    assert!(d.state.set.contains_key(&path));
+
+    // The user's poststop with their bundle: kept, saved with who set it.
+    done(
+        d.state
+            .container_stopped(&cgroup, &id, &bundle.display().to_string(), USER),
+    );
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), true)));
+    let mut d = d.restart();
+    assert_eq!(d.state.owners.get(&path), Some(&USER));
+    assert_eq!(d.state.container_of(&path), Some((id.clone(), true)));
+
+    // Started again, then stopped with a bundle that is not theirs: removed at once.
+    done(d.state.set_for(&cgroup, policy, Some(id.clone()), USER));
+    let roots = d.dir.0.display().to_string();
+    done(d.state.container_stopped(&cgroup, &id, &roots, USER));
+    assert!(!d.state.set.contains_key(&path));
+    assert_eq!(d.state.owners.get(&path), None);
+    assert_eq!(d.state.container_of(&path), None);
 }

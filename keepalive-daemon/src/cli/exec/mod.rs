@@ -122,7 +122,13 @@ pub fn run(
     // Before any thread exists, so that every thread has them blocked.
     let signals = block_signals();
     let transient = TransientCgroup::create(&root)?;
-    let cgroup = transient.path.display().to_string();
+    // Relative to the cgroup2 root: the same cgroup for a daemon whose mount is elsewhere.
+    let cgroup = transient
+        .path
+        .strip_prefix(&root)
+        .unwrap_or(&transient.path)
+        .display()
+        .to_string();
     client::call(
         socket,
         &Request::Exec {

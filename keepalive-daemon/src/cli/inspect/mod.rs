@@ -21,7 +21,10 @@ use serde::Serialize;
 
 pub use processes::cgroup_pids;
 
-use super::{args::TargetArgs, one_line, output};
+use super::{
+    args::{Target, TargetArgs},
+    one_line, output,
+};
 use crate::{
     api::client,
     api::protocol::{PolicyEntry, Request, Response},
@@ -43,19 +46,13 @@ pub(super) struct InspectArgs {
 pub(super) fn command(socket: &Path, args: &InspectArgs) -> anyhow::Result<()> {
     // --pid N as for every command: the cgroup N is in, and so all of its processes.
     let root = cgroup::find_root()?;
-    let path = args.target.resolve_cgroup()?;
-    let cg = match cgroup::resolve(&root, &path) {
-        Err(cgroup::CgroupError::Root(root)) => anyhow::bail!(
-            "{} is the cgroup2 root, which holds every process of the host: name a cgroup below it",
-            root.display()
-        ),
-        other => other?,
-    };
-    let mut connections = inspect(&cgroup_pids(&cg.path))?;
+    if args.target.host() {
+        Target::Host.cgroup()?;
+    }
     // Which policy is in force is the daemon's to say; the values are the kernel's,
     // shown without it too.
     let policies = match client::call(socket, &Request::List) {
-        Ok(Response::Policies { policies }) => Some(policies),
+        Ok(Response::Policies { policies, .. }) => Some(policies),
         Ok(other) => anyhow::bail!("unexpected reply to list: {other:?}"),
         Err(e) => {
             eprintln!(
@@ -65,6 +62,33 @@ pub(super) fn command(socket: &Path, args: &InspectArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let target = args
+        .target
+        .resolve_or_recorded(|| {
+            policies
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("the daemon did not answer"))
+        })
+        .and_then(Target::cgroup);
+    let target = match target {
+        Err(e) => match e.downcast::<cgroup::CgroupError>() {
+            Ok(cgroup::CgroupError::Root(root)) => anyhow::bail!(
+                "{} is the cgroup2 root, which holds every process of the host: name a cgroup below it",
+                root.display()
+            ),
+            Ok(other) => return Err(other.into()),
+            Err(e) => return Err(e),
+        },
+        Ok(target) => target,
+    };
+    let cg = match (cgroup::resolve(&root, &target.cgroup), &target.container) {
+        (Err(cgroup::CgroupError::NotFound(path)), Some(id)) => anyhow::bail!(
+            "container {id} is not running: no connections (its policy waits at {})",
+            path.display()
+        ),
+        (other, _) => other?,
+    };
+    let mut connections = inspect(&cgroup_pids(&cg.path))?;
     annotate(&mut connections, &root, policies.as_deref());
     output::connections(&connections, args.json)
 }

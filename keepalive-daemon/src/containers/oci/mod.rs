@@ -46,12 +46,6 @@ pub enum OciError {
         #[source]
         source: AnnotationError,
     },
-    #[error("container {id}: annotation {KEY}={value:?} arrived split at its commas, the rest as the annotations {stray}: podman's --annotation splits a value at commas; quote it whole: --annotation '\"{KEY}={value},...\"'", KEY = annotation::KEY)]
-    Split {
-        id: String,
-        value: String,
-        stray: String,
-    },
     #[error("cannot read {path}: {source}")]
     Config {
         path: PathBuf,
@@ -106,6 +100,10 @@ pub enum Outcome {
     Removed {
         cgroup: String,
     },
+    /// The container stopped: its policy waits for its next start, and goes when it is removed.
+    Kept {
+        cgroup: String,
+    },
     /// poststop found nothing to remove (a second poststop: podman runs it at stop and at rm).
     NothingToRemove,
 }
@@ -128,23 +126,12 @@ pub fn run(
 }
 
 fn apply(socket: &Path, record: &Path, state: &State) -> Result<Outcome, OciError> {
-    let Some(value) = state.annotations.get(annotation::KEY) else {
+    // `podman run --annotation kad.dev/keepalive=idle=1,cnt=2` gives kad.dev/keepalive=idle=1
+    // and cnt=2: put back together.
+    let Some(value) = annotation::value_of(&state.annotations) else {
         return Ok(Outcome::NotAnnotated);
     };
-    // `podman run --annotation k=idle=1,cnt=2` gives k=idle=1 and cnt=2: refused, not run
-    // with half a policy.
-    let stray: Vec<&str> = ["idle", "intvl", "cnt", "user-timeout", "enforce", "on"]
-        .into_iter()
-        .filter(|k| state.annotations.contains_key(*k))
-        .collect();
-    if !stray.is_empty() {
-        return Err(OciError::Split {
-            id: state.id.clone(),
-            value: value.chars().take(80).collect(),
-            stray: stray.join(", "),
-        });
-    }
-    let policy = annotation::parse(value).map_err(|source| OciError::Annotation {
+    let policy = annotation::parse(&value).map_err(|source| OciError::Annotation {
         id: state.id.clone(),
         source,
     })?;
@@ -158,9 +145,10 @@ fn apply(socket: &Path, record: &Path, state: &State) -> Result<Outcome, OciErro
     let request = Request::Set {
         cgroup: cgroup.clone(),
         policy,
+        container: Some(state.id.clone()),
     };
     match client::call(socket, &request) {
-        Ok(Response::Done { cgroup }) => Ok(Outcome::Applied { cgroup, policy }),
+        Ok(Response::Done { cgroup, .. }) => Ok(Outcome::Applied { cgroup, policy }),
         Ok(_) => Ok(Outcome::Applied { cgroup, policy }),
         Err(source) => {
             let _ = fs::remove_file(record);
@@ -202,13 +190,33 @@ fn remove(socket: &Path, record: &Path, state: &State) -> Result<Outcome, OciErr
             })
         }
     };
-    let outcome = match client::call(
-        socket,
-        &Request::Unset {
-            cgroup: cgroup.clone(),
+    let unset = Request::Unset {
+        cgroup: cgroup.clone(),
+    };
+    // The daemon keeps the policy (and its counters) while the container's bundle exists: a
+    // stop, not a removal, which runs this same stage. A daemon of the previous release
+    // removes it, as it always did.
+    let reply = match &state.bundle {
+        Some(bundle) => match client::call(
+            socket,
+            &Request::ContainerStopped {
+                cgroup: cgroup.clone(),
+                container: state.id.clone(),
+                bundle: bundle.display().to_string(),
+            },
+        ) {
+            Err(ClientError::Refused(message))
+                if client::is_unknown(&message, "variant", "container_stopped") =>
+            {
+                client::call(socket, &unset).map(|_| false)
+            }
+            other => other.map(|_| true),
         },
-    ) {
-        Ok(_) => Outcome::Removed { cgroup },
+        None => client::call(socket, &unset).map(|_| false),
+    };
+    let outcome = match reply {
+        Ok(true) => Outcome::Kept { cgroup },
+        Ok(false) => Outcome::Removed { cgroup },
         Err(ClientError::Refused(message)) if message.starts_with("no policy for") => {
             Outcome::NothingToRemove
         }
@@ -252,13 +260,13 @@ mod tests {
             Outcome::NotAnnotated
         );
         assert!(run(Path::new("/x"), &dir, None, b"not json").is_err());
-        // What podman makes of --annotation kad.dev/keepalive=idle=5,cnt=3.
+        // What podman makes of --annotation kad.dev/keepalive=idle=5,cnt=0: checked whole.
         let split = br#"{"id":"abc","status":"creating","bundle":"/nonexistent",
-            "annotations":{"kad.dev/keepalive":"idle=5","cnt":"3"}}"#;
+            "annotations":{"kad.dev/keepalive":"idle=5","cnt":"0"}}"#;
         let err = run(Path::new("/x"), &dir, None, split)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("split at its commas"), "{err}");
-        assert!(err.contains("kad.dev/keepalive"), "{err}");
+        assert!(err.contains(r#"kad.dev/keepalive="idle=5,cnt=0""#), "{err}");
+        assert!(err.contains("between 1 and 127"), "{err}");
     }
 }

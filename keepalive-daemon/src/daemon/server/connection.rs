@@ -226,6 +226,7 @@ impl Replies {
             Request::Set { .. }
             | Request::Exec { .. }
             | Request::Unset { .. }
+            | Request::ContainerStopped { .. }
             | Request::SetHost { .. }
             | Request::UnsetHost
             | Request::Reload => None,

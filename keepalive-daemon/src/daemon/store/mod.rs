@@ -63,6 +63,12 @@ pub struct StoredPolicy {
     /// The pod (`namespace/name`) whose annotation this policy is (pods.json only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The container (full id) the policy was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// While that container is stopped: its bundle, whose removal removes the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
     /// The user who set it in a cgroup delegated to them; absent for root's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
@@ -78,6 +84,8 @@ impl StoredPolicy {
             policy: *policy,
             exec_owner,
             pod: None,
+            container: None,
+            bundle: None,
             uid: None,
             docker: None,
         }
