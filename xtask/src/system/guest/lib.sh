@@ -381,6 +381,9 @@ scenario_purge() {
     [ ${#left[@]} = 0 ] || grep -v 'Reading database' /tmp/apt.log | sed 's/^/    apt: /'
     [ ${#left[@]} = 0 ] || fail "apt-get purge left ${left[*]}; apt-get said: $(tail -n 4 /tmp/apt.log | tr '\n' ' ')"
     note "$before kad programs loaded before the purge, none after; no pin, attachment, state, config or unit"
+    # Sockets keep the options they have: nginx's listener keeps what kad gave it (`kad
+    # uninstall` detaches, it does not rewrite sockets) until nginx makes it again.
+    systemctl restart nginx || fail "cannot restart nginx"
     hold curl --no-keepalive -sN telnet://127.0.0.1:80
     until_ok 20 has_connections 80 1 || fail "curl made no connection to nginx"
     [ "$(server_timers 80)" = none ] || fail "nginx's new connection still got keepalive after the purge"
