@@ -545,6 +545,9 @@ fn the_first_list_reconciles_what_changed_while_kad_was_down(env: &Env, dockerd:
 
 #[test]
 fn labelled_containers_get_their_policies_from_creation_to_docker_rm() {
+    if !kad_tests::host_only("the Docker watcher") {
+        return;
+    }
     let env = kad_env!();
     if !docker_available() {
         return;
@@ -558,6 +561,9 @@ fn labelled_containers_get_their_policies_from_creation_to_docker_rm() {
 
 #[test]
 fn docker_restarting_keeps_the_policies_and_the_watch_comes_back() {
+    if !kad_tests::host_only("the Docker watcher") {
+        return;
+    }
     let env = kad_env!();
     if !docker_available() {
         return;

@@ -208,6 +208,9 @@ fn archive() -> Option<PathBuf> {
 
 #[test]
 fn the_image_enforces_a_host_cgroups_policy_as_the_daemonset_runs_it() {
+    if !kad_tests::host_only("the image") {
+        return;
+    }
     let env = kad_env!();
     let Some(archive) = archive() else { return };
     let bpffs = BpffsDir(PathBuf::from("/sys/fs/bpf").join(unique("image")));
@@ -328,6 +331,9 @@ fn the_image_enforces_a_host_cgroups_policy_as_the_daemonset_runs_it() {
 
 #[test]
 fn the_images_init_step_installs_kad_and_the_hook_on_the_host() {
+    if !kad_tests::host_only("the image") {
+        return;
+    }
     let env = kad_env!();
     let Some(archive) = archive() else { return };
     let mut podman = Podman::new(&env, &archive);
