@@ -435,6 +435,9 @@ fn annotated_container_has_the_policy_from_its_first_connection() {
 
 #[test]
 fn a_bad_annotation_stops_the_start_with_the_message() {
+    if !kad_tests::host_only("the hook's refusal of a bad annotation") {
+        return;
+    }
     let env = kad_env!();
     if !podman_available() {
         return;
@@ -472,6 +475,9 @@ fn a_bad_annotation_stops_the_start_with_the_message() {
 /// by the hook), quoted whole, with `enforce` first; each is the policy, read from the daemon.
 #[test]
 fn podmans_annotation_forms_give_the_same_policy() {
+    if !kad_tests::host_only("podman's annotation syntax") {
+        return;
+    }
     let env = kad_env!();
     if !podman_available() {
         return;
@@ -538,6 +544,9 @@ fn podmans_annotation_forms_give_the_same_policy() {
 
 #[test]
 fn without_the_daemon_the_container_does_not_start() {
+    if !kad_tests::host_only("the hook without a daemon") {
+        return;
+    }
     let env = kad_env!();
     if !podman_available() {
         return;
@@ -591,6 +600,9 @@ fn kad_rootfs(kad: &Path, dir: &Path) -> PathBuf {
 /// cgroups, and the host's processes there get them; the CLI shows the host's paths.
 #[test]
 fn a_daemon_in_a_container_applies_the_hosts_paths() {
+    if !kad_tests::host_only("a daemon in a container (paths across mount points)") {
+        return;
+    }
     let env = kad_env!();
     if !podman_available() {
         return;
