@@ -42,22 +42,8 @@ impl Bench {
         let start = Instant::now();
         let mut holders = Vec::new();
         for _ in 0..processes {
-            let mut child = self
-                .in_cgroup(&cgroup, &["hold", &each.to_string()])?
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .context("start a connection holder")?;
-            let stdin = child.stdin.take().context("holder stdin")?;
-            let stdout = BufReader::new(child.stdout.take().context("holder stdout")?);
-            let pid = child.id();
-            self.guard.children.push(child);
-            holders.push(Holder {
-                stdin,
-                stdout,
-                port: 0,
-                pid,
-            });
+            let mut command = self.in_cgroup(&cgroup, &["hold", &each.to_string()])?;
+            holders.push(Holder::spawn(&mut command, &mut self.guard.children)?);
         }
         for h in &mut holders {
             let line = h.read_line()?;
@@ -144,6 +130,29 @@ pub(super) struct Holder {
 }
 
 impl Holder {
+    /// Starts `command` (a worker that holds connections) with its standard input and output
+    /// piped; the guard kills it at the end.
+    pub(super) fn spawn(
+        command: &mut std::process::Command,
+        children: &mut Vec<std::process::Child>,
+    ) -> Result<Holder> {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start a connection holder")?;
+        let stdin = child.stdin.take().context("holder stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("holder stdout")?);
+        let pid = child.id();
+        children.push(child);
+        Ok(Holder {
+            stdin,
+            stdout,
+            port: 0,
+            pid,
+        })
+    }
+
     pub(super) fn read_line(&mut self) -> Result<String> {
         let mut line = String::new();
         if self.stdout.read_line(&mut line)? == 0 {

@@ -7,10 +7,10 @@
 use std::{
     ffi::{CString, OsStr},
     fs::File,
-    io::{BufReader, Read as _, Seek as _, SeekFrom, Write as _},
+    io::{Read as _, Seek as _, SeekFrom, Write as _},
     os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -139,22 +139,8 @@ impl Bench {
             }))?;
             let cgroup = node.burstable.join(format!("pod{uid}"));
             mkdir(&cgroup)?;
-            let mut child = self
-                .in_pod(&cgroup, &["pod", &NODE_CONNECTIONS.to_string()])?
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .context("start a pod's connection holder")?;
-            let stdin = child.stdin.take().context("holder stdin")?;
-            let stdout = BufReader::new(child.stdout.take().context("holder stdout")?);
-            let pid = child.id();
-            self.guard.children.push(child);
-            holders.push(Holder {
-                stdin,
-                stdout,
-                port: 0,
-                pid,
-            });
+            let mut command = self.in_pod(&cgroup, &["pod", &NODE_CONNECTIONS.to_string()])?;
+            holders.push(Holder::spawn(&mut command, &mut self.guard.children)?);
         }
         for h in &mut holders {
             let line = h.read_line()?;
