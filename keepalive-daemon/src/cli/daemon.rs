@@ -26,6 +26,11 @@ pub(super) struct DaemonArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9977); off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// At most this many policies (the first in path order) get series of their own at
+    /// /metrics (one per family each; a container's id is in its path); the counts by state
+    /// cover every policy. 0: none.
+    #[arg(long, value_name = "N", default_value_t = daemon::metrics::DEFAULT_POLICY_SERIES)]
+    metrics_policies: usize,
     /// Pods' kad.dev/keepalive annotations (or their namespace's) are policies on the pods'
     /// cgroups: watch this node's pods (kubeconfig from KUBECONFIG, or the service account).
     #[arg(long, conflicts_with = "pod_events")]
@@ -85,6 +90,7 @@ pub(super) fn command(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
         bpffs: args.bpffs,
         config: args.config,
         metrics: args.metrics,
+        metrics_policies: args.metrics_policies,
         pods,
         kubelet: KubeletLayout {
             systemd: args.kubelet_cgroup_driver == "systemd",

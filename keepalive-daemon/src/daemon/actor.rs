@@ -294,9 +294,10 @@ impl StateHandle {
         }
     }
 
-    /// The Prometheus exposition served at /metrics.
-    pub(super) fn metrics(&self) -> String {
-        self.snapshot().metrics(&*self.reader)
+    /// The Prometheus exposition served at /metrics, with per-policy series for the first
+    /// `per_policy` policies.
+    pub(super) fn metrics(&self, per_policy: usize) -> String {
+        self.snapshot().metrics(&*self.reader, per_policy)
     }
 
     /// Whether there are `kad exec` runs to collect when their owners are gone.

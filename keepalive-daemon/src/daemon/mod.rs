@@ -97,9 +97,9 @@ async fn run_bound(
             "serving metrics on http://{}/metrics",
             config.metrics.map(|a| a.to_string()).unwrap_or_default()
         );
-        let state = state.clone();
+        let (state, per_policy) = (state.clone(), config.metrics_policies);
         tokio::spawn(metrics::serve(listener, metrics::LIMITS, move || {
-            std::future::ready(state.metrics())
+            std::future::ready(state.metrics(per_policy))
         }));
     }
     let mut term = signal(SignalKind::terminate()).map_err(io_err("cannot catch", "SIGTERM"))?;

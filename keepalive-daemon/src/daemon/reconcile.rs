@@ -406,7 +406,10 @@ impl Reconciler {
         if netns.is_empty() {
             return 0; // no process, no socket to reach
         }
-        match self.kernel.refresh(&scope, &netns) {
+        let started = std::time::Instant::now();
+        let result = self.kernel.refresh(&scope, &netns);
+        super::metrics::refresh::record(started.elapsed(), result.is_ok());
+        match result {
             Ok(n) => {
                 if n > 0 {
                     info!(cgroup = ?path.display().to_string(), sockets = n, namespaces = netns.len(), "existing connections updated");

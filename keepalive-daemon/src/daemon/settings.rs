@@ -17,6 +17,8 @@ pub struct DaemonConfig {
     pub config: PathBuf,
     /// Where to serve Prometheus metrics (`/metrics`); off when None.
     pub metrics: Option<std::net::SocketAddr>,
+    /// At most this many policies get series of their own at `/metrics`.
+    pub metrics_policies: usize,
     /// Where pod events come from, if pod annotations are policies.
     pub pods: Option<PodSource>,
     /// Where the kubelet puts pod cgroups.
@@ -37,9 +39,12 @@ pub enum PodSource {
 }
 
 impl PodSource {
+    /// How [`PodSource::describe`] begins for the API server.
+    pub(super) const KUBERNETES: &'static str = "kubernetes (";
+
     pub(super) fn describe(&self) -> String {
         match self {
-            PodSource::Kubernetes { node } => format!("kubernetes (node {node})"),
+            PodSource::Kubernetes { node } => format!("{}node {node})", Self::KUBERNETES),
             PodSource::Events(path) => format!("events from {}", path.display()),
         }
     }

@@ -11,8 +11,8 @@ use std::{
 use crate::{
     api::protocol::{PolicyDetail, PolicyEntry, StatsEntry, StatusReport},
     daemon::metrics,
-    daemon::reconcile::Source,
-    kernel::CounterReader,
+    daemon::{reconcile::Source, settings::PodSource},
+    kernel::{CounterReader, KernelError},
     model::policy::Policy,
 };
 
@@ -45,6 +45,24 @@ impl Row {
             waiting: self.in_force.is_none() && self.error.is_none(),
             host: self.host,
             ..PolicyEntry::new(path.display().to_string(), &self.policy)
+        }
+    }
+
+    /// Whether the policy is in force, and why not, as `/metrics` labels it.
+    fn metrics_state(&self) -> metrics::PolicyState {
+        use metrics::PolicyState::*;
+        if self.in_force.is_some() {
+            InForce
+        } else if let Some(error) = &self.error {
+            if *error == KernelError::Full.to_string() {
+                TooManyPolicies
+            } else {
+                Failed
+            }
+        } else if self.container.as_ref().is_some_and(|(_, stopped)| *stopped) {
+            ContainerStopped
+        } else {
+            Waiting
         }
     }
 
@@ -149,12 +167,61 @@ impl Snapshot {
         status
     }
 
-    /// The Prometheus exposition served at /metrics.
-    pub(super) fn metrics(&self, reader: &dyn CounterReader) -> String {
-        metrics::render(
-            &self.stats(reader),
-            self.rows.len(),
-            self.header.attachments,
-        )
+    /// The Prometheus exposition served at /metrics, with per-policy series for the first
+    /// `per_policy` policies.
+    pub(super) fn metrics(&self, reader: &dyn CounterReader, per_policy: usize) -> String {
+        let mut by_state = Vec::new();
+        let mut views = Vec::new();
+        for (path, row) in self.rows.iter() {
+            let state = row.metrics_state();
+            match by_state.iter_mut().find(|(s, _)| *s == state) {
+                Some((_, n)) => *n += 1,
+                None => by_state.push((state, 1)),
+            }
+            if views.len() < per_policy {
+                let cgroup = path.display().to_string();
+                let counters = row.slot().map(|slot| {
+                    let c = reader.counters(slot);
+                    StatsEntry {
+                        cgroup: cgroup.clone(),
+                        connect: c.active,
+                        accept: c.passive,
+                        setsockopt_failures: c.failures,
+                        keepalive_kills: c.keepalive_kills,
+                        refreshed: c.refreshed,
+                        overridden: c.overridden,
+                    }
+                });
+                views.push(metrics::PolicyView {
+                    cgroup,
+                    state,
+                    counters,
+                });
+            }
+        }
+        let mut watchers = Vec::new();
+        if let Some(pods) = &self.header.pods {
+            watchers.push(metrics::Watcher {
+                name: if pods.source.starts_with(PodSource::KUBERNETES) {
+                    "kubernetes"
+                } else {
+                    "pod_events"
+                },
+                connected: pods.connected,
+            });
+        }
+        if let Some(docker) = &self.header.docker {
+            watchers.push(metrics::Watcher {
+                name: "docker",
+                connected: docker.connected,
+            });
+        }
+        metrics::render(&metrics::Exposition {
+            by_state,
+            omitted: self.rows.len().saturating_sub(views.len()),
+            per_policy: views,
+            attachments: self.header.attachments,
+            watchers,
+        })
     }
 }

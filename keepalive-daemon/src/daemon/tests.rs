@@ -67,6 +67,7 @@ impl Daemon {
             bpffs: dir.0.join("bpffs"),
             config: dir.0.join("kad.toml"),
             metrics: None,
+            metrics_policies: crate::daemon::metrics::DEFAULT_POLICY_SERIES,
             pods: None,
             docker: None,
             kubelet: KubeletLayout {

@@ -1,25 +1,34 @@
-//! Prometheus metrics: the text exposition format, served over plain HTTP at `/metrics`.
+//! The `/metrics` endpoint: hyper's HTTP/1 server (the hyper kube already brings), one request
+//! per connection, behind our own accept loop, which bounds the connections served at once,
+//! closes the idle ones to make room, and bounds how long a request may take to arrive and its
+//! response to be taken.
 use std::{
     collections::VecDeque,
-    fmt::Write as _,
+    convert::Infallible,
     future::Future,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming,
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{oneshot, Semaphore},
 };
 use tracing::warn;
 
-use crate::{
-    api::protocol::StatsEntry,
-    host::logging::{held_note, LogLimiter},
-};
+use crate::host::logging::{held_note, LogLimiter};
 
-/// A request head larger than this is refused.
+/// A request head larger than this is refused (431); hyper's smallest read buffer.
 const MAX_HEAD: usize = 8 * 1024;
 
 /// How the endpoint holds up against clients that connect and never read or write.
@@ -48,80 +57,6 @@ pub const LIMITS: Limits = Limits {
 /// Log lines a misbehaving client may cause: this many per period, then a count.
 const LOG_PERIOD: Duration = Duration::from_secs(10);
 const LOG_BURST: u32 = 5;
-
-/// Renders the counters, with the policy cgroup as a label.
-pub fn render(stats: &[StatsEntry], policies: usize, attachments: usize) -> String {
-    let mut out = String::new();
-    let mut family =
-        |name: &str, help: &str, kind: &str, rows: &mut dyn Iterator<Item = (String, u64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, value) in rows {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        };
-    let label = |cgroup: &str, extra: &str| format!("{{cgroup=\"{}\"{extra}}}", escape(cgroup));
-    family(
-        "kad_connections_configured_total",
-        "TCP connections that kad gave keepalive, by policy cgroup and side.",
-        "counter",
-        &mut stats.iter().flat_map(|s| {
-            [
-                (label(&s.cgroup, ",side=\"connect\""), s.connect),
-                (label(&s.cgroup, ",side=\"accept\""), s.accept),
-            ]
-        }),
-    );
-    family(
-        "kad_setsockopt_failures_total",
-        "bpf_setsockopt calls the kernel refused, by policy cgroup.",
-        "counter",
-        &mut stats
-            .iter()
-            .map(|s| (label(&s.cgroup, ""), s.setsockopt_failures)),
-    );
-    family(
-        "kad_keepalive_kills_total",
-        "Connections closed because keepalive found the peer dead, by policy cgroup.",
-        "counter",
-        &mut stats
-            .iter()
-            .map(|s| (label(&s.cgroup, ""), s.keepalive_kills)),
-    );
-    family(
-        "kad_existing_connections_updated_total",
-        "Connections that existed before a policy and were given it, by policy cgroup.",
-        "counter",
-        &mut stats.iter().map(|s| (label(&s.cgroup, ""), s.refreshed)),
-    );
-    family(
-        "kad_overridden_total",
-        "Connections whose program set its own keepalive options after kad (rewritten under --enforce), by policy cgroup.",
-        "counter",
-        &mut stats.iter().map(|s| (label(&s.cgroup, ""), s.overridden)),
-    );
-    family(
-        "kad_policies",
-        "Policies in the table (set with kad set or from the config file).",
-        "gauge",
-        &mut std::iter::once((String::new(), policies as u64)),
-    );
-    family(
-        "kad_attachments",
-        "Anchor cgroups with kad's programs attached.",
-        "gauge",
-        &mut std::iter::once((String::new(), attachments as u64)),
-    );
-    out
-}
-
-/// Label values escape backslash, double quote and newline.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
 
 /// Answers `GET /metrics` with `body()`; anything else gets 404 or 400.
 pub async fn serve<F, Fut>(listener: TcpListener, limits: Limits, body: F)
@@ -195,78 +130,88 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Reads the request head (unless `evicted` fires first: the connection is closed to make
-/// room), calls `head_read`, then answers.
+/// Serves one request on `stream`: closed unannounced if `evicted` fires (to make room) or no
+/// request head comes within the read timeout, cut off if the response is not taken within the
+/// write timeout. `head_read` is called once the head is in (or the connection is over).
 async fn answer<F, Fut>(
-    mut stream: TcpStream,
+    stream: TcpStream,
     limits: Limits,
     body: F,
     evicted: oneshot::Receiver<()>,
     head_read: impl FnOnce(),
-) -> std::io::Result<()>
+) -> Result<(), String>
+where
+    F: Fn() -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = String> + Send,
+{
+    let (read_tx, read_rx) = oneshot::channel::<()>();
+    let read_tx = Mutex::new(Some(read_tx));
+    let service = service_fn(move |request: Request<Incoming>| {
+        if let Some(tx) = lock(&read_tx).take() {
+            let _ = tx.send(());
+        }
+        let body = body.clone();
+        async move { Ok::<_, Infallible>(respond(&request, body).await) }
+    });
+    let connection = http1::Builder::new()
+        .keep_alive(false)
+        // The timeouts are ours, below: one place, one clock.
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    // A dropped sender (the connection left the waiting list) is no eviction.
+    let evicted = async {
+        if evicted.await.is_err() {
+            std::future::pending::<()>().await
+        }
+    };
+    tokio::select! {
+        done = &mut connection => {
+            head_read();
+            return done.or_else(quiet);
+        }
+        _ = read_rx => head_read(),
+        _ = evicted => return Ok(()),
+        _ = tokio::time::sleep(limits.read_timeout) => {
+            head_read();
+            return Ok(());
+        }
+    }
+    match tokio::time::timeout(limits.write_timeout, connection).await {
+        Ok(done) => done.or_else(quiet),
+        Err(_) => Err("the client did not take the response in time".to_string()),
+    }
+}
+
+/// What a client did wrong is answered (hyper sends 400 or 431 for a bad or large head) or
+/// its own doing (it went away), not logged; the rest is.
+fn quiet(e: hyper::Error) -> Result<(), String> {
+    if e.is_parse() || e.is_parse_too_large() || e.is_incomplete_message() || e.is_canceled() {
+        Ok(())
+    } else {
+        Err(e.to_string())
+    }
+}
+
+/// `GET /metrics` gets `body()`; any other path 404, any other method 405.
+async fn respond<F, Fut>(request: &Request<Incoming>, body: F) -> Response<Full<Bytes>>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = String>,
 {
-    let head = tokio::select! {
-        head = tokio::time::timeout(limits.read_timeout, read_head(&mut stream)) => head,
-        _ = evicted => return Ok(()),
+    let (status, text) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, body().await),
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, "not found: try /metrics\n".into()),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into()),
     };
-    head_read();
-    let head = match head {
-        Ok(Ok(head)) => head,
-        _ => return respond(&mut stream, limits, "400 Bad Request", "bad request\n").await,
-    };
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, text) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") => ("200 OK", body().await),
-        ("GET", _) => ("404 Not Found", "not found: try /metrics\n".to_string()),
-        _ => ("405 Method Not Allowed", "only GET\n".to_string()),
-    };
-    respond(&mut stream, limits, status, &text).await
-}
-
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_HEAD {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "request head too large",
-            ));
-        }
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    limits: Limits,
-    status: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(super::exposition::CONTENT_TYPE),
     );
-    tokio::time::timeout(limits.write_timeout, async {
-        stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await
-    .map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the client did not take the response in time",
-        )
-    })?
+    response
 }
 
 #[cfg(test)]
@@ -308,6 +253,44 @@ mod tests {
         let mut out = Vec::new();
         s.read_to_end(&mut out).expect("the server closes in time");
         out
+    }
+
+    /// Sends `request` as is and returns the whole response.
+    fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = StdStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(request).unwrap();
+        String::from_utf8_lossy(&read_all(&mut s)).into_owned()
+    }
+
+    #[test]
+    fn only_get_metrics_is_served_and_a_large_head_is_refused() {
+        let addr = server(LIMITS, "kad_policies 1\n");
+        let ok = exchange(addr, b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.contains("content-type: text/plain; version=0.0.4; charset=utf-8\r\n")
+                && ok.contains("content-length: 15\r\n")
+                && ok.ends_with("\r\n\r\nkad_policies 1\n"),
+            "{ok}"
+        );
+        // One request per connection: the server closed after it (read_all returned).
+        let other = exchange(addr, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+        let post = exchange(addr, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        let garbage = exchange(addr, b"\x01\x02 not http\r\n\r\n");
+        assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
+        let mut large = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        large.extend(std::iter::repeat_n(b'a', 2 * MAX_HEAD));
+        large.extend(b"\r\n\r\n");
+        let mut s = StdStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // The server may stop reading (and close) before all of it is sent.
+        let _ = s.write_all(&large);
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 431");
     }
 
     #[test]
@@ -366,31 +349,5 @@ mod tests {
         let mut head = [0u8; 15];
         next.read_exact(&mut head).unwrap();
         assert_eq!(&head, b"HTTP/1.1 200 OK");
-    }
-
-    #[test]
-    fn renders_counters_with_cgroup_labels() {
-        let stats = [StatsEntry {
-            cgroup: "/sys/fs/cgroup/a \"b\"".into(),
-            connect: 3,
-            accept: 2,
-            setsockopt_failures: 0,
-            keepalive_kills: 1,
-            refreshed: 4,
-            overridden: 5,
-        }];
-        let text = render(&stats, 1, 1);
-        assert!(text.contains("kad_overridden_total{cgroup=\"/sys/fs/cgroup/a \\\"b\\\"\"} 5\n"));
-        assert!(text.contains("# TYPE kad_connections_configured_total counter\n"));
-        assert!(text.contains(
-            "kad_connections_configured_total{cgroup=\"/sys/fs/cgroup/a \\\"b\\\"\",side=\"connect\"} 3\n"
-        ));
-        assert!(
-            text.contains("kad_keepalive_kills_total{cgroup=\"/sys/fs/cgroup/a \\\"b\\\"\"} 1\n")
-        );
-        assert!(text.contains("kad_policies 1\n"));
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            assert!(line.split(' ').count() >= 2, "{line}");
-        }
     }
 }
