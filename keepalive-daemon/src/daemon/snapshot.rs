@@ -216,7 +216,7 @@ impl Snapshot {
                 connected: docker.connected,
             });
         }
-        metrics::render(&metrics::Exposition {
+        metrics::render(metrics::Exposition {
             by_state,
             omitted: self.rows.len().saturating_sub(views.len()),
             per_policy: views,
