@@ -750,3 +750,42 @@ fn a_users_container_policy_follows_the_delegation_rules() {
     assert_eq!(d.state.owners.get(&path), None);
     assert_eq!(d.state.container_of(&path), None);
 }
+
+#[test]
+fn metrics_say_which_policies_are_not_in_force_and_why() {
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.0.join("kad.toml"),
+        "[[policy]]\ncgroup = \"full\"\nidle = 100\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.0.join("cgroup/full")).unwrap();
+    // The kernel's maps are full when the config file's policy is applied.
+    let kernel = FakeKernel::default();
+    kernel.held().refuse_puts = true;
+    let mut d = Daemon::start_with(dir, kernel);
+    d.kernel.held().refuse_puts = false;
+    d.mkdir("ok");
+    done(d.set("ok", 60));
+    done(d.set("later", 60));
+    let text = d.state.snapshot().metrics(&d.kernel, 10);
+    let root = d.root.display();
+    for line in [
+        format!("kad_policy_in_force{{cgroup=\"{root}/full\",state=\"too_many_policies\"}} 0\n"),
+        format!("kad_policy_in_force{{cgroup=\"{root}/later\",state=\"waiting\"}} 0\n"),
+        format!("kad_policy_in_force{{cgroup=\"{root}/ok\",state=\"in_force\"}} 1\n"),
+        "kad_policies_by_state{state=\"too_many_policies\"} 1\n".into(),
+        "kad_policies_by_state{state=\"waiting\"} 1\n".into(),
+        "kad_policies_by_state{state=\"in_force\"} 1\n".into(),
+        "kad_policies_by_state{state=\"failed\"} 0\n".into(),
+        "kad_policies 3\n".into(),
+        "kad_policy_series_omitted 0\n".into(),
+    ] {
+        assert!(text.contains(&line), "{line:?} in:\n{text}");
+    }
+    // Past the cap: the first policy in path order keeps its series, the counts stay whole.
+    let text = d.state.snapshot().metrics(&d.kernel, 1);
+    assert_eq!(text.matches("kad_policy_in_force{").count(), 1, "{text}");
+    assert!(text.contains("kad_policy_series_omitted 2\n"), "{text}");
+    assert!(text.contains("kad_policies_by_state{state=\"waiting\"} 1\n"));
+}
