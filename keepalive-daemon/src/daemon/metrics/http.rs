@@ -294,6 +294,34 @@ mod tests {
     }
 
     #[test]
+    fn a_head_that_does_not_come_in_time_closes_the_connection() {
+        let limits = Limits {
+            read_timeout: Duration::from_millis(300),
+            ..LIMITS
+        };
+        let addr = server(limits, "kad_policies 1\n");
+        let mut silent = StdStream::connect(addr).unwrap();
+        // A head sent a byte at a time: the timeout is for all of it, not for each read.
+        let mut slow = StdStream::connect(addr).unwrap();
+        let start = Instant::now();
+        for b in b"GET /metrics HTTP/1.1\r\n".iter().take(8) {
+            if slow.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for s in [&mut silent, &mut slow] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert!(matches!(s.read(&mut [0u8; 1]), Ok(0)), "closed, unanswered");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
     fn idle_connections_make_room_for_a_scraper() {
         let limits = Limits {
             connections: 2,
