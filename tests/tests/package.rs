@@ -195,6 +195,9 @@ fn the_files_are_where_the_unit_and_the_hook_expect_them() {
         "/usr/share/zsh/vendor-completions/_kad",
         "/usr/share/fish/vendor_completions.d/kad.fish",
         "/usr/share/man/man1/kad.1.gz",
+        "/usr/share/kad/prometheus/kad-rules.yml",
+        "/usr/share/kad/prometheus/kad-rules.test.yml",
+        "/usr/share/kad/grafana/kad-dashboard.json",
     ]
     .map(String::from)
     .to_vec();
