@@ -122,6 +122,7 @@ impl State {
             error: Some("not connected yet".into()),
             pods: 0,
             invalid: Vec::new(),
+            refused: None,
         });
         let docker_store = Store::docker(&config.state_dir);
         // Kept (and enforced) until the Docker watcher's first full list says otherwise.
