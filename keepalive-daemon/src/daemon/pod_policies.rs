@@ -232,6 +232,7 @@ impl State {
     }
 
     pub(super) fn save_pods(&self) -> Result<(), StoreError> {
+        self.ensure_state_dir();
         let entries: Vec<StoredPolicy> = self
             .from_pods
             .iter()

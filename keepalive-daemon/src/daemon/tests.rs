@@ -310,6 +310,36 @@ fn pinned_policies_missing_from_the_state_file_are_adopted_and_saved() {
 }
 
 #[test]
+fn a_state_directory_removed_while_running_is_written_again_whole() {
+    let mut d = Daemon::start();
+    for i in 0..4 {
+        d.mkdir(&format!("app{i}"));
+        done(d.set(&format!("app{i}"), 100 + i));
+    }
+    std::fs::write(
+        d.dir.0.join("kad.toml"),
+        "[[policy]]\ncgroup = \"conf\"\nidle = 50\n",
+    )
+    .unwrap();
+    assert!(matches!(
+        d.state.reload(),
+        Response::Reloaded { policies: 1 }
+    ));
+    std::fs::remove_dir_all(d.dir.0.join("state")).unwrap();
+    // The next change finds the directory gone: every policy is written again, not only it.
+    done(d.set("app4", 104));
+    // A crash and a reboot: nothing pinned survives, the state directory is all there is.
+    let Daemon { dir, state, .. } = d;
+    drop(state);
+    std::fs::remove_file(dir.0.join("kad.toml")).unwrap();
+    let d = Daemon::start_with(dir, FakeKernel::default());
+    assert_eq!(d.state.set.len(), 5, "{:?}", d.state.set.keys());
+    assert_eq!(d.kernel_idle("/app0"), Some(100));
+    assert_eq!(d.kernel_idle("/app4"), Some(104));
+    assert_eq!(d.kernel_idle("/conf"), Some(50), "the config copy too");
+}
+
+#[test]
 fn pinned_config_policies_go_when_the_config_file_drops_them() {
     let dir = TempDir::new();
     let config = dir.0.join("kad.toml");

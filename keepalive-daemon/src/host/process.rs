@@ -10,6 +10,7 @@ use super::cgroup;
 /// daemon's PID namespace, from the control socket's peer credentials). The start time and the
 /// boot id make it one process: a reused pid, or the same pid after a reboot, is another one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExecOwner {
     pub pid: u32,
     /// Field 22 of /proc/PID/stat: clock ticks after boot.
