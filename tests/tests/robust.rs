@@ -748,3 +748,43 @@ fn reloads_during_in_place_writes_never_drop_an_unchanged_policy() {
     // The daemon is still there and answers.
     daemon.kad_ok(&["status"]);
 }
+
+/// A root `kad exec` request naming a cgroup that kad exec did not make (an existing empty one)
+/// is refused: the daemon would remove that cgroup once the requester is gone.
+#[test]
+fn a_kad_exec_request_for_a_cgroup_kad_did_not_make_is_refused() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "not-exec");
+    let existing = cg.child("app");
+    let named = cg.child("kad-exec-12345");
+    for path in [&existing, &named] {
+        fs::create_dir_all(path).unwrap();
+        // From a process that exits at once: its run is then gone, and its cgroup collected.
+        let request = format!(
+            "{{\"cmd\":\"exec\",\"cgroup\":\"{}\",\"policy\":{{\"mode\":\"on\",\"idle\":5,\"intvl\":null,\"cnt\":null}}}}\n",
+            path.display()
+        );
+        let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.sendall(sys.argv[2].encode())\nprint(s.makefile().read())";
+        let out = Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .arg(&daemon.socket)
+            .arg(&request)
+            .output()
+            .expect("run python3");
+        let reply = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            reply.contains("\"error\"") && reply.contains("use kad set"),
+            "{}: {reply}",
+            path.display()
+        );
+    }
+    // Longer than two of the collector's rounds (1 s), which would have removed them.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(existing.is_dir(), "the existing cgroup is kept");
+    assert!(
+        named.is_dir(),
+        "a cgroup merely named like kad exec's is kept"
+    );
+    assert_eq!(daemon.list(), serde_json::json!([]));
+}
