@@ -109,7 +109,9 @@ const SETTLE_MAX: Duration = Duration::from_secs(3);
 /// for `SETTLE_MAX` is an error (write it elsewhere and rename it over the old one).
 fn read_stable(path: &Path) -> io::Result<Option<String>> {
     use std::os::unix::fs::MetadataExt;
-    let read = || -> io::Result<Option<(String, (u64, i64, i64, u64))>> {
+    /// Size, modification time (s, ns) and inode: what changes when the file is written.
+    type Stamp = (u64, i64, i64, u64);
+    let read = || -> io::Result<Option<(String, Stamp)>> {
         let stamp = |m: &std::fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.ino());
         let before = match std::fs::metadata(path) {
             Ok(m) => stamp(&m),
