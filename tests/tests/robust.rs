@@ -1,7 +1,11 @@
 //! What no user, fault or typo may do to kad: a cgroup merely named like a `kad exec` one is
-//! never collected, paths through symbolic links are refused, a full disk refuses new policies
-//! but not removals and leaves no junk, a missing config file drops nothing, two daemons never
-//! share a state directory, `kad exec` keeps its command's status when the daemon dies.
+//! never collected (nor one a `kad exec` request names that kad exec did not make), paths
+//! through symbolic links are refused, a full disk refuses new policies but not removals and
+//! leaves no junk, a missing config file drops nothing, two daemons never share a state
+//! directory, `kad exec` keeps its command's status when the daemon dies, state files with a
+//! path twice, an unknown field, a link or a FIFO are refused by name, a state directory
+//! removed while running loses nothing, and a config written in place during reloads never
+//! drops an unchanged policy.
 use std::{
     fs,
     io::Read,
