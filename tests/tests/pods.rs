@@ -246,3 +246,40 @@ fn a_bad_pod_event_line_is_refused_and_the_stream_goes_on() {
     assert!(text.contains("last refused event: line 2"), "{text}");
     fs::remove_dir(&path).expect("rmdir pod cgroup");
 }
+
+/// A regular file of events is read to its end, and then `kad status` says the stream ended
+/// instead of "connected".
+#[test]
+fn a_pod_events_file_that_ends_is_not_called_connected() {
+    let env = kad_env!();
+    let dir = TempDir::new("pod-events-file");
+    let kubelet = TestCgroup::new(&env, "kubelet-file");
+    let uid = "0d7e5c3a-1b2c-4d5e-8f90-0000000000f1";
+    let events = dir.0.join("events.jsonl");
+    fs::write(
+        &events,
+        format!("{}\n", pod(uid, "f", "BestEffort", Some("idle=178"))),
+    )
+    .expect("write the events");
+    let args = [
+        "--pod-events".to_string(),
+        events.display().to_string(),
+        "--kubelet-cgroup-driver".into(),
+        "cgroupfs".into(),
+        "--kubelet-cgroup-root".into(),
+        kubelet.relative(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_with(&env, &args);
+    let path = kubelet.path.join(format!("kubepods/besteffort/pod{uid}"));
+    let entry = wait_entry(&daemon, &path, |e| e.is_some()).expect("entry");
+    assert_eq!(entry["idle"].as_u64(), Some(178));
+    let mut status = serde_json::Value::Null;
+    let ended = wait_for(Duration::from_secs(10), || {
+        status = serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).expect("status");
+        status["pods"]["connected"] == false
+    });
+    assert!(ended, "{status}");
+    let error = status["pods"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("ended"), "{status}");
+}

@@ -80,7 +80,12 @@ async fn read_lines(
             .read_until(b'\n', &mut line)
             .await;
         match read {
-            Ok(0) => return format!("the pod events {} ended", path.display()),
+            Ok(0) => {
+                return format!(
+                    "the pod events {} ended: nothing more is read until the daemon restarts",
+                    path.display()
+                )
+            }
             Ok(_) => {}
             Err(e) => return format!("cannot read the pod events {}: {e}", path.display()),
         }
@@ -157,8 +162,14 @@ impl State {
             if let Some(status) = &mut self.pods_status {
                 // Once per change: the watcher retries with backoff, and says so each time.
                 if !ok && (status.connected || status.error != *message) {
+                    // The Kubernetes watcher tries again; a stream of events that ended does not.
+                    let retrying = if status.source.starts_with("kubernetes") {
+                        ", retrying"
+                    } else {
+                        ""
+                    };
                     warn!(
-                        "pod watcher: {}; the pod policies in force stay, retrying",
+                        "pod watcher: {}; the pod policies in force stay{retrying}",
                         message.as_deref().unwrap_or("disconnected")
                     );
                 } else if *ok && !status.connected {
