@@ -792,3 +792,40 @@ fn a_kad_exec_request_for_a_cgroup_kad_did_not_make_is_refused() {
     );
     assert_eq!(daemon.list(), serde_json::json!([]));
 }
+
+/// A state directory removed while nothing changes: the daemon sees it go (inotify), makes it
+/// again and writes every policy to it at once, so a crash and a reboot right after lose none.
+#[test]
+fn a_state_directory_removed_while_idle_is_written_again_at_once() {
+    let env = kad_env!();
+    let top = TestCgroup::new(&env, "lost-idle");
+    let mut daemon = Daemon::start(&env);
+    for i in 0..3 {
+        daemon.kad_ok(&[
+            "set",
+            "--cgroup",
+            &format!("{}/p{i}", top.relative()),
+            "--idle",
+            &format!("{}", 150 + i),
+        ]);
+    }
+    fs::remove_dir_all(&daemon.state_dir).unwrap();
+    let written = wait_for(Duration::from_secs(10), || {
+        kad_tests::saved_table(&daemon.state_dir)
+            .as_array()
+            .is_some_and(|t| t.len() == 3)
+    });
+    assert!(written, "written again: {}", daemon.log());
+    // A crash, then a reboot: the pins go, only the state directory is left.
+    daemon.kill();
+    let mut uninstall = vec!["uninstall".to_string()];
+    uninstall.extend(daemon.dir_args());
+    let args: Vec<&str> = uninstall.iter().map(String::as_str).collect();
+    let out = env.kad(&daemon.socket, &args);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    daemon.restart();
+    assert_eq!(daemon.list().as_array().map(Vec::len), Some(3));
+    let cg = top.child("p2");
+    fs::create_dir_all(&cg).unwrap();
+    assert_eq!(idle_in(&env, &cg), (true, 152));
+}
