@@ -187,3 +187,99 @@ fn pod_annotations_drive_policies_through_the_event_stream() {
     let (server, _) = connect(&env, Some(&a_ctr), Some(&a_ctr), false);
     assert_eq!((server.keepalive, server.cnt), (true, 4));
 }
+
+/// A line that is not UTF-8 (or not JSON) is refused by name and the stream goes on: the
+/// events after it are applied, writers are not blocked, and `kad status` shows the refusal.
+#[test]
+fn a_bad_pod_event_line_is_refused_and_the_stream_goes_on() {
+    let env = kad_env!();
+    let dir = TempDir::new("pod-events-bad");
+    let fifo_path = dir.0.join("events");
+    let c_path = CString::new(fifo_path.to_str().expect("utf-8 path")).expect("no NUL");
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let kubelet = TestCgroup::new(&env, "kubelet-bad");
+    let args = [
+        "--pod-events".to_string(),
+        fifo_path.display().to_string(),
+        "--kubelet-cgroup-driver".into(),
+        "cgroupfs".into(),
+        "--kubelet-cgroup-root".into(),
+        kubelet.relative(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_with(&env, &args);
+    let mut feed = Feed {
+        fifo: fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo_path)
+            .expect("open the FIFO"),
+    };
+    let uid = "0d7e5c3a-1b2c-4d5e-8f90-0000000000d1";
+    let path = kubelet.path.join(format!("kubepods/besteffort/pod{uid}"));
+    // Invalid UTF-8 with an escape sequence in it, then a line that is not JSON.
+    feed.fifo
+        .write_all(b"{\"event\":\"pod\",\"name\":\"\xff\xfe\x1b[31mred\"}\nnot json\n")
+        .expect("write bad lines");
+    feed.send(pod(uid, "after", "BestEffort", Some("idle=177")));
+    let entry = wait_entry(&daemon, &path, |e| e.is_some()).expect("entry");
+    assert_eq!(entry["idle"].as_u64(), Some(177));
+    fs::create_dir_all(&path).expect("mkdir pod cgroup");
+    let (server, _) = connect(&env, Some(&path), Some(&path), false);
+    assert_eq!((server.keepalive, server.idle), (true, 177));
+
+    let status: serde_json::Value =
+        serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).expect("status json");
+    assert_eq!(status["pods"]["connected"], true, "{status}");
+    let refused = status["pods"]["refused"].as_str().unwrap_or_default();
+    assert!(
+        refused.contains("line 2") && refused.contains("not json"),
+        "{status}"
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("line 1 refused: not UTF-8") && log.contains("\\xff\\xfe\\u{1b}[31mred"),
+        "the bad line is named, escaped: {log}"
+    );
+    assert!(!log.contains('\u{1b}'), "no raw escape in the log");
+    let text = daemon.kad_ok(&["status"]);
+    assert!(text.contains("last refused event: line 2"), "{text}");
+    fs::remove_dir(&path).expect("rmdir pod cgroup");
+}
+
+/// A regular file of events is read to its end, and then `kad status` says the stream ended
+/// instead of "connected".
+#[test]
+fn a_pod_events_file_that_ends_is_not_called_connected() {
+    let env = kad_env!();
+    let dir = TempDir::new("pod-events-file");
+    let kubelet = TestCgroup::new(&env, "kubelet-file");
+    let uid = "0d7e5c3a-1b2c-4d5e-8f90-0000000000f1";
+    let events = dir.0.join("events.jsonl");
+    fs::write(
+        &events,
+        format!("{}\n", pod(uid, "f", "BestEffort", Some("idle=178"))),
+    )
+    .expect("write the events");
+    let args = [
+        "--pod-events".to_string(),
+        events.display().to_string(),
+        "--kubelet-cgroup-driver".into(),
+        "cgroupfs".into(),
+        "--kubelet-cgroup-root".into(),
+        kubelet.relative(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = Daemon::start_with(&env, &args);
+    let path = kubelet.path.join(format!("kubepods/besteffort/pod{uid}"));
+    let entry = wait_entry(&daemon, &path, |e| e.is_some()).expect("entry");
+    assert_eq!(entry["idle"].as_u64(), Some(178));
+    let mut status = serde_json::Value::Null;
+    let ended = wait_for(Duration::from_secs(10), || {
+        status = serde_json::from_str(&daemon.kad_ok(&["status", "--json"])).expect("status");
+        status["pods"]["connected"] == false
+    });
+    assert!(ended, "{status}");
+    let error = status["pods"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("ended"), "{status}");
+}

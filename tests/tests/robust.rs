@@ -1,7 +1,11 @@
 //! What no user, fault or typo may do to kad: a cgroup merely named like a `kad exec` one is
-//! never collected, paths through symbolic links are refused, a full disk refuses new policies
-//! but not removals and leaves no junk, a missing config file drops nothing, two daemons never
-//! share a state directory, `kad exec` keeps its command's status when the daemon dies.
+//! never collected (nor one a `kad exec` request names that kad exec did not make), paths
+//! through symbolic links are refused, a full disk refuses new policies but not removals and
+//! leaves no junk, a missing config file drops nothing, two daemons never share a state
+//! directory, `kad exec` keeps its command's status when the daemon dies, state files with a
+//! path twice, an unknown field, a link or a FIFO are refused by name, a state directory
+//! removed while running loses nothing, and a config written in place during reloads never
+//! drops an unchanged policy.
 use std::{
     fs,
     io::Read,
@@ -548,4 +552,280 @@ fn two_daemons_never_share_a_state_directory() {
         (true, 204),
         "the first one still works"
     );
+}
+
+/// The state files are read strictly: a path twice, a field kad does not know, a symbolic link
+/// (even a dangling one, which must not be created) or a FIFO in a file's place each stop the
+/// start with the file's name, at once, and nothing is written through them.
+#[test]
+fn state_files_refuse_duplicates_unknown_fields_links_and_fifos() {
+    let env = kad_env!();
+    let cg = TestCgroup::new(&env, "strict");
+    let dir = TempDir::new("strict");
+    let config = dir.0.join("kad.toml");
+    let state_dir = dir.0.join("state");
+    fs::create_dir_all(&state_dir).unwrap();
+    let state = state_dir.join("policies.json");
+    let journal = state_dir.join("policies.journal");
+    let entry = |idle: u32, extra: &str| {
+        format!(
+            "  {{\"cgroup\": \"{}\", \"mode\": \"on\", \"idle\": {idle}, \"intvl\": null, \"cnt\": null{extra}}}",
+            cg.path.display()
+        )
+    };
+
+    fs::write(
+        &state,
+        format!("[\n{},\n{}\n]\n", entry(52, ""), entry(53, "")),
+    )
+    .unwrap();
+    let out = start_refused(&env, &dir.0, &config, &state_dir);
+    assert_one_line_error(&out, &[&format!("{}:3:", state.display()), "two entries"]);
+
+    fs::write(&state, format!("[\n{}\n]\n", entry(52, ", \"colour\": 1"))).unwrap();
+    let out = start_refused(&env, &dir.0, &config, &state_dir);
+    assert_one_line_error(
+        &out,
+        &[&format!("{}:2:", state.display()), "unknown field `colour`"],
+    );
+
+    fs::remove_file(&state).unwrap();
+    fs::write(
+        &journal,
+        format!("{{\"set\": {}}}\n", entry(52, ", \"colour\": 1").trim()),
+    )
+    .unwrap();
+    let out = start_refused(&env, &dir.0, &config, &state_dir);
+    assert_one_line_error(
+        &out,
+        &[
+            &format!("{}:1:", journal.display()),
+            "unknown field `colour`",
+        ],
+    );
+
+    fs::remove_file(&journal).unwrap();
+    let target = dir.0.join("elsewhere");
+    std::os::unix::fs::symlink(&target, &journal).unwrap();
+    let out = start_refused(&env, &dir.0, &config, &state_dir);
+    assert_one_line_error(&out, &[&journal.display().to_string(), "symbolic link"]);
+    assert!(!target.exists(), "nothing was made through the link");
+
+    fs::remove_file(&journal).unwrap();
+    let c = std::ffi::CString::new(journal.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    // start_refused fails the test if the daemon is still waiting after 15 s.
+    let out = start_refused(&env, &dir.0, &config, &state_dir);
+    assert_one_line_error(
+        &out,
+        &[&journal.display().to_string(), "a FIFO, not a regular file"],
+    );
+}
+
+/// A state directory removed while the daemon runs: the next change writes every policy again
+/// into a new one, so that a crash and a reboot (pins gone) lose nothing.
+#[test]
+fn a_state_directory_removed_while_running_loses_nothing_at_the_next_start() {
+    let env = kad_env!();
+    let top = TestCgroup::new(&env, "lost-dir");
+    let mut daemon = Daemon::start(&env);
+    for i in 0..4 {
+        fs::create_dir_all(top.child(&format!("p{i}"))).unwrap();
+        daemon.kad_ok(&[
+            "set",
+            "--cgroup",
+            &format!("{}/p{i}", top.relative()),
+            "--idle",
+            &format!("{}", 140 + i),
+        ]);
+    }
+    fs::remove_dir_all(&daemon.state_dir).unwrap();
+    daemon.kad_ok(&[
+        "set",
+        "--cgroup",
+        &format!("{}/p4", top.relative()),
+        "--idle",
+        "144",
+    ]);
+    let log = daemon.log();
+    assert!(
+        log.contains("the state directory was removed or replaced"),
+        "said loudly: {log}"
+    );
+    // A crash, then a reboot: the pins go, only the state directory is left.
+    daemon.kill();
+    let mut uninstall = vec!["uninstall".to_string()];
+    uninstall.extend(daemon.dir_args());
+    let args: Vec<&str> = uninstall.iter().map(String::as_str).collect();
+    let out = env.kad(&daemon.socket, &args);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    daemon.restart();
+    let list = daemon.list();
+    assert_eq!(list.as_array().map(Vec::len), Some(5), "{list}");
+    let cg = top.child("p0");
+    assert_eq!(idle_in(&env, &cg), (true, 140));
+}
+
+/// The config file rewritten in place (truncated, then written in small pieces) again and
+/// again while reloads are asked for (SIGHUP and `kad reload`): the policy of a cgroup whose
+/// entry never changes is never missing, for any connection made meanwhile.
+#[test]
+fn reloads_during_in_place_writes_never_drop_an_unchanged_policy() {
+    let env = kad_env!();
+    let top = TestCgroup::new(&env, "torn");
+    let keep = top.child("keep");
+    fs::create_dir_all(&keep).unwrap();
+    let daemon = Daemon::start(&env);
+    // The unchanged entry last, so that a file cut short loses it first.
+    let text = |other: u32| {
+        format!(
+            "[[policy]]\ncgroup = \"{0}/other\"\nidle = {other}\n\n[[policy]]\ncgroup = \"{0}/keep\"\nidle = 133\nintvl = 13\ncnt = 3\n",
+            top.relative()
+        )
+    };
+    fs::write(&daemon.config, text(100)).unwrap();
+    daemon.kad_ok(&["reload"]);
+    assert_eq!(idle_in(&env, &keep), (true, 133));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (config, stop) = (daemon.config.clone(), stop.clone());
+        let texts: Vec<String> = (0..10).map(|i| text(100 + i)).collect();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut file = fs::File::create(&config).expect("truncate the config");
+                for chunk in texts[n % texts.len()].as_bytes().chunks(7) {
+                    file.write_all(chunk).expect("write the config");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                drop(file);
+                std::thread::sleep(Duration::from_millis(60));
+                n += 1;
+            }
+        })
+    };
+    let signaller = {
+        let (stop, pid) = (stop.clone(), daemon.pid() as i32);
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: signalling the test's own daemon.
+                unsafe { libc::kill(pid, libc::SIGHUP) };
+                std::thread::sleep(Duration::from_millis(7));
+            }
+        })
+    };
+    let reloader = {
+        let (stop, kad, socket) = (stop.clone(), env.kad.clone(), daemon.socket.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Refused when the file keeps changing: the previous config stays either way.
+                let _ = Command::new(&kad)
+                    .arg("reload")
+                    .env("KAD_SOCKET", &socket)
+                    .stdin(Stdio::null())
+                    .output();
+            }
+        })
+    };
+    let (mut total, mut without) = (0, 0);
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        if idle_in(&env, &keep) != (true, 133) {
+            without += 1;
+        }
+        total += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{total} connections in {:?}", start.elapsed());
+    writer.join().unwrap();
+    signaller.join().unwrap();
+    reloader.join().unwrap();
+    eprintln!("threads stopped after {:?}", start.elapsed());
+    assert!(total > 20, "connections made: {total}");
+    assert_eq!(
+        without, 0,
+        "{without} of {total} connections lacked the policy"
+    );
+    // The daemon is still there and answers.
+    daemon.kad_ok(&["status"]);
+}
+
+/// A root `kad exec` request naming a cgroup that kad exec did not make (an existing empty one)
+/// is refused: the daemon would remove that cgroup once the requester is gone.
+#[test]
+fn a_kad_exec_request_for_a_cgroup_kad_did_not_make_is_refused() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let cg = TestCgroup::new(&env, "not-exec");
+    let existing = cg.child("app");
+    let named = cg.child("kad-exec-12345");
+    for path in [&existing, &named] {
+        fs::create_dir_all(path).unwrap();
+        // From a process that exits at once: its run is then gone, and its cgroup collected.
+        let request = format!(
+            "{{\"cmd\":\"exec\",\"cgroup\":\"{}\",\"policy\":{{\"mode\":\"on\",\"idle\":5,\"intvl\":null,\"cnt\":null}}}}\n",
+            path.display()
+        );
+        let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.sendall(sys.argv[2].encode())\nprint(s.makefile().read())";
+        let out = Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .arg(&daemon.socket)
+            .arg(&request)
+            .output()
+            .expect("run python3");
+        let reply = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            reply.contains("\"error\"") && reply.contains("use kad set"),
+            "{}: {reply}",
+            path.display()
+        );
+    }
+    // Longer than two of the collector's rounds (1 s), which would have removed them.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(existing.is_dir(), "the existing cgroup is kept");
+    assert!(
+        named.is_dir(),
+        "a cgroup merely named like kad exec's is kept"
+    );
+    assert_eq!(daemon.list(), serde_json::json!([]));
+}
+
+/// A state directory removed while nothing changes: the daemon sees it go (inotify), makes it
+/// again and writes every policy to it at once, so a crash and a reboot right after lose none.
+#[test]
+fn a_state_directory_removed_while_idle_is_written_again_at_once() {
+    let env = kad_env!();
+    let top = TestCgroup::new(&env, "lost-idle");
+    let mut daemon = Daemon::start(&env);
+    for i in 0..3 {
+        daemon.kad_ok(&[
+            "set",
+            "--cgroup",
+            &format!("{}/p{i}", top.relative()),
+            "--idle",
+            &format!("{}", 150 + i),
+        ]);
+    }
+    fs::remove_dir_all(&daemon.state_dir).unwrap();
+    let written = wait_for(Duration::from_secs(10), || {
+        kad_tests::saved_table(&daemon.state_dir)
+            .as_array()
+            .is_some_and(|t| t.len() == 3)
+    });
+    assert!(written, "written again: {}", daemon.log());
+    // A crash, then a reboot: the pins go, only the state directory is left.
+    daemon.kill();
+    let mut uninstall = vec!["uninstall".to_string()];
+    uninstall.extend(daemon.dir_args());
+    let args: Vec<&str> = uninstall.iter().map(String::as_str).collect();
+    let out = env.kad(&daemon.socket, &args);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    daemon.restart();
+    assert_eq!(daemon.list().as_array().map(Vec::len), Some(3));
+    let cg = top.child("p2");
+    fs::create_dir_all(&cg).unwrap();
+    assert_eq!(idle_in(&env, &cg), (true, 152));
 }

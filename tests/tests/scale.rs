@@ -96,3 +96,53 @@ fn the_policy_limit_is_named_when_reached() {
     );
     assert_eq!(reply["reply"], "done", "{reply}");
 }
+
+/// A config over the policy limit is refused by `kad reload` (exit 1, the reason named) and the
+/// previous config stays in force in the kernel.
+#[test]
+fn a_reload_over_the_policy_limit_is_refused_and_the_previous_config_stays() {
+    let env = kad_env!();
+    if !kad_tests::host_only("65,537 policies (a test of kad's limit, not of a kernel feature)") {
+        return;
+    }
+    let daemon = Daemon::start(&env);
+    let top = TestCgroup::new(&env, "reload-limit");
+    let small: String = (0..3)
+        .map(|i| {
+            format!(
+                "[[policy]]\ncgroup = \"{}/p{i}\"\nidle = {}\n",
+                top.relative(),
+                120 + i
+            )
+        })
+        .collect();
+    std::fs::write(&daemon.config, &small).expect("write the config");
+    daemon.kad_ok(&["reload"]);
+    let big: String = (0..65_537)
+        .map(|i| {
+            format!(
+                "[[policy]]\ncgroup = \"{}/p{i}\"\nidle = 200\n",
+                top.relative()
+            )
+        })
+        .collect();
+    std::fs::write(&daemon.config, &big).expect("write the config");
+    let out = daemon.kad(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused: {err}");
+    assert!(
+        err.contains("at most 65536") && err.contains("previous config stays in force"),
+        "{err}"
+    );
+    let list = daemon.list();
+    assert_eq!(list.as_array().map(Vec::len), Some(3), "{list}");
+    // In the kernel: a new connection in p1 has the previous config's value.
+    let cg = top.child("p1");
+    std::fs::create_dir_all(&cg).expect("mkdir");
+    let (server, _) = connect(&env, Some(&cg), Some(&cg), false);
+    assert_eq!((server.keepalive, server.idle), (true, 121));
+    let cg = top.child("p3");
+    std::fs::create_dir_all(&cg).expect("mkdir");
+    let (server, _) = connect(&env, Some(&cg), Some(&cg), false);
+    assert!(!server.keepalive, "nothing of the refused config");
+}

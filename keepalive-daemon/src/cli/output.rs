@@ -99,6 +99,9 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
         for line in &pods.invalid {
             println!("  no policy: {line}");
         }
+        if let Some(refused) = &pods.refused {
+            println!("  last refused event: {refused}");
+        }
     }
     if let Some(docker) = &report.docker {
         let state = match (&docker.error, docker.connected) {

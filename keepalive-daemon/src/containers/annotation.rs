@@ -4,7 +4,10 @@
 //! The one parser of that grammar: OCI annotations, pods' annotations and Docker labels use it.
 use std::collections::BTreeMap;
 
-use crate::model::policy::{self, Policy, PolicyError, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE};
+use crate::{
+    host::logging::escape,
+    model::policy::{self, Policy, PolicyError, CNT_RANGE, SECS_RANGE, USER_TIMEOUT_RANGE},
+};
 
 /// The annotation's key, the same for containers (OCI) and pods.
 pub const KEY: &str = "kad.dev/keepalive";
@@ -26,7 +29,8 @@ fn invalid(value: &str, problem: impl Into<String>) -> AnnotationError {
     }
     AnnotationError::Invalid {
         value: shown,
-        problem: problem.into(),
+        // It may quote the value's items: their control characters escaped, as the value's.
+        problem: escape(&problem.into()),
     }
 }
 
@@ -84,8 +88,9 @@ pub fn parse(value: &str) -> Result<Policy, AnnotationError> {
                 "an empty item (two commas, or a comma at an end)",
             ));
         }
+        let shown: String = key.chars().take(32).collect();
         if seen.contains(&key) {
-            return Err(invalid(value, format!("{key} is given twice")));
+            return Err(invalid(value, format!("{shown} is given twice")));
         }
         seen.push(key);
         let range_error = |e: PolicyError| invalid(value, e.to_string());
@@ -115,17 +120,16 @@ pub fn parse(value: &str) -> Result<Policy, AnnotationError> {
                 ))
             }
             ("enforce" | "on", Some(_)) => {
-                return Err(invalid(value, format!("{key} takes no value")))
+                return Err(invalid(value, format!("{shown} takes no value")))
             }
             ("idle" | "intvl" | "cnt" | "user-timeout", None) => {
-                return Err(invalid(value, format!("{key} needs a value ({key}=N)")))
+                return Err(invalid(value, format!("{shown} needs a value ({shown}=N)")))
             }
             _ => {
                 return Err(invalid(
                     value,
                     format!(
-                        "unknown item '{}': allowed are idle=S, intvl=S, cnt=N, user-timeout=MS, enforce, on, off",
-                        key.chars().take(32).collect::<String>()
+                        "unknown item '{shown}': allowed are idle=S, intvl=S, cnt=N, user-timeout=MS, enforce, on, off",
                     ),
                 ))
             }
@@ -221,9 +225,16 @@ mod tests {
             ("off,idle=5", "off alone"),
             ("off,enforce", "off alone"),
             ("keepidle=5", "unknown item 'keepidle'"),
+            // Control characters are escaped wherever the input is quoted.
+            ("\u{1b}[31m=5", "unknown item '\\u{1b}[31m'"),
+            ("idle=\u{7}", "\\u{7}"),
             ("idle=5;cnt=3", "between 1 and 32767"),
         ] {
             let message = parse(value).unwrap_err().to_string();
+            assert!(
+                !message.chars().any(char::is_control),
+                "{value:?}: {message:?}"
+            );
             assert!(
                 message.starts_with("annotation kad.dev/keepalive="),
                 "{value}: {message}"

@@ -52,6 +52,12 @@ pub enum PodEvent {
         ok: bool,
         message: Option<String>,
     },
+    /// A line of `--pod-events` that was refused, and why: for `kad status`. Never read from
+    /// the stream itself.
+    #[serde(skip)]
+    Refused {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,7 +198,7 @@ impl PodTable {
                 }
                 !stale.is_empty()
             }
-            PodEvent::Connection { .. } => false,
+            PodEvent::Connection { .. } | PodEvent::Refused { .. } => false,
         }
     }
 

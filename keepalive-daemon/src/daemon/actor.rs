@@ -72,6 +72,8 @@ pub(super) enum Command {
     DockerEvent(DockerEvent),
     /// Look for `kad exec` runs that are gone.
     CollectAbandoned,
+    /// The state directory may have been removed: made again and written whole if so.
+    CheckStateDir,
     /// Fold the journal into the state file and stop; the commands queued before it are done
     /// first.
     Stop {
@@ -190,6 +192,10 @@ fn run(
             Command::DockerEvent(event) => {
                 state.on_docker_event(event);
                 (None, None)
+            }
+            Command::CheckStateDir => {
+                state.ensure_state_dir();
+                continue; // no policy changed
             }
             Command::CollectAbandoned => {
                 let exec = state.collect_abandoned();

@@ -17,6 +17,7 @@ use std::{
     collections::BTreeMap,
     io,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use serde::Deserialize;
@@ -72,9 +73,9 @@ struct Entry {
 /// is no file (the caller decides what that means for policies it set before). The cgroups
 /// need not exist yet: a policy applies when its cgroup appears.
 pub fn load(path: &Path, root: &Path) -> Result<Option<BTreeMap<PathBuf, Policy>>, ConfigError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+    let text = match read_stable(path) {
+        Ok(Some(text)) => text,
+        Ok(None) => return Ok(None),
         Err(source) => {
             return Err(ConfigError::Io {
                 path: path.to_path_buf(),
@@ -95,6 +96,63 @@ pub fn load(path: &Path, root: &Path) -> Result<Option<BTreeMap<PathBuf, Policy>
             line: line_at(&text, offset),
             message,
         })
+}
+
+/// How long the file must stay the same between two reads for them to be believed.
+const SETTLE: Duration = Duration::from_millis(50);
+/// How long a file that keeps changing is waited for.
+const SETTLE_MAX: Duration = Duration::from_secs(3);
+
+/// The file's text once it has stopped changing: two reads `SETTLE` apart that agree, with the
+/// same size, modification time and inode. A file written in place (truncated, then written
+/// piece by piece) is thus not read half written, empty or cut short; one that keeps changing
+/// for `SETTLE_MAX` is an error (write it elsewhere and rename it over the old one).
+fn read_stable(path: &Path) -> io::Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    /// Size, modification time (s, ns) and inode: what changes when the file is written.
+    type Stamp = (u64, i64, i64, u64);
+    let read = || -> io::Result<Option<(String, Stamp)>> {
+        let stamp = |m: &std::fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.ino());
+        let before = match std::fs::metadata(path) {
+            Ok(m) => stamp(&m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let after = stamp(&std::fs::metadata(path)?);
+        // Changed while it was read: no stamp matches it.
+        let stamp = if before == after {
+            after
+        } else {
+            (u64::MAX, 0, 0, 0)
+        };
+        Ok(Some((text, stamp)))
+    };
+    let start = Instant::now();
+    let mut last = read()?;
+    loop {
+        std::thread::sleep(SETTLE);
+        let now = read()?;
+        match (&last, &now) {
+            (None, None) => return Ok(None),
+            (Some((a, sa)), Some((b, sb))) if a == b && sa == sb && sa.0 != u64::MAX => {
+                return Ok(now.map(|(text, _)| text))
+            }
+            _ => {}
+        }
+        if start.elapsed() > SETTLE_MAX {
+            return Err(io::Error::other(format!(
+                "it kept changing for {} s: write the new config to another file and rename it \
+                 over this one",
+                SETTLE_MAX.as_secs()
+            )));
+        }
+        last = now;
+    }
 }
 
 /// Parses config text, turning each path into the key it is kept by with `check` (`None`: the
@@ -313,6 +371,50 @@ idle = 300
             assert_eq!(line_at(text, offset), line, "{text:?}: {message}");
             assert!(message.contains(expected), "{text:?}: {message}");
         }
+    }
+
+    #[test]
+    fn a_file_written_in_place_is_never_read_half_written() {
+        let dir = std::env::temp_dir().join(format!("kad-config-torn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kad.toml");
+        let text: String = (0..8)
+            .map(|i| format!("[[policy]]\ncgroup = \"a{i}\"\nidle = {}\n", 100 + i))
+            .collect();
+        std::fs::write(&file, &text).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (file, text, stop) = (file.clone(), text.clone(), stop.clone());
+            std::thread::spawn(move || {
+                use std::io::Write;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Truncated, then written in small pieces, as an editor saving in place.
+                    let mut f = std::fs::File::create(&file).unwrap();
+                    for chunk in text.as_bytes().chunks(16) {
+                        f.write_all(chunk).unwrap();
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    drop(f);
+                    std::thread::sleep(Duration::from_millis(120));
+                }
+            })
+        };
+        let mut whole = 0;
+        for _ in 0..20 {
+            // Lexical checks: the root is not a cgroup2 mount here.
+            match read_stable(&file) {
+                Ok(Some(read)) => {
+                    assert_eq!(read, text, "only the whole file is read");
+                    whole += 1;
+                }
+                Ok(None) => panic!("the file is there"),
+                Err(e) => assert!(e.to_string().contains("rename"), "{e}"),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(whole > 0, "the file was read whole between writes");
     }
 
     #[test]

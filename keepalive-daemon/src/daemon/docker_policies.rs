@@ -109,6 +109,7 @@ impl State {
     }
 
     pub(super) fn save_docker(&self) -> Result<(), StoreError> {
+        self.ensure_state_dir();
         let entries: Vec<StoredPolicy> = self
             .from_docker
             .iter()

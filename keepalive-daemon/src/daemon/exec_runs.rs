@@ -1,5 +1,8 @@
 //! The policies of `kad exec` runs: recorded with their owner, collected once it is gone.
-use std::{io, path::PathBuf};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 use tracing::{error, info, warn};
 
@@ -7,7 +10,8 @@ use super::state::State;
 use crate::{
     api::protocol::{Peer, Response},
     host::cgroup,
-    host::process::{self, ExecOwner},
+    host::process::{self, ExecOwner, TRANSIENT_PREFIX},
+    host::target,
     model::policy::Policy,
 };
 
@@ -37,6 +41,15 @@ impl State {
                 path.display()
             ));
         }
+        // The daemon removes the cgroup once the run is gone: only one `kad exec` made.
+        if let Err(message) = self.made_by_exec(&path, pid) {
+            return Response::error(format!(
+                "kad exec: {} {message}: the daemon removes the cgroup of a kad exec run when \
+                 it ends, so it takes only the one kad exec makes (a new {TRANSIENT_PREFIX}PID \
+                 below the caller's own cgroup); for an existing cgroup use kad set",
+                path.display()
+            ));
+        }
         let previous = self.exec_owners.insert(path.clone(), owner);
         let reply = self.set(input, policy, peer.uid);
         if let Response::Error { .. } = reply {
@@ -46,6 +59,37 @@ impl State {
             };
         }
         reply
+    }
+
+    /// Why `path` is not a transient cgroup that the `kad exec` process `pid` made, if it is
+    /// not: one named `kad-exec-*` right below the process's own cgroup, with no process in it
+    /// yet and no policy of another kind.
+    fn made_by_exec(&self, path: &Path, pid: u32) -> Result<(), &'static str> {
+        let named = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(TRANSIENT_PREFIX));
+        if !named {
+            return Err("is not named as kad exec names its cgroups");
+        }
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|t| {
+                target::cgroup_from_proc(&t).map(|c| self.root.join(c.trim_start_matches('/')))
+            });
+        if own.as_deref() != path.parent() {
+            return Err("is not below the caller's own cgroup");
+        }
+        if self.exec_owners.contains_key(path) {
+            return Ok(()); // the same run asking again
+        }
+        if self.want(path).is_some() {
+            return Err("has a policy already");
+        }
+        if cgroup::populated(path) {
+            return Err("has processes in it already");
+        }
+        Ok(())
     }
 
     /// Removes the transient cgroups (and policies) of `kad exec` runs that were killed before

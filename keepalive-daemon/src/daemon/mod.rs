@@ -3,7 +3,14 @@
 //! One thread (`kad-state`, `actor.rs`) owns the kernel and disk state and takes commands; the
 //! async side (control socket, `/metrics`, signals, inotify, pod and Docker events, ticks) only
 //! sends them, and answers reads from the snapshot the thread publishes after its commands.
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use tokio::{
     net::UnixListener,
@@ -168,15 +175,43 @@ async fn run_bound(
             }
         }
     });
+    // inotify on the state directory's parent: the directory removed (or replaced) while the
+    // daemon runs is made again and written whole at once, not only at the next save. (Its own
+    // IN_DELETE_SELF would wait for the lock's descriptor to close.)
+    let parent = config.state_dir.parent().map(std::path::Path::to_path_buf);
+    match (Watcher::new(), parent) {
+        (Ok(state_dir_watch), Some(parent)) => {
+            let state = state.clone();
+            let dir = config.state_dir.clone();
+            tokio::spawn(async move {
+                state_dir_watch.set(&std::collections::BTreeSet::from([parent]));
+                while let Ok(paths) = state_dir_watch.next().await {
+                    if paths.contains(&dir) {
+                        state.nudge(Command::CheckStateDir);
+                    }
+                }
+            });
+        }
+        (Err(e), _) => warn!("inotify on the state directory: {e} (checked at each save only)"),
+        (_, None) => {}
+    }
+    let reloads = Arc::new(AtomicUsize::new(0));
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                // One reload running and one waiting are enough: the waiting one reads the
+                // file after every signal so far. A storm of signals queues no more.
+                if reloads.load(Ordering::Relaxed) >= 2 {
+                    continue;
+                }
+                reloads.fetch_add(1, Ordering::Relaxed);
                 info!("SIGHUP: reloading {}", config.config.display());
-                let state = state.clone();
+                let (state, reloads) = (state.clone(), reloads.clone());
                 tokio::spawn(async move {
                     if let Response::Error { message } = state.ask(|reply| Command::Reload { reply }).await {
-                        error!("reload failed, keeping the previous config: {message}");
+                        error!("reload failed: {message}");
                     }
+                    reloads.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }

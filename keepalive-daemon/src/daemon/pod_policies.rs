@@ -2,6 +2,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    time::Duration,
 };
 
 use tracing::{error, info, warn};
@@ -11,12 +12,17 @@ use crate::{
     containers::pods::PodEvent,
     daemon::store::{StoreError, StoredPolicy},
     host::cgroup,
+    host::logging::{self, LogLimiter},
 };
 
+/// The longest event line read; a longer one is refused (a real event is a few hundred bytes).
+const MAX_LINE: u64 = 64 * 1024;
+
 /// `--pod-events PATH`: one JSON [`PodEvent`] per line. A FIFO is opened for reading and
-/// writing, so that writers may come and go; a bad line is logged and skipped.
+/// writing, so that writers may come and go. A bad line (not UTF-8, not JSON, too long) is
+/// refused, logged (rate-limited, escaped) and shown in `kad status`; the lines after it are
+/// read as usual.
 pub(super) async fn read_pod_events(path: PathBuf, events: tokio::sync::mpsc::Sender<PodEvent>) {
-    use tokio::io::AsyncBufReadExt as _;
     let is_fifo = std::fs::metadata(&path)
         .map(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
         .unwrap_or(false);
@@ -46,25 +52,106 @@ pub(super) async fn read_pod_events(path: PathBuf, events: tokio::sync::mpsc::Se
             message: None,
         })
         .await;
-    let mut lines = tokio::io::BufReader::new(reader).lines();
+    let ended = read_lines(&path, reader, &events).await;
+    // A stream that ends (or fails) is a watcher that is gone: `kad status` says so.
+    let _ = events
+        .send(PodEvent::Connection {
+            ok: false,
+            message: Some(ended),
+        })
+        .await;
+}
+
+/// Reads events until the stream ends; returns why it ended.
+async fn read_lines(
+    path: &std::path::Path,
+    reader: impl tokio::io::AsyncRead + Unpin,
+    events: &tokio::sync::mpsc::Sender<PodEvent>,
+) -> String {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+    let mut reader = tokio::io::BufReader::new(reader);
+    let mut refused_log = LogLimiter::new(Duration::from_secs(10), 5);
+    let mut line = Vec::new();
+    let mut number = 0u64;
     loop {
-        match lines.next_line().await {
-            Ok(Some(line)) if line.trim().is_empty() => {}
-            Ok(Some(line)) => match serde_json::from_str::<PodEvent>(&line) {
-                Ok(event) => {
-                    if events.send(event).await.is_err() {
-                        return;
-                    }
+        line.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE + 1)
+            .read_until(b'\n', &mut line)
+            .await;
+        match read {
+            Ok(0) => {
+                return format!(
+                    "the pod events {} ended: nothing more is read until the daemon restarts",
+                    path.display()
+                )
+            }
+            Ok(_) => {}
+            Err(e) => return format!("cannot read the pod events {}: {e}", path.display()),
+        }
+        number += 1;
+        let problem = if line.len() as u64 > MAX_LINE {
+            // Skip the rest of the line, without keeping it.
+            let mut rest = Vec::new();
+            while !line.ends_with(b"\n") && !rest.ends_with(b"\n") {
+                rest.clear();
+                match (&mut reader)
+                    .take(MAX_LINE)
+                    .read_until(b'\n', &mut rest)
+                    .await
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
                 }
-                Err(e) => warn!("pod events {}: bad line: {e}", path.display()),
-            },
-            Ok(None) => return,
-            Err(e) => {
-                error!("pod events {}: {e}", path.display());
-                return;
+            }
+            Some(format!("longer than {MAX_LINE} bytes"))
+        } else {
+            match std::str::from_utf8(&line) {
+                Err(e) => Some(format!("not UTF-8 ({e})")),
+                Ok(text) if text.trim().is_empty() => continue,
+                Ok(text) => match serde_json::from_str::<PodEvent>(text) {
+                    Ok(event) => {
+                        if events.send(event).await.is_err() {
+                            return "the daemon stops".into();
+                        }
+                        None
+                    }
+                    Err(e) => Some(e.to_string()),
+                },
+            }
+        };
+        if let Some(problem) = problem {
+            let message = format!("line {number} refused: {problem}: {}", shown_line(&line));
+            if let Some(held) = refused_log.allow() {
+                warn!(
+                    "pod events {}: {message}{}",
+                    path.display(),
+                    logging::held_note(held)
+                );
+            }
+            if events.send(PodEvent::Refused { message }).await.is_err() {
+                return "the daemon stops".into();
             }
         }
     }
+}
+
+/// A refused line as it may be shown: its first bytes, control characters escaped and bytes
+/// that are not UTF-8 as `\xNN`.
+fn shown_line(line: &[u8]) -> String {
+    const SHOWN: usize = 120;
+    let body = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut out = String::new();
+    for chunk in body[..body.len().min(SHOWN)].utf8_chunks() {
+        out.push_str(&logging::escape(chunk.valid()));
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    if body.len() > SHOWN {
+        out.push_str("...");
+    }
+    out
 }
 
 impl State {
@@ -75,8 +162,14 @@ impl State {
             if let Some(status) = &mut self.pods_status {
                 // Once per change: the watcher retries with backoff, and says so each time.
                 if !ok && (status.connected || status.error != *message) {
+                    // The Kubernetes watcher tries again; a stream of events that ended does not.
+                    let retrying = if status.source.starts_with("kubernetes") {
+                        ", retrying"
+                    } else {
+                        ""
+                    };
                     warn!(
-                        "pod watcher: {}; the pod policies in force stay, retrying",
+                        "pod watcher: {}; the pod policies in force stay{retrying}",
                         message.as_deref().unwrap_or("disconnected")
                     );
                 } else if *ok && !status.connected {
@@ -84,6 +177,12 @@ impl State {
                 }
                 status.connected = *ok;
                 status.error = if *ok { None } else { message.clone() };
+            }
+            return;
+        }
+        if let PodEvent::Refused { message } = event {
+            if let Some(status) = &mut self.pods_status {
+                status.refused = Some(message);
             }
             return;
         }
@@ -98,9 +197,9 @@ impl State {
                     Ok(path) => {
                         wanted.insert(path, (policy, w.pod));
                     }
-                    Err(e) => invalid.push(format!("{}: {e}", w.pod)),
+                    Err(e) => invalid.push(format!("{}: {e}", logging::escape(&w.pod))),
                 },
-                Err(e) => invalid.push(format!("{}: {e}", w.pod)),
+                Err(e) => invalid.push(format!("{}: {e}", logging::escape(&w.pod))),
             }
         }
         if let Some(status) = &mut self.pods_status {
@@ -144,6 +243,7 @@ impl State {
     }
 
     pub(super) fn save_pods(&self) -> Result<(), StoreError> {
+        self.ensure_state_dir();
         let entries: Vec<StoredPolicy> = self
             .from_pods
             .iter()

@@ -1,7 +1,7 @@
 //! Making the `kad set` table durable: a journal line per change, the whole table now and then.
-use std::path::Path;
+use std::{os::unix::fs::MetadataExt, path::Path};
 
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::state::State;
 use super::store::{Change, StoreError, StoredPolicy};
@@ -15,6 +15,7 @@ impl State {
     /// Makes the table's entry for `path` (or its absence) durable: one journal line, and now
     /// and then the whole table.
     pub(super) fn persist(&self, path: &Path) -> Result<(), StoreError> {
+        self.ensure_state_dir();
         let cgroup = path.display().to_string();
         let change = match self.set.get(path) {
             Some(policy) => Change::Set(self.stored(path, policy)),
@@ -31,12 +32,59 @@ impl State {
     }
 
     pub(super) fn save(&self) -> Result<(), StoreError> {
+        self.ensure_state_dir();
         let entries: Vec<StoredPolicy> = self
             .set
             .iter()
             .map(|(path, policy)| self.stored(path, policy))
             .collect();
         self.store.save(&entries)
+    }
+
+    /// Before a save: if the state directory was removed (or replaced) since it was last
+    /// written, it is made again and every table written to it whole, loudly; otherwise a
+    /// journal line alone would land in an empty directory and the rest be lost at the next
+    /// start.
+    pub(super) fn ensure_state_dir(&self) {
+        let dir = &self.config.state_dir;
+        let now = dir_id(dir);
+        if now.is_some() && now == self.state_dir_id.get() {
+            return;
+        }
+        if self.state_dir_id.get().is_none() {
+            // There was none at the start (unit tests): the first save makes it.
+            self.state_dir_id.set(now);
+            return;
+        }
+        error!(
+            state_dir = %dir.display(),
+            "the state directory was removed or replaced while the daemon ran: making it again \
+             and writing every policy to it again"
+        );
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            error!(state_dir = %dir.display(), "cannot make the state directory again: {e}");
+            return;
+        }
+        // Set first: the saves below check it too.
+        self.state_dir_id.set(dir_id(dir));
+        if let Err(e) = self.state_dir_lock.borrow_mut().relock(dir) {
+            error!("{e}");
+        }
+        // The whole table, which also empties the journal (now ahead of nothing).
+        if let Err(e) = self.save() {
+            error!("cannot write the state file again: {e}");
+        }
+        if let Err(e) = self.save_pods() {
+            error!("cannot write the pod policies again: {e}");
+        }
+        if let Err(e) = self.save_docker() {
+            error!("cannot write the Docker policies again: {e}");
+        }
+        super::state::save_config_copy(
+            &super::store::Store::config_copy(dir),
+            &self.from_config,
+            &self.root,
+        );
     }
 
     /// The state file's entry for a policy of the `kad set` table.
@@ -55,4 +103,9 @@ impl State {
             )
         }
     }
+}
+
+/// The state directory's device and inode, to tell it from one made again at its path.
+pub(super) fn dir_id(dir: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }

@@ -59,6 +59,10 @@ pub(super) struct State {
     pub(super) watcher: Watcher,
     /// What the readers are shown, per policy path (see `report`).
     pub(super) rows: Rows,
+    /// The state directory's device and inode when last written: one removed (or replaced)
+    /// while the daemon runs is made again and written whole (see `ensure_state_dir`).
+    pub(super) state_dir_id: std::cell::Cell<Option<(u64, u64)>>,
+    pub(super) state_dir_lock: std::cell::RefCell<crate::daemon::store::Relock>,
 }
 
 impl State {
@@ -122,6 +126,7 @@ impl State {
             error: Some("not connected yet".into()),
             pods: 0,
             invalid: Vec::new(),
+            refused: None,
         });
         let docker_store = Store::docker(&config.state_dir);
         // Kept (and enforced) until the Docker watcher's first full list says otherwise.
@@ -164,6 +169,8 @@ impl State {
             docker_status,
             watcher,
             rows: Rows::default(),
+            state_dir_id: std::cell::Cell::new(super::saving::dir_id(&config.state_dir)),
+            state_dir_lock: Default::default(),
         };
         state.adopt_pinned(state_file_exists, config_missing);
         if config_missing && !state.from_config.is_empty() {

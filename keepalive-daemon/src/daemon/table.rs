@@ -287,36 +287,92 @@ impl State {
 
     /// Re-reads the config file; on error the previous config stays in force. A missing file
     /// removes nothing: a config that had policies is emptied by an empty file, not by a lost
-    /// one.
+    /// one. A config the kernel cannot hold whole (more policies than the map takes, or a
+    /// policy the kernel refuses) is refused and the previous one put back: a reload is done
+    /// all at once or not at all.
     pub(super) fn reload(&mut self) -> Response {
-        match config_file::load(&self.config.config, &self.root) {
-            Ok(None) if !self.from_config.is_empty() => Response::error(format!(
-                "{} does not exist: its {} policies stay in force (to remove them, make the file empty)",
+        let from_config = match config_file::load(&self.config.config, &self.root) {
+            Ok(None) if !self.from_config.is_empty() => {
+                return Response::error(format!(
+                    "{} does not exist: its {} policies stay in force (to remove them, make the file empty)",
+                    self.config.config.display(),
+                    self.from_config.len()
+                ))
+            }
+            Ok(loaded) => loaded.unwrap_or_default(),
+            Err(e) => return Response::error(format!("{e}; the previous config stays in force")),
+        };
+        // Every path the kernel would hold: refused before anything changes if too many.
+        let paths: BTreeSet<&PathBuf> = self
+            .set
+            .keys()
+            .chain(self.from_pods.keys())
+            .chain(self.from_docker.keys())
+            .chain(from_config.keys())
+            .collect();
+        let max = keepalive_common::MAX_POLICIES as usize;
+        if paths.len() > max {
+            return Response::error(format!(
+                "{} has {} policies, {} with the others in force: more than the kernel's map \
+                 holds (at most {max}); nothing was changed, the previous config stays in force",
                 self.config.config.display(),
-                self.from_config.len()
-            )),
-            Ok(loaded) => {
-                let from_config = loaded.unwrap_or_default();
-                super::state::save_config_copy(
-                    &super::store::Store::config_copy(&self.config.state_dir),
-                    &from_config,
-                    &self.root,
-                );
-                let before: BTreeSet<PathBuf> = self.from_config.keys().cloned().collect();
-                self.from_config = from_config;
-                let paths: BTreeSet<PathBuf> = before
-                    .into_iter()
-                    .chain(self.from_config.keys().cloned())
-                    .collect();
-                for path in paths {
-                    let _ = self.sync_path(&path);
-                }
-                info!(config = %self.config.config.display(), policies = self.from_config.len(), "config reloaded");
-                Response::Reloaded {
-                    policies: self.from_config.len(),
+                from_config.len(),
+                paths.len()
+            ));
+        }
+        let previous = std::mem::replace(&mut self.from_config, from_config);
+        let changed: BTreeSet<PathBuf> = previous
+            .iter()
+            .filter(|(path, policy)| self.from_config.get(*path) != Some(*policy))
+            .map(|(path, _)| path.clone())
+            .chain(
+                self.from_config
+                    .iter()
+                    .filter(|(path, policy)| previous.get(*path) != Some(*policy))
+                    .map(|(path, _)| path.clone()),
+            )
+            .collect();
+        // Only the paths whose entry changed are touched: the others keep their map entries
+        // as they are, with no moment without them.
+        let mut refused = None;
+        for path in &changed {
+            if let Err(e) = self.sync_path(path) {
+                refused = Some((path.clone(), e));
+                break;
+            }
+        }
+        if let Some((path, e)) = refused {
+            self.from_config = previous;
+            for path in &changed {
+                if let Err(e) = self.sync_path(path) {
+                    error!(cgroup = ?path.display().to_string(), "cannot put the previous config's policy back: {e}");
                 }
             }
-            Err(e) => Response::error(e.to_string()),
+            return Response::error(format!(
+                "{}: the policy for {} cannot be put in force ({e}); nothing was changed, the \
+                 previous config stays in force",
+                self.config.config.display(),
+                path.display()
+            ));
+        }
+        super::state::save_config_copy(
+            &super::store::Store::config_copy(&self.config.state_dir),
+            &self.from_config,
+            &self.root,
+        );
+        // Unchanged policies that were not in force (refused before): tried again.
+        let failing: Vec<PathBuf> = self
+            .from_config
+            .keys()
+            .filter(|path| !changed.contains(*path) && self.reconciler.failing(path).is_some())
+            .cloned()
+            .collect();
+        for path in failing {
+            let _ = self.sync_path(&path); // logged there
+        }
+        info!(config = %self.config.config.display(), policies = self.from_config.len(), "config reloaded");
+        Response::Reloaded {
+            policies: self.from_config.len(),
         }
     }
 }

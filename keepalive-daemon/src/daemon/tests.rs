@@ -311,6 +311,111 @@ fn pinned_policies_missing_from_the_state_file_are_adopted_and_saved() {
 }
 
 #[test]
+fn a_state_directory_removed_while_running_is_written_again_whole() {
+    let mut d = Daemon::start();
+    for i in 0..4 {
+        d.mkdir(&format!("app{i}"));
+        done(d.set(&format!("app{i}"), 100 + i));
+    }
+    std::fs::write(
+        d.dir.0.join("kad.toml"),
+        "[[policy]]\ncgroup = \"conf\"\nidle = 50\n",
+    )
+    .unwrap();
+    assert!(matches!(
+        d.state.reload(),
+        Response::Reloaded { policies: 1 }
+    ));
+    std::fs::remove_dir_all(d.dir.0.join("state")).unwrap();
+    // The next change finds the directory gone: every policy is written again, not only it.
+    done(d.set("app4", 104));
+    // A crash and a reboot: nothing pinned survives, the state directory is all there is.
+    let Daemon { dir, state, .. } = d;
+    drop(state);
+    std::fs::remove_file(dir.0.join("kad.toml")).unwrap();
+    let d = Daemon::start_with(dir, FakeKernel::default());
+    assert_eq!(d.state.set.len(), 5, "{:?}", d.state.set.keys());
+    assert_eq!(d.kernel_idle("/app0"), Some(100));
+    assert_eq!(d.kernel_idle("/app4"), Some(104));
+    assert_eq!(d.kernel_idle("/conf"), Some(50), "the config copy too");
+}
+
+#[test]
+fn a_reload_the_kernel_cannot_hold_whole_changes_nothing() {
+    let dir = TempDir::new();
+    let config = dir.0.join("kad.toml");
+    std::fs::write(&config, "[[policy]]\ncgroup = \"app\"\nidle = 100\n").unwrap();
+    let mut d = Daemon::start_with(dir, FakeKernel::default());
+    done(d.set("mine", 50));
+    // One more than the map holds, with the policy set above.
+    let max = keepalive_common::MAX_POLICIES as usize;
+    let mut big = String::new();
+    for i in 0..max {
+        big.push_str(&format!("[[policy]]\ncgroup = \"p{i}\"\nidle = 200\n"));
+    }
+    std::fs::write(&config, &big).unwrap();
+    let message = error(d.state.reload());
+    assert!(
+        message.contains("at most 65536") && message.contains("previous config stays"),
+        "{message}"
+    );
+    assert_eq!(d.state.from_config.len(), 1, "the previous config stays");
+    assert_eq!(d.kernel_idle("/app"), Some(100));
+    assert_eq!(d.kernel_idle("/p0"), None, "nothing of the new one");
+    // A policy the kernel refuses: the reload is taken back whole.
+    std::fs::write(
+        &config,
+        "[[policy]]\ncgroup = \"app\"\nidle = 300\n[[policy]]\ncgroup = \"b\"\nidle = 400\n",
+    )
+    .unwrap();
+    d.kernel.held().refuse_puts = true;
+    let message = error(d.state.reload());
+    assert!(message.contains("previous config stays"), "{message}");
+    d.kernel.held().refuse_puts = false;
+    assert_eq!(
+        d.kernel_idle("/app"),
+        Some(100),
+        "the previous policy is in force"
+    );
+    assert_eq!(d.kernel_idle("/b"), None);
+    assert_eq!(d.state.from_config[&d.root.join("app")].idle, Some(100));
+    assert!(matches!(
+        d.state.reload(),
+        Response::Reloaded { policies: 2 }
+    ));
+    assert_eq!(d.kernel_idle("/app"), Some(300));
+}
+
+#[test]
+fn a_reload_leaves_unchanged_policies_untouched() {
+    let dir = TempDir::new();
+    let config = dir.0.join("kad.toml");
+    std::fs::write(
+        &config,
+        "[[policy]]\ncgroup = \"keep\"\nidle = 100\n[[policy]]\ncgroup = \"edit\"\nidle = 1\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start_with(dir, FakeKernel::default());
+    d.mkdir("keep");
+    d.kernel.take_calls();
+    std::fs::write(
+        &config,
+        "[[policy]]\ncgroup = \"keep\"\nidle = 100\n[[policy]]\ncgroup = \"edit\"\nidle = 2\n",
+    )
+    .unwrap();
+    assert!(matches!(
+        d.state.reload(),
+        Response::Reloaded { policies: 2 }
+    ));
+    let calls = d.kernel.take_calls();
+    assert!(
+        !calls.iter().any(|c| format!("{c:?}").contains("/keep")),
+        "the unchanged policy is neither removed nor put again: {calls:?}"
+    );
+    assert_eq!(d.kernel_idle("/edit"), Some(2));
+}
+
+#[test]
 fn pinned_config_policies_go_when_the_config_file_drops_them() {
     let dir = TempDir::new();
     let config = dir.0.join("kad.toml");

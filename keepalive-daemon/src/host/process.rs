@@ -6,10 +6,17 @@ use serde::{Deserialize, Serialize};
 
 use super::cgroup;
 
+/// Transient cgroups are named this followed by the pid of the `kad exec` that made them,
+/// below its own cgroup. The daemon takes a `kad exec` request only for such a cgroup (so that
+/// it never removes one kad did not make), and collects it by the owner it recorded
+/// (`ExecOwner`), never by a name.
+pub const TRANSIENT_PREFIX: &str = "kad-exec-";
+
 /// The `kad exec` process that owns a transient cgroup, as the daemon sees it (its pid in the
 /// daemon's PID namespace, from the control socket's peer credentials). The start time and the
 /// boot id make it one process: a reused pid, or the same pid after a reboot, is another one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExecOwner {
     pub pid: u32,
     /// Field 22 of /proc/PID/stat: clock ticks after boot.

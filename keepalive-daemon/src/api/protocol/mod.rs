@@ -249,6 +249,9 @@ pub struct PodsStatus {
     pub pods: usize,
     /// Pods whose annotation (or namespace's) is invalid, with why: they have no policy.
     pub invalid: Vec<String>,
+    /// The last line of `--pod-events` that was refused, with why (escaped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// The Docker watcher, when the daemon runs one.

@@ -13,9 +13,7 @@ use std::{
 use super::ExecError;
 use crate::host::cgroup;
 
-/// Transient cgroups are named this followed by the pid of the `kad exec` that made them. The
-/// name is for people: the daemon goes by the owner it recorded (`ExecOwner`), never by a name.
-pub const TRANSIENT_PREFIX: &str = "kad-exec-";
+pub use crate::host::process::TRANSIENT_PREFIX;
 
 /// The signals kad passes on to the command.
 const FORWARDED: [i32; 7] = [

@@ -2,7 +2,7 @@
 //! whole and replaced whole: written to a temporary file, synced, renamed over the old one.
 use std::{
     fs::{self, File},
-    io::{self, Write},
+    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -18,9 +18,9 @@ pub(super) fn tmp_path(path: &Path) -> PathBuf {
 /// validated and its path checked under `root` (and rewritten in the form it is kept by); a bad
 /// one names the file and its line.
 pub(super) fn load(path: &Path, root: &Path) -> Result<Vec<StoredPolicy>, StoreError> {
-    let text = match fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+    let text = match super::open::read(path) {
+        Ok(Some(text)) => text,
+        Ok(None) => return Ok(Vec::new()),
         Err(e) => return Err(io_err("cannot read", path)(e).into()),
     };
     let mut entries: Vec<StoredPolicy> =
@@ -29,6 +29,7 @@ pub(super) fn load(path: &Path, root: &Path) -> Result<Vec<StoredPolicy>, StoreE
             line: e.line(),
             message: e.to_string(),
         })?;
+    let mut seen = std::collections::BTreeSet::new();
     for entry in &mut entries {
         let corrupt = |message: String| StoreError::Corrupt {
             path: path.to_path_buf(),
@@ -40,6 +41,16 @@ pub(super) fn load(path: &Path, root: &Path) -> Result<Vec<StoredPolicy>, StoreE
             .validate()
             .map_err(|e| corrupt(e.to_string()))?;
         let checked = super::kept_path(root, &entry.cgroup).map_err(|e| corrupt(e.to_string()))?;
+        if !seen.insert(checked.clone()) {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                line: line_of_second(&text, &entry.cgroup),
+                message: format!(
+                    "{} has two entries (which one holds is not known)",
+                    checked.display()
+                ),
+            });
+        }
         entry.cgroup = checked.display().to_string();
     }
     Ok(entries)
@@ -51,7 +62,9 @@ pub(super) fn replace(path: &Path, text: &str) -> Result<(), PathIoError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
     let tmp = tmp_path(path);
-    let written = File::create(&tmp)
+    // A link or a FIFO left at the temporary name is neither followed nor waited on.
+    let _ = fs::remove_file(&tmp);
+    let written = super::open::open(&tmp, fs::OpenOptions::new().write(true).create_new(true))
         .map_err(io_err("cannot create", &tmp))
         .and_then(|mut file| {
             file.write_all(text.as_bytes())
@@ -67,6 +80,17 @@ pub(super) fn replace(path: &Path, text: &str) -> Result<(), PathIoError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("cannot sync", dir))
+}
+
+/// The line of the second mention of `needle` (the first if there is one only).
+fn line_of_second(text: &str, needle: &str) -> usize {
+    let mut found = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(needle))
+        .map(|(i, _)| i + 1);
+    let first = found.next().unwrap_or(1);
+    found.next().unwrap_or(first)
 }
 
 /// The line of the first mention of `needle`, to point the user at a bad entry.
@@ -261,6 +285,83 @@ mod tests {
                 && msg.contains("cgroup2 root"),
             "{msg}"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn duplicates_unknown_fields_and_links_are_refused_by_name() {
+        let dir = temp_dir("strict");
+        let store = Store::new(&dir);
+        let root = root();
+        fs::create_dir_all(&dir).unwrap();
+        let a = root.join("kad-store-strict-a").display().to_string();
+        let entry = |cgroup: &str, idle: u32, extra: &str| {
+            format!("  {{\"cgroup\": \"{cgroup}\", \"mode\": \"on\", \"idle\": {idle}, \"intvl\": null, \"cnt\": null{extra}}}")
+        };
+        fs::write(
+            store.path(),
+            format!("[\n{},\n{}\n]\n", entry(&a, 10, ""), entry(&a, 20, "")),
+        )
+        .unwrap();
+        let msg = store.load(&root).unwrap_err().to_string();
+        assert!(
+            msg.contains("policies.json:3:") && msg.contains("two entries") && msg.contains(&a),
+            "{msg}"
+        );
+        fs::write(
+            store.path(),
+            format!("[\n{}\n]\n", entry(&a, 10, ", \"colour\": 1")),
+        )
+        .unwrap();
+        let msg = store.load(&root).unwrap_err().to_string();
+        assert!(
+            msg.contains("policies.json:2:") && msg.contains("unknown field `colour`"),
+            "{msg}"
+        );
+        // In an exec owner too.
+        fs::write(
+            store.path(),
+            format!(
+                "[\n{}\n]\n",
+                entry(
+                    &a,
+                    10,
+                    ", \"exec_owner\": {\"pid\": 1, \"start_time\": 2, \"boot_id\": \"b\", \"x\": 3}"
+                )
+            ),
+        )
+        .unwrap();
+        let msg = store.load(&root).unwrap_err().to_string();
+        assert!(msg.contains("unknown field `x`"), "{msg}");
+        // The journal's entries are read the same way.
+        fs::remove_file(store.path()).unwrap();
+        fs::write(
+            dir.join("policies.journal"),
+            format!("{{\"set\": {}}}\n", entry(&a, 10, ", \"colour\": 1").trim()),
+        )
+        .unwrap();
+        let msg = store.load(&root).unwrap_err().to_string();
+        assert!(
+            msg.contains("policies.journal:1:") && msg.contains("unknown field `colour`"),
+            "{msg}"
+        );
+        // A dangling link as the journal: refused, and nothing made at its target.
+        fs::remove_file(dir.join("policies.journal")).unwrap();
+        let target = dir.join("elsewhere");
+        std::os::unix::fs::symlink(&target, dir.join("policies.journal")).unwrap();
+        let msg = store.load(&root).unwrap_err().to_string();
+        assert!(msg.contains("symbolic link"), "{msg}");
+        let change = super::super::Change::Unset(a.clone());
+        let msg = store.record(&change).unwrap_err().to_string();
+        assert!(msg.contains("symbolic link"), "{msg}");
+        assert!(!target.exists(), "nothing was written through the link");
+        // A FIFO as the state file: refused at once, not waited on.
+        fs::remove_file(dir.join("policies.journal")).unwrap();
+        let c = std::ffi::CString::new(store.path().to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let msg = store.load(&root).unwrap_err().to_string();
+        assert!(msg.contains("a FIFO, not a regular file"), "{msg}");
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -38,11 +38,8 @@ pub(super) fn append(journal: &Path, change: &Change) -> Result<(), PathIoError>
     fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
     let mut line = serde_json::to_string(change).unwrap_or_default();
     line.push('\n');
-    let created = !journal.exists();
-    let mut file = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(journal)
+    let created = fs::symlink_metadata(journal).is_err();
+    let mut file = super::open::open(journal, fs::OpenOptions::new().create(true).append(true))
         .map_err(io_err("cannot open", journal))?;
     let before = file
         .metadata()
@@ -80,9 +77,8 @@ pub(super) fn replay(
     root: &Path,
     table: &mut BTreeMap<String, StoredPolicy>,
 ) -> Result<usize, StoreError> {
-    let text = match fs::read_to_string(journal) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+    let text = match super::open::read(journal) {
+        Ok(text) => text.unwrap_or_default(),
         Err(e) => return Err(io_err("cannot read", journal)(e).into()),
     };
     let mut lines = 0;
@@ -121,12 +117,14 @@ pub(super) fn replay(
 /// Empties the journal once the table file holds every change, and takes its reserve again.
 pub(super) fn restart(journal: &Path) -> Result<(), PathIoError> {
     // Made if missing, so that the reserve for removals exists before the first change.
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(journal)
-        .map_err(io_err("cannot open", journal))?;
+    let file = super::open::open(
+        journal,
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false),
+    )
+    .map_err(io_err("cannot open", journal))?;
     file.set_len(0)
         .and_then(|()| file.sync_all())
         .map_err(io_err("cannot truncate", journal))?;

@@ -28,20 +28,9 @@ impl StateLock {
                 Some(state_dir.to_path_buf())
             }
         };
-        let lock = |dir: File| {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Ok(dir);
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(StoreError::Busy(state_dir.to_path_buf()));
-            }
-            Err(io_err("cannot lock", state_dir)(err).into())
-        };
         let result = File::open(state_dir)
             .map_err(|e| io_err("cannot open", state_dir)(e).into())
-            .and_then(lock);
+            .and_then(|dir| lock(dir, state_dir));
         match result {
             Ok(dir) => Ok(StateLock { _dir: dir, created }),
             Err(e) => {
@@ -51,6 +40,32 @@ impl StateLock {
                 Err(e)
             }
         }
+    }
+}
+
+/// Takes the exclusive lock on the open state directory `dir`.
+fn lock(dir: File, state_dir: &Path) -> Result<File, StoreError> {
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(dir);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(StoreError::Busy(state_dir.to_path_buf()));
+    }
+    Err(io_err("cannot lock", state_dir)(err).into())
+}
+
+/// The lock on a state directory made again while the daemon runs (the [`StateLock`] holds
+/// the one that was removed).
+#[derive(Debug, Default)]
+pub struct Relock(Option<File>);
+
+impl Relock {
+    pub fn relock(&mut self, state_dir: &Path) -> Result<(), StoreError> {
+        let dir = File::open(state_dir).map_err(io_err("cannot open", state_dir))?;
+        self.0 = Some(lock(dir, state_dir)?);
+        Ok(())
     }
 }
 

@@ -21,9 +21,10 @@ use crate::{
 mod file;
 mod journal;
 mod lock;
+mod open;
 
 pub use journal::Change;
-pub use lock::StateLock;
+pub use lock::{Relock, StateLock};
 
 const FILE_NAME: &str = "policies.json";
 /// Pod policies (`kad daemon --kubernetes`), kept so that they stay known, and enforced,
@@ -50,8 +51,10 @@ pub enum StoreError {
 
 /// One entry of `policies.json`: a policy set with `kad set` or `kad exec`, its fields beside
 /// the cgroup's (the shape of a `kad list --json` row). Files written before `exec_owner`,
-/// `user_timeout` or `enforce` existed load as they are.
+/// `user_timeout` or `enforce` existed load as they are; a field kad does not know is refused
+/// by name (read through [`Entry`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Entry")]
 pub struct StoredPolicy {
     pub cgroup: String,
     #[serde(flatten)]
@@ -75,6 +78,59 @@ pub struct StoredPolicy {
     /// The Docker container (its name) whose label this policy is (docker.json only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<String>,
+}
+
+/// An entry as read: [`StoredPolicy`]'s fields spelt out, since serde cannot refuse unknown
+/// fields beside a flattened struct.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    cgroup: String,
+    mode: crate::model::policy::Mode,
+    idle: Option<u32>,
+    intvl: Option<u32>,
+    cnt: Option<u32>,
+    #[serde(default)]
+    user_timeout: Option<u32>,
+    #[serde(default)]
+    enforce: bool,
+    #[serde(default)]
+    locked: bool,
+    #[serde(default)]
+    exec_owner: Option<ExecOwner>,
+    #[serde(default)]
+    pod: Option<String>,
+    #[serde(default)]
+    container: Option<String>,
+    #[serde(default)]
+    bundle: Option<String>,
+    #[serde(default)]
+    uid: Option<u32>,
+    #[serde(default)]
+    docker: Option<String>,
+}
+
+impl From<Entry> for StoredPolicy {
+    fn from(e: Entry) -> Self {
+        StoredPolicy {
+            cgroup: e.cgroup,
+            policy: Policy {
+                mode: e.mode,
+                idle: e.idle,
+                intvl: e.intvl,
+                cnt: e.cnt,
+                user_timeout: e.user_timeout,
+                enforce: e.enforce,
+                locked: e.locked,
+            },
+            exec_owner: e.exec_owner,
+            pod: e.pod,
+            container: e.container,
+            bundle: e.bundle,
+            uid: e.uid,
+            docker: e.docker,
+        }
+    }
 }
 
 impl StoredPolicy {
