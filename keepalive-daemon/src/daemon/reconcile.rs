@@ -16,13 +16,20 @@ use std::{
 };
 
 use keepalive_common::{PathKey, PolicyValue, FLAG_CONFIG};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info};
 
 use crate::{
-    host::cgroup,
+    host::{
+        cgroup,
+        logging::{held_note, LogLimiter},
+    },
     kernel::{keys, Kernel, KernelError},
     model::policy::Policy,
 };
+
+/// Lines about cgroups appearing and re-created, per period.
+const LOG_BURST: u32 = 10;
+const LOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where a policy in force comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +78,16 @@ pub struct Reconciler {
     /// Candidates with no candidate above them: where the programs are attached.
     anchored: BTreeSet<PathBuf>,
     anchors_dirty: bool,
+    /// Anchors whose cgroup may have been removed and made again: their links are asked of
+    /// the kernel at the next `apply_anchors`.
+    verify: BTreeSet<PathBuf>,
+    /// Anchors the programs could not be attached to, and why: the policies below them are
+    /// not in force.
+    anchor_failing: BTreeMap<PathBuf, String>,
+    /// Whether `anchor_failing` changed since `take_anchor_news`.
+    anchor_news: bool,
+    /// Cgroups appearing and re-created at policy paths: as often as anyone can `mkdir`.
+    cgroup_log: LogLimiter,
     /// Directories to watch, counted.
     watches: BTreeMap<PathBuf, usize>,
     /// The last error applying a path's policy, logged once.
@@ -88,6 +105,10 @@ impl Reconciler {
             // The anchors an earlier run left attached are brought to what this run's
             // policies need at the first apply, also when that is none.
             anchors_dirty: true,
+            verify: BTreeSet::new(),
+            anchor_failing: BTreeMap::new(),
+            anchor_news: false,
+            cgroup_log: LogLimiter::new(LOG_PERIOD, LOG_BURST),
             watches: BTreeMap::new(),
             failing: BTreeMap::new(),
         }
@@ -97,12 +118,75 @@ impl Reconciler {
         &self.in_force
     }
 
-    pub fn failing(&self, path: &Path) -> Option<&String> {
-        self.failing.get(path)
+    /// Why the policy of `path` is not in force: its own error, or its anchor's.
+    pub fn failing(&self, path: &Path) -> Option<String> {
+        if let Some(e) = self.failing.get(path) {
+            return Some(e.clone());
+        }
+        let anchor = self.anchored_above(self.in_force.get(path)?.anchor.as_deref()?)?;
+        let e = self.anchor_failing.get(anchor)?;
+        Some(format!(
+            "kad's programs are not attached to {}: {e}",
+            anchor.display()
+        ))
     }
 
+    /// Whether an anchor's error came or went since the last call (every row may change).
+    pub fn take_anchor_news(&mut self) -> bool {
+        std::mem::take(&mut self.anchor_news)
+    }
+
+    /// The attached anchor at or above the candidate `c`.
+    fn anchored_above(&self, c: &Path) -> Option<&PathBuf> {
+        c.ancestors().find_map(|a| self.anchored.get(a))
+    }
+
+    /// Cgroups at and below `changed` were removed or created: the anchors there are asked of
+    /// the kernel at the next `apply_anchors` (a cgroup made again at an anchor's path is a
+    /// new cgroup, with nothing attached).
+    pub fn recheck_anchors_at(&mut self, changed: &Path) {
+        let below: Vec<PathBuf> = self
+            .anchored
+            .range(changed.to_path_buf()..)
+            .take_while(|p| p.starts_with(changed))
+            .cloned()
+            .collect();
+        if !below.is_empty() {
+            self.anchors_dirty = true;
+            self.verify.extend(below);
+        }
+    }
+
+    /// The anchor that covers `path`'s policy is asked of the kernel at the next
+    /// `apply_anchors`: a `kad set` never answers "done" over an anchor that holds nothing.
+    pub fn recheck_anchor_of(&mut self, path: &Path) {
+        let Some(anchor) = self
+            .in_force
+            .get(path)
+            .and_then(|e| e.anchor.as_deref())
+            .and_then(|c| self.anchored_above(c))
+            .cloned()
+        else {
+            return;
+        };
+        self.anchors_dirty = true;
+        self.verify.insert(anchor);
+    }
+
+    /// The directories to watch: where each policy's cgroup would appear, and the parent of
+    /// each anchor (the anchor's own removal and re-creation are seen only there: a cgroup
+    /// watched itself may report its removal late, or never).
     pub fn watch_dirs(&self) -> BTreeSet<PathBuf> {
-        self.watches.keys().cloned().collect()
+        let mut dirs: BTreeSet<PathBuf> = self.watches.keys().cloned().collect();
+        dirs.extend(
+            self.anchored
+                .iter()
+                .filter(|a| **a != self.root)
+                .filter_map(|a| a.parent())
+                .filter(|p| p.starts_with(&self.root))
+                .map(Path::to_path_buf),
+        );
+        dirs
     }
 
     /// Puts `want` in force for `path` (or removes what is there). Returns whether anything
@@ -167,13 +251,20 @@ impl Reconciler {
             return Ok(false);
         }
         let slot = self.kernel.put(&key, current, value)?;
-        if let Some(old) = old_id.filter(|old| Some(*old) != current) {
+        let news = if let Some(old) = old_id.filter(|old| Some(*old) != current) {
             self.kernel.remove_id(old);
-            if current.is_some() {
-                info!(cgroup = ?path.display().to_string(), "cgroup re-created: policy in force for the new one");
-            }
+            current
+                .is_some()
+                .then_some("cgroup re-created: policy in force for the new one")
         } else if old_id.is_none() && current.is_some() && have.is_some() {
-            info!(cgroup = ?path.display().to_string(), "cgroup appeared: policy in force");
+            Some("cgroup appeared: policy in force")
+        } else {
+            None
+        };
+        if let Some(news) = news {
+            if let Some(held) = self.cgroup_log.allow() {
+                info!(cgroup = ?path.display().to_string(), "{news}{}", held_note(held));
+            }
         }
         let entry = InForce {
             id: current,
@@ -305,18 +396,37 @@ impl Reconciler {
         }
         self.anchors_dirty = false;
         let mut want = BTreeMap::new();
+        let mut verify = BTreeSet::new();
         for path in &self.anchored {
             match cgroup::id_of(path) {
                 Ok(id) => {
                     want.insert(id, path.clone());
+                    if self.verify.contains(path) {
+                        verify.insert(id);
+                    }
                 }
-                Err(e) => warn!(cgroup = ?path.display().to_string(), "anchor vanished: {e}"),
+                // Its removal is an inotify event: the policies below it are placed again.
+                Err(e) => debug!(cgroup = ?path.display().to_string(), "anchor vanished: {e}"),
             }
         }
-        let errors = self.kernel.set_anchors(&want);
+        self.verify.clear();
+        let errors = self.kernel.set_anchors(&want, &verify);
+        let mut failing = BTreeMap::new();
         for e in &errors {
-            error!("{e}");
             self.anchors_dirty = true;
+            if let KernelError::Attach { path, message } = e {
+                failing.insert(path.clone(), message.clone());
+            }
+        }
+        // An error is logged once, when it comes (the next event tries again).
+        for (path, message) in &failing {
+            if self.anchor_failing.get(path) != Some(message) {
+                error!(cgroup = ?path.display().to_string(), "cannot attach kad's programs: {message}");
+            }
+        }
+        if failing != self.anchor_failing {
+            self.anchor_failing = failing;
+            self.anchor_news = true;
         }
         errors
     }
