@@ -84,6 +84,8 @@ pub struct Reconciler {
     /// Anchors the programs could not be attached to, and why: the policies below them are
     /// not in force.
     anchor_failing: BTreeMap<PathBuf, String>,
+    /// The cgroup id each anchor was last attached for.
+    attached: BTreeMap<PathBuf, u64>,
     /// Whether `anchor_failing` changed since `take_anchor_news`.
     anchor_news: bool,
     /// Cgroups appearing and re-created at policy paths: as often as anyone can `mkdir`.
@@ -107,6 +109,7 @@ impl Reconciler {
             anchors_dirty: true,
             verify: BTreeSet::new(),
             anchor_failing: BTreeMap::new(),
+            attached: BTreeMap::new(),
             anchor_news: false,
             cgroup_log: LogLimiter::new(LOG_PERIOD, LOG_BURST),
             watches: BTreeMap::new(),
@@ -157,8 +160,9 @@ impl Reconciler {
         }
     }
 
-    /// The anchor that covers `path`'s policy is asked of the kernel at the next
-    /// `apply_anchors`: a `kad set` never answers "done" over an anchor that holds nothing.
+    /// Whether the anchor that covers `path`'s policy is still the cgroup at its path, with
+    /// links that hold it; if not, it is attached again at the next `apply_anchors`: a `kad
+    /// set` never answers "done" over an anchor that holds nothing.
     pub fn recheck_anchor_of(&mut self, path: &Path) {
         let Some(anchor) = self
             .in_force
@@ -169,6 +173,12 @@ impl Reconciler {
         else {
             return;
         };
+        let current = cgroup::id_of(&anchor).ok();
+        if let Some(id) = self.attached.get(&anchor) {
+            if Some(*id) == current && self.kernel.anchor_holds(*id) {
+                return;
+            }
+        }
         self.anchors_dirty = true;
         self.verify.insert(anchor);
     }
@@ -418,6 +428,11 @@ impl Reconciler {
                 failing.insert(path.clone(), message.clone());
             }
         }
+        self.attached = want
+            .into_iter()
+            .filter(|(_, path)| !failing.contains_key(path))
+            .map(|(id, path)| (path, id))
+            .collect();
         // An error is logged once, when it comes (the next event tries again).
         for (path, message) in &failing {
             if self.anchor_failing.get(path) != Some(message) {

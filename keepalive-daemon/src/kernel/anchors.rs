@@ -139,8 +139,9 @@ impl Anchors {
         if let Some(other) = self.other_kad(&cgroup) {
             return Err(attach_error(format!(
                 "another kad daemon's program (id {other}) already runs for this cgroup: two \
-                 daemons with their own --bpffs would set the same sockets; stop the other one \
-                 (or give this cgroup's policies to it)"
+                 daemons with their own --bpffs would set the same sockets; give this cgroup's \
+                 policies to that daemon, or stop it (and, if it is gone, `kad uninstall --bpffs` \
+                 its directory)"
             )));
         }
         let pin_dir = self.dir.join(ANCHORS_DIR).join(id.to_string());
@@ -285,6 +286,11 @@ impl Anchors {
                 (a.path.clone(), tag)
             })
             .collect()
+    }
+
+    /// Whether the anchor for cgroup `id` is attached and its links still hold the cgroup.
+    pub(super) fn holds(&self, id: u64) -> bool {
+        self.anchors.get(&id).is_some_and(|a| holds(&a.pins, id))
     }
 
     pub(super) fn len(&self) -> usize {

@@ -127,6 +127,10 @@ impl Kernel for Enforcer {
         self.anchors.set(want, verify)
     }
 
+    fn anchor_holds(&self, id: u64) -> bool {
+        self.anchors.holds(id)
+    }
+
     fn refresh(&mut self, scope: &[(u64, u64)], netns: &[File]) -> Result<u64, KernelError> {
         self.refresher.refresh(scope, netns)
     }

@@ -184,6 +184,11 @@ impl Kernel for FakeKernel {
         errors
     }
 
+    fn anchor_holds(&self, id: u64) -> bool {
+        let held = self.held();
+        held.anchors.contains_key(&id) && !held.dead.contains(&id)
+    }
+
     fn refresh(&mut self, scope: &[(u64, u64)], netns: &[File]) -> Result<u64, KernelError> {
         self.held().calls.push(Call::Refresh {
             scope: scope.to_vec(),

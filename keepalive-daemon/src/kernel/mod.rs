@@ -77,6 +77,9 @@ pub trait Kernel {
         want: &BTreeMap<u64, PathBuf>,
         verify: &BTreeSet<u64>,
     ) -> Vec<KernelError>;
+    /// Whether the anchor attached for cgroup `id` still holds that cgroup (false when there is
+    /// none, or its links' cgroup is gone).
+    fn anchor_holds(&self, id: u64) -> bool;
     /// Gives the sockets of the cgroups in `scope` (cgroup id -> deciding policy id, 0 for
     /// none) the policy that decides for them, in each of the network namespaces `netns`.
     /// Returns the number of sockets updated.
