@@ -12,6 +12,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 mod actor;
+mod anchoring;
 pub mod config;
 mod container_policies;
 mod docker_policies;

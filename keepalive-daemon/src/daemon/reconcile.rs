@@ -16,8 +16,9 @@ use std::{
 };
 
 use keepalive_common::{PathKey, PolicyValue, FLAG_CONFIG};
-use tracing::{debug, error, info};
+use tracing::{error, info};
 
+use super::anchoring::Anchoring;
 use crate::{
     host::{
         cgroup,
@@ -73,21 +74,7 @@ pub struct Reconciler {
     root: PathBuf,
     pub kernel: Box<dyn Kernel>,
     in_force: BTreeMap<PathBuf, InForce>,
-    /// Anchor candidates (one per policy that has one), counted.
-    candidates: BTreeMap<PathBuf, usize>,
-    /// Candidates with no candidate above them: where the programs are attached.
-    anchored: BTreeSet<PathBuf>,
-    anchors_dirty: bool,
-    /// Anchors whose cgroup may have been removed and made again: their links are asked of
-    /// the kernel at the next `apply_anchors`.
-    verify: BTreeSet<PathBuf>,
-    /// Anchors the programs could not be attached to, and why: the policies below them are
-    /// not in force.
-    anchor_failing: BTreeMap<PathBuf, String>,
-    /// The cgroup id each anchor was last attached for.
-    attached: BTreeMap<PathBuf, u64>,
-    /// Whether `anchor_failing` changed since `take_anchor_news`.
-    anchor_news: bool,
+    anchors: Anchoring,
     /// Cgroups appearing and re-created at policy paths: as often as anyone can `mkdir`.
     cgroup_log: LogLimiter,
     /// Directories to watch, counted.
@@ -102,15 +89,7 @@ impl Reconciler {
             root,
             kernel,
             in_force: BTreeMap::new(),
-            candidates: BTreeMap::new(),
-            anchored: BTreeSet::new(),
-            // The anchors an earlier run left attached are brought to what this run's
-            // policies need at the first apply, also when that is none.
-            anchors_dirty: true,
-            verify: BTreeSet::new(),
-            anchor_failing: BTreeMap::new(),
-            attached: BTreeMap::new(),
-            anchor_news: false,
+            anchors: Anchoring::new(),
             cgroup_log: LogLimiter::new(LOG_PERIOD, LOG_BURST),
             watches: BTreeMap::new(),
             failing: BTreeMap::new(),
@@ -126,61 +105,27 @@ impl Reconciler {
         if let Some(e) = self.failing.get(path) {
             return Some(e.clone());
         }
-        let anchor = self.anchored_above(self.in_force.get(path)?.anchor.as_deref()?)?;
-        let e = self.anchor_failing.get(anchor)?;
-        Some(format!(
-            "kad's programs are not attached to {}: {e}",
-            anchor.display()
-        ))
+        self.anchors
+            .error_of(self.in_force.get(path)?.anchor.as_deref()?)
     }
 
     /// Whether an anchor's error came or went since the last call (every row may change).
     pub fn take_anchor_news(&mut self) -> bool {
-        std::mem::take(&mut self.anchor_news)
-    }
-
-    /// The attached anchor at or above the candidate `c`.
-    fn anchored_above(&self, c: &Path) -> Option<&PathBuf> {
-        c.ancestors().find_map(|a| self.anchored.get(a))
+        self.anchors.take_news()
     }
 
     /// Cgroups at and below `changed` were removed or created: the anchors there are asked of
-    /// the kernel at the next `apply_anchors` (a cgroup made again at an anchor's path is a
-    /// new cgroup, with nothing attached).
+    /// the kernel at the next `apply_anchors`.
     pub fn recheck_anchors_at(&mut self, changed: &Path) {
-        let below: Vec<PathBuf> = self
-            .anchored
-            .range(changed.to_path_buf()..)
-            .take_while(|p| p.starts_with(changed))
-            .cloned()
-            .collect();
-        if !below.is_empty() {
-            self.anchors_dirty = true;
-            self.verify.extend(below);
-        }
+        self.anchors.recheck_at(changed);
     }
 
-    /// Whether the anchor that covers `path`'s policy is still the cgroup at its path, with
-    /// links that hold it; if not, it is attached again at the next `apply_anchors`: a `kad
-    /// set` never answers "done" over an anchor that holds nothing.
+    /// The anchor covering `path`'s policy is checked: a `kad set` never answers "done" over
+    /// an anchor that holds nothing.
     pub fn recheck_anchor_of(&mut self, path: &Path) {
-        let Some(anchor) = self
-            .in_force
-            .get(path)
-            .and_then(|e| e.anchor.as_deref())
-            .and_then(|c| self.anchored_above(c))
-            .cloned()
-        else {
-            return;
-        };
-        let current = cgroup::id_of(&anchor).ok();
-        if let Some(id) = self.attached.get(&anchor) {
-            if Some(*id) == current && self.kernel.anchor_holds(*id) {
-                return;
-            }
+        if let Some(c) = self.in_force.get(path).and_then(|e| e.anchor.clone()) {
+            self.anchors.recheck(&c, self.kernel.as_ref());
         }
-        self.anchors_dirty = true;
-        self.verify.insert(anchor);
     }
 
     /// The directories to watch: where each policy's cgroup would appear, and the parent of
@@ -188,14 +133,7 @@ impl Reconciler {
     /// watched itself may report its removal late, or never).
     pub fn watch_dirs(&self) -> BTreeSet<PathBuf> {
         let mut dirs: BTreeSet<PathBuf> = self.watches.keys().cloned().collect();
-        dirs.extend(
-            self.anchored
-                .iter()
-                .filter(|a| **a != self.root)
-                .filter_map(|a| a.parent())
-                .filter(|p| p.starts_with(&self.root))
-                .map(Path::to_path_buf),
-        );
+        dirs.extend(self.anchors.parents(&self.root));
         dirs
     }
 
@@ -308,14 +246,14 @@ impl Reconciler {
                 return;
             }
             if let Some(a) = prev.anchor.clone() {
-                self.drop_candidate(&a);
+                self.anchors.remove(&a);
             }
             if !prev.watch.as_os_str().is_empty() {
                 decrement(&mut self.watches, &prev.watch);
             }
         }
         if let Some(a) = &anchor {
-            self.add_candidate(a);
+            self.anchors.add(a);
         }
         *self.watches.entry(watch.clone()).or_insert(0) += 1;
         if let Some(e) = self.in_force.get_mut(path) {
@@ -326,7 +264,7 @@ impl Reconciler {
 
     fn forget(&mut self, path: &Path, have: &InForce) {
         if let Some(a) = &have.anchor {
-            self.drop_candidate(a);
+            self.anchors.remove(a);
         }
         if !have.watch.as_os_str().is_empty() {
             decrement(&mut self.watches, &have.watch);
@@ -347,103 +285,10 @@ impl Reconciler {
         (existing != self.root && existing.starts_with(&self.root)).then(|| existing.to_path_buf())
     }
 
-    fn add_candidate(&mut self, c: &Path) {
-        let count = self.candidates.entry(c.to_path_buf()).or_insert(0);
-        *count += 1;
-        if *count > 1 {
-            return;
-        }
-        if c.ancestors()
-            .skip(1)
-            .any(|a| self.candidates.contains_key(a))
-        {
-            return; // covered by an anchor above
-        }
-        let below: Vec<PathBuf> = self
-            .anchored
-            .range(c.to_path_buf()..)
-            .take_while(|p| p.starts_with(c))
-            .cloned()
-            .collect();
-        for b in below {
-            self.anchored.remove(&b);
-        }
-        self.anchored.insert(c.to_path_buf());
-        self.anchors_dirty = true;
-    }
-
-    fn drop_candidate(&mut self, c: &Path) {
-        if !decrement(&mut self.candidates, c) {
-            return;
-        }
-        if !self.anchored.remove(c) {
-            return;
-        }
-        self.anchors_dirty = true;
-        // Candidates below it that are now uncovered become anchors.
-        let below: Vec<PathBuf> = self
-            .candidates
-            .range(c.to_path_buf()..)
-            .map(|(p, _)| p.clone())
-            .take_while(|p| p.starts_with(c))
-            .collect();
-        for b in below {
-            if !b
-                .ancestors()
-                .skip(1)
-                .any(|a| self.candidates.contains_key(a))
-            {
-                self.anchored.insert(b);
-            }
-        }
-    }
-
     /// Attaches and detaches the programs so that exactly the anchors are attached; returns
     /// the anchors that could not be attached (tried again at the next change).
     pub fn apply_anchors(&mut self) -> Vec<KernelError> {
-        if !self.anchors_dirty {
-            return Vec::new();
-        }
-        self.anchors_dirty = false;
-        let mut want = BTreeMap::new();
-        let mut verify = BTreeSet::new();
-        for path in &self.anchored {
-            match cgroup::id_of(path) {
-                Ok(id) => {
-                    want.insert(id, path.clone());
-                    if self.verify.contains(path) {
-                        verify.insert(id);
-                    }
-                }
-                // Its removal is an inotify event: the policies below it are placed again.
-                Err(e) => debug!(cgroup = ?path.display().to_string(), "anchor vanished: {e}"),
-            }
-        }
-        self.verify.clear();
-        let errors = self.kernel.set_anchors(&want, &verify);
-        let mut failing = BTreeMap::new();
-        for e in &errors {
-            self.anchors_dirty = true;
-            if let KernelError::Attach { path, message } = e {
-                failing.insert(path.clone(), message.clone());
-            }
-        }
-        self.attached = want
-            .into_iter()
-            .filter(|(_, path)| !failing.contains_key(path))
-            .map(|(id, path)| (path, id))
-            .collect();
-        // An error is logged once, when it comes (the next event tries again).
-        for (path, message) in &failing {
-            if self.anchor_failing.get(path) != Some(message) {
-                error!(cgroup = ?path.display().to_string(), "cannot attach kad's programs: {message}");
-            }
-        }
-        if failing != self.anchor_failing {
-            self.anchor_failing = failing;
-            self.anchor_news = true;
-        }
-        errors
+        self.anchors.apply(self.kernel.as_mut())
     }
 
     /// Removes map entries by cgroup id that no cgroup at a policy path accounts for: what an
@@ -569,7 +414,7 @@ pub fn to_value(policy: &Policy, source: Source) -> PolicyValue {
 }
 
 /// Decrements a count, removing the key at zero; true when it was removed.
-fn decrement(map: &mut BTreeMap<PathBuf, usize>, key: &Path) -> bool {
+pub(super) fn decrement(map: &mut BTreeMap<PathBuf, usize>, key: &Path) -> bool {
     match map.get_mut(key) {
         Some(n) if *n > 1 => {
             *n -= 1;
