@@ -170,7 +170,7 @@ pub struct KernelOffsets {
     /// `sock_common.skc_daddr` and `skc_rcv_saddr` (IPv4, network order).
     pub daddr: u32,
     pub saddr: u32,
-    /// `sock_common.skc_dport` (network order) and `skc_num` (host order).
+    /// `sock_common.skc_dport` and `inet_sock.inet_sport` (both network order).
     pub dport: u32,
     pub sport: u32,
     /// `sock_common.skc_v6_daddr` and `skc_v6_rcv_saddr`.

@@ -55,7 +55,7 @@ fn log_kill(ctx: &BtfTracePointContext, sk: *const u8, policy: u64, offs: &Kerne
     }
     let family: u16 = read_kernel(sk, offs.family);
     let dport = u16::from_be(read_kernel::<u16>(sk, offs.dport));
-    let sport: u16 = read_kernel(sk, offs.sport);
+    let sport = u16::from_be(read_kernel::<u16>(sk, offs.sport));
     if family == AF_INET6 {
         let daddr: [u8; 16] = read_kernel(sk, offs.daddr6);
         let saddr: [u8; 16] = read_kernel(sk, offs.saddr6);

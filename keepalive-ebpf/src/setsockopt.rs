@@ -1,6 +1,7 @@
-//! `kad_setsockopt` (cgroup/setsockopt): a program's own setting of a keepalive option, counted
-//! as an override, or rewritten to the policy's value under `--enforce`. On a listener kad
-//! changed, the program's value is recorded as what the listener goes back to.
+//! `kad_setsockopt` (cgroup/setsockopt): a program's own setting of a keepalive option to a
+//! value other than the policy's, counted once per connection as an override, and rewritten to
+//! the policy's value under `--enforce`. On a listener kad changed, the program's value is
+//! recorded as what the listener goes back to.
 
 use core::{ffi::c_void, mem::size_of};
 
@@ -68,36 +69,43 @@ fn on_setsockopt(ctx: &SockoptContext) {
     if wanted == 0 {
         return;
     }
-    if policy.flags & FLAG_ENFORCE != 0 {
+    let enforce = policy.flags & FLAG_ENFORCE != 0;
+    if enforce && tcp_state != TCP_ESTABLISHED && tcp_state != TCP_LISTEN {
         // Not yet listening nor connected (a server sets its options before listen(2)): the
         // program's value is about to be rewritten, and the listener would then hold the
         // policy already, so kad would record nothing at listen. Recorded here instead.
-        if tcp_state != TCP_ESTABLISHED && tcp_state != TCP_LISTEN {
-            note_program_value(opt, sk as *mut c_void, level, name, true);
-        }
-        // SAFETY: optval/optval_end delimit the kernel's copy of the value; bounds-checked.
-        let (optval, end) = unsafe {
-            (
-                (*opt).__bindgen_anon_2.optval,
-                (*opt).__bindgen_anon_3.optval_end,
-            )
-        };
-        let value = optval as *mut i32;
-        if value.is_null() || (value as usize) + size_of::<i32>() > end as usize {
-            return;
-        }
-        // SAFETY: in bounds (checked above).
-        let current = unsafe { *value };
-        if current != wanted as i32 {
-            // SAFETY: as above.
-            unsafe { *value = wanted as i32 };
-            bump(&policy, |c| c.overridden += 1);
-        }
+        note_program_value(opt, sk as *mut c_void, level, name, true);
+    }
+    // SAFETY: optval/optval_end delimit the kernel's copy of the value; bounds-checked.
+    let (optval, end) = unsafe {
+        (
+            (*opt).__bindgen_anon_2.optval,
+            (*opt).__bindgen_anon_3.optval_end,
+        )
+    };
+    let value = optval as *mut i32;
+    if value.is_null() || (value as usize) + size_of::<i32>() > end as usize {
         return;
     }
-    // Not enforced: the program's value wins. Counted once per socket that kad had set: an
-    // established connection or a listener (kad set both when they came to be, or in a refresh).
-    // Before that, kad's values come after the program's and win. A listener's accepted
+    // SAFETY: in bounds (checked above).
+    let current = unsafe { *value };
+    // A call that sets what the policy has already (SO_KEEPALIVE=1, the policy's idle)
+    // changes nothing: neither rewritten nor counted.
+    let same = if level == SOL_SOCKET as i32 {
+        current != 0
+    } else {
+        current == wanted as i32
+    };
+    if same {
+        return;
+    }
+    if enforce {
+        // SAFETY: as above.
+        unsafe { *value = wanted as i32 };
+    }
+    // Counted once per socket that kad had given the policy: an established connection or a
+    // listener (kad set both when they came to be, or in a refresh). Before that, kad's
+    // values come after the program's and win anyway, enforced or not. A listener's accepted
     // sockets inherit the program's value; kad gives them the policy at establishment, as
     // they no longer hold it.
     if tcp_state != TCP_ESTABLISHED && tcp_state != TCP_LISTEN {

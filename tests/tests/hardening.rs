@@ -718,12 +718,14 @@ fn an_idle_daemon_does_not_wake() {
     let daemon = Daemon::start(&env);
     let pid = daemon.pid();
     let cg = TestCgroup::new(&env, "idle");
-    cg.child("svc");
-    for (path, idle) in [("svc", "101"), ("later", "102")] {
+    // One level down: an anchor directly below the root has the root watched (its removal is
+    // seen only there), and the other tests' cgroups made there would wake the daemon.
+    cg.child("inner/svc");
+    for (path, idle) in [("inner/svc", "101"), ("inner/later", "102")] {
         let path = format!("{}/{path}", cg.relative());
         daemon.kad_ok(&["set", "--cgroup", &path, "--idle", idle]);
     }
-    let (_, c) = connect(&env, None, Some(&cg.path.join("svc")), false);
+    let (_, c) = connect(&env, None, Some(&cg.path.join("inner/svc")), false);
     assert_eq!((c.keepalive, c.idle), (true, 101));
     // Settled: the replies and log lines of the commands are out.
     std::thread::sleep(Duration::from_secs(2));

@@ -20,6 +20,10 @@ pub(super) struct DaemonArgs {
     /// The daemon's directory on the bpf filesystem (one per daemon).
     #[arg(long, default_value = DEFAULT_BPFFS, value_name = "DIR")]
     bpffs: PathBuf,
+    /// Accept a bpf filesystem that only this daemon's mount namespace has (not the host's):
+    /// every policy then ends when that namespace goes. Refused without it.
+    #[arg(long)]
+    private_bpffs: bool,
     /// Policies by path, in TOML; a missing file is an empty config.
     #[arg(long, default_value = "/etc/kad/kad.toml", value_name = "FILE")]
     config: PathBuf,
@@ -88,6 +92,7 @@ pub(super) fn command(socket: PathBuf, args: DaemonArgs) -> anyhow::Result<()> {
         socket,
         state_dir: args.state_dir,
         bpffs: args.bpffs,
+        private_bpffs: args.private_bpffs,
         config: args.config,
         metrics: args.metrics,
         metrics_policies: args.metrics_policies,

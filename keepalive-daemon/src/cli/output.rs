@@ -70,11 +70,11 @@ pub fn status(report: &StatusReport, json: bool) -> anyhow::Result<()> {
         match (detail.enforce, detail.overridden) {
             (true, 0) => state.push_str("; enforced, no program has set its own values"),
             (true, n) => state.push_str(&format!(
-                "; enforced: {n} setsockopt calls of programs rewritten to the policy's values"
+                "; enforced: {n} connections whose program set other keepalive values, rewritten to the policy's"
             )),
             (false, 0) => {}
             (false, n) => state.push_str(&format!(
-                "; {n} connections overridden: their program set its own keepalive after kad and its values won (kad inspect shows them; --enforce makes the policy win)"
+                "; {n} connections overridden: their program set other keepalive values after kad and they won (kad inspect shows them; --enforce makes the policy win)"
             )),
         }
         let source = match (&detail.pod, &detail.docker, &detail.container) {

@@ -106,7 +106,10 @@ pub(super) async fn start(
         .name("kad-state".into())
         .spawn(move || {
             let mut state = match State::start(config, root, watcher, |config| {
-                Ok(Box::new(Enforcer::open(&config.bpffs)?))
+                Ok(Box::new(Enforcer::open(
+                    &config.bpffs,
+                    config.private_bpffs,
+                )?))
             }) {
                 Ok(state) => state,
                 Err(e) => {

@@ -19,6 +19,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 mod actor;
+mod anchoring;
 pub mod config;
 mod container_policies;
 mod docker_policies;
@@ -224,6 +225,13 @@ async fn run_bound(
     // lost); the pins keep every policy enforced after we exit. A clean stop leaves the whole
     // table in policies.json (the journal folded in).
     state.stop().await;
-    info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
+    if crate::kernel::bpffs::outlives_daemon(&config.bpffs) {
+        info!("kad daemon stopped; policies stay enforced (kad uninstall removes them)");
+    } else {
+        warn!(
+            "kad daemon stopped; its policies end when this mount namespace goes: only its bpf \
+             filesystem holds them (--private-bpffs)"
+        );
+    }
     Ok(())
 }

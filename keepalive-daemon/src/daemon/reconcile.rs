@@ -16,13 +16,21 @@ use std::{
 };
 
 use keepalive_common::{PathKey, PolicyValue, FLAG_CONFIG};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
+use super::anchoring::Anchoring;
 use crate::{
-    host::cgroup,
+    host::{
+        cgroup,
+        logging::{held_note, LogLimiter},
+    },
     kernel::{keys, Kernel, KernelError},
     model::policy::Policy,
 };
+
+/// Lines about cgroups appearing and re-created, per period.
+const LOG_BURST: u32 = 10;
+const LOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where a policy in force comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,11 +74,9 @@ pub struct Reconciler {
     root: PathBuf,
     pub kernel: Box<dyn Kernel>,
     in_force: BTreeMap<PathBuf, InForce>,
-    /// Anchor candidates (one per policy that has one), counted.
-    candidates: BTreeMap<PathBuf, usize>,
-    /// Candidates with no candidate above them: where the programs are attached.
-    anchored: BTreeSet<PathBuf>,
-    anchors_dirty: bool,
+    anchors: Anchoring,
+    /// Cgroups appearing and re-created at policy paths: as often as anyone can `mkdir`.
+    cgroup_log: LogLimiter,
     /// Directories to watch, counted.
     watches: BTreeMap<PathBuf, usize>,
     /// The last error applying a path's policy, logged once.
@@ -83,11 +89,8 @@ impl Reconciler {
             root,
             kernel,
             in_force: BTreeMap::new(),
-            candidates: BTreeMap::new(),
-            anchored: BTreeSet::new(),
-            // The anchors an earlier run left attached are brought to what this run's
-            // policies need at the first apply, also when that is none.
-            anchors_dirty: true,
+            anchors: Anchoring::new(),
+            cgroup_log: LogLimiter::new(LOG_PERIOD, LOG_BURST),
             watches: BTreeMap::new(),
             failing: BTreeMap::new(),
         }
@@ -97,12 +100,41 @@ impl Reconciler {
         &self.in_force
     }
 
-    pub fn failing(&self, path: &Path) -> Option<&String> {
-        self.failing.get(path)
+    /// Why the policy of `path` is not in force: its own error, or its anchor's.
+    pub fn failing(&self, path: &Path) -> Option<String> {
+        if let Some(e) = self.failing.get(path) {
+            return Some(e.clone());
+        }
+        self.anchors
+            .error_of(self.in_force.get(path)?.anchor.as_deref()?)
     }
 
+    /// Whether an anchor's error came or went since the last call (every row may change).
+    pub fn take_anchor_news(&mut self) -> bool {
+        self.anchors.take_news()
+    }
+
+    /// Cgroups at and below `changed` were removed or created: the anchors there are asked of
+    /// the kernel at the next `apply_anchors`.
+    pub fn recheck_anchors_at(&mut self, changed: &Path) {
+        self.anchors.recheck_at(changed);
+    }
+
+    /// The anchor covering `path`'s policy is checked: a `kad set` never answers "done" over
+    /// an anchor that holds nothing.
+    pub fn recheck_anchor_of(&mut self, path: &Path) {
+        if let Some(c) = self.in_force.get(path).and_then(|e| e.anchor.clone()) {
+            self.anchors.recheck(&c, self.kernel.as_ref());
+        }
+    }
+
+    /// The directories to watch: where each policy's cgroup would appear, and the parent of
+    /// each anchor (the anchor's own removal and re-creation are seen only there: a cgroup
+    /// watched itself may report its removal late, or never).
     pub fn watch_dirs(&self) -> BTreeSet<PathBuf> {
-        self.watches.keys().cloned().collect()
+        let mut dirs: BTreeSet<PathBuf> = self.watches.keys().cloned().collect();
+        dirs.extend(self.anchors.parents(&self.root));
+        dirs
     }
 
     /// Puts `want` in force for `path` (or removes what is there). Returns whether anything
@@ -167,13 +199,20 @@ impl Reconciler {
             return Ok(false);
         }
         let slot = self.kernel.put(&key, current, value)?;
-        if let Some(old) = old_id.filter(|old| Some(*old) != current) {
+        let news = if let Some(old) = old_id.filter(|old| Some(*old) != current) {
             self.kernel.remove_id(old);
-            if current.is_some() {
-                info!(cgroup = ?path.display().to_string(), "cgroup re-created: policy in force for the new one");
-            }
+            current
+                .is_some()
+                .then_some("cgroup re-created: policy in force for the new one")
         } else if old_id.is_none() && current.is_some() && have.is_some() {
-            info!(cgroup = ?path.display().to_string(), "cgroup appeared: policy in force");
+            Some("cgroup appeared: policy in force")
+        } else {
+            None
+        };
+        if let Some(news) = news {
+            if let Some(held) = self.cgroup_log.allow() {
+                info!(cgroup = ?path.display().to_string(), "{news}{}", held_note(held));
+            }
         }
         let entry = InForce {
             id: current,
@@ -207,14 +246,14 @@ impl Reconciler {
                 return;
             }
             if let Some(a) = prev.anchor.clone() {
-                self.drop_candidate(&a);
+                self.anchors.remove(&a);
             }
             if !prev.watch.as_os_str().is_empty() {
                 decrement(&mut self.watches, &prev.watch);
             }
         }
         if let Some(a) = &anchor {
-            self.add_candidate(a);
+            self.anchors.add(a);
         }
         *self.watches.entry(watch.clone()).or_insert(0) += 1;
         if let Some(e) = self.in_force.get_mut(path) {
@@ -225,7 +264,7 @@ impl Reconciler {
 
     fn forget(&mut self, path: &Path, have: &InForce) {
         if let Some(a) = &have.anchor {
-            self.drop_candidate(a);
+            self.anchors.remove(a);
         }
         if !have.watch.as_os_str().is_empty() {
             decrement(&mut self.watches, &have.watch);
@@ -246,79 +285,10 @@ impl Reconciler {
         (existing != self.root && existing.starts_with(&self.root)).then(|| existing.to_path_buf())
     }
 
-    fn add_candidate(&mut self, c: &Path) {
-        let count = self.candidates.entry(c.to_path_buf()).or_insert(0);
-        *count += 1;
-        if *count > 1 {
-            return;
-        }
-        if c.ancestors()
-            .skip(1)
-            .any(|a| self.candidates.contains_key(a))
-        {
-            return; // covered by an anchor above
-        }
-        let below: Vec<PathBuf> = self
-            .anchored
-            .range(c.to_path_buf()..)
-            .take_while(|p| p.starts_with(c))
-            .cloned()
-            .collect();
-        for b in below {
-            self.anchored.remove(&b);
-        }
-        self.anchored.insert(c.to_path_buf());
-        self.anchors_dirty = true;
-    }
-
-    fn drop_candidate(&mut self, c: &Path) {
-        if !decrement(&mut self.candidates, c) {
-            return;
-        }
-        if !self.anchored.remove(c) {
-            return;
-        }
-        self.anchors_dirty = true;
-        // Candidates below it that are now uncovered become anchors.
-        let below: Vec<PathBuf> = self
-            .candidates
-            .range(c.to_path_buf()..)
-            .map(|(p, _)| p.clone())
-            .take_while(|p| p.starts_with(c))
-            .collect();
-        for b in below {
-            if !b
-                .ancestors()
-                .skip(1)
-                .any(|a| self.candidates.contains_key(a))
-            {
-                self.anchored.insert(b);
-            }
-        }
-    }
-
     /// Attaches and detaches the programs so that exactly the anchors are attached; returns
     /// the anchors that could not be attached (tried again at the next change).
     pub fn apply_anchors(&mut self) -> Vec<KernelError> {
-        if !self.anchors_dirty {
-            return Vec::new();
-        }
-        self.anchors_dirty = false;
-        let mut want = BTreeMap::new();
-        for path in &self.anchored {
-            match cgroup::id_of(path) {
-                Ok(id) => {
-                    want.insert(id, path.clone());
-                }
-                Err(e) => warn!(cgroup = ?path.display().to_string(), "anchor vanished: {e}"),
-            }
-        }
-        let errors = self.kernel.set_anchors(&want);
-        for e in &errors {
-            error!("{e}");
-            self.anchors_dirty = true;
-        }
-        errors
+        self.anchors.apply(self.kernel.as_mut())
     }
 
     /// Removes map entries by cgroup id that no cgroup at a policy path accounts for: what an
@@ -447,7 +417,7 @@ pub fn to_value(policy: &Policy, source: Source) -> PolicyValue {
 }
 
 /// Decrements a count, removing the key at zero; true when it was removed.
-fn decrement(map: &mut BTreeMap<PathBuf, usize>, key: &Path) -> bool {
+pub(super) fn decrement(map: &mut BTreeMap<PathBuf, usize>, key: &Path) -> bool {
     match map.get_mut(key) {
         Some(n) if *n > 1 => {
             *n -= 1;

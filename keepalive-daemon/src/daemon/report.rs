@@ -77,7 +77,7 @@ impl State {
                 .in_force()
                 .get(path)
                 .and_then(|e| Some((e.id?, e.slot))),
-            error: self.reconciler.failing(path).cloned(),
+            error: self.reconciler.failing(path),
             host: path == self.root,
         })
     }

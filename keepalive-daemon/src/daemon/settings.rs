@@ -14,6 +14,9 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpffs: PathBuf,
+    /// A bpf filesystem private to the daemon's mount namespace is accepted: enforcement then
+    /// ends with the namespace.
+    pub private_bpffs: bool,
     pub config: PathBuf,
     /// Where to serve Prometheus metrics (`/metrics`); off when None.
     pub metrics: Option<std::net::SocketAddr>,

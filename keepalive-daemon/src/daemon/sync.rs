@@ -20,6 +20,7 @@ impl State {
         self.rows.touch(path);
         let want = self.want(path);
         let mut changed = self.reconciler.sync(path, want);
+        self.reconciler.recheck_anchor_of(path);
         let mut anchor_errors = self.reconciler.apply_anchors();
         // A new watch: what happened before it was in place is read now, once more.
         if self.publish_watches() && changed.is_ok() {
@@ -27,6 +28,9 @@ impl State {
             changed = again.map(|c| c || changed.unwrap_or(false));
             anchor_errors.extend(self.reconciler.apply_anchors());
             self.publish_watches();
+        }
+        if self.reconciler.take_anchor_news() {
+            self.rows.touch_all();
         }
         if let Some(e) = anchor_errors.into_iter().next() {
             return Err(e);
@@ -60,6 +64,7 @@ impl State {
             let _ = self.reconciler.apply_anchors();
             self.publish_watches();
         }
+        self.reconciler.take_anchor_news();
     }
 
     /// After a start: the connections that existed before give every policy its due.
@@ -87,6 +92,8 @@ impl State {
             .chain(self.reconciler.in_force().keys().cloned())
             .collect();
         for changed in paths {
+            self.reconciler.recheck_anchors_at(changed);
+            self.watcher.forget_below(changed);
             for p in table.range(changed.clone()..) {
                 if !p.starts_with(changed) {
                     break;

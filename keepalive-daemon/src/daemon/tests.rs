@@ -65,6 +65,7 @@ impl Daemon {
             socket: dir.0.join("kad.sock"),
             state_dir: dir.0.join("state"),
             bpffs: dir.0.join("bpffs"),
+            private_bpffs: false,
             config: dir.0.join("kad.toml"),
             metrics: None,
             metrics_policies: crate::daemon::metrics::DEFAULT_POLICY_SERIES,
@@ -893,4 +894,49 @@ fn metrics_say_which_policies_are_not_in_force_and_why() {
     assert_eq!(text.matches("kad_policy_in_force{").count(), 1, "{text}");
     assert!(text.contains("kad_policy_series_omitted 2\n"), "{text}");
     assert!(text.contains("kad_policies_by_state{state=\"waiting\"} 1\n"));
+}
+
+#[test]
+fn an_anchor_made_again_at_its_path_is_attached_again() {
+    let mut d = Daemon::start();
+    d.mkdir("x/mid/app");
+    done(d.set("x/mid/app", 100));
+    let mid = d.root.join("x/mid");
+    let id_of = |p: &std::path::Path| crate::host::cgroup::id_of(p).expect("id");
+    let old = id_of(&mid);
+    assert_eq!(
+        d.kernel.held().anchors.keys().copied().collect::<Vec<_>>(),
+        [old]
+    );
+    // Removed and made again before the daemon looked: the same path, a new directory (kept
+    // alive meanwhile, so that the new one cannot reuse its inode).
+    let kept = d.root.join("kept");
+    std::fs::rename(&mid, &kept).expect("move the old anchor away");
+    d.mkdir("x/mid/app");
+    let new = id_of(&mid);
+    assert_ne!(old, new);
+    d.state.on_cgroup_events(std::slice::from_ref(&mid));
+    assert_eq!(
+        d.kernel.held().anchors.keys().copied().collect::<Vec<_>>(),
+        [new],
+        "attached to the new cgroup, the old one detached"
+    );
+    // A link that no longer holds its cgroup (what the kernel says once the cgroup is gone,
+    // also when its id was given to the cgroup there now) is found at the next `kad set`.
+    d.kernel.held().dead.insert(new);
+    d.mkdir("x/mid/other");
+    done(d.set("x/mid/other", 100));
+    assert!(
+        d.kernel.held().calls.contains(&Call::Reattach(new)),
+        "{:?}",
+        d.kernel.held().calls
+    );
+    assert!(d.kernel.held().dead.is_empty());
+    // An anchor that cannot be attached makes the policies below it not in force.
+    d.kernel.held().refuse_anchors.push(mid.clone());
+    d.kernel.held().dead.insert(new);
+    d.state.on_cgroup_events(std::slice::from_ref(&mid));
+    let app = d.root.join("x/mid/app");
+    let error = d.state.reconciler.failing(&app).expect("not in force");
+    assert!(error.contains("refused by the test"), "{error}");
 }

@@ -85,8 +85,31 @@ impl Watcher {
         added
     }
 
+    /// Drops the watches at and below `path`, where a cgroup was created or removed: a
+    /// directory made again at a watched path is a new one that the old watch does not see
+    /// (and the kernel may report the old one's removal late, or never, for a cgroup). The next
+    /// [`Watcher::set`] watches what is there now.
+    pub fn forget_below(&self, path: &std::path::Path) {
+        let mut guard = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let w = &mut *guard;
+        let below: Vec<PathBuf> = w
+            .by_dir
+            .keys()
+            .filter(|d| d.starts_with(path))
+            .cloned()
+            .collect();
+        for dir in below {
+            if let Some(wd) = w.by_dir.remove(&dir) {
+                w.by_wd.remove(&wd);
+                // SAFETY: removing a watch of our own descriptor.
+                unsafe { libc::inotify_rm_watch(self.fd.get_ref().as_raw_fd(), wd) };
+            }
+        }
+    }
+
     /// Waits for events; returns the paths they concern (the child created or removed, or the
-    /// watched directory itself when it went away).
+    /// watched directory itself when it went away; every watched directory when the kernel's
+    /// queue overflowed and events were lost).
     pub async fn next(&self) -> io::Result<Vec<PathBuf>> {
         loop {
             let mut guard = self.fd.readable().await?;
@@ -123,7 +146,10 @@ impl Watcher {
                 break;
             };
             let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-            if let Some(dir) = w.by_wd.get(&wd) {
+            if mask & libc::IN_Q_OVERFLOW != 0 {
+                // Events were lost: every watched directory may have changed.
+                out.extend(w.by_dir.keys().cloned());
+            } else if let Some(dir) = w.by_wd.get(&wd) {
                 if mask & (libc::IN_DELETE_SELF | libc::IN_IGNORED) != 0 {
                     out.push(dir.clone());
                     if mask & libc::IN_IGNORED != 0 {

@@ -2,7 +2,7 @@
 //! adopting the links an earlier run pinned (pointed at this run's programs with
 //! `BPF_LINK_UPDATE`, no gap), and which program each anchor runs now.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs::File,
     io,
     os::fd::AsFd,
@@ -17,14 +17,25 @@ use super::{
     bpfsys::{self, CgroupHook},
     KernelError,
 };
-use crate::host::pathio::io_err;
+use crate::host::{
+    logging::{held_note, LogLimiter},
+    pathio::io_err,
+};
 
 /// A hook an earlier build of this design attached (cgroup/sock_create): its pin is removed
 /// when the anchor is adopted.
 const RETIRED_HOOK: &str = "sock_create";
 
+/// The name kad's sock_ops program is loaded with, as the kernel reports it.
+const SOCK_OPS_NAME: &str = "kad_sockops";
+
 /// One anchor cgroup. Its links are held by their pins only, so kad's descriptors do not grow
 /// with the number of anchors.
+/// Lines about anchors attached and detached, per period: a cgroup below the root that is made
+/// and removed without end is one of each every time.
+const LOG_BURST: u32 = 10;
+const LOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct Anchor {
     path: PathBuf,
     pins: PathBuf,
@@ -35,6 +46,7 @@ pub(super) struct Anchors {
     dir: PathBuf,
     programs: HashMap<CgroupHook, ProgramFd>,
     anchors: BTreeMap<u64, Anchor>,
+    log: LogLimiter,
 }
 
 impl Anchors {
@@ -47,14 +59,21 @@ impl Anchors {
             dir: dir.to_path_buf(),
             programs,
             anchors: BTreeMap::new(),
+            log: LogLimiter::new(LOG_PERIOD, LOG_BURST),
         };
         anchors.adopt()?;
         Ok(anchors)
     }
 
     /// Attaches the cgroup programs to every anchor in `want` (id -> path) that has none, and
-    /// detaches the anchors not in it. Returns the anchors that could not be attached.
-    pub(super) fn set(&mut self, want: &BTreeMap<u64, PathBuf>) -> Vec<KernelError> {
+    /// detaches the anchors not in it. The anchors in `verify` are asked of the kernel: one
+    /// whose link no longer holds its cgroup (removed, and its id given to the cgroup there
+    /// now) is attached again. Returns the anchors that could not be attached.
+    pub(super) fn set(
+        &mut self,
+        want: &BTreeMap<u64, PathBuf>,
+        verify: &BTreeSet<u64>,
+    ) -> Vec<KernelError> {
         let mut errors = Vec::new();
         let stale: Vec<u64> = self
             .anchors
@@ -63,6 +82,21 @@ impl Anchors {
             .copied()
             .collect();
         for (id, path) in want {
+            if verify.contains(id) {
+                if let Some(anchor) = self.anchors.get(id) {
+                    if !holds(&anchor.pins, *id) {
+                        if let Some(held) = self.log.allow() {
+                            warn!(
+                                cgroup = ?path.display().to_string(),
+                                "kad's programs hung from a cgroup that is gone: attaching them again{}",
+                                held_note(held)
+                            );
+                        }
+                        remove_anchor_pins(&anchor.pins);
+                        self.anchors.remove(id);
+                    }
+                }
+            }
             if let Some(anchor) = self.anchors.get_mut(id) {
                 if anchor.path.as_os_str().is_empty() {
                     // Adopted at start: now its path is known, add any hook it lacks (a
@@ -77,7 +111,9 @@ impl Anchors {
             }
             match self.attach(*id, path) {
                 Ok(anchor) => {
-                    info!(cgroup = ?path.display().to_string(), "anchored kad's programs");
+                    if let Some(held) = self.log.allow() {
+                        info!(cgroup = ?path.display().to_string(), "anchored kad's programs{}", held_note(held));
+                    }
                     self.anchors.insert(*id, anchor);
                 }
                 Err(e) => errors.push(e),
@@ -100,6 +136,14 @@ impl Anchors {
         {
             return Err(attach_error("the cgroup was re-created meanwhile".into()));
         }
+        if let Some(other) = self.other_kad(&cgroup) {
+            return Err(attach_error(format!(
+                "another kad daemon's program (id {other}) already runs for this cgroup: two \
+                 daemons with their own --bpffs would set the same sockets; give this cgroup's \
+                 policies to that daemon, or stop it (and, if it is gone, `kad uninstall --bpffs` \
+                 its directory)"
+            )));
+        }
         let pin_dir = self.dir.join(ANCHORS_DIR).join(id.to_string());
         std::fs::create_dir_all(&pin_dir).map_err(|e| attach_error(e.to_string()))?;
         for hook in CgroupHook::ALL {
@@ -117,6 +161,28 @@ impl Anchors {
         Ok(Anchor {
             path: path.to_path_buf(),
             pins: pin_dir,
+        })
+    }
+
+    /// A kad sock_ops program that runs for `cgroup` (attached to it or above it) and is not
+    /// this daemon's, nor one its own directory holds (the first design's links, retired once
+    /// the anchors are in place): another daemon's, with its own bpffs directory.
+    fn other_kad(&self, cgroup: &File) -> Option<u32> {
+        let ids = bpfsys::effective_programs(cgroup.as_fd(), CgroupHook::SockOps).ok()?;
+        let mut own: Vec<u32> = self
+            .programs
+            .get(&CgroupHook::SockOps)
+            .and_then(|p| bpfsys::prog_id_of(p.as_fd()).ok())
+            .into_iter()
+            .collect();
+        if let Ok(entries) = std::fs::read_dir(self.dir.join(super::bpffs::LEGACY_LINKS_DIR)) {
+            own.extend(entries.flatten().filter_map(|e| {
+                let link = bpfsys::get_pinned(&e.path()).ok()?;
+                Some(bpfsys::link_info(link.as_fd()).ok()?.prog_id)
+            }));
+        }
+        ids.into_iter().find(|id| {
+            !own.contains(id) && bpfsys::prog_name(*id).is_ok_and(|name| name == SOCK_OPS_NAME)
         })
     }
 
@@ -149,7 +215,9 @@ impl Anchors {
         };
         // The pins hold the links: removing them detaches the programs.
         remove_anchor_pins(&anchor.pins);
-        info!(cgroup = ?anchor.path.display().to_string(), "detached kad's programs");
+        if let Some(held) = self.log.allow() {
+            info!(cgroup = ?anchor.path.display().to_string(), "detached kad's programs{}", held_note(held));
+        }
     }
 
     /// Adopts the anchors an earlier run pinned and points their links at this run's
@@ -220,9 +288,27 @@ impl Anchors {
             .collect()
     }
 
+    /// Whether the anchor for cgroup `id` is attached and its links still hold the cgroup.
+    pub(super) fn holds(&self, id: u64) -> bool {
+        self.anchors.get(&id).is_some_and(|a| holds(&a.pins, id))
+    }
+
     pub(super) fn len(&self) -> usize {
         self.anchors.len()
     }
+}
+
+/// Whether the pinned links of an anchor still hold the cgroup `id` (the kernel says 0 once
+/// the cgroup is gone; without its sock_ops pin an anchor holds nothing). A link the kernel
+/// cannot be asked about is taken as holding: it is never removed on a guess.
+fn holds(pin_dir: &Path, id: u64) -> bool {
+    CgroupHook::ALL.into_iter().all(|hook| {
+        match bpfsys::get_pinned(&pin_dir.join(hook.pin_name())) {
+            Ok(link) => bpfsys::link_info(link.as_fd()).map_or(true, |i| i.cgroup_id == id),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => hook != CgroupHook::SockOps,
+            Err(_) => true,
+        }
+    })
 }
 
 fn remove_anchor_pins(pin_dir: &Path) {

@@ -18,7 +18,7 @@ pub(super) const TRACING_DIR: &str = "tracing";
 /// What the first design pinned: one link per policy cgroup, and its maps; and what earlier
 /// builds of this design pinned: per-socket state (`KAD_SOCK`), counters by cgroup id
 /// (`KAD_COUNTERS`, now an array by slot).
-const LEGACY_LINKS_DIR: &str = "links";
+pub(super) const LEGACY_LINKS_DIR: &str = "links";
 const LEGACY_MAPS: [&str; 4] = ["KAD_POLICIES", "KAD_STATS", "KAD_SOCK", "KAD_COUNTERS"];
 /// The maps pinned in the directory (the others live as long as the daemon).
 pub(super) const PINNED_MAPS: [&str; 6] = [
@@ -44,14 +44,14 @@ pub(super) fn ensure_bpffs(dir: &Path) -> Result<(), KernelError> {
         crate::host::cgroup::is_fs(path, BPF_FS_MAGIC).map_err(io_err("cannot stat", path))
     };
     if on_bpffs(existing)? {
-        return Ok(());
+        return own_dir(dir);
     }
     if existing == Path::new(DEFAULT_BPFFS_MOUNT)
         && mount_bpffs(existing).is_ok()
         && on_bpffs(existing)?
     {
         info!("mounted bpffs at {DEFAULT_BPFFS_MOUNT}");
-        return Ok(());
+        return own_dir(dir);
     }
     if existing == dir {
         return Err(KernelError::NotBpffs {
@@ -61,6 +61,51 @@ pub(super) fn ensure_bpffs(dir: &Path) -> Result<(), KernelError> {
     Err(KernelError::NoBpffs {
         dir: dir.to_path_buf(),
         mount: existing.to_path_buf(),
+    })
+}
+
+/// kad's directory must be one of its own, not the root of a bpf filesystem: kad removes the
+/// directory at `uninstall`, and other programs pin beside it.
+pub fn own_dir(dir: &Path) -> Result<(), KernelError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(()); // made below the mount by kad
+    };
+    let parent = dir.join("..");
+    let root = match std::fs::metadata(&parent) {
+        Ok(up) => up.dev() != meta.dev() || up.ino() == meta.ino(),
+        Err(e) => return Err(io_err("cannot stat", &parent)(e).into()),
+    };
+    if root {
+        return Err(KernelError::BpffsRoot(dir.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Whether the bpf filesystem holding `dir` outlives this daemon: the daemon runs in the host's
+/// mount namespace (pid 1's), or that namespace has the same bpf filesystem mounted (by device
+/// number). One that only this daemon's mount namespace holds is freed with the namespace, and
+/// its pins with it: every attachment goes.
+pub fn outlives_daemon(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let own = std::fs::read_link("/proc/self/ns/mnt");
+    if own.is_ok() && own.ok() == std::fs::read_link("/proc/1/ns/mnt").ok() {
+        return true;
+    }
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return false;
+    };
+    let dev = format!("{}:{}", libc::major(meta.dev()), libc::minor(meta.dev()));
+    let Ok(host) = std::fs::read_to_string("/proc/1/mountinfo") else {
+        return false;
+    };
+    host.lines().any(|line| {
+        // "id parent major:minor root mount-point options [tags] - fstype source options"
+        let mut halves = line.splitn(2, " - ");
+        let (Some(head), Some(tail)) = (halves.next(), halves.next()) else {
+            return false;
+        };
+        head.split(' ').nth(2) == Some(dev.as_str()) && tail.split(' ').next() == Some("bpf")
     })
 }
 
@@ -134,6 +179,7 @@ pub fn uninstall(dir: &Path) -> Result<usize, KernelError> {
     if !dir.exists() {
         return Ok(0);
     }
+    own_dir(dir)?;
     let lock = lock_dir(dir)?;
     let mut count = 0;
     let anchors = dir.join(ANCHORS_DIR);

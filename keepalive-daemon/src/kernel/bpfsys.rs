@@ -16,6 +16,8 @@ const BPF_RAW_TRACEPOINT_OPEN: i64 = 17;
 const BPF_LINK_CREATE: i64 = 28;
 const BPF_LINK_UPDATE: i64 = 29;
 const BPF_ITER_CREATE: i64 = 33;
+const BPF_PROG_QUERY: i64 = 16;
+const BPF_F_QUERY_EFFECTIVE: u32 = 1;
 // enum bpf_attach_type (include/uapi/linux/bpf.h).
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_CGROUP_SETSOCKOPT: u32 = 22;
@@ -165,6 +167,50 @@ pub fn link_info(link: BorrowedFd) -> io::Result<LinkInfo> {
         prog_id: (info[1] & 0xffff_ffff) as u32,
         cgroup_id: info[2],
     })
+}
+
+/// The ids of the programs that run for `cgroup` at `hook`: its own and its ancestors'.
+pub fn effective_programs(cgroup: BorrowedFd, hook: CgroupHook) -> io::Result<Vec<u32>> {
+    // union bpf_attr's query: { u32 target_fd, attach_type, query_flags, attach_flags;
+    // u64 prog_ids; u32 prog_cnt; }, the fields every kernel since 4.15 knows.
+    let mut ids = [0u32; 64];
+    let mut attr = Attr::new();
+    attr.u32_at(0, cgroup.as_raw_fd() as u32)
+        .u32_at(4, hook.attach_type())
+        .u32_at(8, BPF_F_QUERY_EFFECTIVE)
+        .u64_at(16, ids.as_mut_ptr() as u64)
+        .u32_at(24, ids.len() as u32);
+    bpf(BPF_PROG_QUERY, &mut attr, 32)?;
+    let count = u32::from_ne_bytes([attr.0[24], attr.0[25], attr.0[26], attr.0[27]]) as usize;
+    Ok(ids[..count.min(ids.len())].to_vec())
+}
+
+/// The name the program with this id was loaded with.
+pub fn prog_name(prog_id: u32) -> io::Result<String> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog_id);
+    let fd = fd_result(BPF_PROG_GET_FD_BY_ID, &mut attr, 12)?;
+    // struct bpf_prog_info: the name, 16 bytes NUL-padded, is at offset 64.
+    let mut info = [0u8; 256];
+    let mut attr = Attr::new();
+    attr.u32_at(0, fd.as_raw_fd() as u32)
+        .u32_at(4, info.len() as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
+    let name = &info[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
+/// The id of the program held by fd.
+pub fn prog_id_of(prog: BorrowedFd) -> io::Result<u32> {
+    let mut info = [0u8; 256];
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog.as_raw_fd() as u32)
+        .u32_at(4, info.len() as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
+    Ok(u32::from_ne_bytes([info[4], info[5], info[6], info[7]]))
 }
 
 /// The tag (a hash of the instructions) of the program with this id, as hex.

@@ -265,7 +265,9 @@ pub fn kernel_offsets() -> Result<(KernelOffsets, Vec<String>), BtfError> {
             f("skc_daddr")?,
             f("skc_rcv_saddr")?,
             f("skc_dport")?,
-            f("skc_num")?,
+            // Not `skc_num`: tcp_done_with_error() (6.10+) clears it before the error report.
+            // inet_sock starts with struct sock, so this is an offset from the same pointer.
+            btf.field_offset("inet_sock", "inet_sport")?,
             f("skc_v6_daddr")?,
             f("skc_v6_rcv_saddr")?,
         ])

@@ -13,7 +13,7 @@
 //! `BPF_LINK_UPDATE` (no gap); tracepoint links are replaced by new ones (the old and new
 //! programs decide alike, so the short overlap is harmless).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
@@ -51,13 +51,25 @@ pub struct Enforcer {
 
 impl Enforcer {
     /// Opens (creating it if needed) the daemon's bpffs directory, loads the programs, adopts
-    /// and upgrades the links an earlier run pinned.
-    pub fn open(dir: &Path) -> Result<Self, KernelError> {
+    /// and upgrades the links an earlier run pinned. A bpf filesystem that would not outlive
+    /// the daemon (see [`bpffs::outlives_daemon`]) is refused unless `private_ok`.
+    pub fn open(dir: &Path, private_ok: bool) -> Result<Self, KernelError> {
         // One spelling per directory ("/sys/fs/bpf/x/" is "/sys/fs/bpf/x"): what kad decides
         // never depends on it, but messages and pins should not either.
         let dir: PathBuf = dir.components().collect();
         let dir = dir.as_path();
         bpffs::ensure_bpffs(dir)?;
+        let mounted = dir.ancestors().find(|p| p.exists()).unwrap_or(dir);
+        if !bpffs::outlives_daemon(mounted) {
+            if !private_ok {
+                return Err(KernelError::PrivateBpffs(dir.to_path_buf()));
+            }
+            tracing::warn!(
+                bpffs = %dir.display(),
+                "this bpf filesystem is private to the daemon's mount namespace (--private-bpffs): \
+                 every policy ends when the namespace goes"
+            );
+        }
         for sub in [ANCHORS_DIR, TRACING_DIR] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(io_err("cannot create", &path))?;
@@ -107,8 +119,16 @@ impl Kernel for Enforcer {
         self.maps.pinned_paths()
     }
 
-    fn set_anchors(&mut self, want: &BTreeMap<u64, PathBuf>) -> Vec<KernelError> {
-        self.anchors.set(want)
+    fn set_anchors(
+        &mut self,
+        want: &BTreeMap<u64, PathBuf>,
+        verify: &BTreeSet<u64>,
+    ) -> Vec<KernelError> {
+        self.anchors.set(want, verify)
+    }
+
+    fn anchor_holds(&self, id: u64) -> bool {
+        self.anchors.holds(id)
     }
 
     fn refresh(&mut self, scope: &[(u64, u64)], netns: &[File]) -> Result<u64, KernelError> {

@@ -12,6 +12,10 @@ pub enum KernelError {
     NoBpffs { dir: PathBuf, mount: PathBuf },
     #[error("{dir} is not on a bpf filesystem")]
     NotBpffs { dir: PathBuf },
+    #[error("{0} is the root of a bpf filesystem: kad needs a directory of its own on it (--bpffs {0}/kad, say)")]
+    BpffsRoot(PathBuf),
+    #[error("{0} is on a bpf filesystem that only this daemon's mount namespace has, not the host's: its pins, and every policy with them, would go with the namespace. Give the daemon the host's bpffs (bind-mount /sys/fs/bpf), or start it with --private-bpffs if enforcement may end with it")]
+    PrivateBpffs(PathBuf),
     #[error("a kad daemon is already using {0}: stop it first, or give this one its own --bpffs directory")]
     Busy(PathBuf),
     #[error(transparent)]

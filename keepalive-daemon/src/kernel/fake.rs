@@ -2,7 +2,7 @@
 //! records every call, and can be told to refuse. What only the real kernel can answer (the
 //! programs, the verifier, sockets) is tested against it in `tests/`.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
@@ -23,6 +23,8 @@ pub enum Call {
     RemoveId(u64),
     /// The anchors asked for, by cgroup id.
     SetAnchors(Vec<u64>),
+    /// An anchor whose links no longer held its cgroup, attached again.
+    Reattach(u64),
     Refresh {
         scope: Vec<(u64, u64)>,
         namespaces: usize,
@@ -44,6 +46,9 @@ pub struct Held {
     pub refuse_puts: bool,
     /// Refuse to attach anchors at these paths.
     pub refuse_anchors: Vec<PathBuf>,
+    /// Anchors whose links no longer hold their cgroup (what the kernel says once a cgroup
+    /// is removed), until they are attached again.
+    pub dead: BTreeSet<u64>,
     slots: BTreeMap<String, u32>,
 }
 
@@ -150,13 +155,23 @@ impl Kernel for FakeKernel {
             .collect()
     }
 
-    fn set_anchors(&mut self, want: &BTreeMap<u64, PathBuf>) -> Vec<KernelError> {
+    fn set_anchors(
+        &mut self,
+        want: &BTreeMap<u64, PathBuf>,
+        verify: &BTreeSet<u64>,
+    ) -> Vec<KernelError> {
         let mut held = self.held();
         held.calls
             .push(Call::SetAnchors(want.keys().copied().collect()));
         let mut errors = Vec::new();
         held.anchors.retain(|id, _| want.contains_key(id));
         for (id, path) in want {
+            if held.anchors.contains_key(id) && !(verify.contains(id) && held.dead.contains(id)) {
+                continue;
+            }
+            if held.dead.remove(id) && held.anchors.remove(id).is_some() {
+                held.calls.push(Call::Reattach(*id));
+            }
             if held.refuse_anchors.contains(path) {
                 errors.push(KernelError::Attach {
                     path: path.clone(),
@@ -167,6 +182,11 @@ impl Kernel for FakeKernel {
             held.anchors.insert(*id, path.clone());
         }
         errors
+    }
+
+    fn anchor_holds(&self, id: u64) -> bool {
+        let held = self.held();
+        held.anchors.contains_key(&id) && !held.dead.contains(&id)
     }
 
     fn refresh(&mut self, scope: &[(u64, u64)], netns: &[File]) -> Result<u64, KernelError> {

@@ -5,7 +5,12 @@
 //!
 //! The daemon's logic reaches it through one narrow interface, [`Kernel`]: [`Enforcer`] is the
 //! real kernel, `fake::FakeKernel` (tests only) records what it is asked.
-use std::{collections::BTreeMap, fs::File, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use keepalive_common::{Counters, PathKey, PolicyValue};
 
@@ -64,8 +69,17 @@ pub trait Kernel {
     /// The policies by path an earlier run left in the pinned map.
     fn pinned_paths(&self) -> Vec<(PathKey, PolicyValue)>;
     /// Attaches the cgroup programs to every anchor in `want` (id -> path) that has none, and
-    /// detaches the anchors not in it. Returns the anchors that could not be attached.
-    fn set_anchors(&mut self, want: &BTreeMap<u64, PathBuf>) -> Vec<KernelError>;
+    /// detaches the anchors not in it. The anchors in `verify` are asked of the kernel, and
+    /// attached again if their links no longer hold their cgroup. Returns the anchors that
+    /// could not be attached.
+    fn set_anchors(
+        &mut self,
+        want: &BTreeMap<u64, PathBuf>,
+        verify: &BTreeSet<u64>,
+    ) -> Vec<KernelError>;
+    /// Whether the anchor attached for cgroup `id` still holds that cgroup (false when there is
+    /// none, or its links' cgroup is gone).
+    fn anchor_holds(&self, id: u64) -> bool;
     /// Gives the sockets of the cgroups in `scope` (cgroup id -> deciding policy id, 0 for
     /// none) the policy that decides for them, in each of the network namespaces `netns`.
     /// Returns the number of sockets updated.

@@ -423,6 +423,24 @@ fn run() -> Result<(), String> {
         "connect" | "connect-off" => {
             TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?
         }
+        // `connect-set=N`: after connecting, sets SO_KEEPALIVE=1 and TCP_KEEPIDLE=N, twice
+        // each (as postgres and ssh set what a policy may have already).
+        other if other.starts_with("connect-set=") => {
+            let idle: i32 = other["connect-set=".len()..]
+                .parse()
+                .map_err(|e| format!("{other}: {e}"))?;
+            let stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+            for _ in 0..2 {
+                set_int(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+                set_int(
+                    stream.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_KEEPIDLE,
+                    idle,
+                )?;
+            }
+            stream
+        }
         other => return Err(format!("unknown mode {other}")),
     };
     if mode == "connect-off" {

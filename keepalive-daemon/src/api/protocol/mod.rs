@@ -217,9 +217,9 @@ pub struct PolicyDetail {
     /// Whether the policy is enforced (programs' own keepalive values are rewritten).
     #[serde(default)]
     pub enforce: bool,
-    /// What the kernel counted as overridden for the policy's cgroup: connections whose
-    /// program set its own keepalive after kad (their values won), or, when enforced,
-    /// `setsockopt` calls rewritten to the policy's values.
+    /// What the kernel counted as overridden for the policy's cgroup: connections on which a
+    /// program set a keepalive option to a value other than the policy's after kad, once each
+    /// (their values won; when enforced, they were rewritten to the policy's).
     #[serde(default)]
     pub overridden: u64,
     /// For a pod policy ("pod"): the pod, `namespace/name`.

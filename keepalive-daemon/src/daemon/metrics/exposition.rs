@@ -135,8 +135,8 @@ const COUNTERS: [CounterFamily; 4] = [
     ),
     (
         "kad_overridden",
-        "Connections whose program set its own keepalive options after kad (rewritten under \
-         --enforce), by policy cgroup.",
+        "Connections on which a program set a keepalive option to another value than the \
+         policy's, once each (rewritten under --enforce), by policy cgroup.",
         |c| c.overridden,
     ),
 ];
