@@ -462,11 +462,13 @@ fn without_bpffs_the_daemon_mounts_it_or_says_how() {
     );
     assert!(!dir.0.join("bpf").exists() && !dir.0.join("state").exists());
 
-    // /sys/fs/bpf unmounted (in a private mount namespace): the daemon mounts it and works.
+    // /sys/fs/bpf unmounted (in a private mount namespace), and the operator has said that
+    // enforcement may end with that namespace: the daemon mounts it and works (without
+    // --private-bpffs it refuses: tests/tests/bpffs.rs).
     let socket = dir.0.join("ns.sock");
     let log = dir.0.join("ns.log");
     let script = format!(
-        "umount /sys/fs/bpf && exec {} daemon --socket {} --state-dir {} --config {} --bpffs /sys/fs/bpf/kad-ns 2>{}",
+        "umount /sys/fs/bpf && exec {} daemon --socket {} --state-dir {} --config {} --bpffs /sys/fs/bpf/kad-ns --private-bpffs 2>{}",
         env.kad.display(),
         socket.display(),
         dir.0.join("ns-state").display(),
