@@ -1,6 +1,6 @@
 //! The control socket: bound with mode 0666 (anyone may read), served within limits so that no
 //! local user can take it from root: connections are counted per peer uid, root has slots of
-//! its own (`slots`), accept errors back off, repeated log lines are held back, and read
+//! its own and waits for one rather than being refused (`slots`), accept errors back off, repeated log lines are held back, and read
 //! replies are computed once for all the clients waiting for them (`connection`).
 //!
 //! The daemon hands [`serve`] its request handler; nothing here knows the daemon's state.
@@ -25,7 +25,7 @@ mod connection;
 mod slots;
 
 use connection::Shared;
-use slots::{Slot, SlotTable};
+use slots::{Admission, Slot, SlotTable};
 
 /// After a failed accept (EMFILE, ENFILE, ENOMEM): the connection stays queued, so retrying
 /// at once would spin.
@@ -52,6 +52,8 @@ pub struct Limits {
     pub unprivileged: usize,
     /// Root's own, which no other user's connections take.
     pub root: usize,
+    /// Root's connections waiting for one of its slots (beyond them, refused).
+    pub root_queue: usize,
 }
 
 /// A few hundred fds at most; root keeps its slots whatever the others do.
@@ -59,6 +61,7 @@ pub const LIMITS: Limits = Limits {
     per_uid: 32,
     unprivileged: 128,
     root: 64,
+    root_queue: 1024,
 };
 
 /// Binds the control socket, replacing a stale one but never a live daemon's.
@@ -100,11 +103,18 @@ where
                     .and_then(|c| c.pid())
                     .and_then(|p| u32::try_from(p).ok());
                 match Slot::take(&slots, uid) {
-                    Ok(slot) => {
+                    Admission::Now(slot) => {
                         let shared = Arc::clone(&shared);
                         tokio::spawn(async move { shared.serve(stream, uid, pid, slot).await });
                     }
-                    Err(message) => {
+                    Admission::Queued(turn) => {
+                        let shared = Arc::clone(&shared);
+                        tokio::spawn(async move {
+                            let slot = turn.wait().await;
+                            shared.serve(stream, uid, pid, slot).await
+                        });
+                    }
+                    Admission::Refused(message) => {
                         if let Some(held) = over_log.allow() {
                             warn!("connection refused: {message}{}", held_note(held));
                         }
