@@ -940,3 +940,58 @@ fn readers_that_do_not_read_hold_bounded_memory() {
         grown / status_size
     );
 }
+
+#[test]
+fn root_has_a_socket_of_its_own_that_no_user_reaches() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let root_socket = daemon.socket.with_file_name(format!(
+        "{}.root.sock",
+        daemon
+            .socket
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches(".sock")
+    ));
+    let mode = fs::metadata(&root_socket)
+        .unwrap_or_else(|e| panic!("{}: {e}", root_socket.display()))
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", root_socket.display());
+    // Another user cannot connect to it.
+    let mut nobody = peer_as(
+        &env,
+        65534,
+        &[
+            "request",
+            root_socket.to_str().unwrap(),
+            "{\"cmd\":\"list\"}",
+        ],
+    );
+    let mut status = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        status = nobody.try_wait();
+        status.is_some()
+    }));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "nobody reached root's socket"
+    );
+    // Root's CLI talks over it: it answers with the shared socket gone.
+    let shared = daemon.socket.with_extension("moved");
+    fs::rename(&daemon.socket, &shared).unwrap();
+    let out = daemon.kad(&["list", "--json"]);
+    fs::rename(&shared, &daemon.socket).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The daemon removes it when it stops.
+    let mut daemon = daemon;
+    daemon.stop();
+    assert!(!root_socket.exists());
+}

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::protocol::{self, Request, Response};
-use crate::host::cgroup;
+use crate::host::{cgroup, sys};
 
 /// Setting a policy loads and attaches a program; this is far more than it takes.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -68,7 +68,15 @@ fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
         path: socket.to_path_buf(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+    // Root's own socket first: no other user's connections queue before it.
+    let root = sys::is_root()
+        .then(|| UnixStream::connect(protocol::root_socket(socket)).ok())
+        .flatten();
+    let mut stream = match root {
+        Some(stream) => Ok(stream),
+        None => UnixStream::connect(socket),
+    }
+    .map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             ClientError::NotRunning(socket.to_path_buf())
         }

@@ -200,3 +200,12 @@ fn the_largest_legitimate_request_fits_the_limit() {
     assert!(line.len() <= MAX_REQUEST_BYTES);
     assert_eq!(decode_request(&line), Ok(request));
 }
+
+#[test]
+fn root_s_socket_is_next_to_the_socket() {
+    assert_eq!(
+        root_socket(Path::new("/run/kad/kad.sock")),
+        Path::new("/run/kad/kad.root.sock")
+    );
+    assert_eq!(root_socket(Path::new("/tmp/s")), Path::new("/tmp/s.root"));
+}
