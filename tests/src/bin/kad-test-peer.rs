@@ -311,8 +311,9 @@ fn hold(socket: &str, count: usize) -> Result<(), String> {
             UnixStream::connect(socket).map_err(|e| format!("connect {socket} (#{i}): {e}"))?;
         held.push(stream);
     }
-    // Whatever the server refused has its one-line error waiting by now.
-    std::thread::sleep(Duration::from_millis(500));
+    // Whatever the server refused has its one-line error waiting by now (it accepts other
+    // users' connections at 1,000 a second).
+    std::thread::sleep(Duration::from_millis(2000));
     let mut refused = 0;
     for stream in &held {
         stream.set_nonblocking(true).map_err(|e| e.to_string())?;

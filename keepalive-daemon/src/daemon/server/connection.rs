@@ -27,10 +27,6 @@ use crate::{
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to read its reply (a status of thousands of policies is MBs).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// What is read and thrown away, without waiting, after replying to a request that was not
-/// read whole: about what a socket buffer holds. Reading on would let one client cost the
-/// daemon a copy of everything it cares to send.
-const DRAIN_LIMIT: usize = 256 << 10;
 
 /// Bytes per second sent to non-root clients, all together: a status of 4,000 policies (about
 /// 1.3 MB) six times a second.
@@ -135,7 +131,7 @@ impl<F> Shared<F> {
 impl<F, Fut> Shared<F>
 where
     F: Fn(Request, Peer) -> Fut,
-    Fut: Future<Output = Response>,
+    Fut: Future<Output = Response> + Send + 'static,
 {
     /// Reads the request, replies, and closes; `_slot` is held until then.
     pub(super) async fn serve(&self, stream: UnixStream, uid: u32, pid: Option<u32>, _slot: Slot) {
@@ -180,8 +176,9 @@ where
             write.shutdown().await
         })
         .await;
-        drop(reply);
-        discard_queued(&read);
+        // Closed with what the client may still be sending unread (an oversized request): the
+        // reply stays queued for it to read, as a unix socket keeps it for a reader whose peer
+        // closed; its writes fail.
     }
 
     /// The reply to a read request, computed at most once for all who wait for it.
@@ -221,13 +218,23 @@ where
             }
         }
         let began = Instant::now();
-        // Shared replies (list, status, stats) do not depend on who asked.
-        let reply: Arc<[u8]> =
-            protocol::encode(&(self.handle)(request, Peer { uid, pid: None }).await).into();
-        if reply.len() > BIG_REPLY {
-            // Building it left as many small allocations freed, scattered over the heap.
-            crate::host::sys::release_free_memory();
-        }
+        // Shared replies (list, status, stats) do not depend on who asked. Built on a thread
+        // of their own: a status of 10,000 policies takes tens of milliseconds, which would
+        // hold up every other connection (root's) on this one.
+        let reply = (self.handle)(request, Peer { uid, pid: None });
+        let runtime = tokio::runtime::Handle::current();
+        let reply: Arc<[u8]> = tokio::task::spawn_blocking(move || {
+            let reply: Arc<[u8]> = protocol::encode(&runtime.block_on(reply)).into();
+            if reply.len() > BIG_REPLY {
+                // Building it left as many small allocations freed, scattered over the heap.
+                crate::host::sys::release_free_memory();
+            }
+            reply
+        })
+        .await
+        .unwrap_or_else(|e| {
+            protocol::encode(&Response::error(format!("cannot build the reply: {e}"))).into()
+        });
         cached.latest = Some((began, Arc::downgrade(&reply)));
         // Those who arrived meanwhile take it once this client has been sent it.
         cached.held = (cache.waiting.load(Ordering::SeqCst) > 0).then(|| Arc::clone(&reply));
@@ -297,19 +304,4 @@ async fn read_request(read: &mut OwnedReadHalf) -> Result<Option<Request>, Strin
         ));
     }
     protocol::decode_request(&line).map(Some)
-}
-
-/// Reads and throws away what the client already sent beyond its request, up to
-/// `DRAIN_LIMIT`, without waiting for more. A client still writing (an oversized request)
-/// gets EPIPE and finds the reply already in its socket: a unix socket keeps the data queued
-/// for a reader whose peer closed.
-fn discard_queued(read: &OwnedReadHalf) {
-    let mut buf = [0u8; 16 * 1024];
-    let mut left = DRAIN_LIMIT;
-    while left > 0 {
-        match read.try_read(&mut buf) {
-            Ok(n) if n > 0 => left = left.saturating_sub(n),
-            _ => break,
-        }
-    }
 }

@@ -123,7 +123,7 @@ const UNPRIVILEGED_ACCEPT_BURST: f64 = 64.0;
 pub async fn serve<F, Fut>(listeners: Listeners, limits: Limits, handle: F)
 where
     F: Fn(Request, Peer) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Response> + Send,
+    Fut: Future<Output = Response> + Send + 'static,
 {
     let shared = Arc::new(Shared::new(handle));
     let slots = SlotTable::new(limits);
@@ -224,11 +224,8 @@ impl Pace {
 }
 
 /// Over its limit: a one-line error at once, without waiting for the request or the reader.
+/// What the client sent is left unread: the reply stays queued for it all the same.
 fn refuse(stream: UnixStream, message: &str) {
-    // What the client already sent is read first: closing with unread input would reset the
-    // connection under the reply.
-    let mut buf = [0u8; 4096];
-    while matches!(stream.try_read(&mut buf), Ok(n) if n > 0) {}
     let _ = stream.try_write(&protocol::encode(&Response::error(message)));
 }
 
