@@ -4,7 +4,7 @@
 //! connections; connections opened and closed as fast as 5 users can; 20 connections asking
 //! for `status` in a loop at 10,000 policies. The daemon's CPU and peak RSS during each flood
 //! are read from /proc. Also `kad set` on a path that does not exist yet (a waiting policy),
-//! idle.
+//! idle, with the CLI and over the socket.
 use std::{
     io::{Read as _, Write as _},
     os::unix::{net::UnixStream, process::CommandExt as _},
@@ -56,6 +56,27 @@ impl Bench {
         for i in 0..10 {
             self.kad_set_cli(&svc, (300 + i, 60, 5))?;
         }
+        // Over the socket (no process per call): an existing cgroup, then new paths that do
+        // not exist yet (each a new waiting policy).
+        let socket_sets =
+            |bench: &Bench, path: &dyn Fn(usize) -> PathBuf| -> Result<Vec<Duration>> {
+                let mut times = Vec::with_capacity(SETS);
+                for i in 0..SETS {
+                    let start = Instant::now();
+                    bench.set(&path(i), (100 + i as u32, 60, 5))?;
+                    times.push(start.elapsed());
+                    std::thread::sleep(PAUSE);
+                }
+                Ok(times)
+            };
+        let existing = socket_sets(self, &|_| svc.clone())?;
+        let new_waiting = socket_sets(self, &|i| top.join(format!("new/n{i:03}")))?;
+        println!(
+            "   over the socket, median: set on an existing cgroup {:.2} ms, on a new waiting \
+             path {:.2} ms",
+            ms(percentile(&existing, 50)),
+            ms(percentile(&new_waiting, 50))
+        );
         let idle = self.time_sets(&svc)?;
         let waiting = self.time_sets(&top.join("not-yet"))?;
         let (idle50, idle99) = (percentile(&idle, 50), percentile(&idle, 99));
