@@ -23,10 +23,18 @@ use crate::{
     host::logging::{escape, held_note, LogLimiter},
 };
 
+/// The reply to a connection closed without a request.
+const EMPTY: &str = "malformed request: the connection was closed without a request";
+
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to read its reply (a status of thousands of policies is MBs).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What is read and thrown away, without waiting, after replying to a request that was not
+/// read whole: what a unix socket's buffer holds (212,992 bytes by default). Reading on would
+/// let one client cost the daemon a copy of everything it cares to send.
+const DRAIN_LIMIT: usize = 256 << 10;
 
 /// Bytes per second sent to non-root clients, all together: a status of 4,000 policies (about
 /// 1.3 MB) six times a second.
@@ -139,14 +147,16 @@ where
         let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut read)).await {
             Err(_) => Err("timed out waiting for the request".to_string()),
             Ok(Ok(Some(request))) => Ok(request),
-            // A probe (a second daemon checking whether this one is alive): nothing to answer.
+            // A probe (a second daemon checking whether this one is alive): answered, but not
+            // worth a warning.
             Ok(Ok(None)) => {
                 debug!(uid, "connection closed without a request");
-                return;
+                Err(EMPTY.to_string())
             }
             Ok(Err(message)) => Err(message),
         };
         let reply: Arc<[u8]> = match request {
+            Err(message) if message == EMPTY => protocol::encode(&Response::error(message)).into(),
             Err(message) => self.refused(uid, message),
             Ok(request) if request.root_only() && uid != 0 => self.refused(
                 uid,
@@ -176,9 +186,8 @@ where
             write.shutdown().await
         })
         .await;
-        // Closed with what the client may still be sending unread (an oversized request): the
-        // reply stays queued for it to read, as a unix socket keeps it for a reader whose peer
-        // closed; its writes fail.
+        drop(reply);
+        discard_queued(&read);
     }
 
     /// The reply to a read request, computed at most once for all who wait for it.
@@ -281,6 +290,21 @@ impl Replies {
             | Request::SetHost { .. }
             | Request::UnsetHost
             | Request::Reload => None,
+        }
+    }
+}
+
+/// Reads and throws away what the client already sent beyond its request, up to
+/// `DRAIN_LIMIT`, without waiting for more: closing with unread input would make the client's
+/// read fail with ECONNRESET after the reply. A client still writing (a request of megabytes)
+/// gets EPIPE, and finds the reply queued for it all the same.
+fn discard_queued(read: &OwnedReadHalf) {
+    let mut buf = [0u8; 16 * 1024];
+    let mut left = DRAIN_LIMIT;
+    while left > 0 {
+        match read.try_read(&mut buf) {
+            Ok(n) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
         }
     }
 }
