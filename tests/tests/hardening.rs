@@ -762,3 +762,238 @@ fn an_idle_daemon_does_not_wake() {
         "after the run, the daemon woke {after} times in 4 s"
     );
 }
+
+/// Writes `total` bytes of one request line (no newline) until the daemon closes; returns the
+/// bytes the socket took, the write's error, and the reply read after it.
+fn send_oversized(socket: &Path, total: usize) -> (usize, std::io::Error, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    stream
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut written = 0;
+    let error = loop {
+        if written >= total {
+            panic!("the daemon took all {total} bytes of one request");
+        }
+        match stream.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) => break e,
+        }
+    };
+    let mut reply = Vec::new();
+    // The reply comes first; the connection's reset after it is expected.
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+    (written, error, String::from_utf8_lossy(&reply).into_owned())
+}
+
+#[test]
+fn an_oversized_request_is_refused_after_a_bounded_read() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let pid = daemon.pid();
+    let (cpu, (written, error, reply)) =
+        cpu_share(pid, || send_oversized(&daemon.socket, 100 << 20));
+    eprintln!("oversized request: {written} bytes taken, then {error}; daemon cpu {cpu:.3}");
+    assert!(
+        reply.contains("request too large (limit 65536 bytes)"),
+        "the daemon's message: {reply:?}"
+    );
+    assert!(
+        matches!(
+            error.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "the connection is closed: {error}"
+    );
+    // The limit, and what the socket buffers hold: not megabytes read and thrown away.
+    assert!(
+        written < 2 << 20,
+        "the daemon read {written} bytes of a refused request"
+    );
+    // The CLI reports the daemon's message (the longest argument a process may be given).
+    let out = daemon.kad(&["set", "--cgroup", &"x".repeat(120_000)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("request too large"), "{stderr}");
+    // And the daemon answers the next one.
+    daemon.kad_ok(&["list"]);
+}
+
+#[test]
+fn root_clients_over_the_limit_wait_for_a_slot() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    // Root's 64 slots, held by connections that send nothing.
+    let idle: Vec<_> = (0..64)
+        .map(|_| std::os::unix::net::UnixStream::connect(&daemon.socket).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (kad, socket) = (env.kad.clone(), daemon.socket.clone());
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let (kad, socket) = (kad.clone(), socket.clone());
+            std::thread::spawn(move || {
+                Command::new(&kad)
+                    .args(["list", "--json"])
+                    .env("KAD_SOCKET", &socket)
+                    .output()
+                    .expect("run kad list")
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(idle);
+    for client in clients {
+        let out = client.join().unwrap();
+        assert!(
+            out.status.success(),
+            "root queued, not refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_second_daemon_s_probe_leaves_no_warning_in_the_first() {
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let other = TempDir::new("second");
+    let other_bpffs = Path::new("/sys/fs/bpf").join(kad_tests::unique("second"));
+    let out = daemon_command(
+        &env.kad,
+        &daemon.socket,
+        &other.0.join("state"),
+        &other_bpffs,
+        &daemon.config,
+    )
+    .output()
+    .unwrap();
+    let _ = fs::remove_dir_all(&other_bpffs);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already serving"));
+    // Whatever the first daemon would log for the probe is there by now.
+    daemon.kad_ok(&["list"]);
+    let log = daemon.log();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("read status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn readers_that_do_not_read_hold_bounded_memory() {
+    let env = kad_env!();
+    let mut daemon = Daemon::start(&env);
+    let top = TestCgroup::new(&env, "stalled");
+    daemon.stop();
+    let mut config = String::new();
+    for i in 0..4000 {
+        config += &format!(
+            "[[policy]]\ncgroup = \"{}/waiting-{i}\"\nidle = 100\n",
+            top.path.display()
+        );
+    }
+    fs::write(&daemon.config, config).unwrap();
+    daemon.restart();
+    let pid = daemon.pid();
+    let status_size = daemon.kad_ok(&["status", "--json"]).len() as u64;
+    let before = rss_kb(pid);
+    // 30 connections of one user ask for status, 300 ms apart, and never read.
+    let mut readers = peer_as(
+        &env,
+        65533,
+        &["stalled-readers", daemon.socket.to_str().unwrap(), "30"],
+    );
+    assert_eq!(readers.line(), "STARTED");
+    let mut peak = before;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(12) {
+        peak = peak.max(rss_kb(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Root is answered meanwhile.
+    daemon.kad_ok(&["status", "--json"]);
+    readers.close_stdin();
+    let grown = (peak.saturating_sub(before)) * 1024;
+    eprintln!(
+        "status {status_size} B; daemon RSS {before} kB, peak {peak} kB during the stalled readers"
+    );
+    assert!(
+        grown < 8 * status_size,
+        "RSS grew by {grown} B ({} replies of {status_size} B)",
+        grown / status_size
+    );
+}
+
+#[test]
+fn root_has_a_socket_of_its_own_that_no_user_reaches() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = kad_env!();
+    let daemon = Daemon::start(&env);
+    let root_socket = daemon.socket.with_file_name(format!(
+        "{}.root.sock",
+        daemon
+            .socket
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches(".sock")
+    ));
+    let mode = fs::metadata(&root_socket)
+        .unwrap_or_else(|e| panic!("{}: {e}", root_socket.display()))
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", root_socket.display());
+    // Another user cannot connect to it.
+    let mut nobody = peer_as(
+        &env,
+        65534,
+        &[
+            "request",
+            root_socket.to_str().unwrap(),
+            "{\"cmd\":\"list\"}",
+        ],
+    );
+    let mut status = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        status = nobody.try_wait();
+        status.is_some()
+    }));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "nobody reached root's socket"
+    );
+    // Root's CLI talks over it: it answers with the shared socket gone.
+    let shared = daemon.socket.with_extension("moved");
+    fs::rename(&daemon.socket, &shared).unwrap();
+    let out = daemon.kad(&["list", "--json"]);
+    fs::rename(&shared, &daemon.socket).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The daemon removes it when it stops.
+    let mut daemon = daemon;
+    daemon.stop();
+    assert!(!root_socket.exists());
+}

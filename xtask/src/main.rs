@@ -58,15 +58,18 @@ enum Task {
     Bench {
         /// Only part 1 (cost per socket against the C programs): quick, for working on the
         /// eBPF program.
-        #[arg(long, conflicts_with_all = ["node", "docker_only"])]
+        #[arg(long, conflicts_with_all = ["node", "docker_only", "control_only"])]
         floor_only: bool,
         /// Only part 4 (a node with 250 pods, their connections, pod churn): heavy, a few
         /// minutes.
-        #[arg(long, conflicts_with = "docker_only")]
+        #[arg(long, conflicts_with_all = ["docker_only", "control_only"])]
         node: bool,
         /// Only part 5 (Docker: 100 labelled containers, each first connection checked).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "control_only")]
         docker_only: bool,
+        /// Only part 6 (root's `kad set` while another user floods the control socket).
+        #[arg(long)]
+        control_only: bool,
     },
     /// The bench's own connection loop, run inside a measured cgroup (internal).
     #[command(hide = true)]
@@ -135,13 +138,15 @@ fn main() -> Result<()> {
             floor_only,
             node,
             docker_only,
+            control_only,
         } => {
             setup::all(setup::Purpose::Test)?;
             build(&root)?;
-            let parts = match (floor_only, node, docker_only) {
-                (true, _, _) => bench::Parts::Floor,
-                (_, true, _) => bench::Parts::Node,
-                (_, _, true) => bench::Parts::Docker,
+            let parts = match (floor_only, node, docker_only, control_only) {
+                (true, ..) => bench::Parts::Floor,
+                (_, true, ..) => bench::Parts::Node,
+                (_, _, true, _) => bench::Parts::Docker,
+                (.., true) => bench::Parts::Control,
                 _ => bench::Parts::All,
             };
             bench::run(&root, parts)

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::protocol::{self, Request, Response};
-use crate::host::cgroup;
+use crate::host::{cgroup, sys};
 
 /// Setting a policy loads and attaches a program; this is far more than it takes.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -68,7 +68,15 @@ fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
         path: socket.to_path_buf(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+    // Root's own socket first: no other user's connections queue before it.
+    let root = sys::is_root()
+        .then(|| UnixStream::connect(protocol::root_socket(socket)).ok())
+        .flatten();
+    let mut stream = match root {
+        Some(stream) => Ok(stream),
+        None => UnixStream::connect(socket),
+    }
+    .map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             ClientError::NotRunning(socket.to_path_buf())
         }
@@ -78,13 +86,22 @@ fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     stream
         .set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(io_err)?;
-    stream
-        .write_all(&protocol::encode(request))
-        .map_err(io_err)?;
+    // A daemon that refuses the request before reading it all (too large; too many
+    // connections) replies and closes: the write then fails, but the reply is there to read.
+    let written = stream.write_all(&protocol::encode(request));
     let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(io_err)?;
+    let read = BufReader::new(stream).read_line(&mut line);
+    match (written, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) => return Err(io_err(e)),
+        (Ok(()), Err(e)) => return Err(io_err(e)),
+        (Ok(()), Ok(_)) => {
+            return Err(ClientError::BadReply {
+                path: socket.to_path_buf(),
+                message: "the connection was closed without a reply".into(),
+            })
+        }
+    }
     let response: Response = serde_json::from_str(&line).map_err(|e| ClientError::BadReply {
         path: socket.to_path_buf(),
         message: e.to_string(),
@@ -114,6 +131,37 @@ mod tests {
         let e = serde_json::from_slice::<PreviousRequest>(&line).unwrap_err();
         // As the daemon's decode_request words it.
         format!("malformed request: {e}")
+    }
+
+    /// A daemon that replies and closes before reading the request (as a refusal does): the
+    /// client's write fails, and it reports the daemon's message, not "Broken pipe".
+    #[test]
+    fn a_refusal_sent_before_the_request_is_read_reaches_the_caller() {
+        let dir = std::env::temp_dir().join(format!("kad-client-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream
+                .write_all(&protocol::encode(&Response::error("too many connections")))
+                .unwrap();
+            // Closed unread.
+        });
+        // Larger than the socket's buffers: the write is still going when the daemon closes.
+        let request = Request::Set {
+            cgroup: "x".repeat(8 << 20),
+            policy: Policy::OFF,
+            container: None,
+        };
+        let result = exchange(&path, &request);
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        match result {
+            Err(ClientError::Refused(message)) => assert_eq!(message, "too many connections"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -12,10 +12,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    net::UnixListener,
-    signal::unix::{signal, SignalKind},
-};
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 mod actor;
@@ -77,16 +74,17 @@ pub async fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     };
     // Bound early, so that a live daemon on the socket stops us before anything is touched;
     // clients that connect meanwhile wait until we serve.
-    let listener = server::bind(&config.socket)?;
-    let result = run_bound(config.clone(), root, listener, metrics_listener).await;
+    let listeners = server::bind(&config.socket)?;
+    let result = run_bound(config.clone(), root, listeners, metrics_listener).await;
     let _ = std::fs::remove_file(&config.socket);
+    let _ = std::fs::remove_file(crate::api::protocol::root_socket(&config.socket));
     result
 }
 
 async fn run_bound(
     config: DaemonConfig,
     root: PathBuf,
-    listener: UnixListener,
+    listeners: server::Listeners,
     metrics_listener: Option<tokio::net::TcpListener>,
 ) -> Result<(), DaemonError> {
     // One daemon per state directory, held until we exit.
@@ -113,7 +111,7 @@ async fn run_bound(
     let mut term = signal(SignalKind::terminate()).map_err(io_err("cannot catch", "SIGTERM"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("cannot catch", "SIGINT"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("cannot catch", "SIGHUP"))?;
-    tokio::spawn(server::serve(listener, server::LIMITS, {
+    tokio::spawn(server::serve(listeners, server::LIMITS, {
         let state = state.clone();
         move |request, peer| {
             let state = state.clone();

@@ -311,8 +311,9 @@ fn hold(socket: &str, count: usize) -> Result<(), String> {
             UnixStream::connect(socket).map_err(|e| format!("connect {socket} (#{i}): {e}"))?;
         held.push(stream);
     }
-    // Whatever the server refused has its one-line error waiting by now.
-    std::thread::sleep(Duration::from_millis(500));
+    // Whatever the server refused has its one-line error waiting by now (it accepts other
+    // users' connections at 1,000 a second).
+    std::thread::sleep(Duration::from_millis(2000));
     let mut refused = 0;
     for stream in &held {
         stream.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -359,6 +360,30 @@ fn readers(socket: &str, threads: usize) -> Result<(), String> {
     std::process::exit(0);
 }
 
+/// Readers that ask for status and do not read the reply: each of `threads` connects, sends
+/// its request, holds the connection 11 s, and starts again; the threads start 300 ms apart,
+/// so that their requests keep arriving.
+fn stalled_readers(socket: &str, threads: usize) -> Result<(), String> {
+    for i in 0..threads {
+        let socket = socket.to_string();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300 * i as u64));
+            loop {
+                if let Ok(mut stream) = UnixStream::connect(&socket) {
+                    let _ = stream.write_all(b"{\"cmd\":\"status\"}\n");
+                    std::thread::sleep(Duration::from_secs(11));
+                } else {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        });
+    }
+    println!("STARTED");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    wait_for_stdin_eof();
+    std::process::exit(0);
+}
+
 fn request(socket: &str, line: &str) -> Result<(), String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| format!("connect {socket}: {e}"))?;
     stream
@@ -382,6 +407,7 @@ fn run() -> Result<(), String> {
         return match mode.as_str() {
             "hold" => hold(socket, number()?),
             "readers" => readers(socket, number()?),
+            "stalled-readers" => stalled_readers(socket, number()?),
             "request" => request(socket, arg),
             other => Err(format!("unknown mode {other}")),
         };

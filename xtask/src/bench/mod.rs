@@ -18,8 +18,11 @@
 //! 5. Docker (`--docker-only` runs it alone). 100 labelled containers started one after the
 //!    other by a dockerd of the bench's own, each first connection checked, and the time from
 //!    `create` to the policy in force.
+//! 6. The control socket (`--control-only` runs it alone): root's `kad set` p50/p99 idle and
+//!    while another user floods the socket (oversized request lines, reconnects, `status` at
+//!    10,000 policies), as a ratio to idle with the 2x goal; the daemon's CPU and RSS.
 //!
-//! Parts 4 and 5 each start a daemon of their own (pod events; `--docker SOCKET`); the daemon
+//! Parts 4, 5 and 6 each start a daemon of their own (pod events; `--docker SOCKET`); the daemon
 //! of parts 1–3, and every other, runs with `--no-docker`.
 //!
 //! The connections are made in a network namespace of the bench's own, where TIME_WAIT is
@@ -29,12 +32,13 @@
 //! Everything it creates (cgroups under the cgroup2 root, the network namespace, pins,
 //! processes, the daemon) is removed by a guard, also on failure.
 //!
-//! Here the run and the goals' printing; `floor`, `scale`, `existing`, `node` (with `churn`)
-//! and `docker` are its five parts,
+//! Here the run and the goals' printing; `floor`, `scale`, `existing`, `node` (with `churn`),
+//! `docker` and `control` are its six parts,
 //! `measure` the alternating rounds they share, `worker` the process each round runs in,
 //! `programs` the C programs (`c/`) and kad's found with bpftool, `daemon` the kad daemon under
 //! measure, `sandbox` the bench's network namespace and cgroups, `guard` the clean-up.
 mod churn;
+mod control;
 mod daemon;
 mod docker;
 mod existing;
@@ -138,6 +142,8 @@ pub enum Parts {
     Node,
     /// `--docker-only`: part 5.
     Docker,
+    /// `--control-only`: part 6.
+    Control,
 }
 
 pub fn run(root: &Path, parts: Parts) -> Result<()> {
@@ -173,10 +179,19 @@ impl Bench {
         std::fs::create_dir(&bpffs).with_context(|| format!("mkdir {}", bpffs.display()))?;
         self.guard.bpffs = Some(bpffs.clone());
         // Parts 4 and 5 alone: each starts a daemon of its own.
+        if parts == Parts::Control {
+            println!(
+                "kad bench, part 6 alone: kernel {}, {} CPUs",
+                kernel_release(),
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            );
+            println!();
+            return self.control_socket(&bpffs);
+        }
         if let Some(part) = match parts {
             Parts::Node => Some(4),
             Parts::Docker => Some(5),
-            Parts::All | Parts::Floor => None,
+            Parts::All | Parts::Floor | Parts::Control => None,
         } {
             println!(
                 "kad bench, part {part} alone: kernel {}, {} CPUs",
@@ -239,6 +254,11 @@ impl Bench {
         // Part 5 too (it stops part 4's first), watching the bench's dockerd.
         println!();
         self.docker(&bpffs)?;
+
+        // Part 6 too: 10,000 policies from its config file.
+        self.stop_daemon();
+        println!();
+        self.control_socket(&bpffs)?;
         Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! The worker: `xtask bench-worker churn N | hold N | pod N | first IDLE INTVL CNT`, this same
+//! The worker: `xtask bench-worker churn N | hold N | pod N | first IDLE INTVL CNT | flood
+//! KIND SOCKET THREADS` (part 6's flooding users, not in a cgroup), this same
 //! binary started inside a measured cgroup and the bench's network namespace (`pod` and
 //! `first`: a network namespace of the worker's own, as a pod has).
 use std::{
@@ -23,7 +24,13 @@ pub fn worker(args: &[String]) -> Result<()> {
             own_netns()?;
             first([idle.parse()?, intvl.parse()?, cnt.parse()?])
         }
-        _ => bail!("usage: xtask bench-worker churn N | hold N | pod N | first IDLE INTVL CNT"),
+        [mode, kind, socket, threads] if mode == "flood" => {
+            super::control::flood(kind, socket, threads.parse().context("flood threads")?)
+        }
+        _ => bail!(
+            "usage: xtask bench-worker churn N | hold N | pod N | first IDLE INTVL CNT | \
+             flood KIND SOCKET THREADS"
+        ),
     }
 }
 

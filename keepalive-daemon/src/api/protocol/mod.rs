@@ -8,6 +8,20 @@ use crate::model::policy::Policy;
 /// Requests larger than this are refused without being parsed.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// Root's own control socket, next to `socket` (`kad.sock`: `kad.root.sock`): mode 0600, so
+/// that no other user's connections queue before root's.
+pub fn root_socket(socket: &Path) -> PathBuf {
+    let name = socket
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let root = match name.strip_suffix(".sock") {
+        Some(stem) => format!("{stem}.root.sock"),
+        None => format!("{name}.root"),
+    };
+    socket.with_file_name(root)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {

@@ -184,3 +184,28 @@ fn policy_entry_json_has_the_documented_shape() {
             .unwrap();
     assert_eq!(old.policy, Policy::on(Some(1), None, None).unwrap());
 }
+
+/// The largest request a client sends fits the limit with room to spare: two paths of 4095
+/// bytes (PATH_MAX), each byte a control character JSON escapes in six.
+#[test]
+fn the_largest_legitimate_request_fits_the_limit() {
+    let path = "\u{1}".repeat(4095);
+    let request = Request::ContainerStopped {
+        cgroup: path.clone(),
+        container: "ab".repeat(32),
+        bundle: path,
+    };
+    let line = encode(&request);
+    assert!(line.len() < 50 * 1024, "{} bytes", line.len());
+    assert!(line.len() <= MAX_REQUEST_BYTES);
+    assert_eq!(decode_request(&line), Ok(request));
+}
+
+#[test]
+fn root_s_socket_is_next_to_the_socket() {
+    assert_eq!(
+        root_socket(Path::new("/run/kad/kad.sock")),
+        Path::new("/run/kad/kad.root.sock")
+    );
+    assert_eq!(root_socket(Path::new("/tmp/s")), Path::new("/tmp/s.root"));
+}

@@ -137,7 +137,8 @@ pub struct Connection {
     pub timer_left_ms: u32,
     /// Keepalive probes sent without an answer (for the keepalive timer).
     pub probes: u8,
-    /// The socket's inode number (one socket shared by several processes is listed for each).
+    /// The socket's inode number (one socket shared by several processes is listed for each,
+    /// once per process).
     pub inode: u64,
     /// The socket's cgroup (where it was created; an accepted socket has its listener's),
     /// which decides its policy; the process's own cgroup if the kernel does not say.
@@ -395,6 +396,21 @@ mod tests {
         );
         let _ = server.set_nonblocking(true);
         let _ = server.read(&mut [0u8; 1]);
+    }
+
+    /// One socket on two descriptors of a process (as a program's stdin and stdout) is one
+    /// connection, shown with its lowest descriptor.
+    #[test]
+    fn a_socket_on_two_descriptors_is_listed_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _server = listener.accept().unwrap();
+        let dup = stream.try_clone().unwrap();
+        let local = stream.local_addr().unwrap().to_string();
+        let connections = inspect(&[std::process::id()]).expect("inspect this process");
+        let rows: Vec<&Connection> = connections.iter().filter(|c| c.local == local).collect();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].fd, stream.as_raw_fd().min(dup.as_raw_fd()));
     }
 
     #[test]

@@ -27,7 +27,8 @@ pub fn cgroup_pids(path: &Path) -> Vec<u32> {
     pids
 }
 
-/// (fd, inode) of each socket the process has open.
+/// (fd, inode) of each socket the process has open, once per socket (its lowest fd): a
+/// process holding one socket on several descriptors (as stdin and stdout) has one connection.
 pub(super) fn socket_fds(pid: u32) -> Result<Vec<(RawFd, u64)>, InspectError> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|e| proc_error(pid, e))?;
     let mut sockets = Vec::new();
@@ -47,6 +48,9 @@ pub(super) fn socket_fds(pid: u32) -> Result<Vec<(RawFd, u64)>, InspectError> {
             sockets.push((fd, inode));
         }
     }
+    sockets.sort_unstable_by_key(|&(fd, inode)| (inode, fd));
+    sockets.dedup_by_key(|&mut (_, inode)| inode);
+    sockets.sort_unstable();
     Ok(sockets)
 }
 

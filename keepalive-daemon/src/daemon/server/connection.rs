@@ -3,7 +3,10 @@
 //! clients waiting for them.
 use std::{
     future::Future,
-    sync::{Arc, Mutex as StdMutex, Weak},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex as StdMutex, Weak,
+    },
     time::{Duration, Instant},
 };
 
@@ -12,7 +15,7 @@ use tokio::{
     net::{unix::OwnedReadHalf, UnixStream},
     sync::Mutex,
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{slots::Slot, LOG_BURST, LOG_PERIOD};
 use crate::{
@@ -20,13 +23,18 @@ use crate::{
     host::logging::{escape, held_note, LogLimiter},
 };
 
+/// The reply to a connection closed without a request.
+const EMPTY: &str = "malformed request: the connection was closed without a request";
+
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to read its reply (a status of thousands of policies is MBs).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// What is read and thrown away after replying to a request that was not read whole.
-const DRAIN_LIMIT: u64 = 16 << 20;
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What is read and thrown away, without waiting, after replying to a request that was not
+/// read whole: what a unix socket's buffer holds (212,992 bytes by default). Reading on would
+/// let one client cost the daemon a copy of everything it cares to send.
+const DRAIN_LIMIT: usize = 256 << 10;
 
 /// Bytes per second sent to non-root clients, all together: a status of 4,000 policies (about
 /// 1.3 MB) six times a second.
@@ -49,10 +57,30 @@ pub(super) struct Shared<F> {
     unprivileged_bytes: Mutex<ByteBudget>,
 }
 
-/// The last encoded reply to a read request, with the time its computation began. Held
-/// weakly: it lives while a client is still being sent it, and its megabytes (a status of
-/// thousands of policies) are not kept once nobody is.
-type Cached = Mutex<Option<(Instant, Weak<[u8]>)>>;
+/// Non-root clients are sent at most this many different computations of each read reply at
+/// a time: slow readers each holding a newer one would otherwise keep megabytes apiece (a
+/// status of 10,000 policies is 3 MB).
+const UNPRIVILEGED_LIVE_REPLIES: usize = 2;
+/// How often a reader waiting for one of those to be sent looks again.
+const LIVE_REPLY_POLL: Duration = Duration::from_millis(20);
+
+/// The replies to one kind of read request, and how many clients wait for the lock on them.
+#[derive(Default)]
+struct Cached {
+    waiting: AtomicUsize,
+    generations: Mutex<Generations>,
+}
+
+/// The last encoded reply, with the time its computation began, and those still being sent.
+/// Held weakly: a reply lives while a client is still being sent it, and its megabytes are not
+/// kept once nobody is; the last one also while clients wait that may share it.
+#[derive(Default)]
+struct Generations {
+    latest: Option<(Instant, Weak<[u8]>)>,
+    held: Option<Arc<[u8]>>,
+    /// Non-root's replies that may still be being sent.
+    alive: Vec<Weak<[u8]>>,
+}
 
 /// Read replies (list, status, stats) shared by the clients waiting for them. A client is
 /// given a reply whose computation began after its request arrived, so it sees nothing older
@@ -111,16 +139,24 @@ impl<F> Shared<F> {
 impl<F, Fut> Shared<F>
 where
     F: Fn(Request, Peer) -> Fut,
-    Fut: Future<Output = Response>,
+    Fut: Future<Output = Response> + Send + 'static,
 {
     /// Reads the request, replies, and closes; `_slot` is held until then.
     pub(super) async fn serve(&self, stream: UnixStream, uid: u32, pid: Option<u32>, _slot: Slot) {
         let (mut read, mut write) = stream.into_split();
         let request = match tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut read)).await {
             Err(_) => Err("timed out waiting for the request".to_string()),
-            Ok(result) => result,
+            Ok(Ok(Some(request))) => Ok(request),
+            // A probe (a second daemon checking whether this one is alive): answered, but not
+            // worth a warning.
+            Ok(Ok(None)) => {
+                debug!(uid, "connection closed without a request");
+                Err(EMPTY.to_string())
+            }
+            Ok(Err(message)) => Err(message),
         };
         let reply: Arc<[u8]> = match request {
+            Err(message) if message == EMPTY => protocol::encode(&Response::error(message)).into(),
             Err(message) => self.refused(uid, message),
             Ok(request) if request.root_only() && uid != 0 => self.refused(
                 uid,
@@ -150,14 +186,8 @@ where
             write.shutdown().await
         })
         .await;
-        // Closing with unread input would reset the connection before the client reads the
-        // reply (an oversized request): discard what is left, within limits.
-        let mut rest = (&mut read).take(DRAIN_LIMIT);
-        let _ = tokio::time::timeout(
-            DRAIN_TIMEOUT,
-            tokio::io::copy(&mut rest, &mut tokio::io::sink()),
-        )
-        .await;
+        drop(reply);
+        discard_queued(&read);
     }
 
     /// The reply to a read request, computed at most once for all who wait for it.
@@ -169,10 +199,15 @@ where
         arrived: Instant,
     ) -> Arc<[u8]> {
         // Held while computing: those who arrive meanwhile wait, then take the next result.
-        let mut cached = cache.lock().await;
-        if let Some((began, reply)) = cached.as_ref() {
+        cache.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut cached = cache.generations.lock().await;
+        cache.waiting.fetch_sub(1, Ordering::SeqCst);
+        if let Some((began, reply)) = cached.latest.as_ref() {
             if *began >= arrived {
                 if let Some(reply) = reply.upgrade() {
+                    if cache.waiting.load(Ordering::SeqCst) == 0 {
+                        cached.held = None;
+                    }
                     return reply;
                 }
             }
@@ -181,15 +216,40 @@ where
                 tokio::time::sleep_until((*began + UNPRIVILEGED_READ_INTERVAL).into()).await;
             }
         }
-        let began = Instant::now();
-        // Shared replies (list, status, stats) do not depend on who asked.
-        let reply: Arc<[u8]> =
-            protocol::encode(&(self.handle)(request, Peer { uid, pid: None }).await).into();
-        if reply.len() > BIG_REPLY {
-            // Building it left as many small allocations freed, scattered over the heap.
-            crate::host::sys::release_free_memory();
+        if uid != 0 {
+            // Bounded memory: a new computation waits until few older ones are still sent.
+            loop {
+                cached.alive.retain(|reply| reply.strong_count() > 0);
+                if cached.alive.len() < UNPRIVILEGED_LIVE_REPLIES {
+                    break;
+                }
+                tokio::time::sleep(LIVE_REPLY_POLL).await;
+            }
         }
-        *cached = Some((began, Arc::downgrade(&reply)));
+        let began = Instant::now();
+        // Shared replies (list, status, stats) do not depend on who asked. Built on a thread
+        // of their own: a status of 10,000 policies takes tens of milliseconds, which would
+        // hold up every other connection (root's) on this one.
+        let reply = (self.handle)(request, Peer { uid, pid: None });
+        let runtime = tokio::runtime::Handle::current();
+        let reply: Arc<[u8]> = tokio::task::spawn_blocking(move || {
+            let reply: Arc<[u8]> = protocol::encode(&runtime.block_on(reply)).into();
+            if reply.len() > BIG_REPLY {
+                // Building it left as many small allocations freed, scattered over the heap.
+                crate::host::sys::release_free_memory();
+            }
+            reply
+        })
+        .await
+        .unwrap_or_else(|e| {
+            protocol::encode(&Response::error(format!("cannot build the reply: {e}"))).into()
+        });
+        cached.latest = Some((began, Arc::downgrade(&reply)));
+        // Those who arrived meanwhile take it once this client has been sent it.
+        cached.held = (cache.waiting.load(Ordering::SeqCst) > 0).then(|| Arc::clone(&reply));
+        if uid != 0 {
+            cached.alive.push(Arc::downgrade(&reply));
+        }
         reply
     }
 
@@ -234,18 +294,38 @@ impl Replies {
     }
 }
 
-/// Reads one line (or everything up to EOF), refusing more than MAX_REQUEST_BYTES.
-async fn read_request(read: &mut OwnedReadHalf) -> Result<Request, String> {
+/// Reads and throws away what the client already sent beyond its request, up to
+/// `DRAIN_LIMIT`, without waiting for more: closing with unread input would make the client's
+/// read fail with ECONNRESET after the reply. A client still writing (a request of megabytes)
+/// gets EPIPE, and finds the reply queued for it all the same.
+fn discard_queued(read: &OwnedReadHalf) {
+    let mut buf = [0u8; 16 * 1024];
+    let mut left = DRAIN_LIMIT;
+    while left > 0 {
+        match read.try_read(&mut buf) {
+            Ok(n) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
+}
+
+/// Reads one line (or everything up to EOF), refusing more than MAX_REQUEST_BYTES: what
+/// follows is never read (the connection is closed after the reply). `None`: the client sent
+/// nothing at all.
+async fn read_request(read: &mut OwnedReadHalf) -> Result<Option<Request>, String> {
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = Vec::new();
     reader
         .read_until(b'\n', &mut line)
         .await
         .map_err(|e| format!("cannot read the request: {e}"))?;
+    if line.is_empty() {
+        return Ok(None);
+    }
     if line.len() > MAX_REQUEST_BYTES {
         return Err(format!(
             "request too large (limit {MAX_REQUEST_BYTES} bytes)"
         ));
     }
-    protocol::decode_request(&line)
+    protocol::decode_request(&line).map(Some)
 }
