@@ -1,6 +1,7 @@
 //! Opening the state directory's files: never through a symbolic link (`O_NOFOLLOW`), and only
 //! regular files (checked with `fstat` on what was opened, which `O_NONBLOCK` makes sure
-//! returns at once: a FIFO put in a file's place cannot hang the daemon).
+//! returns at once: a FIFO put in a file's place cannot hang the daemon; a file under a lease
+//! is waited for, as before).
 use std::{
     fs::{File, OpenOptions},
     io::{self, Read},
@@ -10,15 +11,24 @@ use std::{
 
 /// Opens `path` with `options`, refusing a symbolic link and anything but a regular file.
 pub(super) fn open(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
-    let file = options
+    let opened = options
+        .clone()
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => io::Error::other(
-                "it is a symbolic link (kad does not follow links in its state directory)",
-            ),
-            _ => e,
-        })?;
+        .open(path);
+    let file = match opened {
+        // Only a regular file can hold a lease (F_SETLEASE), which makes a non-blocking open
+        // fail at once: wait for its holder as a plain open does.
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => options
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path),
+        other => other,
+    }
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => io::Error::other(
+            "it is a symbolic link (kad does not follow links in its state directory)",
+        ),
+        _ => e,
+    })?;
     let kind = file.metadata()?.file_type();
     if !kind.is_file() {
         let what = if kind.is_dir() {
