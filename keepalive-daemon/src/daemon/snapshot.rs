@@ -51,14 +51,16 @@ impl Row {
     /// Whether the policy is in force, and why not, as `/metrics` labels it.
     fn metrics_state(&self) -> metrics::PolicyState {
         use metrics::PolicyState::*;
-        if self.in_force.is_some() {
-            InForce
-        } else if let Some(error) = &self.error {
+        // An error first, as `kad status` shows it: a policy in the map whose programs are not
+        // attached (its anchor failed) is not in force.
+        if let Some(error) = &self.error {
             if *error == KernelError::Full.to_string() {
                 TooManyPolicies
             } else {
                 Failed
             }
+        } else if self.in_force.is_some() {
+            InForce
         } else if self.container.as_ref().is_some_and(|(_, stopped)| *stopped) {
             ContainerStopped
         } else {
@@ -118,18 +120,7 @@ impl Snapshot {
         self.rows
             .iter()
             .filter_map(|(path, r)| Some((path, r.slot()?)))
-            .map(|(path, slot)| {
-                let c = reader.counters(slot);
-                StatsEntry {
-                    cgroup: path.display().to_string(),
-                    connect: c.active,
-                    accept: c.passive,
-                    setsockopt_failures: c.failures,
-                    keepalive_kills: c.keepalive_kills,
-                    refreshed: c.refreshed,
-                    overridden: c.overridden,
-                }
-            })
+            .map(|(path, slot)| stats_entry(path.display().to_string(), reader, slot))
             .collect()
     }
 
@@ -180,18 +171,9 @@ impl Snapshot {
             }
             if views.len() < per_policy {
                 let cgroup = path.display().to_string();
-                let counters = row.slot().map(|slot| {
-                    let c = reader.counters(slot);
-                    StatsEntry {
-                        cgroup: cgroup.clone(),
-                        connect: c.active,
-                        accept: c.passive,
-                        setsockopt_failures: c.failures,
-                        keepalive_kills: c.keepalive_kills,
-                        refreshed: c.refreshed,
-                        overridden: c.overridden,
-                    }
-                });
+                let counters = row
+                    .slot()
+                    .map(|slot| stats_entry(cgroup.clone(), reader, slot));
                 views.push(metrics::PolicyView {
                     cgroup,
                     state,
@@ -223,5 +205,19 @@ impl Snapshot {
             attachments: self.header.attachments,
             watchers,
         })
+    }
+}
+
+/// The counters of the policy in `slot`, as `kad stats` and `/metrics` show them.
+fn stats_entry(cgroup: String, reader: &dyn CounterReader, slot: u32) -> StatsEntry {
+    let c = reader.counters(slot);
+    StatsEntry {
+        cgroup,
+        connect: c.active,
+        accept: c.passive,
+        setsockopt_failures: c.failures,
+        keepalive_kills: c.keepalive_kills,
+        refreshed: c.refreshed,
+        overridden: c.overridden,
     }
 }

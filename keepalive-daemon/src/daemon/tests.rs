@@ -939,4 +939,11 @@ fn an_anchor_made_again_at_its_path_is_attached_again() {
     let app = d.root.join("x/mid/app");
     let error = d.state.reconciler.failing(&app).expect("not in force");
     assert!(error.contains("refused by the test"), "{error}");
+    // /metrics says so too, although the policy is in the map.
+    let text = d.state.snapshot().metrics(&d.kernel, 10);
+    let line = format!(
+        "kad_policy_in_force{{cgroup=\"{}\",state=\"failed\"}} 0\n",
+        app.display()
+    );
+    assert!(text.contains(&line), "{line:?} in:\n{text}");
 }
