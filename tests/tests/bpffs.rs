@@ -130,7 +130,22 @@ fn a_bpf_filesystem_private_to_the_daemon_is_refused_unless_enforcement_may_end_
     command.arg(daemon.get_program()).args(daemon.get_args());
     let stderr = refused(&mut command);
     assert!(
-        stderr.contains("only this daemon's mount namespace has")
+        stderr.contains("only this daemon's namespaces would have")
+            && stderr.contains("--private-bpffs"),
+        "{stderr}"
+    );
+    assert!(!bpffs.exists(), "nothing made on the host's bpffs");
+
+    // The same in a PID namespace of its own as well, where the daemon is pid 1: /proc/1 is
+    // then the daemon itself, not the host's init, and proves nothing.
+    let mut command = Command::new("unshare");
+    command
+        .args(["--pid", "--fork", "--mount-proc"])
+        .args(&PRIVATE_NS[1..]);
+    command.arg(daemon.get_program()).args(daemon.get_args());
+    let stderr = refused(&mut command);
+    assert!(
+        stderr.contains("only this daemon's namespaces would have")
             && stderr.contains("--private-bpffs"),
         "{stderr}"
     );

@@ -20,8 +20,9 @@ pub(super) struct DaemonArgs {
     /// The daemon's directory on the bpf filesystem (one per daemon).
     #[arg(long, default_value = DEFAULT_BPFFS, value_name = "DIR")]
     bpffs: PathBuf,
-    /// Accept a bpf filesystem that only this daemon's mount namespace has (not the host's):
-    /// every policy then ends when that namespace goes. Refused without it.
+    /// Accept a bpf filesystem that only this daemon's namespaces have (one it mounts itself
+    /// outside the host's mount and PID namespaces, or one pid 1 does not see): every policy
+    /// then ends when they go. Refused without it.
     #[arg(long)]
     private_bpffs: bool,
     /// Policies by path, in TOML; a missing file is an empty config.

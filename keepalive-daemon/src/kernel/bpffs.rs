@@ -33,9 +33,27 @@ const DEFAULT_BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// The device of the bpf filesystem this daemon mounted outside the host's namespaces, if it
+/// did: only this process knows it will go with them.
+static PRIVATE_MOUNT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// `PROC_PID_INIT_INO`: the initial PID namespace's inode number, fixed by the kernel.
+const INIT_PID_NS: &str = "pid:[4026531836]";
+
+/// Whether a mount this daemon makes lands where the host's pid 1 sees it: the daemon is in
+/// the initial PID namespace (so /proc/1 is the host's init) and in pid 1's mount namespace.
+fn in_host_namespaces() -> bool {
+    let link = |p: &str| std::fs::read_link(p).ok();
+    let initial_pid = link("/proc/self/ns/pid").is_some_and(|ns| ns == Path::new(INIT_PID_NS));
+    let own_mnt = link("/proc/self/ns/mnt");
+    initial_pid && own_mnt.is_some() && own_mnt == link("/proc/1/ns/mnt")
+}
+
 /// bpffs must be mounted on the nearest existing ancestor of `dir`. When that ancestor is
-/// `/sys/fs/bpf` itself (the usual place, unmounted on some hosts), it is mounted.
-pub(super) fn ensure_bpffs(dir: &Path) -> Result<(), KernelError> {
+/// `/sys/fs/bpf` itself (the usual place, unmounted on some hosts), it is mounted, unless that
+/// mount would not outlive the daemon's namespaces and `private_ok` is not given: that is
+/// refused before anything is mounted.
+pub(super) fn ensure_bpffs(dir: &Path, private_ok: bool) -> Result<(), KernelError> {
     let existing = dir
         .ancestors()
         .find(|p| p.exists())
@@ -46,12 +64,22 @@ pub(super) fn ensure_bpffs(dir: &Path) -> Result<(), KernelError> {
     if on_bpffs(existing)? {
         return own_dir(dir);
     }
-    if existing == Path::new(DEFAULT_BPFFS_MOUNT)
-        && mount_bpffs(existing).is_ok()
-        && on_bpffs(existing)?
-    {
-        info!("mounted bpffs at {DEFAULT_BPFFS_MOUNT}");
-        return own_dir(dir);
+    if existing == Path::new(DEFAULT_BPFFS_MOUNT) {
+        let private = !in_host_namespaces();
+        if private && !private_ok {
+            return Err(KernelError::PrivateBpffs(dir.to_path_buf()));
+        }
+        if mount_bpffs(existing).is_ok() && on_bpffs(existing)? {
+            info!("mounted bpffs at {DEFAULT_BPFFS_MOUNT}");
+            if private {
+                use std::os::unix::fs::MetadataExt as _;
+                let dev = std::fs::metadata(existing)
+                    .map_err(io_err("cannot stat", existing))?
+                    .dev();
+                let _ = PRIVATE_MOUNT.set(dev);
+            }
+            return own_dir(dir);
+        }
     }
     if existing == dir {
         return Err(KernelError::NotBpffs {
@@ -82,19 +110,24 @@ pub fn own_dir(dir: &Path) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// Whether the bpf filesystem holding `dir` outlives this daemon: the daemon runs in the host's
-/// mount namespace (pid 1's), or that namespace has the same bpf filesystem mounted (by device
-/// number). One that only this daemon's mount namespace holds is freed with the namespace, and
+/// Whether the bpf filesystem holding `dir` outlives this daemon: not one the daemon mounted
+/// outside the host's namespaces, and the daemon runs in pid 1's mount namespace, or that
+/// namespace has the same bpf filesystem mounted (by device number). In a PID namespace of its
+/// own, pid 1 is not the host's: a bpf filesystem found there (a container's `hostPath`) is
+/// trusted. One that only this daemon's mount namespace holds is freed with the namespace, and
 /// its pins with it: every attachment goes.
 pub fn outlives_daemon(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return false;
+    };
+    if PRIVATE_MOUNT.get() == Some(&meta.dev()) {
+        return false;
+    }
     let own = std::fs::read_link("/proc/self/ns/mnt");
     if own.is_ok() && own.ok() == std::fs::read_link("/proc/1/ns/mnt").ok() {
         return true;
     }
-    let Ok(meta) = std::fs::metadata(dir) else {
-        return false;
-    };
     let dev = format!("{}:{}", libc::major(meta.dev()), libc::minor(meta.dev()));
     let Ok(host) = std::fs::read_to_string("/proc/1/mountinfo") else {
         return false;

@@ -58,7 +58,7 @@ impl Enforcer {
         // never depends on it, but messages and pins should not either.
         let dir: PathBuf = dir.components().collect();
         let dir = dir.as_path();
-        bpffs::ensure_bpffs(dir)?;
+        bpffs::ensure_bpffs(dir, private_ok)?;
         let mounted = dir.ancestors().find(|p| p.exists()).unwrap_or(dir);
         if !bpffs::outlives_daemon(mounted) {
             if !private_ok {

@@ -14,7 +14,7 @@ pub enum KernelError {
     NotBpffs { dir: PathBuf },
     #[error("{0} is the root of a bpf filesystem: kad needs a directory of its own on it (--bpffs {0}/kad, say)")]
     BpffsRoot(PathBuf),
-    #[error("{0} is on a bpf filesystem that only this daemon's mount namespace has, not the host's: its pins, and every policy with them, would go with the namespace. Give the daemon the host's bpffs (bind-mount /sys/fs/bpf), or start it with --private-bpffs if enforcement may end with it")]
+    #[error("{0} is on a bpf filesystem that only this daemon's namespaces would have (one it would mount itself outside the host's mount and PID namespaces, or another mount namespace's), not the host's: its pins, and every policy with them, would go with the namespace. Give the daemon the host's bpffs (bind-mount /sys/fs/bpf), or start it with --private-bpffs if enforcement may end with it")]
     PrivateBpffs(PathBuf),
     #[error("a kad daemon is already using {0}: stop it first, or give this one its own --bpffs directory")]
     Busy(PathBuf),
