@@ -72,8 +72,16 @@ struct Entry {
 /// The policies of the config file at `path`, keyed by absolute cgroup path; `None` when there
 /// is no file (the caller decides what that means for policies it set before). The cgroups
 /// need not exist yet: a policy applies when its cgroup appears.
-pub fn load(path: &Path, root: &Path) -> Result<Option<BTreeMap<PathBuf, Policy>>, ConfigError> {
-    let text = match read_stable(path) {
+///
+/// `had_policies`: the config in force has policies, so an empty file is believed only once it
+/// has stayed empty for `EMPTY_SETTLE` (a file truncated by a slow writer is not a config
+/// that removes them all).
+pub fn load(
+    path: &Path,
+    root: &Path,
+    had_policies: bool,
+) -> Result<Option<BTreeMap<PathBuf, Policy>>, ConfigError> {
+    let text = match read_stable(path, had_policies) {
         Ok(Some(text)) => text,
         Ok(None) => return Ok(None),
         Err(source) => {
@@ -102,12 +110,14 @@ pub fn load(path: &Path, root: &Path) -> Result<Option<BTreeMap<PathBuf, Policy>
 const SETTLE: Duration = Duration::from_millis(50);
 /// How long a file that keeps changing is waited for.
 const SETTLE_MAX: Duration = Duration::from_secs(3);
+/// How long an empty file must stay empty to replace a config that has policies.
+const EMPTY_SETTLE: Duration = Duration::from_secs(1);
 
 /// The file's text once it has stopped changing: two reads `SETTLE` apart that agree, with the
 /// same size, modification time and inode. A file written in place (truncated, then written
 /// piece by piece) is thus not read half written, empty or cut short; one that keeps changing
 /// for `SETTLE_MAX` is an error (write it elsewhere and rename it over the old one).
-fn read_stable(path: &Path) -> io::Result<Option<String>> {
+fn read_stable(path: &Path, patient_if_empty: bool) -> io::Result<Option<String>> {
     use std::os::unix::fs::MetadataExt;
     /// Size, modification time (s, ns) and inode: what changes when the file is written.
     type Stamp = (u64, i64, i64, u64);
@@ -135,7 +145,14 @@ fn read_stable(path: &Path) -> io::Result<Option<String>> {
     let start = Instant::now();
     let mut last = read()?;
     loop {
-        std::thread::sleep(SETTLE);
+        let empty = last
+            .as_ref()
+            .is_some_and(|(text, _)| text.trim().is_empty());
+        std::thread::sleep(if patient_if_empty && empty {
+            EMPTY_SETTLE
+        } else {
+            SETTLE
+        });
         let now = read()?;
         match (&last, &now) {
             (None, None) => return Ok(None),
@@ -144,7 +161,7 @@ fn read_stable(path: &Path) -> io::Result<Option<String>> {
             }
             _ => {}
         }
-        if start.elapsed() > SETTLE_MAX {
+        if start.elapsed() > SETTLE_MAX + EMPTY_SETTLE {
             return Err(io::Error::other(format!(
                 "it kept changing for {} s: write the new config to another file and rename it \
                  over this one",
@@ -402,7 +419,7 @@ idle = 300
         let mut whole = 0;
         for _ in 0..20 {
             // Lexical checks: the root is not a cgroup2 mount here.
-            match read_stable(&file) {
+            match read_stable(&file, true) {
                 Ok(Some(read)) => {
                     assert_eq!(read, text, "only the whole file is read");
                     whole += 1;
@@ -418,15 +435,43 @@ idle = 300
     }
 
     #[test]
+    fn a_file_truncated_by_a_slow_writer_is_not_read_empty() {
+        let dir = std::env::temp_dir().join(format!("kad-config-slow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kad.toml");
+        let text = "[[policy]]\ncgroup = \"a\"\nidle = 100\n";
+        std::fs::write(&file, text).unwrap();
+        // `: > kad.toml; generate > kad.toml`: empty for longer than SETTLE.
+        std::fs::write(&file, "").unwrap();
+        let writer = {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                std::fs::write(&file, text).unwrap();
+            })
+        };
+        let read = read_stable(&file, true);
+        writer.join().unwrap();
+        // Without policies in force an empty file is believed at once.
+        std::fs::write(&file, "").unwrap();
+        let empty = read_stable(&file, false);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(read.unwrap().as_deref(), Some(text));
+        assert_eq!(empty.unwrap().as_deref(), Some(""));
+    }
+
+    #[test]
     fn a_missing_file_is_told_apart_from_an_empty_one() {
-        assert!(load(Path::new("/nonexistent/kad.toml"), Path::new(ROOT))
-            .unwrap()
-            .is_none());
+        assert!(
+            load(Path::new("/nonexistent/kad.toml"), Path::new(ROOT), false)
+                .unwrap()
+                .is_none()
+        );
         let dir = std::env::temp_dir().join(format!("kad-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("kad.toml");
         std::fs::write(&file, "").unwrap();
-        let loaded = load(&file, Path::new(ROOT));
+        let loaded = load(&file, Path::new(ROOT), false);
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(loaded.unwrap(), Some(BTreeMap::new()));
     }

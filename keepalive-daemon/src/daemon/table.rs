@@ -291,7 +291,8 @@ impl State {
     /// policy the kernel refuses) is refused and the previous one put back: a reload is done
     /// all at once or not at all.
     pub(super) fn reload(&mut self) -> Response {
-        let from_config = match config_file::load(&self.config.config, &self.root) {
+        let had_policies = !self.from_config.is_empty();
+        let from_config = match config_file::load(&self.config.config, &self.root, had_policies) {
             Ok(None) if !self.from_config.is_empty() => {
                 return Response::error(format!(
                     "{} does not exist: its {} policies stay in force (to remove them, make the file empty)",
@@ -343,14 +344,25 @@ impl State {
         }
         if let Some((path, e)) = refused {
             self.from_config = previous;
+            let mut not_back = Vec::new();
             for path in &changed {
                 if let Err(e) = self.sync_path(path) {
                     error!(cgroup = ?path.display().to_string(), "cannot put the previous config's policy back: {e}");
+                    not_back.push(format!("{} ({e})", path.display()));
                 }
             }
+            let outcome = if not_back.is_empty() {
+                "nothing was changed, the previous config stays in force".to_string()
+            } else {
+                format!(
+                    "the previous config was put back, except for {} path(s) not in force now \
+                     (kad status shows them): {}",
+                    not_back.len(),
+                    not_back.join(", ")
+                )
+            };
             return Response::error(format!(
-                "{}: the policy for {} cannot be put in force ({e}); nothing was changed, the \
-                 previous config stays in force",
+                "{}: the policy for {} cannot be put in force ({e}); {outcome}",
                 self.config.config.display(),
                 path.display()
             ));
