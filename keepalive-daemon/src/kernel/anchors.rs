@@ -29,13 +29,13 @@ const RETIRED_HOOK: &str = "sock_create";
 /// The name kad's sock_ops program is loaded with, as the kernel reports it.
 const SOCK_OPS_NAME: &str = "kad_sockops";
 
-/// One anchor cgroup. Its links are held by their pins only, so kad's descriptors do not grow
-/// with the number of anchors.
 /// Lines about anchors attached and detached, per period: a cgroup below the root that is made
 /// and removed without end is one of each every time.
 const LOG_BURST: u32 = 10;
 const LOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// One anchor cgroup. Its links are held by their pins only, so kad's descriptors do not grow
+/// with the number of anchors.
 struct Anchor {
     path: PathBuf,
     pins: PathBuf,
@@ -47,6 +47,8 @@ pub(super) struct Anchors {
     programs: HashMap<CgroupHook, ProgramFd>,
     anchors: BTreeMap<u64, Anchor>,
     log: LogLimiter,
+    /// The warnings about links whose cgroup is gone, apart: the info lines cannot hide them.
+    gone_log: LogLimiter,
 }
 
 impl Anchors {
@@ -60,6 +62,7 @@ impl Anchors {
             programs,
             anchors: BTreeMap::new(),
             log: LogLimiter::new(LOG_PERIOD, LOG_BURST),
+            gone_log: LogLimiter::new(LOG_PERIOD, LOG_BURST),
         };
         anchors.adopt()?;
         Ok(anchors)
@@ -85,7 +88,7 @@ impl Anchors {
             if verify.contains(id) {
                 if let Some(anchor) = self.anchors.get(id) {
                     if !holds(&anchor.pins, *id) {
-                        if let Some(held) = self.log.allow() {
+                        if let Some(held) = self.gone_log.allow() {
                             warn!(
                                 cgroup = ?path.display().to_string(),
                                 "kad's programs hung from a cgroup that is gone: attaching them again{}",
@@ -136,7 +139,12 @@ impl Anchors {
         {
             return Err(attach_error("the cgroup was re-created meanwhile".into()));
         }
-        if let Some(other) = self.other_kad(&cgroup) {
+        let other = self.other_kad(&cgroup).map_err(|e| {
+            attach_error(format!(
+                "cannot ask the kernel which programs already run for it: {e}"
+            ))
+        })?;
+        if let Some(other) = other {
             return Err(attach_error(format!(
                 "another kad daemon's program (id {other}) already runs for this cgroup: two \
                  daemons with their own --bpffs would set the same sockets; give this cgroup's \
@@ -167,8 +175,8 @@ impl Anchors {
     /// A kad sock_ops program that runs for `cgroup` (attached to it or above it) and is not
     /// this daemon's, nor one its own directory holds (the first design's links, retired once
     /// the anchors are in place): another daemon's, with its own bpffs directory.
-    fn other_kad(&self, cgroup: &File) -> Option<u32> {
-        let ids = bpfsys::effective_programs(cgroup.as_fd(), CgroupHook::SockOps).ok()?;
+    fn other_kad(&self, cgroup: &File) -> io::Result<Option<u32>> {
+        let ids = bpfsys::effective_programs(cgroup.as_fd(), CgroupHook::SockOps)?;
         let mut own: Vec<u32> = self
             .programs
             .get(&CgroupHook::SockOps)
@@ -181,9 +189,9 @@ impl Anchors {
                 Some(bpfsys::link_info(link.as_fd()).ok()?.prog_id)
             }));
         }
-        ids.into_iter().find(|id| {
+        Ok(ids.into_iter().find(|id| {
             !own.contains(id) && bpfsys::prog_name(*id).is_ok_and(|name| name == SOCK_OPS_NAME)
-        })
+        }))
     }
 
     fn complete(&self, path: &Path, pins: &Path) -> Result<(), KernelError> {

@@ -173,30 +173,51 @@ pub fn link_info(link: BorrowedFd) -> io::Result<LinkInfo> {
 pub fn effective_programs(cgroup: BorrowedFd, hook: CgroupHook) -> io::Result<Vec<u32>> {
     // union bpf_attr's query: { u32 target_fd, attach_type, query_flags, attach_flags;
     // u64 prog_ids; u32 prog_cnt; }, the fields every kernel since 4.15 knows.
-    let mut ids = [0u32; 64];
+    let mut ids = vec![0u32; 64];
+    loop {
+        let mut attr = Attr::new();
+        attr.u32_at(0, cgroup.as_raw_fd() as u32)
+            .u32_at(4, hook.attach_type())
+            .u32_at(8, BPF_F_QUERY_EFFECTIVE)
+            .u64_at(16, ids.as_mut_ptr() as u64)
+            .u32_at(24, ids.len() as u32);
+        let result = bpf(BPF_PROG_QUERY, &mut attr, 32);
+        let count = u32::from_ne_bytes([attr.0[24], attr.0[25], attr.0[26], attr.0[27]]) as usize;
+        match result {
+            // More programs than room: the kernel says how many; ask again with that much.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && count > ids.len() => {
+                ids = vec![0u32; count];
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {
+                ids.truncate(count.min(ids.len()));
+                return Ok(ids);
+            }
+        }
+    }
+}
+
+/// The first 256 bytes of the `struct bpf_prog_info` of the program held by fd
+/// (`{ u32 type, id; u8 tag[8]; ... char name[16] at 64; ... }`).
+fn prog_info(prog: BorrowedFd) -> io::Result<[u8; 256]> {
+    let mut info = [0u8; 256];
     let mut attr = Attr::new();
-    attr.u32_at(0, cgroup.as_raw_fd() as u32)
-        .u32_at(4, hook.attach_type())
-        .u32_at(8, BPF_F_QUERY_EFFECTIVE)
-        .u64_at(16, ids.as_mut_ptr() as u64)
-        .u32_at(24, ids.len() as u32);
-    bpf(BPF_PROG_QUERY, &mut attr, 32)?;
-    let count = u32::from_ne_bytes([attr.0[24], attr.0[25], attr.0[26], attr.0[27]]) as usize;
-    Ok(ids[..count.min(ids.len())].to_vec())
+    attr.u32_at(0, prog.as_raw_fd() as u32)
+        .u32_at(4, info.len() as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
+    Ok(info)
+}
+
+fn prog_by_id(prog_id: u32) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog_id);
+    fd_result(BPF_PROG_GET_FD_BY_ID, &mut attr, 12)
 }
 
 /// The name the program with this id was loaded with.
 pub fn prog_name(prog_id: u32) -> io::Result<String> {
-    let mut attr = Attr::new();
-    attr.u32_at(0, prog_id);
-    let fd = fd_result(BPF_PROG_GET_FD_BY_ID, &mut attr, 12)?;
-    // struct bpf_prog_info: the name, 16 bytes NUL-padded, is at offset 64.
-    let mut info = [0u8; 256];
-    let mut attr = Attr::new();
-    attr.u32_at(0, fd.as_raw_fd() as u32)
-        .u32_at(4, info.len() as u32)
-        .u64_at(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
+    let info = prog_info(prog_by_id(prog_id)?.as_fd())?;
     let name = &info[64..80];
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     Ok(String::from_utf8_lossy(&name[..end]).into_owned())
@@ -204,31 +225,17 @@ pub fn prog_name(prog_id: u32) -> io::Result<String> {
 
 /// The id of the program held by fd.
 pub fn prog_id_of(prog: BorrowedFd) -> io::Result<u32> {
-    let mut info = [0u8; 256];
-    let mut attr = Attr::new();
-    attr.u32_at(0, prog.as_raw_fd() as u32)
-        .u32_at(4, info.len() as u32)
-        .u64_at(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
+    let info = prog_info(prog)?;
     Ok(u32::from_ne_bytes([info[4], info[5], info[6], info[7]]))
 }
 
 /// The tag (a hash of the instructions) of the program with this id, as hex.
 pub fn prog_tag(prog_id: u32) -> io::Result<String> {
-    let mut attr = Attr::new();
-    attr.u32_at(0, prog_id);
-    let fd = fd_result(BPF_PROG_GET_FD_BY_ID, &mut attr, 12)?;
-    prog_tag_of(fd.as_fd())
+    prog_tag_of(prog_by_id(prog_id)?.as_fd())
 }
 
 /// The tag of a program held by fd.
 pub fn prog_tag_of(prog: BorrowedFd) -> io::Result<String> {
-    // struct bpf_prog_info { u32 type, id; u8 tag[8]; ... }
-    let mut info = [0u8; 256];
-    let mut attr = Attr::new();
-    attr.u32_at(0, prog.as_raw_fd() as u32)
-        .u32_at(4, info.len() as u32)
-        .u64_at(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr, 16)?;
+    let info = prog_info(prog)?;
     Ok(info[8..16].iter().map(|b| format!("{b:02x}")).collect())
 }
