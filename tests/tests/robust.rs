@@ -829,3 +829,41 @@ fn a_state_directory_removed_while_idle_is_written_again_at_once() {
     fs::create_dir_all(&cg).unwrap();
     assert_eq!(idle_in(&env, &cg), (true, 152));
 }
+
+#[test]
+fn a_state_directory_that_cannot_be_made_again_is_said_at_a_bounded_rate() {
+    let env = kad_env!();
+    let top = TestCgroup::new(&env, "lost-file");
+    let daemon = Daemon::start(&env);
+    daemon.kad_ok(&["set", "--cgroup", &top.relative(), "--idle", "150"]);
+    // A file where the state directory was: it cannot be made again, and every change fails
+    // to save (said to its client), however many come.
+    let gone = daemon.state_dir.with_extension("gone");
+    fs::rename(&daemon.state_dir, &gone).unwrap();
+    let placed = wait_for(Duration::from_secs(10), || {
+        let _ = fs::remove_dir_all(&daemon.state_dir);
+        fs::write(&daemon.state_dir, "not a directory").is_ok() && daemon.state_dir.is_file()
+    });
+    assert!(placed, "a file in the state directory's place");
+    let mut refused = 0;
+    for i in 0..40 {
+        let out = daemon.kad(&[
+            "set",
+            "--cgroup",
+            &format!("{}/c{i}", top.relative()),
+            "--idle",
+            "160",
+        ]);
+        if !out.status.success() {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 40, "a change that cannot be saved is refused");
+    let log = daemon.log();
+    let said = log
+        .matches("the state directory was removed or replaced")
+        .count();
+    assert!((1..=10).contains(&said), "{said} lines:\n{log}");
+    let _ = fs::remove_file(&daemon.state_dir);
+    let _ = fs::rename(&gone, &daemon.state_dir);
+}

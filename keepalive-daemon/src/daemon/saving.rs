@@ -5,6 +5,7 @@ use tracing::{error, warn};
 
 use super::state::State;
 use super::store::{Change, StoreError, StoredPolicy};
+use crate::host::logging::held_note;
 use crate::model::policy::Policy;
 
 /// The state file is rewritten whole once its journal has more lines than this, or than the
@@ -56,13 +57,21 @@ impl State {
             self.state_dir_id.set(now);
             return;
         }
-        error!(
-            state_dir = %dir.display(),
-            "the state directory was removed or replaced while the daemon ran: making it again \
-             and writing every policy to it again"
-        );
+        // Every save comes here while the directory cannot be made again: the lines are
+        // limited; the attempt is not.
+        let note = self.state_dir_log.borrow_mut().allow();
+        if let Some(held) = note {
+            error!(
+                state_dir = %dir.display(),
+                "the state directory was removed or replaced while the daemon ran: making it \
+                 again and writing every policy to it again{}",
+                held_note(held)
+            );
+        }
         if let Err(e) = std::fs::create_dir_all(dir) {
-            error!(state_dir = %dir.display(), "cannot make the state directory again: {e}");
+            if note.is_some() {
+                error!(state_dir = %dir.display(), "cannot make the state directory again: {e}");
+            }
             return;
         }
         // Set first: the saves below check it too.

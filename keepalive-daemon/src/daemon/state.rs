@@ -62,6 +62,8 @@ pub(super) struct State {
     /// The state directory's device and inode when last written: one removed (or replaced)
     /// while the daemon runs is made again and written whole (see `ensure_state_dir`).
     pub(super) state_dir_id: std::cell::Cell<Option<(u64, u64)>>,
+    /// A state directory that cannot be made again fails every save: said at a bounded rate.
+    pub(super) state_dir_log: std::cell::RefCell<crate::host::logging::LogLimiter>,
     pub(super) state_dir_lock: std::cell::RefCell<crate::daemon::store::Relock>,
 }
 
@@ -102,7 +104,7 @@ impl State {
             .collect();
         let set = policies_of(saved);
         let config_copy = Store::config_copy(&config.state_dir);
-        let loaded_config = config_file::load(&config.config, &root)?;
+        let loaded_config = config_file::load(&config.config, &root, false)?;
         let config_missing = loaded_config.is_none();
         let from_config = match loaded_config {
             Some(table) => table,
@@ -171,6 +173,10 @@ impl State {
             rows: Rows::default(),
             state_dir_id: std::cell::Cell::new(super::saving::dir_id(&config.state_dir)),
             state_dir_lock: Default::default(),
+            state_dir_log: std::cell::RefCell::new(crate::host::logging::LogLimiter::new(
+                std::time::Duration::from_secs(60),
+                5,
+            )),
         };
         state.adopt_pinned(state_file_exists, config_missing);
         if config_missing && !state.from_config.is_empty() {
