@@ -104,8 +104,15 @@ async fn run_bound(
             config.metrics.map(|a| a.to_string()).unwrap_or_default()
         );
         let (state, per_policy) = (state.clone(), config.metrics_policies);
+        // Built on a blocking thread: a scrape reads a counter per policy, and the runtime's
+        // one thread also serves root's socket.
         tokio::spawn(metrics::serve(listener, metrics::LIMITS, move || {
-            std::future::ready(state.metrics(per_policy))
+            let state = state.clone();
+            async move {
+                tokio::task::spawn_blocking(move || state.metrics(per_policy))
+                    .await
+                    .map_err(|e| format!("the metrics could not be built: {e}"))
+            }
         }));
     }
     let mut term = signal(SignalKind::terminate()).map_err(io_err("cannot catch", "SIGTERM"))?;

@@ -62,7 +62,7 @@ const LOG_BURST: u32 = 5;
 pub async fn serve<F, Fut>(listener: TcpListener, limits: Limits, body: F)
 where
     F: Fn() -> Fut + Send + Sync + Clone + 'static,
-    Fut: Future<Output = String> + Send,
+    Fut: Future<Output = Result<String, String>> + Send,
 {
     let permits = Arc::new(Semaphore::new(limits.connections));
     // Connections still waiting for their request head, oldest first, each with the means to
@@ -142,7 +142,7 @@ async fn answer<F, Fut>(
 ) -> Result<(), String>
 where
     F: Fn() -> Fut + Send + Sync + Clone + 'static,
-    Fut: Future<Output = String> + Send,
+    Fut: Future<Output = Result<String, String>> + Send,
 {
     let (read_tx, read_rx) = oneshot::channel::<()>();
     let read_tx = Mutex::new(Some(read_tx));
@@ -194,14 +194,18 @@ fn quiet(e: hyper::Error) -> Result<(), String> {
     }
 }
 
-/// `GET /metrics` gets `body()`; any other path 404, any other method 405.
+/// `GET /metrics` gets `body()` (500 with its error if it fails); any other path 404, any
+/// other method 405.
 async fn respond<F, Fut>(request: &Request<Incoming>, body: F) -> Response<Full<Bytes>>
 where
     F: Fn() -> Fut,
-    Fut: Future<Output = String>,
+    Fut: Future<Output = Result<String, String>>,
 {
     let (status, text) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, body().await),
+        (&Method::GET, "/metrics") => match body().await {
+            Ok(text) => (StatusCode::OK, text),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
         (&Method::GET, _) => (StatusCode::NOT_FOUND, "not found: try /metrics\n".into()),
         _ => (StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into()),
     };
@@ -235,7 +239,12 @@ mod tests {
                 .unwrap();
             runtime.block_on(async move {
                 let listener = TcpListener::from_std(listener).unwrap();
-                serve(listener, limits, move || async move { body.to_string() }).await
+                serve(
+                    listener,
+                    limits,
+                    move || async move { Ok(body.to_string()) },
+                )
+                .await
             });
         });
         addr
