@@ -21,6 +21,40 @@ impl Feed {
     }
 }
 
+/// A FIFO in `dir` for events.
+fn fifo_in(dir: &TempDir) -> std::path::PathBuf {
+    let path = dir.0.join("events");
+    let c_path = CString::new(path.to_str().expect("utf-8 path")).expect("no NUL");
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    path
+}
+
+/// A daemon reading pod events from `events`, with the kubelet's cgroup root at `kubelet`
+/// laid out by `driver`.
+fn pod_daemon(env: &kad_tests::Env, events: &Path, driver: &str, kubelet: &TestCgroup) -> Daemon {
+    let args = [
+        "--pod-events".to_string(),
+        events.display().to_string(),
+        "--kubelet-cgroup-driver".into(),
+        driver.into(),
+        "--kubelet-cgroup-root".into(),
+        kubelet.relative(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Daemon::start_with(env, &args)
+}
+
+/// The writing end of the FIFO the daemon reads.
+fn feed(fifo: &Path) -> Feed {
+    Feed {
+        fifo: fs::OpenOptions::new()
+            .write(true)
+            .open(fifo)
+            .expect("open the FIFO"),
+    }
+}
+
 fn pod(uid: &str, name: &str, qos: &str, annotation: Option<&str>) -> serde_json::Value {
     serde_json::json!({"event": "pod", "uid": uid, "namespace": "team", "name": name,
         "qos": qos, "annotation": annotation})
@@ -50,27 +84,10 @@ fn wait_entry(
 fn pod_annotations_drive_policies_through_the_event_stream() {
     let env = kad_env!();
     let dir = TempDir::new("pod-events");
-    let fifo_path = dir.0.join("events");
-    let c_path = CString::new(fifo_path.to_str().expect("utf-8 path")).expect("no NUL");
-    // SAFETY: mkfifo with a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let fifo_path = fifo_in(&dir);
     let kubelet = TestCgroup::new(&env, "kubelet");
-    let args = [
-        "--pod-events".to_string(),
-        fifo_path.display().to_string(),
-        "--kubelet-cgroup-driver".into(),
-        "systemd".into(),
-        "--kubelet-cgroup-root".into(),
-        kubelet.relative(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut daemon = Daemon::start_with(&env, &args);
-    let mut feed = Feed {
-        fifo: fs::OpenOptions::new()
-            .write(true)
-            .open(&fifo_path)
-            .expect("open the FIFO"),
-    };
+    let mut daemon = pod_daemon(&env, &fifo_path, "systemd", &kubelet);
+    let mut feed = feed(&fifo_path);
     let a_uid = "0d7e5c3a-1b2c-4d5e-8f90-00000000000a";
     let b_uid = "0d7e5c3a-1b2c-4d5e-8f90-00000000000b";
     let a_path = kubelet.path.join(
@@ -194,27 +211,10 @@ fn pod_annotations_drive_policies_through_the_event_stream() {
 fn a_bad_pod_event_line_is_refused_and_the_stream_goes_on() {
     let env = kad_env!();
     let dir = TempDir::new("pod-events-bad");
-    let fifo_path = dir.0.join("events");
-    let c_path = CString::new(fifo_path.to_str().expect("utf-8 path")).expect("no NUL");
-    // SAFETY: mkfifo with a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    let fifo_path = fifo_in(&dir);
     let kubelet = TestCgroup::new(&env, "kubelet-bad");
-    let args = [
-        "--pod-events".to_string(),
-        fifo_path.display().to_string(),
-        "--kubelet-cgroup-driver".into(),
-        "cgroupfs".into(),
-        "--kubelet-cgroup-root".into(),
-        kubelet.relative(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_with(&env, &args);
-    let mut feed = Feed {
-        fifo: fs::OpenOptions::new()
-            .write(true)
-            .open(&fifo_path)
-            .expect("open the FIFO"),
-    };
+    let daemon = pod_daemon(&env, &fifo_path, "cgroupfs", &kubelet);
+    let mut feed = feed(&fifo_path);
     let uid = "0d7e5c3a-1b2c-4d5e-8f90-0000000000d1";
     let path = kubelet.path.join(format!("kubepods/besteffort/pod{uid}"));
     // Invalid UTF-8 with an escape sequence in it, then a line that is not JSON.
@@ -261,16 +261,7 @@ fn a_pod_events_file_that_ends_is_not_called_connected() {
         format!("{}\n", pod(uid, "f", "BestEffort", Some("idle=178"))),
     )
     .expect("write the events");
-    let args = [
-        "--pod-events".to_string(),
-        events.display().to_string(),
-        "--kubelet-cgroup-driver".into(),
-        "cgroupfs".into(),
-        "--kubelet-cgroup-root".into(),
-        kubelet.relative(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = Daemon::start_with(&env, &args);
+    let daemon = pod_daemon(&env, &events, "cgroupfs", &kubelet);
     let path = kubelet.path.join(format!("kubepods/besteffort/pod{uid}"));
     let entry = wait_entry(&daemon, &path, |e| e.is_some()).expect("entry");
     assert_eq!(entry["idle"].as_u64(), Some(178));
