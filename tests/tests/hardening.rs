@@ -389,16 +389,7 @@ fn an_unprivileged_flood_leaves_root_answered_at_little_cost() {
     let top = TestCgroup::new(&env, "flood");
     let svc = top.child("svc");
     // 4,000 policies waiting for their cgroups: a status of about a megabyte.
-    daemon.stop();
-    let mut config = String::new();
-    for i in 0..4000 {
-        config += &format!(
-            "[[policy]]\ncgroup = \"{}/waiting-{i}\"\nidle = 100\n",
-            top.path.display()
-        );
-    }
-    fs::write(&daemon.config, config).unwrap();
-    daemon.restart();
+    with_waiting_policies(&mut daemon, &top, 4000);
     let pid = daemon.pid();
     let status_size = daemon.kad_ok(&["status", "--json"]).len();
     assert!(status_size > 500_000, "status is {status_size} bytes");
@@ -895,6 +886,21 @@ fn a_second_daemon_s_probe_leaves_no_warning_in_the_first() {
     assert!(warnings.is_empty(), "{warnings:#?}");
 }
 
+/// Restarts `daemon` with `count` policies in its config file, waiting for cgroups below `top`
+/// that do not exist: a large status to answer.
+fn with_waiting_policies(daemon: &mut Daemon, top: &TestCgroup, count: usize) {
+    daemon.stop();
+    let mut config = String::new();
+    for i in 0..count {
+        config += &format!(
+            "[[policy]]\ncgroup = \"{}/waiting-{i}\"\nidle = 100\n",
+            top.path.display()
+        );
+    }
+    fs::write(&daemon.config, config).unwrap();
+    daemon.restart();
+}
+
 fn rss_kb(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .expect("read status")
@@ -909,16 +915,7 @@ fn readers_that_do_not_read_hold_bounded_memory() {
     let env = kad_env!();
     let mut daemon = Daemon::start(&env);
     let top = TestCgroup::new(&env, "stalled");
-    daemon.stop();
-    let mut config = String::new();
-    for i in 0..4000 {
-        config += &format!(
-            "[[policy]]\ncgroup = \"{}/waiting-{i}\"\nidle = 100\n",
-            top.path.display()
-        );
-    }
-    fs::write(&daemon.config, config).unwrap();
-    daemon.restart();
+    with_waiting_policies(&mut daemon, &top, 4000);
     let pid = daemon.pid();
     let status_size = daemon.kad_ok(&["status", "--json"]).len() as u64;
     let before = rss_kb(pid);
