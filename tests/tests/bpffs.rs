@@ -128,13 +128,17 @@ fn a_bpf_filesystem_private_to_the_daemon_is_refused_unless_enforcement_may_end_
         &dir.0.join("kad.toml"),
     );
     command.arg(daemon.get_program()).args(daemon.get_args());
-    let stderr = refused(&mut command);
-    assert!(
-        stderr.contains("only this daemon's namespaces would have")
-            && stderr.contains("--private-bpffs"),
-        "{stderr}"
-    );
-    assert!(!bpffs.exists(), "nothing made on the host's bpffs");
+    // Refused, saying why and how, with nothing made on the host's bpffs.
+    let refused_as_private = |command: &mut Command| {
+        let stderr = refused(command);
+        assert!(
+            stderr.contains("only this daemon's namespaces would have")
+                && stderr.contains("--private-bpffs"),
+            "{stderr}"
+        );
+        assert!(!bpffs.exists(), "nothing made on the host's bpffs");
+    };
+    refused_as_private(&mut command);
 
     // The same in a PID namespace of its own as well, where the daemon is pid 1: /proc/1 is
     // then the daemon itself, not the host's init, and proves nothing.
@@ -143,13 +147,7 @@ fn a_bpf_filesystem_private_to_the_daemon_is_refused_unless_enforcement_may_end_
         .args(["--pid", "--fork", "--mount-proc"])
         .args(&PRIVATE_NS[1..]);
     command.arg(daemon.get_program()).args(daemon.get_args());
-    let stderr = refused(&mut command);
-    assert!(
-        stderr.contains("only this daemon's namespaces would have")
-            && stderr.contains("--private-bpffs"),
-        "{stderr}"
-    );
-    assert!(!bpffs.exists(), "nothing made on the host's bpffs");
+    refused_as_private(&mut command);
 
     // Told that enforcement ends with it: it runs, and says so at start and at stop.
     let mut daemon = Daemon::start_wrapped(&env, &PRIVATE_NS, &["--private-bpffs"]);
